@@ -1,0 +1,71 @@
+"""Core types of peft_jax: an adapter is a NamedTuple of pure functions.
+
+Conventions (used by every method):
+
+* A *leaf* is one array of a frozen parameter pytree, named by its key path
+  joined with ``/`` (``encoder/layer_3/attention/query/kernel``).
+* Linear kernels use the Flax layout ``w: (d_in, d_out)``, so a layer computes
+  ``y = x @ w + b`` with ``x: (..., d_in)``. The method specs in
+  ``shared/spec`` use the PyTorch layout ``W = wᵀ: (d_out, d_in)``; every
+  method docstring states its formula in the Flax layout.
+* ``theta`` is the pytree of trainable parameters of one leaf (per-leaf
+  adapter) or of a whole tree (tree-level adapter, see ``by_rules``).
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+Array = jax.Array
+Params = Any  # A pytree of arrays: frozen weights, or a perturbed copy.
+AdapterParams = Any  # A pytree of trainable arrays (theta).
+Shape = tuple[int, ...]
+
+InitFn = Callable[[Array, Array], AdapterParams]  # (key, w) -> theta
+ApplyFn = Callable[[Array, AdapterParams], Array]  # (w, theta) -> w'
+FactoredFn = Callable[[Array, Array, AdapterParams], Array]  # (x, w, theta) -> y
+UnapplyFn = Callable[[Array, AdapterParams], Array]  # (w', theta) -> w
+RegularizerFn = Callable[[Array, AdapterParams], Array]  # (w, theta) -> scalar
+NumParamsFn = Callable[[Shape], int]  # shape of w -> trainable count
+
+
+class Adapter(NamedTuple):
+  """A parameter-efficient fine-tuning method as pure functions (optax-style).
+
+  A method is a factory closing over its hyper-parameters that returns an
+  ``Adapter``, e.g. ``lora(rank=8, alpha=16)``. Two fields are required; the
+  others are optional capabilities, ``None`` where a method lacks them.
+
+  Attributes:
+    init: ``(key, w) -> theta``. The trainable parameters for frozen leaf
+      ``w``. Methods whose init needs the pretrained weight (SVD-based ones)
+      compute it here, once.
+    apply: ``(w, theta) -> w'``. The method's definition in weight space;
+      ``w'`` has the shape and dtype of ``w``. Merging uses it.
+    factored: ``(x, w, theta) -> y`` with ``x: (..., d_in)``, 2-D
+      ``w: (d_in, d_out)`` and ``y: (..., d_out)``, equal to
+      ``x @ apply(w, theta)`` but computed without forming ``w'`` (and so,
+      under ``jax.grad``, without a ``(d_in, d_out)`` weight gradient).
+    unapply: ``(w', theta) -> w``, the inverse of ``apply`` (unmerge).
+    regularizer: ``(w, theta) -> scalar`` added to the training loss.
+    num_params: ``shape -> int``, the trainable-parameter count formula of
+      the method for a leaf of that shape (tests check it against ``init``).
+    mergeable: whether ``apply`` folds the method into plain weights with no
+      inference overhead.
+    name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16)'``, set by
+      the registry (``''`` for hand-built adapters).
+  """
+
+  init: InitFn
+  apply: ApplyFn
+  factored: FactoredFn | None = None
+  unapply: UnapplyFn | None = None
+  regularizer: RegularizerFn | None = None
+  num_params: NumParamsFn | None = None
+  mergeable: bool = True
+  name: str = ''
+
+
+class PeftError(ValueError):
+  """Bad input to peft_jax: a one-line message naming the value and the fix."""

@@ -1,0 +1,81 @@
+"""Validation of hyper-parameters and leaves, with one-line messages."""
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax._src.base import PeftError
+
+
+def positive_int(method: str, name: str, value: Any) -> int:
+  """``value`` if it is an int > 0 (bools rejected)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise PeftError(
+      f'{method}: {name}={value!r} must be an int, got {type(value).__name__}'
+    )
+  if value <= 0:
+    raise PeftError(f'{method}: {name}={value} must be > 0')
+  return int(value)
+
+
+def real(method: str, name: str, value: Any) -> float:
+  """``value`` as a float if it is a real number (bools rejected)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    raise PeftError(
+      f'{method}: {name}={value!r} must be a number, got {type(value).__name__}'
+    )
+  return float(value)
+
+
+def flag(method: str, name: str, value: Any) -> bool:
+  if not isinstance(value, bool):
+    raise PeftError(f'{method}: {name}={value!r} must be True or False')
+  return value
+
+
+def choice(method: str, name: str, value: Any, options) -> Any:
+  if value not in options:
+    raise PeftError(
+      f'{method}: {name}={value!r} is not one of {", ".join(map(repr, options))}'
+    )
+  return value
+
+
+def float_dtype(method: str, name: str, value: Any) -> jnp.dtype:
+  """A floating dtype from a name (``'float32'``) or a dtype."""
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise PeftError(f'{method}: {name}={value!r} is not a floating dtype name')
+  return dtype
+
+
+def matrix(method: str, w: Any) -> tuple[int, int]:
+  """``(d_in, d_out)`` of a 2-D kernel; raises for other ranks."""
+  if np.ndim(w) != 2:
+    raise PeftError(
+      f'{method} expects a 2-D kernel (d_in, d_out); got shape {np.shape(w)}'
+    )
+  d_in, d_out = np.shape(w)
+  return d_in, d_out
+
+
+def vector(method: str, w: Any) -> int:
+  """The length of a 1-D leaf (a bias); raises for other ranks."""
+  if np.ndim(w) != 1:
+    raise PeftError(f'{method} expects a 1-D leaf (a bias); got shape {np.shape(w)}')
+  return np.shape(w)[0]
+
+
+def rank_fits(method: str, rank: int, w: Any) -> tuple[int, int]:
+  """``(d_in, d_out)`` of ``w`` if ``rank <= min(d_in, d_out)``."""
+  d_in, d_out = matrix(method, w)
+  if rank > min(d_in, d_out):
+    raise PeftError(
+      f'{method}: rank={rank} exceeds min(d_in, d_out)={min(d_in, d_out)} '
+      f'of the kernel of shape {(d_in, d_out)}'
+    )
+  return d_in, d_out

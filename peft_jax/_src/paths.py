@@ -1,0 +1,68 @@
+"""Leaf names: key paths joined with ``/``, for Linen dicts and NNX states.
+
+A Linen ``variables['params']`` dict and an NNX ``State`` (from
+``nnx.split``) name their leaves the same way: ``layers/0/kernel``. NNX
+``Variable`` wrappers are looked through (their ``value`` is the leaf) and
+rebuilt on the way out, so ``nnx.merge(graphdef, mapped_state)`` works.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+
+from peft_jax._src.base import Params
+
+SEPARATOR = '/'
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _name(path: tuple[Any, ...]) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator=SEPARATOR)
+
+
+def named_leaves(tree: Params) -> Iterator[tuple[str, Any]]:
+  """Yields ``(name, leaf)`` for every leaf of ``tree``, in tree order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+  for path, leaf in flat:
+    yield _name(path), (leaf.get_value() if _is_variable(leaf) else leaf)
+
+
+def map_named(fn: Callable[[str, Any], Any], tree: Params) -> Params:
+  """Returns ``tree`` with each leaf replaced by ``fn(name, leaf)``."""
+
+  def visit(path, leaf):
+    if _is_variable(leaf):
+      return leaf.replace(fn(_name(path), leaf.get_value()))
+    return fn(_name(path), leaf)
+
+  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_variable)
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+  """``{'a/b': x, 'a/c': y}`` -> ``{'a': {'b': x, 'c': y}}``."""
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, last = name.split(SEPARATOR)
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = value
+  return tree
+
+
+def flatten(tree: Params) -> dict[str, Any]:
+  """The inverse of ``nest``: ``{name: leaf}`` in tree order."""
+  return dict(named_leaves(tree))
+
+
+def subtree(tree: dict[str, Any], name: str) -> Any:
+  """The node of a nested dict at ``name`` (``KeyError`` if absent)."""
+  node = tree
+  for key in name.split(SEPARATOR):
+    node = node[key]
+  return node

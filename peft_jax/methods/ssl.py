@@ -1,0 +1,39 @@
+"""SSL, Scaling the Subspace of the Left singular vectors (Si et al., 2024)."""
+
+import jax.numpy as jnp
+
+from peft_jax._src import checks
+from peft_jax._src.base import Adapter
+from peft_jax._src.registry import register
+
+
+@register('ssl')
+def ssl(*, param_dtype: str = 'float32') -> Adapter:
+  """Learned input scaling: ``w' = diag(l_in) · w``.
+
+  Shapes: ``w: (d_in, d_out)``, ``l_in: (d_in,)`` initialised to 1. The
+  paper writes ``φ(W_p) = D1 W_p`` in its row convention (``W_p = w``); in
+  the PyTorch layout ``W' = W diag(l)``, so ``h = W (l ⊙ x) + b``. It is the
+  mirror image of (IA)³, needs no SVD, and starts at the identity.
+  Factored form ``y = (x ⊙ l_in) @ w``. Trainable count ``d_in``. Mergeable;
+  ``unapply`` divides by ``l_in``.
+
+  Args:
+    param_dtype: dtype of ``l_in``.
+  """
+  name = 'ssl'
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+
+  def init(key, w):
+    del key
+    return {'l_in': jnp.ones(checks.matrix(name, w)[0], dtype)}
+
+  return Adapter(
+    init=init,
+    apply=lambda w, theta: (theta['l_in'][:, None] * w).astype(w.dtype),
+    factored=lambda x, w, theta: ((x * theta['l_in']) @ w).astype(
+      jnp.result_type(x, w)
+    ),
+    unapply=lambda w, theta: (w / theta['l_in'][:, None]).astype(w.dtype),
+    num_params=lambda shape: shape[0],
+  )

@@ -1,0 +1,1 @@
+"""Flax model families that load Hugging Face checkpoints."""

