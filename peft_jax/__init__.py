@@ -14,6 +14,7 @@ from peft_jax._src.checkpoint import (
   save_adapter,
   save_checkpoint,
 )
+from peft_jax._src.factored import FactoredFallbackWarning, factored
 from peft_jax._src.registry import get, names, register
 from peft_jax._src.rules import Rule
 from peft_jax._src.step import TrainState, make_train_step
@@ -28,6 +29,7 @@ from peft_jax.methods.ssl import ssl
 __all__ = [
   'Adapter',
   'AdapterParams',
+  'FactoredFallbackWarning',
   'Params',
   'PeftError',
   'Rule',
@@ -37,6 +39,7 @@ __all__ = [
   'checkpoint_manager',
   'count',
   'describe',
+  'factored',
   'full',
   'get',
   'ia3',

@@ -28,6 +28,8 @@ FactoredFn = Callable[[Array, Array, AdapterParams], Array]  # (x, w, theta) -> 
 UnapplyFn = Callable[[Array, AdapterParams], Array]  # (w', theta) -> w
 RegularizerFn = Callable[[Array, AdapterParams], Array]  # (w, theta) -> scalar
 NumParamsFn = Callable[[Shape], int]  # shape of w -> trainable count
+# Tree-level adapters: (frozen, theta) -> {leaf name: (leaf adapter, leaf theta)}.
+PlanFn = Callable[[Any, Any], dict[str, tuple['Adapter', Any]]]
 
 
 class Adapter(NamedTuple):
@@ -55,6 +57,9 @@ class Adapter(NamedTuple):
       inference overhead.
     name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16)'``, set by
       the registry (``''`` for hand-built adapters).
+    plan: tree-level adapters only (``by_rules``): ``(frozen, theta) ->
+      {leaf name: (leaf adapter, leaf theta)}`` for the adapted leaves,
+      after checking that ``theta`` fits ``frozen``. The factored path uses it.
   """
 
   init: InitFn
@@ -65,6 +70,7 @@ class Adapter(NamedTuple):
   num_params: NumParamsFn | None = None
   mergeable: bool = True
   name: str = ''
+  plan: PlanFn | None = None
 
 
 class PeftError(ValueError):

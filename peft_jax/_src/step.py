@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from peft_jax._src.base import Adapter, AdapterParams, Array, Params
+from peft_jax._src.factored import factored as factored_transform
 
 # loss_fn(params, batch, rng) -> (loss, metrics): params is the full perturbed
 # tree, rng a PRNG key for dropout, metrics a dict of scalars.
@@ -41,6 +42,7 @@ def make_train_step(
   optimizer: optax.GradientTransformation,
   *,
   axis_name: str | None = None,
+  factored: bool = False,
 ) -> Callable[[TrainState, Params, Any], tuple[TrainState, dict[str, Array]]]:
   """Builds ``step(state, frozen, batch) -> (state, metrics)``, a pure function.
 
@@ -57,6 +59,8 @@ def make_train_step(
     optimizer: an optax transformation.
     axis_name: the mapped axis of ``pmap``/``shard_map``; gradients, loss and
       metrics are averaged over it. ``None`` under ``jit``.
+    factored: run ``loss_fn`` through ``peft_jax.factored`` so adapted
+      matmuls use their factored form (no ``w'``, no weight gradient).
 
   Returns:
     The pure step. Under ``jit`` donate the state:
@@ -65,8 +69,15 @@ def make_train_step(
     loss function's own metrics.
   """
 
+  if factored:
+    loss_of_theta = factored_transform(adapter, loss_fn)
+  else:
+    loss_of_theta = lambda frozen, theta, batch, rng: loss_fn(
+      adapter.apply(frozen, theta), batch, rng
+    )
+
   def objective(theta, frozen, batch, rng):
-    loss, metrics = loss_fn(adapter.apply(frozen, theta), batch, rng)
+    loss, metrics = loss_of_theta(frozen, theta, batch, rng)
     metrics = {'loss': loss, **metrics}
     if adapter.regularizer is None:
       return loss, metrics
@@ -82,7 +93,7 @@ def make_train_step(
       grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return TrainState(params, opt_state, state.step + 1, state.rng), metrics
 
   return step

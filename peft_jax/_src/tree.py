@@ -96,29 +96,30 @@ def by_rules(rules: Sequence[Rule], *, strict: bool = True) -> Adapter:
       }
     )
 
-  def per_leaf_params(frozen: Params, theta: AdapterParams) -> dict:
+  def plan_with_params(frozen: Params, theta: AdapterParams) -> dict:
     expected = jax.eval_shape(init, jax.random.key(0), frozen)
     _check_fits(_shapes(expected), _shapes(theta))
-    return {name: paths.subtree(theta, name) for name in plan(frozen)}
+    return {
+      name: (adapter, paths.subtree(theta, name))
+      for name, adapter in plan(frozen).items()
+    }
 
   def map_adapted(method: str, frozen: Params, theta: AdapterParams) -> Params:
-    adapters = plan(frozen)
-    thetas = per_leaf_params(frozen, theta)
+    chosen = plan_with_params(frozen, theta)
 
     def visit(name, w):
-      if name not in adapters:
+      if name not in chosen:
         return w
-      fn = getattr(adapters[name], method)
-      return _with_leaf_name(name, fn, w, thetas[name])
+      adapter, leaf_theta = chosen[name]
+      return _with_leaf_name(name, getattr(adapter, method), w, leaf_theta)
 
     return paths.map_named(visit, frozen)
 
   def regularizer(frozen: Params, theta: AdapterParams) -> Array:
-    adapters, thetas = plan(frozen), per_leaf_params(frozen, theta)
     flat = paths.flatten(frozen)
     terms = [
-      adapter.regularizer(flat[name], thetas[name])
-      for name, adapter in adapters.items()
+      adapter.regularizer(flat[name], leaf_theta)
+      for name, (adapter, leaf_theta) in plan_with_params(frozen, theta).items()
       if adapter.regularizer is not None
     ]
     return functools.reduce(jnp.add, terms, jnp.zeros((), jnp.float32))
@@ -140,6 +141,7 @@ def by_rules(rules: Sequence[Rule], *, strict: bool = True) -> Adapter:
         f'({r.selector!r}, {r.adapter.name if r.adapter else None!r})' for r in compiled
       )
     ),
+    plan=plan_with_params,
   )
 
 

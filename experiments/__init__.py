@@ -1,0 +1,1 @@
+"""Experiments: Python config modules and one trainer (big_vision style)."""

