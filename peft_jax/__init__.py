@@ -6,7 +6,7 @@ adapter parameters with optax. See README.md.
 """
 
 from peft_jax import methods as methods  # registers every method
-from peft_jax._src.base import Adapter, AdapterParams, Params, PeftError
+from peft_jax._src.base import BUFFERS, Adapter, AdapterParams, Params, PeftError
 from peft_jax._src.checkpoint import (
   checkpoint_manager,
   load_adapter,
@@ -18,7 +18,14 @@ from peft_jax._src.factored import FactoredFallbackWarning, factored
 from peft_jax._src.registry import get, names, register
 from peft_jax._src.rules import Rule
 from peft_jax._src.step import TrainState, make_train_step
-from peft_jax._src.tree import by_rules, count, describe, merge, unmerge
+from peft_jax._src.tree import (
+  by_rules,
+  count,
+  describe,
+  merge,
+  trainable_mask,
+  unmerge,
+)
 from peft_jax.methods.bitfit import bitfit, is_bias
 from peft_jax.methods.full import full
 from peft_jax.methods.ia3 import ia3
@@ -27,6 +34,7 @@ from peft_jax.methods.ssb import ssb
 from peft_jax.methods.ssl import ssl
 
 __all__ = [
+  'BUFFERS',
   'Adapter',
   'AdapterParams',
   'FactoredFallbackWarning',
@@ -55,5 +63,6 @@ __all__ = [
   'save_checkpoint',
   'ssb',
   'ssl',
+  'trainable_mask',
   'unmerge',
 ]

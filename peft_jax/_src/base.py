@@ -10,6 +10,10 @@ Conventions (used by every method):
   method docstring states its formula in the Flax layout.
 * ``theta`` is the pytree of trainable parameters of one leaf (per-leaf
   adapter) or of a whole tree (tree-level adapter, see ``by_rules``).
+* Non-trainable per-leaf state that ``apply`` needs (SVD bases, initial
+  factors, masks) lives under the key ``'buffers'`` of a leaf's ``theta``
+  dict: it is checkpointed and passed to ``apply``, but the train step never
+  updates it and ``count`` does not count it (see ``BUFFERS``).
 """
 
 from collections.abc import Callable
@@ -18,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 
 Array = jax.Array
+BUFFERS = 'buffers'  # The theta key of non-trainable per-leaf state.
 Params = Any  # A pytree of arrays: frozen weights, or a perturbed copy.
 AdapterParams = Any  # A pytree of trainable arrays (theta).
 Shape = tuple[int, ...]
@@ -53,6 +58,9 @@ class Adapter(NamedTuple):
     regularizer: ``(w, theta) -> scalar`` added to the training loss.
     num_params: ``shape -> int``, the trainable-parameter count formula of
       the method for a leaf of that shape (tests check it against ``init``).
+    factors: ``theta -> (down, up)``, the method's low-rank factors in the
+      Flax layout, ``down: (d_in, r)`` and ``up: (r, d_out)`` (LoRA's ``a`` and
+      ``b``); matrix-pattern regularisers (MPC) act on them.
     mergeable: whether ``apply`` folds the method into plain weights with no
       inference overhead.
     name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16)'``, set by
@@ -68,6 +76,7 @@ class Adapter(NamedTuple):
   unapply: UnapplyFn | None = None
   regularizer: RegularizerFn | None = None
   num_params: NumParamsFn | None = None
+  factors: Callable[[AdapterParams], tuple[Array, Array]] | None = None
   mergeable: bool = True
   name: str = ''
   plan: PlanFn | None = None

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from peft_jax._src.base import Params
+from peft_jax._src.base import BUFFERS, Params
 
 SEPARATOR = '/'
 
@@ -58,6 +58,11 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 def flatten(tree: Params) -> dict[str, Any]:
   """The inverse of ``nest``: ``{name: leaf}`` in tree order."""
   return dict(named_leaves(tree))
+
+
+def is_buffer(name: str) -> bool:
+  """Whether a theta leaf name lies under a ``buffers`` key (non-trainable)."""
+  return BUFFERS in name.split(SEPARATOR)
 
 
 def subtree(tree: dict[str, Any], name: str) -> Any:

@@ -14,6 +14,7 @@ import optax
 
 from peft_jax._src.base import Adapter, AdapterParams, Array, Params
 from peft_jax._src.factored import factored as factored_transform
+from peft_jax._src.tree import trainable_mask
 
 # loss_fn(params, batch, rng) -> (loss, metrics): params is the full perturbed
 # tree, rng a PRNG key for dropout, metrics a dict of scalars.
@@ -36,6 +37,11 @@ class TrainState(NamedTuple):
     return cls(params, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
 
 
+def only_trainable(mask: AdapterParams, tree: AdapterParams) -> AdapterParams:
+  """Zeros the entries of ``tree`` where ``mask`` (``trainable_mask``) is False."""
+  return jax.tree.map(lambda keep, x: x if keep else jnp.zeros_like(x), mask, tree)
+
+
 def make_train_step(
   loss_fn: LossFn,
   adapter: Adapter,
@@ -49,7 +55,8 @@ def make_train_step(
   The objective is ``loss_fn(adapter.apply(frozen, θ), batch, rng) +
   adapter.regularizer(frozen, θ)`` (when the adapter has a regulariser); its
   gradient is taken with respect to ``θ = state.params`` only, so ``frozen``
-  is an ordinary, non-differentiated input. The dropout key of step ``t`` is
+  is an ordinary, non-differentiated input; entries of ``θ`` under a
+  ``buffers`` key get zero gradients and zero updates. The dropout key of step ``t`` is
   ``fold_in(state.rng, t)`` (also folded with the device index under an
   ``axis_name``).
 
@@ -91,7 +98,10 @@ def make_train_step(
     grads, metrics = jax.grad(objective, has_aux=True)(state.params, frozen, batch, rng)
     if axis_name is not None:
       grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    mask = trainable_mask(state.params)
+    grads = only_trainable(mask, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = only_trainable(mask, updates)  # Weight decay must not move buffers.
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
     return TrainState(params, opt_state, state.step + 1, state.rng), metrics

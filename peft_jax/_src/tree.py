@@ -166,8 +166,17 @@ def unmerge(adapter: Adapter, merged: Params, theta: AdapterParams) -> Params:
 
 
 def count(theta: AdapterParams) -> int:
-  """The number of trainable scalars in ``theta``."""
-  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(theta))
+  """The number of trainable scalars in ``theta`` (``buffers`` excluded)."""
+  return sum(
+    int(np.size(leaf))
+    for name, leaf in paths.named_leaves(theta)
+    if not paths.is_buffer(name)
+  )
+
+
+def trainable_mask(theta: AdapterParams) -> AdapterParams:
+  """A bool pytree like ``theta``: False for leaves under a ``buffers`` key."""
+  return paths.map_named(lambda name, leaf: not paths.is_buffer(name), theta)
 
 
 def describe(

@@ -79,4 +79,5 @@ def lora(
     factored=factored,
     unapply=unapply,
     num_params=lambda shape: rank * (shape[0] + shape[1]),
+    factors=lambda theta: (theta['a'], theta['b']),
   )

@@ -183,3 +183,32 @@ def test_regularizer_is_added_to_the_objective(with_regularizer):
     np.testing.assert_allclose(metrics['regularizer'], 6 * 1.0, rtol=1e-6)
   else:
     assert 'regularizer' not in metrics
+
+
+def test_buffers_are_passed_to_apply_but_never_trained():
+  """A leaf's theta['buffers'] is non-trainable state (e.g. SVD bases)."""
+
+  def init(key, w):
+    del key
+    return {'shift': jnp.zeros(w.shape[1]), 'buffers': {'offset': jnp.ones(w.shape[1])}}
+
+  leaf = pj.Adapter(
+    init=init,
+    apply=lambda w, t: w + t['shift'] + t['buffers']['offset'],
+    num_params=lambda shape: shape[1],
+  )
+  adapter = pj.by_rules([('head/kernel', leaf)])
+  frozen = frozen_mlp()
+  optimizer = optax.adamw(0.1, weight_decay=0.5)
+  theta = adapter.init(jax.random.key(0), frozen)
+  assert pj.count(theta) == 3
+  assert pj.trainable_mask(theta) == {
+    'head': {'kernel': {'shift': True, 'buffers': {'offset': False}}}
+  }
+  state = pj.TrainState.create(theta, optimizer, jax.random.key(0))
+  step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer))
+  for batch in batches(3):
+    state, _ = step(state, frozen, batch)
+  kernel = state.params['head']['kernel']
+  np.testing.assert_array_equal(kernel['buffers']['offset'], 1.0)
+  assert np.all(kernel['shift'] != 0)
