@@ -32,6 +32,7 @@ from peft_jax.methods.ia3 import ia3
 from peft_jax.methods.lora import lora
 from peft_jax.methods.ssb import ssb
 from peft_jax.methods.ssl import ssl
+from peft_jax.methods.stacked import stacked
 
 __all__ = [
   'BUFFERS',
@@ -63,6 +64,7 @@ __all__ = [
   'save_checkpoint',
   'ssb',
   'ssl',
+  'stacked',
   'trainable_mask',
   'unmerge',
 ]

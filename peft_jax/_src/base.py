@@ -65,6 +65,9 @@ class Adapter(NamedTuple):
       inference overhead.
     name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16)'``, set by
       the registry (``''`` for hand-built adapters).
+    unstacked: set by ``stacked(method)``: the per-slice adapter this one
+      vmaps over a leading layer axis (the factored path unstacks it inside
+      a scan over layers).
     plan: tree-level adapters only (``by_rules``): ``(frozen, theta) ->
       {leaf name: (leaf adapter, leaf theta)}`` for the adapted leaves,
       after checking that ``theta`` fits ``frozen``. The factored path uses it.
@@ -79,6 +82,7 @@ class Adapter(NamedTuple):
   factors: Callable[[AdapterParams], tuple[Array, Array]] | None = None
   mergeable: bool = True
   name: str = ''
+  unstacked: 'Adapter | None' = None
   plan: PlanFn | None = None
 
 

@@ -21,8 +21,9 @@ interpreter in which each adapted kernel is an ``Adapted(w, θ)`` value.
 * ``jit``, ``custom_jvp``/``custom_vjp`` calls and ``checkpoint`` (remat,
   kept as remat) are entered; ``scan`` and ``cond`` are entered with
   ``Adapted`` values in their operands, so kernels stacked for ``nn.scan`` or
-  ``lax.scan`` over layers stay factored (their adapter parameters are
-  stacked the same way).
+  ``lax.scan`` over layers stay factored when their method is
+  ``stacked(method)`` (adapter parameters stacked the same way; the scan
+  slices kernel and parameters together).
 * Any other use of an adapted kernel — ``x @ wᵀ`` (tied embeddings), a
   gather, a reshape, a ``while`` loop — falls back to the weight-space form
   ``w' = apply(w, θ)`` at that use, with a ``FactoredFallbackWarning`` naming
@@ -132,13 +133,22 @@ def _convert(eqn, value) -> list:
   return [Adapted(w, value.theta, value.adapter, value.name)]
 
 
+def _unstack(x):
+  """A stacked ``Adapted`` scanned over: its slices use the per-layer method."""
+  if not _is_adapted(x):
+    return x
+  if x.adapter.unstacked is None:
+    return x.materialize('a scan over its leading axis (not a stacked(...) method)')
+  return Adapted(x.w, x.theta, x.adapter.unstacked, x.name)
+
+
 def _scan(eqn, invals) -> list:
   p = eqn.params
   n_consts, n_carry = p['num_consts'], p['num_carry']
   consts, carry, xs = (
     invals[:n_consts],
     _materialize_all(invals[n_consts : n_consts + n_carry], 'a scan carry'),
-    invals[n_consts + n_carry :],
+    [_unstack(x) for x in invals[n_consts + n_carry :]],
   )
   body = p['jaxpr']
 
@@ -223,6 +233,13 @@ def evaluate(jaxpr, consts, args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
+def _has_factored_form(adapter: Adapter, ndim: int) -> bool:
+  """A 2-D kernel with a factored form, possibly inside ``stacked`` layers."""
+  while adapter.unstacked is not None:
+    adapter, ndim = adapter.unstacked, ndim - 1
+  return adapter.factored is not None and ndim == 2
+
+
 def _split_fast(adapter: Adapter, frozen: Params, theta: AdapterParams):
   """Weight-space params for slow leaves; ``{name: (leaf adapter, θ)}`` for fast."""
   if adapter.plan is None:
@@ -235,7 +252,7 @@ def _split_fast(adapter: Adapter, frozen: Params, theta: AdapterParams):
   fast = {
     name: entry
     for name, entry in chosen.items()
-    if entry[0].factored is not None and np.ndim(flat[name]) == 2
+    if _has_factored_form(entry[0], np.ndim(flat[name]))
   }
 
   def weight_space(name, w):

@@ -1,5 +1,7 @@
 """The factored path equals the weight-space path, and costs fewer FLOPs."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,3 +142,32 @@ def test_factored_lora_step_needs_clearly_fewer_flops():
   # gradients 2nd² (3 of 4 layers), weight gradients 2nd² (weight space only).
   weight_space, factored = train_step_flops(False), train_step_flops(True)
   assert factored < 0.75 * weight_space, (factored, weight_space)
+
+
+@pytest.mark.parametrize('inner', ['lora(rank=2, b_init="normal")', 'ssb()'])
+def test_stacked_adapters_on_nn_scan_layers_stay_factored(inner):
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return jnp.tanh(nn.remat(nn.Dense)(4, name='dense')(h)), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      layers = nn.scan(
+        Block, variable_axes={'params': 0}, split_rngs={'params': True}, length=3
+      )
+      return layers(name='layers')(x, None)[0]
+
+  model = Scanned()
+  x = jax.random.normal(jax.random.key(0), (2, 4))
+  frozen = model.init(jax.random.key(1), x)['params']
+  assert frozen['layers']['dense']['kernel'].shape == (3, 4, 4)
+  adapter = pj.by_rules([('layers/dense/kernel', f'stacked({inner!r})')])
+  fn = lambda p, x: model.apply({'params': p}, x)
+  check_equal_paths(adapter, fn, frozen, x)
+  theta = adapter.init(jax.random.key(0), frozen)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', pj.FactoredFallbackWarning)
+    jaxpr = str(jax.make_jaxpr(pj.factored(adapter, fn))(frozen, theta, x))
+  assert 'f32[4,4] = mul' not in jaxpr and 'f32[3,4,4] = add' not in jaxpr

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from peft_jax._src import paths
+from peft_jax._src import paths, registry
 
 # name -> (spec, leaf shape, identity at init per the spec)
 CASES = {
@@ -22,6 +22,7 @@ CASES = {
   'ssb': ('ssb()', (7, 5), True),
   'full': ('full()', (7, 5), True),
   'bitfit': ('bitfit()', (5,), True),
+  'stacked': ('stacked("lora(rank=2, alpha=4)")', (3, 7, 5), True),
 }
 
 
@@ -70,8 +71,9 @@ def test_every_method_has_a_case():
 
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_registry_and_factory_give_the_same_adapter(name):
-  assert getattr(pj, name)() is pj.get(name)
+  _, args, kwargs = registry._parse(CASES[name][0])
   adapter = pj.get(CASES[name][0])
+  assert getattr(pj, name)(*args, **kwargs) is adapter
   assert adapter.name.startswith(f'{name}(')
   assert adapter is pj.get(adapter.name)
 
