@@ -6,7 +6,14 @@ adapter parameters with optax. See README.md.
 """
 
 from peft_jax import methods as methods  # registers every method
-from peft_jax._src.base import BUFFERS, Adapter, AdapterParams, Params, PeftError
+from peft_jax._src.base import (
+  BUFFERS,
+  Adapter,
+  AdapterParams,
+  Params,
+  PeftError,
+  Schedule,
+)
 from peft_jax._src.checkpoint import (
   checkpoint_manager,
   load_adapter,
@@ -42,6 +49,7 @@ __all__ = [
   'Params',
   'PeftError',
   'Rule',
+  'Schedule',
   'TrainState',
   'bitfit',
   'by_rules',

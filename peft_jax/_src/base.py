@@ -88,3 +88,26 @@ class Adapter(NamedTuple):
 
 class PeftError(ValueError):
   """Bad input to peft_jax: a one-line message naming the value and the fix."""
+
+
+class Schedule(NamedTuple):
+  """A state update run between training steps, inside the jitted step.
+
+  Methods whose structure changes during training (the AdaLoRA budget,
+  LoRA-Dash's phase switch, FlexLoRA's prune/grow) pair their adapter with a
+  schedule. ``make_train_step(..., schedule=s)`` calls ``s.update`` after
+  every optimizer update; its state lives in ``TrainState.schedule_state``
+  and is checkpointed with the rest of the state. Use ``jax.lax.cond`` (not
+  Python ``if``) for periodic events so the step compiles once.
+
+  Attributes:
+    init: ``(frozen, theta) -> state``.
+    update: ``(state, frozen, theta, grads, opt_state, step) -> (theta,
+      opt_state, state)``; ``step`` is the number of optimizer updates done so
+      far (1 after the first), ``grads`` the gradients of that update. It may
+      rewrite ``theta`` (e.g. mask AdaLoRA's ``e``) and reset optimizer
+      moments of re-initialised entries.
+  """
+
+  init: Callable[[Any, AdapterParams], Any]
+  update: Callable[..., tuple[AdapterParams, Any, Any]]

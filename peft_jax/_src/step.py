@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft_jax._src.base import Adapter, AdapterParams, Array, Params
+from peft_jax._src.base import Adapter, AdapterParams, Array, Params, Schedule
 from peft_jax._src.factored import factored as factored_transform
 from peft_jax._src.tree import trainable_mask
 
@@ -22,19 +22,32 @@ LossFn = Callable[[Params, Any, Array], tuple[Array, dict[str, Array]]]
 
 
 class TrainState(NamedTuple):
-  """Everything a step changes: adapter parameters, optimizer state, step, RNG."""
+  """Everything a step changes: adapter parameters, optimizer state, step, RNG,
+  and the state of a ``Schedule`` (``()`` without one)."""
 
   params: AdapterParams
   opt_state: optax.OptState
   step: Array
   rng: Array
+  schedule_state: Any = ()
 
   @classmethod
   def create(
-    cls, params: AdapterParams, optimizer: optax.GradientTransformation, rng: Array
+    cls,
+    params: AdapterParams,
+    optimizer: optax.GradientTransformation,
+    rng: Array,
+    *,
+    schedule: Schedule | None = None,
+    frozen: Params = None,
   ) -> 'TrainState':
-    """Step 0 for ``params`` (e.g. ``adapter.init(key, frozen)``)."""
-    return cls(params, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
+    """Step 0 for ``params`` (e.g. ``adapter.init(key, frozen)``).
+
+    A ``schedule`` needs the ``frozen`` tree for its ``init``.
+    """
+    schedule_state = () if schedule is None else schedule.init(frozen, params)
+    step = jnp.zeros((), jnp.int32)
+    return cls(params, optimizer.init(params), step, rng, schedule_state)
 
 
 def only_trainable(mask: AdapterParams, tree: AdapterParams) -> AdapterParams:
@@ -49,6 +62,7 @@ def make_train_step(
   *,
   axis_name: str | None = None,
   factored: bool = False,
+  schedule: Schedule | None = None,
 ) -> Callable[[TrainState, Params, Any], tuple[TrainState, dict[str, Array]]]:
   """Builds ``step(state, frozen, batch) -> (state, metrics)``, a pure function.
 
@@ -68,6 +82,8 @@ def make_train_step(
       metrics are averaged over it. ``None`` under ``jit``.
     factored: run ``loss_fn`` through ``peft_jax.factored`` so adapted
       matmuls use their factored form (no ``w'``, no weight gradient).
+    schedule: a ``Schedule`` run after each optimizer update (its state is
+      ``state.schedule_state``; create the state with the same schedule).
 
   Returns:
     The pure step. Under ``jit`` donate the state:
@@ -104,6 +120,12 @@ def make_train_step(
     updates = only_trainable(mask, updates)  # Weight decay must not move buffers.
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    return TrainState(params, opt_state, state.step + 1, state.rng), metrics
+    step = state.step + 1
+    schedule_state = state.schedule_state
+    if schedule is not None:
+      params, opt_state, schedule_state = schedule.update(
+        schedule_state, frozen, params, grads, opt_state, step
+      )
+    return TrainState(params, opt_state, step, state.rng, schedule_state), metrics
 
   return step

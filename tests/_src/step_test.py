@@ -212,3 +212,35 @@ def test_buffers_are_passed_to_apply_but_never_trained():
   kernel = state.params['head']['kernel']
   np.testing.assert_array_equal(kernel['buffers']['offset'], 1.0)
   assert np.all(kernel['shift'] != 0)
+
+
+def test_schedule_updates_run_after_each_step_and_are_checkpointed(tmp_path):
+  """A toy schedule: every 2nd step, zero the LoRA factor ``a`` of body/kernel."""
+
+  def update(count, frozen, theta, grads, opt_state, step):
+    del frozen, grads
+    reset = step % 2 == 0
+    a = theta['body']['kernel']['a']
+    theta['body']['kernel']['a'] = jax.lax.cond(reset, jnp.zeros_like, lambda x: x, a)
+    return theta, opt_state, count + reset.astype(jnp.int32)
+
+  schedule = pj.Schedule(
+    init=lambda frozen, theta: jnp.zeros((), jnp.int32), update=update
+  )
+  adapter, optimizer, frozen, _ = setup()
+  state = pj.TrainState.create(
+    adapter.init(jax.random.key(1), frozen),
+    optimizer,
+    jax.random.key(2),
+    schedule=schedule,
+    frozen=frozen,
+  )
+  step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer, schedule=schedule))
+  for batch in batches(4):
+    state, _ = step(state, frozen, batch)
+  assert int(state.schedule_state) == 2
+  np.testing.assert_array_equal(state.params['body']['kernel']['a'], 0)
+  manager = pj.checkpoint_manager(tmp_path)
+  pj.save_checkpoint(manager, state, {})
+  restored, _ = pj.restore_checkpoint(manager, state)
+  assert int(restored.schedule_state) == 2

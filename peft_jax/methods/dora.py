@@ -1,0 +1,90 @@
+"""DoRA (Liu et al., 2024): LoRA with a learned per-output magnitude."""
+
+import jax
+import jax.numpy as jnp
+
+from peft_jax._src import checks, initializers
+from peft_jax._src.base import Adapter
+from peft_jax._src.registry import register
+from peft_jax.methods.lora import lora_scale
+
+
+def column_norms(w):
+  """The L2 norm of each column of ``w: (d_in, d_out)``, in float32: ``(d_out,)``.
+
+  A column of the Flax kernel is a row of the spec's ``W``: one norm per
+  output unit.
+  """
+  return jnp.linalg.norm(w.astype(jnp.float32), axis=0)
+
+
+@register('dora')
+def dora(
+  rank: int = 8,
+  alpha: float = 16.0,
+  *,
+  a_init: str = 'kaiming_uniform',
+  param_dtype: str = 'float32',
+) -> Adapter:
+  """Weight-decomposed LoRA: ``w' = (w + s · a @ b) · diag(m ⊘ sg(n))``.
+
+  Shapes (Flax layout): ``w: (d_in, d_out)``, ``a: (d_in, r)``,
+  ``b: (r, d_out)``, ``m: (d_out,)``, ``s = α/r``; ``n: (d_out,)`` holds the
+  column norms of ``w + s · a @ b`` (over ``d_in``, one per output unit) and
+  ``sg`` is stop-gradient, the ``dora_simple`` default of the reference code
+  and HF PEFT. Spec (PyTorch layout, §3.1):
+  ``W' = diag(m ⊘ sg‖W + sBA‖_row) · (W + sBA)``, ``A = aᵀ``, ``B = bᵀ``.
+  Init: ``a`` as LoRA's (``a_init``), ``b = 0``, ``m`` = the column norms of
+  the pretrained ``w``, so ``w' = w`` exactly at init. ``m`` is a parameter
+  from step 0 (loralib's DoRA re-created it lazily, so it was never trained:
+  spec §3.2.1). A column whose norm ``n`` is 0 stays 0 (no 0/0).
+
+  Factored form ``y = (x @ w + s · (x @ a) @ b) ⊙ (m ⊘ sg(n))``. The norms
+  ``n`` need ``w + s · a @ b`` itself: every call forms that ``(d_in, d_out)``
+  matrix (``d_in · d_out · r`` FLOPs, once per call, not per token, and
+  under stop-gradient, so no weight gradient), as HF PEFT does.
+
+  Trainable count ``r · (d_in + d_out) + d_out``. Mergeable. No ``unapply``:
+  the norms of ``w + s · a @ b`` cannot be recovered from the merged weight.
+
+  Args:
+    rank: r, with ``0 < r <= min(d_in, d_out)``.
+    alpha: α of the scale ``s = α/r``.
+    a_init: init of ``a``: ``'kaiming_uniform'`` (``U(±1/√d_in)``, LoRA's
+      default), ``'gaussian'`` (``N(0, 1/r²)``) or ``'normal'``
+      (``N(0, 0.02²)``); ``b`` starts at 0.
+    param_dtype: dtype of ``a``, ``b`` and ``m``; ``w'`` keeps ``w``'s dtype.
+  """
+  name = 'dora'
+  scale = lora_scale(name, rank, alpha, rslora=False)
+  init_a = initializers.get(name, 'a_init', a_init)
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+
+  def init(key, w):
+    d_in, d_out = checks.rank_fits(name, rank, w)
+    return {
+      'a': init_a(key, (d_in, rank), dtype, rank),
+      'b': jnp.zeros((rank, d_out), dtype),
+      'm': column_norms(w).astype(dtype),
+    }
+
+  def magnitude_scale(w, theta):
+    """``m ⊘ sg(n)``; 1 where a column of ``w + s · a @ b`` is 0."""
+    norms = jax.lax.stop_gradient(column_norms(w + scale * theta['a'] @ theta['b']))
+    return theta['m'] / jnp.where(norms == 0, 1, norms)
+
+  def apply(w, theta):
+    directions = w + scale * (theta['a'] @ theta['b'])
+    return (directions * magnitude_scale(w, theta)).astype(w.dtype)
+
+  def factored(x, w, theta):
+    y = x @ w + scale * ((x @ theta['a']) @ theta['b'])
+    return (y * magnitude_scale(w, theta)).astype(jnp.result_type(x, w))
+
+  return Adapter(
+    init=init,
+    apply=apply,
+    factored=factored,
+    num_params=lambda shape: rank * (shape[0] + shape[1]) + shape[1],
+    factors=lambda theta: (theta['a'], theta['b']),
+  )

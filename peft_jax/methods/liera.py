@@ -1,0 +1,67 @@
+"""LieRA: a low-rank multiplicative (Hadamard) update of a kernel (Si et al., 2025)."""
+
+import jax.numpy as jnp
+
+from peft_jax._src import checks, initializers
+from peft_jax._src.base import Adapter
+from peft_jax._src.registry import register
+from peft_jax.methods.lora import lora_scale
+
+# form -> the elementwise map f with w' = w ⊙ f(s · a @ b).
+FORMS = {'first_order': lambda delta: 1.0 + delta, 'exp': jnp.exp}
+
+
+@register('liera')
+def liera(
+  rank: int = 8,
+  alpha: float = 16.0,
+  *,
+  form: str = 'first_order',
+  param_dtype: str = 'float32',
+) -> Adapter:
+  """Elementwise low-rank rescaling: ``w' = w ⊙ (1 + s · a @ b)``.
+
+  Shapes (Flax layout): ``w: (d_in, d_out)``, ``a: (d_in, r)``,
+  ``b: (r, d_out)``; ``s = α/r``. Spec (PyTorch layout):
+  ``W' = W + W ⊙ (s·BA) = W ⊙ (1 + s·BA)`` with ``A = aᵀ``, ``B = bᵀ``,
+  which is what ``layers_LieRA.py`` computes (``form='first_order'``, the
+  default). ``form='exp'`` is the paper's Lie-group update
+  ``W' = W ⊙ exp(s·BA)``, whose first-order expansion the code uses; the
+  spec marks that reading **(inferred)**. Init ``a ~ KU(d_in)``, ``b = 0``:
+  identity at init (exactly, in both forms). Trainable count
+  ``r · (d_in + d_out)``. Mergeable; ``unapply`` divides by the factor
+  (defined while no entry of ``1 + s·a@b`` is 0; always for ``'exp'``).
+  No factored form: the update is elementwise in ``w``, so ``x @ w'`` is no
+  cheaper without forming ``w'``. ``factors`` gives ``(a, b)``.
+
+  Args:
+    rank: r, with ``0 < r <= min(d_in, d_out)``.
+    alpha: α of ``s = α/r``.
+    form: ``'first_order'`` (the code) or ``'exp'`` (the paper).
+    param_dtype: dtype of ``a`` and ``b``; ``w'`` keeps ``w``'s dtype.
+
+  Returns:
+    The LieRA ``Adapter``.
+  """
+  name = 'liera'
+  scale = lora_scale(name, rank, alpha, False)
+  factor_of = FORMS[checks.choice(name, 'form', form, tuple(FORMS))]
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+
+  def init(key, w):
+    d_in, d_out = checks.rank_fits(name, rank, w)
+    return {
+      'a': initializers.kaiming_uniform(key, (d_in, rank), dtype, rank),
+      'b': jnp.zeros((rank, d_out), dtype),
+    }
+
+  def factor(theta):
+    return factor_of(scale * (theta['a'] @ theta['b']))
+
+  return Adapter(
+    init=init,
+    apply=lambda w, theta: (w * factor(theta)).astype(w.dtype),
+    unapply=lambda w, theta: (w / factor(theta)).astype(w.dtype),
+    num_params=lambda shape: rank * (shape[0] + shape[1]),
+    factors=lambda theta: (theta['a'], theta['b']),
+  )

@@ -1,0 +1,106 @@
+"""VeRA: shared frozen random projections with trainable scaling vectors (Kopiczko et al., 2024)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax._src import checks
+from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.registry import register
+
+
+def kaiming_uniform(key, shape):
+  """``U(±√(6/fan_in))``, ``fan_in = shape[0]``: HF PEFT's VeRA ``_kaiming_init``."""
+  bound = float(np.sqrt(6.0 / shape[0]))
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def projections(seed: int, rank: int, d_in: int, d_out: int):
+  """The frozen ``(a: (d_in, r), b: (r, d_out))`` of a ``(d_in, d_out)`` kernel.
+
+  A pure function of its arguments: ``a`` depends on ``(seed, rank, d_in)``
+  and ``b`` on ``(seed, rank, d_out)``, so every adapted kernel with the same
+  input (output) width shares the same ``a`` (``b``), as VeRA shares them.
+  ``a ~ U(±√(6/d_in))`` and ``b ~ U(±√(6/r))``, float32.
+  """
+  key_a, key_b = jax.random.split(jax.random.key(seed))
+  return (
+    kaiming_uniform(jax.random.fold_in(key_a, d_in), (d_in, rank)),
+    kaiming_uniform(jax.random.fold_in(key_b, d_out), (rank, d_out)),
+  )
+
+
+@register('vera')
+def vera(
+  rank: int = 256,
+  d_init: float = 0.1,
+  seed: int = 0,
+  *,
+  param_dtype: str = 'float32',
+) -> Adapter:
+  """Scaled shared random projections: ``w' = w + (a ⊙ λ_d) @ (b ⊙ λ_b)``.
+
+  Shapes (Flax layout): ``w: (d_in, d_out)``, frozen ``a: (d_in, r)`` and
+  ``b: (r, d_out)`` from ``projections(seed, r, d_in, d_out)``, trainable
+  ``lambda_d: (r,)`` and ``lambda_b: (d_out,)``. In the PyTorch layout
+  ``ΔW = Λ_b B Λ_d A`` with ``A = aᵀ: (r, d_in)``, ``B = bᵀ: (d_out, r)``
+  (HF PEFT ``vera``: ``h = W x + λ_b ⊙ B(λ_d ⊙ A x)``, no scale). Init
+  ``λ_d = d_init``, ``λ_b = 0``: identity at init. Trainable count
+  ``r + d_out``. Mergeable and invertible. Factored form
+  ``y = x @ w + (((x @ a) ⊙ λ_d) @ b) ⊙ λ_b``. ``r`` may exceed
+  ``min(d_in, d_out)`` (HF PEFT's default r is 256).
+
+  ``a`` and ``b`` are not stored: ``apply``/``factored`` regenerate them
+  from ``jax.random.key(seed)`` and the leaf's shape, so nothing but the two
+  vectors is checkpointed and kernels of equal shape share the same
+  matrices, deterministically across calls, processes and restarts (for a
+  fixed JAX PRNG implementation). Differences from HF PEFT: HF draws one
+  ``(r, max d_in)`` / ``(max d_out, r)`` pair with torch's generator and
+  slices it per layer, so its bound uses the largest adapted width and its
+  numbers cannot be reproduced here; ours uses each leaf's own ``d_in``
+  (same distribution when all adapted kernels have one shape). HF's
+  ``save_projection`` has no counterpart (the seed is in the spec string).
+
+  Args:
+    rank: r > 0, the width of the shared projections.
+    d_init: the initial value of every entry of ``λ_d``.
+    seed: the int ≥ 0 that fixes the projections (HF ``projection_prng_key``).
+    param_dtype: dtype of ``λ_d`` and ``λ_b``; ``w'`` keeps ``w``'s dtype.
+
+  Returns:
+    The VeRA ``Adapter``.
+  """
+  name = 'vera'
+  rank = checks.positive_int(name, 'rank', rank)
+  d_init = checks.real(name, 'd_init', d_init)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise PeftError(f'{name}: seed={seed!r} must be an int >= 0')
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+
+  def init(key, w):
+    del key
+    d_out = checks.matrix(name, w)[1]
+    return {
+      'lambda_d': jnp.full(rank, d_init, dtype),
+      'lambda_b': jnp.zeros(d_out, dtype),
+    }
+
+  def scaled(w, theta):
+    a, b = projections(seed, rank, *w.shape)
+    return a * theta['lambda_d'], b * theta['lambda_b']
+
+  def delta(w, theta):
+    a, b = scaled(w, theta)
+    return a @ b
+
+  def factored(x, w, theta):
+    a, b = scaled(w, theta)
+    return (x @ w + (x @ a) @ b).astype(jnp.result_type(x, w))
+
+  return Adapter(
+    init=init,
+    apply=lambda w, theta: (w + delta(w, theta)).astype(w.dtype),
+    factored=factored,
+    unapply=lambda w, theta: (w - delta(w, theta)).astype(w.dtype),
+    num_params=lambda shape: rank + shape[1],
+  )
