@@ -22,6 +22,7 @@ from peft_jax._src.checkpoint import (
   save_checkpoint,
 )
 from peft_jax._src.factored import FactoredFallbackWarning, factored
+from peft_jax._src.hooks import hook_handler, hook_point
 from peft_jax._src.registry import get, names, register
 from peft_jax._src.rules import Rule
 from peft_jax._src.step import TrainState, make_train_step
@@ -59,6 +60,8 @@ __all__ = [
   'factored',
   'full',
   'get',
+  'hook_handler',
+  'hook_point',
   'ia3',
   'is_bias',
   'load_adapter',

@@ -19,6 +19,17 @@ target rules match against::
 Kernels use the Flax layout ``(d_in, d_out)``, the transpose of a PyTorch
 ``Linear.weight``.
 
+Hook points (``peft_jax.hook_point``; names are module paths plus the point)::
+
+  bert/embeddings/input_embeddings            (word embeddings, attention_mask)
+  bert/encoder/layer_{i}/attention/attention_kv   (keys, values, mask_bias)
+  bert/encoder/layer_{i}/attention/attention_output  (b, s, d) before residual
+  bert/encoder/layer_{i}/ffn_intermediate     (b, s, d_ff) after GELU
+  bert/encoder/layer_{i}/ffn_output           (b, s, d) before residual
+
+(without the ``bert/`` prefix for a bare ``BertModel``). Positions a handler
+prepends at ``input_embeddings`` are dropped from the returned hidden states.
+
 Example::
 
   config, params, tokenizer = load_pretrained(minilm_dir())
@@ -42,6 +53,7 @@ from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
 from peft_jax._src.base import PeftError
+from peft_jax._src.hooks import hook_point
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -148,26 +160,42 @@ class BertEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(
-    self, input_ids: Array, token_type_ids: Array, *, deterministic: bool
-  ) -> Array:
+    self,
+    input_ids: Array,
+    token_type_ids: Array,
+    attention_mask: Array,
+    *,
+    deterministic: bool,
+  ) -> tuple[Array, Array]:
     """Embeds tokens.
+
+    Hook point ``input_embeddings``: ``(word embeddings (batch, seq, hidden),
+    attention_mask (batch, seq))``, before positions are added; a handler may
+    prepend ``p`` positions (prompt tuning), which get token type 0.
 
     Args:
       input_ids: ``(batch, seq)`` int token ids.
       token_type_ids: ``(batch, seq)`` int segment ids.
+      attention_mask: ``(batch, seq)``, 1 for real tokens.
       deterministic: disables dropout when True.
 
     Returns:
-      ``(batch, seq, hidden)`` embeddings.
+      ``(batch, seq + p, hidden)`` embeddings and the ``(batch, seq + p)``
+      attention mask.
     """
     cfg = self.config
     embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name)
-    positions = jnp.arange(input_ids.shape[1])[None, :]
     x = embed(cfg.vocab_size, 'word_embeddings')(input_ids)
+    x, attention_mask = hook_point(self, 'input_embeddings', (x, attention_mask))
+    added = x.shape[1] - input_ids.shape[1]
+    token_type_ids = jnp.pad(token_type_ids, ((0, 0), (added, 0)))
+    positions = jnp.arange(x.shape[1])[None, :]
     x += embed(cfg.max_position_embeddings, 'position_embeddings')(positions)
     x += embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
-    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    return nn.Dropout(cfg.hidden_dropout)(
+      x, deterministic=deterministic
+    ), attention_mask
 
 
 class BertAttention(nn.Module):
@@ -198,11 +226,13 @@ class BertAttention(nn.Module):
       heads(nn.Dense(cfg.hidden_size, name=name)(x))
       for name in ('query', 'key', 'value')
     )
+    k, v, mask_bias = hook_point(self, 'attention_kv', (k, v, mask_bias))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(cfg.head_dim)
     probs = jax.nn.softmax(scores + mask_bias, axis=-1)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
     y = nn.Dense(cfg.hidden_size, name='output')(context)
+    y = hook_point(self, 'attention_output', y)
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x + y)
 
@@ -230,8 +260,11 @@ class BertLayer(nn.Module):
     """
     cfg = self.config
     x = BertAttention(cfg, name='attention')(x, mask_bias, deterministic=deterministic)
-    h = nn.Dense(cfg.intermediate_size, name='intermediate')(x)
-    h = nn.Dense(cfg.hidden_size, name='output')(nn.gelu(h, approximate=False))
+    h = nn.gelu(
+      nn.Dense(cfg.intermediate_size, name='intermediate')(x), approximate=False
+    )
+    h = hook_point(self, 'ffn_intermediate', h)
+    h = hook_point(self, 'ffn_output', nn.Dense(cfg.hidden_size, name='output')(h))
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='output_layer_norm')(x + h)
 
@@ -331,10 +364,13 @@ class BertModel(nn.Module):
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
+    x, attention_mask = self.embeddings(
+      input_ids, token_type_ids, attention_mask, deterministic=deterministic
+    )
     hidden = self.encoder(
       x, _attention_bias(attention_mask), deterministic=deterministic
     )
+    hidden = hidden[:, hidden.shape[1] - input_ids.shape[1] :]  # Drop prompts.
     if self.is_initializing():
       self.pool(hidden)  # Creates the pooler's parameters; output unused.
     return hidden
