@@ -34,13 +34,28 @@ from peft_jax._src.tree import (
   trainable_mask,
   unmerge,
 )
+from peft_jax.methods.adalora import adalora
 from peft_jax.methods.bitfit import bitfit, is_bias
+from peft_jax.methods.dora import dora
+from peft_jax.methods.flora import flora
 from peft_jax.methods.full import full
 from peft_jax.methods.ia3 import ia3
+from peft_jax.methods.liera import liera
+from peft_jax.methods.ln_tuning import is_layer_norm, ln_tuning
 from peft_jax.methods.lora import lora
+from peft_jax.methods.milora import milora
+from peft_jax.methods.moslora import moslora
+from peft_jax.methods.mpc import mpc
+from peft_jax.methods.parallel_adapter import parallel_adapter
+from peft_jax.methods.pissa import pissa
+from peft_jax.methods.sam_parser import sam_parser
+from peft_jax.methods.spectral_adapter import spectral_adapter
 from peft_jax.methods.ssb import ssb
 from peft_jax.methods.ssl import ssl
 from peft_jax.methods.stacked import stacked
+from peft_jax.methods.svdiff import svdiff
+from peft_jax.methods.trilora import trilora
+from peft_jax.methods.vera import vera
 
 __all__ = [
   'BUFFERS',
@@ -52,30 +67,46 @@ __all__ = [
   'Rule',
   'Schedule',
   'TrainState',
+  'adalora',
   'bitfit',
   'by_rules',
   'checkpoint_manager',
   'count',
   'describe',
+  'dora',
   'factored',
+  'flora',
   'full',
   'get',
   'hook_handler',
   'hook_point',
   'ia3',
   'is_bias',
+  'is_layer_norm',
+  'liera',
+  'ln_tuning',
   'load_adapter',
   'lora',
   'make_train_step',
   'merge',
+  'milora',
+  'moslora',
+  'mpc',
   'names',
+  'parallel_adapter',
+  'pissa',
   'register',
   'restore_checkpoint',
+  'sam_parser',
   'save_adapter',
   'save_checkpoint',
+  'spectral_adapter',
   'ssb',
   'ssl',
   'stacked',
+  'svdiff',
   'trainable_mask',
+  'trilora',
   'unmerge',
+  'vera',
 ]

@@ -142,18 +142,32 @@ def _unstack(x):
   return Adapted(x.w, x.theta, x.adapter.unstacked, x.name)
 
 
+def _scan_layout(params: dict) -> tuple[int, int]:
+  """``(num_consts, num_carry)`` of a scan: jax <= 0.10 names them; 0.11
+  groups the operands as ``ft_in = (consts, carry, xs)``."""
+  if 'num_consts' in params:
+    return params['num_consts'], params['num_carry']
+  consts, carry, _ = params['ft_in']
+  return len(consts), len(carry)
+
+
+def _jaxpr_and_consts(jaxpr) -> tuple[Any, Any]:
+  """A ``ClosedJaxpr`` (jax <= 0.10 scan bodies) or an open ``Jaxpr`` (0.11)."""
+  return (jaxpr.jaxpr, jaxpr.consts) if hasattr(jaxpr, 'consts') else (jaxpr, ())
+
+
 def _scan(eqn, invals) -> list:
   p = eqn.params
-  n_consts, n_carry = p['num_consts'], p['num_carry']
+  n_consts, n_carry = _scan_layout(p)
   consts, carry, xs = (
     invals[:n_consts],
     _materialize_all(invals[n_consts : n_consts + n_carry], 'a scan carry'),
     [_unstack(x) for x in invals[n_consts + n_carry :]],
   )
-  body = p['jaxpr']
+  body, body_consts = _jaxpr_and_consts(p['jaxpr'])
 
   def step(carry, x):
-    out = evaluate(body.jaxpr, body.consts, [*consts, *carry, *x])
+    out = evaluate(body, body_consts, [*consts, *carry, *x])
     return out[:n_carry], out[n_carry:]
 
   carry, ys = jax.lax.scan(
@@ -165,16 +179,16 @@ def _scan(eqn, invals) -> list:
 def _cond(eqn, invals) -> list:
   index, operands = invals[0], invals[1:]
   branches = [
-    (lambda *ops, b=b: evaluate(b.jaxpr, b.consts, list(ops)))
+    (lambda *ops, b=b: evaluate(*_jaxpr_and_consts(b), list(ops)))
     for b in eqn.params['branches']
   ]
   return jax.lax.switch(index, branches, *operands)
 
 
 def _checkpoint(eqn, invals) -> list:
-  inner = eqn.params['jaxpr']
+  inner, consts = _jaxpr_and_consts(eqn.params['jaxpr'])
   call = jax.checkpoint(
-    lambda *args: evaluate(inner, (), list(args)),
+    lambda *args: evaluate(inner, consts, list(args)),
     prevent_cse=eqn.params['prevent_cse'],
     policy=eqn.params['policy'],
   )
@@ -185,8 +199,7 @@ def _enter(key: str):
   """Evaluates the (closed) jaxpr held in ``eqn.params[key]`` inline."""
 
   def rule(eqn, invals):
-    inner = eqn.params[key]
-    return evaluate(inner.jaxpr, inner.consts, invals)
+    return evaluate(*_jaxpr_and_consts(eqn.params[key]), invals)
 
   return rule
 

@@ -1,3 +1,26 @@
 """One module per method; importing this package registers them all."""
 
-from peft_jax.methods import bitfit, full, ia3, lora, ssb, ssl, stacked  # noqa: F401
+from peft_jax.methods import (  # noqa: F401
+  adalora,
+  bitfit,
+  dora,
+  flora,
+  full,
+  ia3,
+  liera,
+  ln_tuning,
+  lora,
+  milora,
+  moslora,
+  mpc,
+  parallel_adapter,
+  pissa,
+  sam_parser,
+  spectral_adapter,
+  ssb,
+  ssl,
+  stacked,
+  svdiff,
+  trilora,
+  vera,
+)

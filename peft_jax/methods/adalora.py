@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from peft_jax._src import checks
 from peft_jax._src.base import Adapter, PeftError
 from peft_jax._src.registry import register
-from peft_jax.methods.mpc import check_pattern, pattern_penalty
+from peft_jax.methods.mpc import FORMS, pattern_penalty
 
 
 def adalora_scale(method: str, rank: int, alpha: float) -> float:
@@ -66,7 +66,7 @@ def adalora(
   coef = checks.real(name, 'reg_orth_coef', reg_orth_coef)
   if coef < 0:
     raise PeftError(f'{name}: reg_orth_coef={coef} must be >= 0')
-  check_pattern(name, 'o', reg_form)
+  checks.choice(name, 'reg_form', reg_form, FORMS)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def init(key, w):

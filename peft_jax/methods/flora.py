@@ -49,7 +49,9 @@ def flora(
     The FLoRA ``Adapter``.
   """
   name = 'flora'
-  init_factor, adalora_style = STYLES[checks.choice(name, 'style', style, tuple(STYLES))]
+  init_factor, adalora_style = STYLES[
+    checks.choice(name, 'style', style, tuple(STYLES))
+  ]
   if adalora_style:
     scale = adalora_scale(name, rank, alpha)
   else:

@@ -14,10 +14,12 @@ NORM_WORDS = frozenset({'ln', 'norm', 'layernorm', 'rmsnorm'})
 
 
 def _words(segment: str) -> list[str]:
-  """``'output_layer_norm'`` -> ``['output', 'layer', 'norm']``; also splits
-  camelCase (``'LayerNorm_0'`` -> ``['layer', 'norm']``) and digits."""
-  spaced = re.sub(r'([a-z0-9])([A-Z])', r'\1_\2', segment)
-  return [word for word in re.split(r'[^a-z]+', spaced.lower()) if word]
+  """The lowercase words of a name segment, split at every non-letter.
+
+  ``'output_layer_norm'`` -> ``['output', 'layer', 'norm']``,
+  ``'LayerNorm_0'`` -> ``['layernorm']``, ``'ln_1'`` -> ``['ln']``.
+  """
+  return [word for word in re.split(r'[^a-z]+', segment.lower()) if word]
 
 
 def is_layer_norm(name: str, leaf) -> bool:
@@ -25,14 +27,14 @@ def is_layer_norm(name: str, leaf) -> bool:
 
   A leaf matches when it is 1-D and some segment of its name other than the
   last (the module path, not the parameter's own name) contains one of the
-  words ``ln``, ``norm``, ``layernorm``, ``rmsnorm``. Segments are split into
-  words at non-letters and at camelCase boundaries, so this matches BERT's
+  words ``ln``, ``norm``, ``layernorm``, ``rmsnorm`` (case-insensitive;
+  segments are split into words at every non-letter). This matches BERT's
   ``layer_norm``/``output_layer_norm``, Flax ``LayerNorm_0``/``RMSNorm_0``,
   HF ``LayerNorm``, GPT-2's ``ln_1``/``ln_f``, LLaMA's
   ``input_layernorm``/``post_attention_layernorm``/``norm``, and T5's
   ``final_layer_norm``; it does not match ``BatchNorm``/``GroupNorm``
   (``batchnorm``, ``groupnorm`` are other words) nor words that merely
-  contain the letters (``normal``, ``kernel``). Both the scale (γ) and the
+  contain the letters (``normal``, ``linear``). Both the scale (γ) and the
   bias (β) of a matched norm are selected.
   """
   if len(getattr(leaf, 'shape', ())) != 1:
@@ -43,7 +45,7 @@ def is_layer_norm(name: str, leaf) -> bool:
 
 @register('ln_tuning')
 def ln_tuning(*, param_dtype: str = 'float32') -> Adapter:
-  """Trains a normalisation parameter: ``γ' = θ`` (or ``β' = θ``), ``θ`` init ``γ``.
+  """Trains a norm's scale or bias: ``γ' = θ`` (or ``β' = θ``), ``θ`` init ``γ``.
 
   Select the leaves with the predicate ``is_layer_norm`` (or a regex such as
   ``'.*layer_norm/(scale|bias)'``); other leaves stay frozen. Leaf

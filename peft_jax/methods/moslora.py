@@ -57,7 +57,9 @@ def moslora(
   """
   name = 'moslora'
   scale = adalora_scale(name, rank, alpha)
-  init_m = MIXER_INITS[checks.choice(name, 'mixer_init', mixer_init, tuple(MIXER_INITS))]
+  init_m = MIXER_INITS[
+    checks.choice(name, 'mixer_init', mixer_init, tuple(MIXER_INITS))
+  ]
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def init(key, w):

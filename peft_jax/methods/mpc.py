@@ -53,7 +53,7 @@ def pattern_penalty(down: Array, up: Array, kind: str = 'o', form: str = 'square
 
 @register('mpc')
 def mpc(
-  method: str | Adapter = 'lora',
+  method: str | Adapter,
   kind: str = 'o',
   gamma: float = 0.1,
   form: str = 'squared',
@@ -88,8 +88,8 @@ def mpc(
 
   Args:
     method: a spec string (``'lora(rank=8)'``) or an ``Adapter`` with a
-      ``factors`` capability. Defaults to LoRA (the paper's "LoRA + MPC_o").
-      Pass a spec string to get a canonical, round-tripping ``name``.
+      ``factors`` capability. Pass a spec string to get a canonical,
+      round-tripping ``name``.
     kind: ``'o'`` or ``'d'``.
     gamma: γ ≥ 0, the regulariser's weight (0.1 in the paper's runs).
     form: ``'squared'`` (paper) or ``'mean'`` (reference code).

@@ -19,6 +19,13 @@ def svd_lora(
   ``b = diag(√(σ_r/s)) · u_rᵀ``, so ``s · a @ b`` is exactly the rank-``r``
   part that the spec removes from ``w``. Those initial factors are kept as
   buffers ``a0``, ``b0`` and ``apply`` is ``w + s · (a @ b − a0 @ b0)``.
+
+  Args:
+    name: the registry name, for error messages.
+    rank: r, with ``0 < r <= min(d_in, d_out)``.
+    alpha: α of the scale ``s = α/r``; must be > 0.
+    param_dtype: dtype of the factors and of their initial copies.
+    smallest: keep the bottom-``r`` triplets instead of the top ones.
   """
   rank = checks.positive_int(name, 'rank', rank)
   alpha = checks.real(name, 'alpha', alpha)

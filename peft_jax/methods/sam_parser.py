@@ -27,11 +27,6 @@ def reconstruct(v, sigma, u):
   return (v * sigma) @ u.T
 
 
-def project(x, v, sigma, u):
-  """``x @ reconstruct(v, sigma, u)`` without forming the kernel."""
-  return ((x @ v) * sigma) @ u.T
-
-
 @register('sam_parser')
 def sam_parser(*, param_dtype: str = 'float32') -> Adapter:
   """Trained singular values: ``w' = v · diag(σ') · uᵀ``, ``σ'`` init ``σ``.
@@ -46,11 +41,11 @@ def sam_parser(*, param_dtype: str = 'float32') -> Adapter:
   it is exactly ``w`` at init (no SVD round-off in the merged weight) and
   ``unapply`` subtracts the same term. Mergeable.
 
-  ``factored`` is the spec's form ``y = ((x @ v) ⊙ σ') @ uᵀ``; it equals
-  ``x @ apply(w, θ)`` up to the float32 round-off of the SVD. With full rank
-  ``k`` it costs ``2k(d_in + d_out)`` FLOPs per token, twice ``x @ w`` for a
-  square kernel: it saves the memory of ``w'`` and of its gradient, not
-  compute.
+  No factored form: with full rank ``k``, ``((x @ v) ⊙ σ') @ uᵀ`` costs
+  ``2k(d_in + d_out)`` FLOPs per token, twice ``x @ w`` for a square kernel,
+  so it is no faster than the weight-space path (which forms ``w'`` once per
+  call, ``d_in · d_out · k`` FLOPs); ``peft_jax.factored`` applies this
+  method in weight space.
 
   Unlike the original code (spec §3.2.1, which re-created ``σ'`` lazily after
   the optimiser was built, so it was never trained), ``σ'`` is a parameter
@@ -74,15 +69,9 @@ def sam_parser(*, param_dtype: str = 'float32') -> Adapter:
     buffers = theta[BUFFERS]
     return reconstruct(buffers['v'], theta['sigma'] - buffers['sigma0'], buffers['u'])
 
-  def factored(x, w, theta):
-    buffers = theta[BUFFERS]
-    y = project(x, buffers['v'], theta['sigma'], buffers['u'])
-    return y.astype(jnp.result_type(x, w))
-
   return Adapter(
     init=init,
     apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
     unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
     num_params=lambda shape: min(shape),
   )

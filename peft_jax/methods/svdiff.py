@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from peft_jax._src import checks
 from peft_jax._src.base import BUFFERS, Adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.sam_parser import project, reconstruct, thin_svd
+from peft_jax.methods.sam_parser import reconstruct, thin_svd
 
 
 @register('svdiff')
@@ -24,10 +24,9 @@ def svdiff(*, param_dtype: str = 'float32') -> Adapter:
   ``w' = w + v · diag(ReLU(σ + δ) − σ) · uᵀ``; since ``σ ≥ 0`` this is exactly
   ``w`` at init, and ``unapply`` subtracts the same term. Mergeable.
 
-  ``factored`` is the spec's form ``y = ((x @ v) ⊙ ReLU(σ + δ)) @ uᵀ``, equal
-  to ``x @ apply(w, θ)`` up to the float32 round-off of the SVD; like
-  SAM-PARSER's it costs ``2k(d_in + d_out)`` FLOPs per token (it saves
-  memory, not compute).
+  No factored form: as for ``sam_parser``, a full-rank ``k`` form costs at
+  least twice ``x @ w`` per token, so ``peft_jax.factored`` applies this
+  method in weight space.
 
   Args:
     param_dtype: dtype of ``δ`` (the bases stay float32).
@@ -45,19 +44,13 @@ def svdiff(*, param_dtype: str = 'float32') -> Adapter:
   def shifted(theta):
     return jax.nn.relu(theta[BUFFERS]['sigma'] + theta['delta'])
 
-  def delta(theta):
+  def update(theta):
     buffers = theta[BUFFERS]
     return reconstruct(buffers['v'], shifted(theta) - buffers['sigma'], buffers['u'])
 
-  def factored(x, w, theta):
-    buffers = theta[BUFFERS]
-    y = project(x, buffers['v'], shifted(theta), buffers['u'])
-    return y.astype(jnp.result_type(x, w))
-
   return Adapter(
     init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
+    apply=lambda w, theta: (w + update(theta)).astype(w.dtype),
+    unapply=lambda w, theta: (w - update(theta)).astype(w.dtype),
     num_params=lambda shape: min(shape),
   )

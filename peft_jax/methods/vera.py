@@ -1,4 +1,4 @@
-"""VeRA: shared frozen random projections with trainable scaling vectors (Kopiczko et al., 2024)."""
+"""VeRA: shared frozen random projections, trainable scaling vectors (Kopiczko 2024)."""
 
 import jax
 import jax.numpy as jnp

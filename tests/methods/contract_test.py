@@ -23,6 +23,23 @@ CASES = {
   'full': ('full()', (7, 5), True),
   'bitfit': ('bitfit()', (5,), True),
   'stacked': ('stacked("lora(rank=2, alpha=4)")', (3, 7, 5), True),
+  # Reconstruction and combination (SVD-based).
+  'sam_parser': ('sam_parser()', (7, 5), True),
+  'pissa': ('pissa(rank=3, alpha=6)', (7, 5), True),
+  'milora': ('milora(rank=3, alpha=6)', (7, 5), True),
+  'svdiff': ('svdiff()', (7, 5), True),
+  'spectral_adapter': ('spectral_adapter(rank=3, alpha=6)', (7, 5), True),
+  'dora': ('dora(rank=3, alpha=6)', (7, 5), True),
+  'ln_tuning': ('ln_tuning()', (5,), True),
+  # Extension: low-rank family and matrix pattern constraints.
+  'adalora': ('adalora(rank=3, alpha=6)', (7, 5), True),
+  'flora': ('flora(rank=3, alpha=6)', (7, 5), True),
+  'moslora': ('moslora(rank=3, alpha=6)', (7, 5), True),
+  'trilora': ('trilora(rank=3, alpha=6)', (7, 5), True),
+  'liera': ('liera(rank=3, alpha=3)', (7, 5), True),
+  'vera': ('vera(rank=4)', (7, 5), True),
+  'parallel_adapter': ('parallel_adapter(rank=3)', (7, 5), True),
+  'mpc': ("mpc('trilora(rank=3, alpha=6)', kind='d')", (7, 5), True),
 }
 
 

@@ -1,0 +1,102 @@
+"""VeRA against its formula (PyTorch layout) and its shared, regenerated projections."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import peft_jax as pj
+from peft_jax.methods.vera import projections, vera
+
+D_IN, D_OUT = 9, 6
+
+
+@pytest.mark.parametrize('rank', [2, 16])  # r may exceed min(d_in, d_out).
+def test_apply_and_factored_are_w_plus_lambda_b_b_lambda_d_a(rank):
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+  theta = {
+    'lambda_d': rng.normal(size=rank).astype(np.float32),
+    'lambda_b': rng.normal(size=D_OUT).astype(np.float32),
+  }
+  a, b = projections(0, rank, D_IN, D_OUT)
+  # Spec (HF PEFT): ΔW = diag(λ_b) B diag(λ_d) A, A = aᵀ: (r, d_in), B = bᵀ.
+  W, A, B = (np.float64(m).T for m in (w, a, b))
+  L_d, L_b = (np.diag(np.float64(theta[k])) for k in ('lambda_d', 'lambda_b'))
+  expected = W + L_b @ B @ L_d @ A
+  adapter = vera(rank)
+  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-5)
+  x = rng.normal(size=(2, 3, D_IN))
+  np.testing.assert_allclose(
+    adapter.factored(np.float32(x), w, theta), x @ expected.T, rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(
+    adapter.unapply(adapter.apply(w, theta), theta), w, rtol=1e-5, atol=1e-5
+  )
+
+
+def test_projections_are_hf_kaiming_uniform():
+  d_in, d_out, rank = 1024, 512, 64
+  a, b = (np.float64(m) for m in projections(0, rank, d_in, d_out))
+  assert a.shape == (d_in, rank) and b.shape == (rank, d_out)
+  # HF PEFT _kaiming_init: U(±√(6/fan_in)), fan_in = d_in for A, r for B.
+  for m, fan_in in ((a, d_in), (b, rank)):
+    bound = np.sqrt(6 / fan_in)
+    assert np.all(np.abs(m) <= bound) and np.abs(m).max() > 0.95 * bound
+    np.testing.assert_allclose(m.var(), bound**2 / 3, rtol=0.05)
+
+
+def test_projections_are_deterministic_and_shared_by_equal_widths():
+  a, b = projections(3, 4, D_IN, D_OUT)
+  a2, b2 = jax.jit(projections, static_argnums=(0, 1, 2, 3))(3, 4, D_IN, D_OUT)
+  np.testing.assert_array_equal(a, a2)
+  np.testing.assert_array_equal(b, b2)
+  # a depends on d_in only, b on d_out only; a new seed gives new matrices.
+  np.testing.assert_array_equal(projections(3, 4, D_IN, 11)[0], a)
+  np.testing.assert_array_equal(projections(3, 4, 13, D_OUT)[1], b)
+  assert not np.allclose(projections(4, 4, D_IN, D_OUT)[0], a)
+
+
+def test_equal_shaped_leaves_share_matrices_and_nothing_is_stored():
+  frozen = {'q': jnp.zeros((D_IN, D_OUT)), 'v': jnp.zeros((D_IN, D_OUT))}
+  adapter = pj.by_rules([('q|v', 'vera(rank=4, seed=7)')])
+  theta = adapter.init(jax.random.key(0), frozen)
+  assert all(sorted(t) == ['lambda_b', 'lambda_d'] for t in theta.values())
+  theta = jax.tree.map(jnp.ones_like, theta)
+  merged = jax.jit(adapter.apply)(frozen, theta)
+  np.testing.assert_array_equal(merged['q'], merged['v'])
+  np.testing.assert_array_equal(merged['q'], adapter.apply(frozen, theta)['q'])
+  a, b = projections(7, 4, D_IN, D_OUT)
+  np.testing.assert_allclose(merged['q'], a @ b, rtol=1e-6)
+
+
+def test_init_is_d_init_and_zero_lambda_b_so_identity():
+  w = jax.random.normal(jax.random.key(1), (D_IN, D_OUT))
+  adapter = vera(8, d_init=0.25)
+  theta = adapter.init(jax.random.key(0), w)
+  np.testing.assert_array_equal(theta['lambda_d'], np.full(8, 0.25, np.float32))
+  np.testing.assert_array_equal(theta['lambda_b'], np.zeros(D_OUT))
+  np.testing.assert_array_equal(adapter.apply(w, theta), w)
+
+
+def test_trainable_count_is_r_plus_dout():
+  adapter = vera()
+  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
+  assert pj.count(theta) == adapter.num_params((768, 3072)) == 256 + 3072
+
+
+@pytest.mark.parametrize(
+  'kwargs,leaf_shape,message',
+  [
+    ({'rank': 0}, (4, 4), 'rank=0 must be > 0'),
+    ({'d_init': 'x'}, (4, 4), "d_init='x' must be a number"),
+    ({'seed': -1}, (4, 4), 'seed=-1 must be an int >= 0'),
+    ({'seed': 1.5}, (4, 4), 'seed=1.5 must be an int >= 0'),
+    ({'seed': True}, (4, 4), 'seed=True must be an int >= 0'),
+    ({'param_dtype': 'int8'}, (4, 4), 'not a floating dtype'),
+    ({}, (4,), 'expects a 2-D kernel'),
+  ],
+)
+def test_bad_hyperparameters_are_clear_errors(kwargs, leaf_shape, message):
+  with pytest.raises(pj.PeftError, match=f'vera.*{message}'):
+    vera(**kwargs).init(jax.random.key(0), jnp.ones(leaf_shape))
