@@ -1,0 +1,162 @@
+"""LoKr / KronA: Kronecker-product update (Edalati et al.; HF PEFT LoKr)."""
+
+import jax
+import jax.numpy as jnp
+
+from peft_jax._src import checks, initializers
+from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.registry import register
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+  """``(m, n)`` with ``m · n = dimension``, as HF PEFT's ``lokr.factorization``.
+
+  If ``factor > 0`` divides ``dimension`` the answer is
+  ``(factor, dimension // factor)`` (unsorted). Otherwise ``m`` walks up the
+  divisors of ``dimension`` while ``m < n`` and ``m <= factor`` (no bound for
+  ``factor = -1``: the divisor pair nearest ``√dimension``), and the pair is
+  returned sorted: ``256 -> (16, 16)``, ``128 -> (8, 16)``,
+  ``127 -> (1, 127)``, ``(128, factor=3) -> (2, 64)``.
+  """
+  if factor > 0 and dimension % factor == 0:
+    return factor, dimension // factor
+  bound = dimension if factor == -1 else factor
+  m, n = 1, dimension
+  while m < n:
+    new_m = m + 1
+    while dimension % new_m:
+      new_m += 1
+    if new_m > bound:
+      break
+    m, n = new_m, dimension // new_m
+  return min(m, n), max(m, n)
+
+
+def _factor_arg(method: str, factor) -> int:
+  if isinstance(factor, bool) or not isinstance(factor, int):
+    raise PeftError(f'{method}: factor={factor!r} must be an int')
+  if factor != -1 and factor <= 0:
+    raise PeftError(f'{method}: factor={factor} must be -1 (near √dim) or > 0')
+  return factor
+
+
+@register('lokr')
+def lokr(
+  factor: int = -1,
+  rank: int | None = None,
+  alpha: float | None = None,
+  decompose_both: bool = False,
+  *,
+  param_dtype: str = 'float32',
+) -> Adapter:
+  """Kronecker-product update: ``w' = w + s · (c ⊗ d)``.
+
+  Shapes (Flax layout): ``w: (d_in, d_out)``, ``c: (a1, a2)``,
+  ``d: (b1, b2)`` with ``(a1, b1) = factorization(d_in, factor)`` and
+  ``(a2, b2) = factorization(d_out, factor)`` (HF PEFT's rule, so
+  ``a1 · b1 = d_in``, ``a2 · b2 = d_out``; ``c`` is the smaller factor
+  unless a dividing ``factor`` is given).
+  ``(c ⊗ d)[i1·b1 + i2, j1·b2 + j2] = c[i1, j1] · d[i2, j2]``. In HF's
+  PyTorch layout ``ΔW = s · kron(lokr_w1, lokr_w2)`` with
+  ``lokr_w1 = cᵀ: (a2, a1)`` and ``lokr_w2 = dᵀ: (b2, b1)``; the survey's
+  KronA is the same update (``y = x W + s · x (A ⊗ B)``).
+
+  With ``rank`` given, ``d = d1 @ d2`` (``d1: (b1, r)``, ``d2: (r, b2)``), and
+  with ``decompose_both`` also ``c = c1 @ c2`` (``c1: (a1, r)``,
+  ``c2: (r, a2)``). The scale is ``s = α/r`` with a rank (``α`` defaults to
+  ``r``), else ``s = α`` (default 1). HF PEFT instead always divides by its
+  ``r`` and decides itself which factor is low-rank
+  (``r < max(b1, b2)/2``); here the choice is explicit. ``rank(c ⊗ d) =
+  rank(c) · rank(d)``.
+
+  Init as HF PEFT: ``c`` (or ``c2``, HF's ``lokr_w1_a``) zero, so the update
+  starts at 0 (identity at init); ``d``, ``d1``, ``d2`` and ``c1``
+  Kaiming-uniform ``U(±1/√fan_in)`` (fan-in ``b1``, ``b1``, ``r``, ``a1``).
+
+  Factored form (no ``(d_in, d_out)`` matrix): reshape ``x`` to
+  ``(..., a1, b1)``, then ``y = x @ w + s · einsum('...ik,ij,kl->...jl', x, c,
+  d)`` reshaped to ``(..., d_out)``. Trainable count
+  ``a1·a2 + b1·b2`` (``c`` as ``r(a1 + a2)`` with ``decompose_both``, ``d``
+  as ``r(b1 + b2)`` with a rank). Mergeable; ``unapply`` subtracts.
+
+  Args:
+    factor: the factorization divider (HF's ``decompose_factor``): ``-1`` for
+      factors near ``√dim``, else ``a1``/``a2`` as close to ``factor`` as the
+      divisors allow.
+    rank: r of the low-rank ``d`` (and ``c``); ``None`` for full factors.
+    alpha: α of the scale.
+    decompose_both: also factor ``c`` at rank r (needs ``rank``).
+    param_dtype: dtype of the factors; ``w'`` keeps ``w``'s dtype.
+
+  Returns:
+    The LoKr ``Adapter``.
+  """
+  name = 'lokr'
+  factor = _factor_arg(name, factor)
+  decompose_both = checks.flag(name, 'decompose_both', decompose_both)
+  if rank is not None:
+    rank = checks.positive_int(name, 'rank', rank)
+  elif decompose_both:
+    raise PeftError(f'{name}: decompose_both=True needs a rank; got rank=None')
+  if alpha is None:  # α = r with a rank, else 1: s = 1 either way.
+    alpha = float(rank or 1)
+  scale = checks.real(name, 'alpha', alpha) / (rank or 1)
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+  uniform = initializers.kaiming_uniform
+
+  def shapes(shape):
+    (a1, b1), (a2, b2) = (factorization(dim, factor) for dim in shape)
+    return (a1, a2), (b1, b2)
+
+  def low_rank_fits(which, shape):
+    if rank > min(shape):
+      raise PeftError(
+        f'{name}: rank={rank} exceeds min{shape}={min(shape)} of the '
+        f'Kronecker factor {which}; lower the rank or change factor'
+      )
+
+  def init(key, w):
+    c_shape, d_shape = shapes(checks.matrix(name, w))
+    k_c, k_d1, k_d2 = jax.random.split(key, 3)
+    theta = {}
+    if decompose_both:
+      low_rank_fits('c', c_shape)
+      theta['c1'] = uniform(k_c, (c_shape[0], rank), dtype, rank)
+      theta['c2'] = jnp.zeros((rank, c_shape[1]), dtype)
+    else:
+      theta['c'] = jnp.zeros(c_shape, dtype)
+    if rank is None:
+      theta['d'] = uniform(k_d1, d_shape, dtype, rank)
+    else:
+      low_rank_fits('d', d_shape)
+      theta['d1'] = uniform(k_d1, (d_shape[0], rank), dtype, rank)
+      theta['d2'] = uniform(k_d2, (rank, d_shape[1]), dtype, rank)
+    return theta
+
+  def kron_factors(theta):
+    c = theta['c1'] @ theta['c2'] if decompose_both else theta['c']
+    d = theta['d'] if rank is None else theta['d1'] @ theta['d2']
+    return c, d
+
+  def delta(theta):
+    return scale * jnp.kron(*kron_factors(theta))
+
+  def factored(x, w, theta):
+    c, d = kron_factors(theta)
+    xr = x.reshape(*x.shape[:-1], c.shape[0], d.shape[0])
+    kron_y = jnp.einsum('...ik,ij,kl->...jl', xr, c, d)
+    y = x @ w + scale * kron_y.reshape(*x.shape[:-1], w.shape[1])
+    return y.astype(jnp.result_type(x, w))
+
+  def num_params(shape):
+    (a1, a2), (b1, b2) = shapes(shape)
+    c_count = rank * (a1 + a2) if decompose_both else a1 * a2
+    return c_count + (b1 * b2 if rank is None else rank * (b1 + b2))
+
+  return Adapter(
+    init=init,
+    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
+    factored=factored,
+    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
+    num_params=num_params,
+  )

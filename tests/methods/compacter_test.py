@@ -1,0 +1,116 @@
+"""Compacter's LPHM parallel adapter against a NumPy reference (PyTorch layout)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+
+import peft_jax as pj
+from peft_jax.methods import compacter
+
+D_IN, D_OUT = 16, 12
+
+
+def random_theta(seed, adapter):
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
+  return {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}
+
+
+def lphm(rule, s, t):
+  """``Σ_i A_i ⊗ (S_i T_i)`` with explicit Kronecker products, float64."""
+  rule, s, t = (np.float64(a) for a in (rule, s, t))
+  return sum(np.kron(rule[i], s[i] @ t[i]) for i in range(len(rule)))
+
+
+@pytest.mark.parametrize(
+  'n,rank,reduction', [(2, 1, 2), (4, 1, 4), (2, 2, 2), (4, 1, 1)]
+)
+def test_factored_matches_the_lphm_adapter(n, rank, reduction):
+  adapter = compacter.compacter(reduction_factor=reduction, n=n, rank=rank)
+  theta = random_theta(n + rank, adapter)
+  rng = np.random.default_rng(0)
+  w, x = rng.normal(size=(D_IN, D_OUT)), rng.normal(size=(3, 2, D_IN))
+  # PyTorch layout: h = W x + W_upᵀ GELU(W_downᵀ x + b_down) + b_up, with the
+  # Flax-layout LPHM matrices W_down: (d_in, m), W_up: (m, d_out).
+  w_down = lphm(theta['a'], theta['down_s'], theta['down_t'])
+  w_up = lphm(theta['a'], theta['up_s'], theta['up_t'])
+  assert w_down.shape == (D_IN, D_IN // reduction) and w_up.shape[1] == D_OUT
+  pre = (w_down.T @ x[..., None])[..., 0] + theta['b_down']
+  gelu = 0.5 * pre * (1 + scipy.special.erf(pre / np.sqrt(2)))
+  expected = (
+    (w.T @ x[..., None])[..., 0] + (w_up.T @ gelu[..., None])[..., 0] + theta['b_up']
+  )
+  got = adapter.factored(jnp.float32(x), jnp.float32(w), theta)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_init_starts_at_the_identity_with_adapterhub_scales():
+  n, d_in, d_out = 8, 256, 128
+  adapter = compacter.compacter(reduction_factor=4, n=n)  # m = 64
+  w = jax.random.normal(jax.random.key(0), (d_in, d_out))
+  theta = jax.jit(adapter.init)(jax.random.key(1), w)
+  np.testing.assert_array_equal(theta['up_t'], 0)
+  np.testing.assert_array_equal(theta['b_down'], 0)
+  np.testing.assert_array_equal(theta['b_up'], 0)
+  np.testing.assert_allclose(np.std(np.asarray(theta['a'], np.float64)), 1e-4, rtol=0.1)
+  shapes = {'down_s': (n, 32, 1), 'down_t': (n, 1, 8), 'up_s': (n, 8, 1)}
+  for name, shape in shapes.items():
+    leaf = np.asarray(theta[name], np.float64)
+    bound = np.sqrt(6 / (shape[1] + shape[2]))  # Glorot-uniform per A_i slot.
+    assert leaf.shape == shape and np.all(np.abs(leaf) <= bound)
+    assert np.abs(leaf).max() > 0.8 * bound
+  x = jax.random.normal(jax.random.key(2), (5, d_in))
+  np.testing.assert_array_equal(jax.jit(adapter.factored)(x, w, theta), x @ w)
+
+
+@pytest.mark.parametrize('n,rank,reduction', [(4, 1, 32), (2, 3, 2), (4, 1, 4)])
+def test_count(n, rank, reduction):
+  adapter = compacter.compacter(reduction_factor=reduction, n=n, rank=rank)
+  d_in, d_out = 128, 64
+  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((d_in, d_out)))
+  m = d_in // reduction
+  expected = n**3 + rank * (d_in + 2 * m + d_out) + m + d_out
+  assert pj.count(theta) == adapter.num_params((d_in, d_out)) == expected
+
+
+def test_not_mergeable_but_runs_on_the_factored_path():
+  adapter = compacter.compacter(reduction_factor=2, n=2)
+  assert not adapter.mergeable
+  theta = random_theta(0, adapter)
+  with pytest.raises(pj.PeftError, match=r'compacter is not mergeable.*factored'):
+    adapter.apply(jnp.zeros((D_IN, D_OUT)), theta)
+  frozen = {'dense': {'kernel': jnp.ones((D_IN, D_OUT)), 'bias': jnp.ones(D_OUT)}}
+  tree = pj.by_rules([('dense/kernel', adapter)])
+  tree_theta = tree.init(jax.random.key(0), frozen)
+  tree_theta['dense']['kernel'] = theta
+  with pytest.raises(pj.PeftError, match='not mergeable'):
+    pj.merge(tree, frozen, tree_theta)
+  dense = lambda p, x: x @ p['dense']['kernel'] + p['dense']['bias']
+  x = jax.random.normal(jax.random.key(1), (3, D_IN))
+  np.testing.assert_allclose(
+    pj.factored(tree, dense)(frozen, tree_theta, x),
+    adapter.factored(x, frozen['dense']['kernel'], theta) + 1.0,
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+@pytest.mark.parametrize(
+  'kwargs,leaf_shape,message',
+  [
+    ({'reduction_factor': 0}, (16, 16), 'compacter: reduction_factor=0 must be > 0'),
+    ({'n': 4.0}, (16, 16), 'n=4.0 must be an int'),
+    ({'n': 3}, (16, 15), 'n=3 must divide d_in=16'),
+    ({'n': 4, 'reduction_factor': 8}, (16, 16), 'n=4 must divide bottleneck m=2'),
+    ({'n': 4, 'reduction_factor': 32}, (16, 16), 'n=4 must divide bottleneck m=0'),
+    ({'n': 4, 'reduction_factor': 1}, (16, 6), 'n=4 must divide d_out=6'),
+    ({'n': 2, 'rank': 3, 'reduction_factor': 4}, (16, 16), 'rank=3 exceeds'),
+    ({'phm_init_range': '0.1'}, (16, 16), "phm_init_range='0.1' must be a number"),
+    ({}, (16,), 'compacter expects a 2-D kernel'),
+  ],
+)
+def test_bad_hyperparameters_are_clear_errors(kwargs, leaf_shape, message):
+  with pytest.raises(pj.PeftError, match=message):
+    compacter.compacter(**kwargs).init(jax.random.key(0), jnp.ones(leaf_shape))
