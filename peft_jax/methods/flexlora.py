@@ -1,0 +1,137 @@
+"""FlexLoRA (Liu, Si, Jia, 2026): the AdaLoRA layer with a per-leaf rank that moves."""
+
+import jax
+import jax.numpy as jnp
+
+from peft_jax._src import checks
+from peft_jax._src.base import BUFFERS, Adapter, PeftError
+from peft_jax._src.registry import register
+from peft_jax.methods.adalora import adalora_scale
+from peft_jax.methods.mpc import FORMS, frobenius
+
+
+def active_penalty(down, up, active, form: str):
+  """MPC_o on the active slots only: ``pattern_penalty(down[:, I], up[I])``.
+
+  ``I`` = the slots where ``active`` is 1; inactive slots contribute nothing
+  and get no gradient from the penalty.
+  """
+  active = active.astype(jnp.float32)
+  down = down.astype(jnp.float32) * active
+  up = up.astype(jnp.float32) * active[:, None]
+  gram = lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+  residuals = (gram(down.T, down) - jnp.diag(active), gram(up, up.T) - jnp.diag(active))
+  if form == 'squared':
+    return sum(jnp.sum(jnp.square(r)) for r in residuals)
+  return sum(frobenius(r) for r in residuals) / len(residuals)
+
+
+@register('flexlora')
+def flexlora(
+  rank: int = 8,
+  alpha: float = 16.0,
+  *,
+  max_rank: int | None = None,
+  init_std: float = 0.02,
+  reg_orth_coef: float = 0.1,
+  reg_form: str = 'mean',
+  param_dtype: str = 'float32',
+) -> Adapter:
+  """AdaLoRA's layer over ``R`` slots, of which ``r`` are active.
+
+  ``w' = w + s · (a ⊙ (e ⊙ m)) @ b``. Shapes (Flax layout):
+  ``w: (d_in, d_out)``, ``a: (d_in, R)``, ``e: (R,)``, ``b: (R, d_out)``,
+  buffer ``m = active: (R,)`` of 0/1 (the first ``r₀`` slots at init);
+  ``s = α/(r₀ + 1e-5)`` with ``r₀ = rank`` the *initial* rank, kept when
+  ``flexlora_schedule`` prunes and grows slots (spec §3.1 and its scaling
+  cheat-sheet; ``α ≤ 0`` is replaced by ``r₀`` as in the code). Spec
+  (PyTorch layout): ``h = W x + b + s·B diag(e) A x`` over the ``r`` active
+  triplets, ``A = aᵀ``, ``B = bᵀ``. The reference resizes its parameters;
+  here shapes are static, so ``R = max_rank`` slots are allocated (default
+  ``min(2·r₀, d_in, d_out)``) and ``m`` masks the inactive ones.
+
+  Init: ``a, b ~ N(0, σ²)`` (``σ = init_std``) in every slot, ``e = 0``:
+  identity at init. Trainable count ``R · (d_in + d_out + 1)``: every
+  allocated slot is counted, inactive ones are trainable-but-masked (their
+  gradients are zero; the schedule re-initialises a slot when it grows).
+  Mergeable and invertible. Factored form
+  ``y = x @ w + s · ((x @ a) ⊙ (e ⊙ m)) @ b``. ``factors`` gives
+  ``(a ⊙ m, m ⊙ b)`` (inactive slots zeroed).
+
+  Regulariser: ``reg_orth_coef · R_o`` over the active slots
+  (``active_penalty``; AdaLoRA's ``reg_form='mean'`` or the paper's
+  ``'squared'``, as for ``adalora``); 0 disables it.
+
+  Args:
+    rank: r₀, the initial active rank, ``0 < r₀ <= R``.
+    alpha: α of the scale.
+    max_rank: R, the allocated slots, ``r₀ <= R <= min(d_in, d_out)``;
+      ``None`` for ``min(2·r₀, d_in, d_out)``.
+    init_std: σ > 0 of the normal init of ``a`` and ``b``.
+    reg_orth_coef: γ ≥ 0 of the orthogonality penalty.
+    reg_form: ``'mean'`` (AdaLoRA's code) or ``'squared'`` (the paper).
+    param_dtype: dtype of ``a``, ``b`` and ``e``; ``w'`` keeps ``w``'s dtype.
+
+  Returns:
+    The FlexLoRA ``Adapter``; train it with ``flexlora_schedule``.
+  """
+  name = 'flexlora'
+  scale = adalora_scale(name, rank, alpha)
+  if max_rank is not None and checks.positive_int(name, 'max_rank', max_rank) < rank:
+    raise PeftError(f'{name}: max_rank={max_rank} must be >= rank={rank}')
+  std = checks.real(name, 'init_std', init_std)
+  if std <= 0:
+    raise PeftError(f'{name}: init_std={std} must be > 0')
+  coef = checks.real(name, 'reg_orth_coef', reg_orth_coef)
+  if coef < 0:
+    raise PeftError(f'{name}: reg_orth_coef={coef} must be >= 0')
+  checks.choice(name, 'reg_form', reg_form, FORMS)
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+
+  def slots(shape) -> int:
+    return min(2 * rank, *shape) if max_rank is None else max_rank
+
+  def init(key, w):
+    d_in, d_out = checks.rank_fits(name, rank, w)
+    n_slots = slots((d_in, d_out))
+    if n_slots > min(d_in, d_out):
+      raise PeftError(
+        f'{name}: max_rank={n_slots} exceeds min(d_in, d_out)={min(d_in, d_out)} '
+        f'of the kernel of shape {(d_in, d_out)}'
+      )
+    key_a, key_b = jax.random.split(key)
+    return {
+      'a': std * jax.random.normal(key_a, (d_in, n_slots), dtype),
+      'b': std * jax.random.normal(key_b, (n_slots, d_out), dtype),
+      'e': jnp.zeros(n_slots, dtype),
+      BUFFERS: {'active': (jnp.arange(n_slots) < rank).astype(jnp.float32)},
+    }
+
+  def gate(theta):
+    return theta['e'] * theta[BUFFERS]['active'].astype(theta['e'].dtype)
+
+  def delta(theta):
+    return scale * ((theta['a'] * gate(theta)) @ theta['b'])
+
+  def factored(x, w, theta):
+    y = x @ w + scale * (((x @ theta['a']) * gate(theta)) @ theta['b'])
+    return y.astype(jnp.result_type(x, w))
+
+  def factors(theta):
+    active = theta[BUFFERS]['active'].astype(theta['a'].dtype)
+    return theta['a'] * active, active[:, None] * theta['b']
+
+  def regularizer(w, theta):
+    del w
+    active = theta[BUFFERS]['active']
+    return coef * active_penalty(theta['a'], theta['b'], active, reg_form)
+
+  return Adapter(
+    init=init,
+    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
+    factored=factored,
+    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
+    regularizer=regularizer if coef > 0 else None,
+    num_params=lambda shape: slots(shape) * (shape[0] + shape[1] + 1),
+    factors=factors,
+  )
