@@ -1,9 +1,21 @@
-"""A BERT encoder in Flax Linen that loads Hugging Face checkpoints.
+"""A BERT/RoBERTa encoder in Flax Linen that loads Hugging Face checkpoints.
 
 The model is the standard post-LayerNorm BERT with absolute position
 embeddings and exact (erf) GELU. Weights come from a Hugging Face directory
 (``config.json`` + ``model.safetensors`` with PyTorch names); transformers is
 used only for its config and tokenizer, never for model code.
+
+RoBERTa (``model_type`` ``'roberta'`` or ``'xlm-roberta'``, tensors named
+``roberta.*``) is the same network with Hugging Face's RoBERTa position ids
+(``BertConfig.roberta``): non-padding tokens of ``input_ids`` are numbered
+from ``pad_token_id + 1`` and padding tokens get position ``pad_token_id``
+(``roberta_position_ids``).
+
+Models: ``BertModel`` (last hidden states; ``pool`` gives the CLS pooler
+output), ``BertForSequenceClassification``, ``BertForTokenClassification``
+(``(batch, seq, num_labels)`` logits) and ``BertForMultipleChoice``
+(``(batch, num_choices, seq)`` inputs, ``(batch, num_choices)`` logits), each
+with parameters ``{'bert': <BertModel params>, 'classifier': {kernel, bias}}``.
 
 Parameter names (``/``-joined key paths of the ``params`` collection), which
 target rules match against::
@@ -14,7 +26,7 @@ target rules match against::
   encoder/layer_{i}/attention/layer_norm/{scale,bias}
   encoder/layer_{i}/{intermediate,output}/{kernel,bias}
   encoder/layer_{i}/output_layer_norm/{scale,bias}
-  pooler/dense/{kernel,bias}
+  pooler/dense/{kernel,bias}       (absent if the checkpoint has no pooler)
 
 Kernels use the Flax layout ``(d_in, d_out)``, the transpose of a PyTorch
 ``Linear.weight``.
@@ -59,7 +71,10 @@ Array = jax.Array
 Params = dict[str, Any]
 
 POOLINGS = ('mean', 'cls')
-_IGNORED_TENSORS = frozenset({'embeddings.position_ids'})
+_IGNORED_TENSORS = frozenset({'embeddings.position_ids', 'embeddings.token_type_ids'})
+_PREFIXES = ('bert.', 'roberta.')
+_ROBERTA_MODEL_TYPES = ('roberta', 'xlm-roberta')
+_POOLER_TENSORS = ('pooler.dense.weight', 'pooler.dense.bias')
 _ENCODER_ROOTS = ('embeddings.', 'encoder.', 'pooler.')
 
 
@@ -80,7 +95,13 @@ class BertConfig:
       classifier input.
     attention_dropout: dropout rate on the attention probabilities.
     pad_token_id: id of the padding token (for batching code; the forward
-      pass reads padding from ``attention_mask`` only).
+      pass reads padding from ``attention_mask`` only, except RoBERTa
+      position ids).
+    roberta: number positions as Hugging Face RoBERTa does
+      (``roberta_position_ids``): from ``pad_token_id + 1`` over the
+      non-padding tokens of ``input_ids``, so at most
+      ``max_position_embeddings - pad_token_id - 1`` tokens fit. False: BERT
+      positions ``0, 1, ...``.
   """
 
   vocab_size: int
@@ -94,6 +115,7 @@ class BertConfig:
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
   pad_token_id: int = 0
+  roberta: bool = False
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -107,13 +129,21 @@ class BertConfig:
     """Width of one attention head, ``hidden_size // num_heads``."""
     return self.hidden_size // self.num_heads
 
+  @property
+  def max_length(self) -> int:
+    """Longest input: ``max_position_embeddings``, less ``pad_token_id + 1``
+    for RoBERTa."""
+    offset = self.pad_token_id + 1 if self.roberta else 0
+    return self.max_position_embeddings - offset
+
   @classmethod
   def from_hf(cls, hf_config: Any) -> 'BertConfig':
     """Builds a config from a transformers ``BertConfig``-like object.
 
     Args:
       hf_config: an object with the attributes of ``transformers.BertConfig``
-        (``num_hidden_layers``, ``hidden_dropout_prob``, ...).
+        (``num_hidden_layers``, ``hidden_dropout_prob``, ...);
+        ``model_type`` ``'roberta'`` or ``'xlm-roberta'`` sets ``roberta``.
 
     Returns:
       The equivalent ``BertConfig``.
@@ -136,6 +166,7 @@ class BertConfig:
       hidden_dropout=hf_config.hidden_dropout_prob,
       attention_dropout=hf_config.attention_probs_dropout_prob,
       pad_token_id=hf_config.pad_token_id or 0,
+      roberta=getattr(hf_config, 'model_type', 'bert') in _ROBERTA_MODEL_TYPES,
     )
 
 
@@ -147,6 +178,21 @@ def _require(hf_config: Any, field: str, supported: str) -> None:
       f'Unsupported {field}={value!r} in the Hugging Face config; '
       f'peft_jax BERT supports only {field}={supported!r}.'
     )
+
+
+def roberta_position_ids(not_pad: Array, pad_token_id: int) -> Array:
+  """Hugging Face's ``create_position_ids_from_input_ids``.
+
+  Args:
+    not_pad: ``(batch, seq)`` bool, ``input_ids != pad_token_id``.
+    pad_token_id: RoBERTa's ``padding_idx``.
+
+  Returns:
+    ``(batch, seq)`` int32 positions: ``pad_token_id + k`` for the ``k``-th
+    non-padding token (``k >= 1``), ``pad_token_id`` for padding tokens.
+  """
+  not_pad = not_pad.astype(jnp.int32)
+  return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
 
 
 class BertEmbeddings(nn.Module):
@@ -171,7 +217,8 @@ class BertEmbeddings(nn.Module):
 
     Hook point ``input_embeddings``: ``(word embeddings (batch, seq, hidden),
     attention_mask (batch, seq))``, before positions are added; a handler may
-    prepend ``p`` positions (prompt tuning), which get token type 0.
+    prepend ``p`` positions (prompt tuning), which get token type 0 and the
+    first positions (RoBERTa: numbered like non-padding tokens).
 
     Args:
       input_ids: ``(batch, seq)`` int token ids.
@@ -189,7 +236,13 @@ class BertEmbeddings(nn.Module):
     x, attention_mask = hook_point(self, 'input_embeddings', (x, attention_mask))
     added = x.shape[1] - input_ids.shape[1]
     token_type_ids = jnp.pad(token_type_ids, ((0, 0), (added, 0)))
-    positions = jnp.arange(x.shape[1])[None, :]
+    if cfg.roberta:
+      not_pad = jnp.pad(
+        input_ids != cfg.pad_token_id, ((0, 0), (added, 0)), constant_values=True
+      )
+      positions = roberta_position_ids(not_pad, cfg.pad_token_id)
+    else:
+      positions = jnp.arange(x.shape[1])[None, :]
     x += embed(cfg.max_position_embeddings, 'position_embeddings')(positions)
     x += embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
@@ -395,11 +448,16 @@ def _check_input_ids(input_ids: Array, config: BertConfig) -> None:
     raise PeftError(
       f'input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}.'
     )
-  if input_ids.shape[1] > config.max_position_embeddings:
+  if input_ids.shape[1] > config.max_length:
+    roberta = (
+      f' less pad_token_id + 1 = {config.pad_token_id + 1} (RoBERTa positions)'
+      if config.roberta
+      else ''
+    )
     raise PeftError(
       f'Sequence length {input_ids.shape[1]} exceeds '
-      f'max_position_embeddings={config.max_position_embeddings}; truncate '
-      'the input (e.g. tokenizer(..., truncation=True)).'
+      f'max_position_embeddings={config.max_position_embeddings}{roberta}; '
+      'truncate the input (e.g. tokenizer(..., truncation=True)).'
     )
 
 
@@ -481,7 +539,121 @@ class BertForSequenceClassification(nn.Module):
     return nn.Dense(self.num_labels, name='classifier')(pooled)
 
 
-def _module_names(config: BertConfig) -> Iterator[tuple[str, str, str]]:
+class BertForTokenClassification(nn.Module):
+  """BERT with a per-token dropout + Dense head (NER, tagging), as HF's.
+
+  Parameters: ``{'bert': <BertModel params>, 'classifier': {kernel, bias}}``
+  (the unused ``bert/pooler`` is created by ``init`` like every head's).
+
+  Attributes:
+    config: the encoder's hyper-parameters.
+    num_labels: number of logits per token.
+  """
+
+  config: BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
+    """Labels every token.
+
+    Args:
+      input_ids: ``(batch, seq)`` int token ids.
+      attention_mask: ``(batch, seq)``, 1 for real tokens and 0 for padding;
+        all ones if None. Padded positions get logits too; mask them out of
+        the loss.
+      token_type_ids: ``(batch, seq)`` int segment ids; all zeros if None.
+      deterministic: disables dropout when True; when False, dropout draws
+        from the ``'dropout'`` rng collection.
+
+    Returns:
+      ``(batch, seq, num_labels)`` float32 logits.
+    """
+    hidden = BertModel(self.config, name='bert')(
+      input_ids, attention_mask, token_type_ids, deterministic=deterministic
+    )
+    hidden = nn.Dropout(self.config.hidden_dropout)(hidden, deterministic=deterministic)
+    return nn.Dense(self.num_labels, name='classifier')(hidden)
+
+
+class BertForMultipleChoice(nn.Module):
+  """BERT scoring each choice by its CLS pooler output, as HF's.
+
+  Each ``(choice, seq)`` row is encoded on its own; the logit of a choice is
+  ``Dense(1)(dropout(pool(hidden)))``.
+
+  Parameters: ``{'bert': <BertModel params>, 'classifier': {kernel (hidden,
+  1), bias (1,)}}``.
+
+  Attributes:
+    config: the encoder's hyper-parameters.
+  """
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
+    """Scores the choices of a batch of questions.
+
+    Args:
+      input_ids: ``(batch, num_choices, seq)`` int token ids.
+      attention_mask: ``(batch, num_choices, seq)``, 1 for real tokens and 0
+        for padding; all ones if None.
+      token_type_ids: ``(batch, num_choices, seq)`` int segment ids; all
+        zeros if None.
+      deterministic: disables dropout when True; when False, dropout draws
+        from the ``'dropout'`` rng collection.
+
+    Returns:
+      ``(batch, num_choices)`` float32 logits.
+    """
+    if input_ids.ndim != 3:
+      raise PeftError(
+        'input_ids must be (batch, num_choices, seq), got shape '
+        f'{tuple(input_ids.shape)}.'
+      )
+    for name, value in (
+      ('attention_mask', attention_mask),
+      ('token_type_ids', token_type_ids),
+    ):
+      if value is not None and value.shape != input_ids.shape:
+        raise PeftError(
+          f'{name} has shape {tuple(value.shape)}; expected the shape of '
+          f'input_ids, {tuple(input_ids.shape)}.'
+        )
+    batch, num_choices, seq = input_ids.shape
+    flat = lambda x: None if x is None else x.reshape(batch * num_choices, seq)
+    bert = BertModel(self.config, name='bert')
+    hidden = bert(
+      flat(input_ids),
+      flat(attention_mask),
+      flat(token_type_ids),
+      deterministic=deterministic,
+    )
+    pooled = nn.Dropout(self.config.hidden_dropout)(
+      bert.pool(hidden), deterministic=deterministic
+    )
+    logits = nn.Dense(1, name='classifier')(pooled)
+    return logits.reshape(batch, num_choices)
+
+
+def _module_names(
+  config: BertConfig, pooler: bool = True
+) -> Iterator[tuple[str, str, str]]:
   """Yields ``(flax module path, torch module name, kind)`` per layer."""
   yield 'embeddings/word_embeddings', 'embeddings.word_embeddings', 'embed'
   yield 'embeddings/position_embeddings', 'embeddings.position_embeddings', 'embed'
@@ -496,7 +668,8 @@ def _module_names(config: BertConfig) -> Iterator[tuple[str, str, str]]:
     yield f'{f}/intermediate', f'{t}.intermediate.dense', 'dense'
     yield f'{f}/output', f'{t}.output.dense', 'dense'
     yield f'{f}/output_layer_norm', f'{t}.output.LayerNorm', 'norm'
-  yield 'pooler/dense', 'pooler.dense', 'dense'
+  if pooler:
+    yield 'pooler/dense', 'pooler.dense', 'dense'
 
 
 # kind -> ((flax leaf, torch leaf, transpose), ...)
@@ -507,11 +680,11 @@ _LEAVES = {
 }
 
 
-def _leaf_names(config: BertConfig) -> dict[str, tuple[str, bool]]:
+def _leaf_names(config: BertConfig, pooler: bool = True) -> dict[str, tuple[str, bool]]:
   """Maps each torch tensor name to ``(flax param path, transpose)``."""
   return {
     f'{torch_module}.{torch_leaf}': (f'{flax_module}/{flax_leaf}', transpose)
-    for flax_module, torch_module, kind in _module_names(config)
+    for flax_module, torch_module, kind in _module_names(config, pooler)
     for flax_leaf, torch_leaf, transpose in _LEAVES[kind]
   }
 
@@ -520,8 +693,14 @@ def convert_hf_weights(tensors: dict[str, np.ndarray], config: BertConfig) -> Pa
   """Converts a PyTorch-named BERT state dict to the Linen param tree.
 
   Names may be bare (``embeddings.word_embeddings.weight``) or carry a
-  ``bert.`` prefix; ``embeddings.position_ids`` and tensors outside
-  ``embeddings``/``encoder``/``pooler`` (task heads) are ignored.
+  ``bert.`` or ``roberta.`` prefix; the buffers ``embeddings.position_ids``
+  and ``embeddings.token_type_ids`` and tensors outside
+  ``embeddings``/``encoder``/``pooler`` (task heads) are ignored. A
+  checkpoint with neither pooler tensor (RoBERTa masked-LM checkpoints such
+  as ``roberta-base``, token-classification ones) gives params without
+  ``pooler``: ``__call__`` and the mean-pooling / token heads work; ``pool``
+  (CLS pooling, multiple choice) needs a ``pooler`` subtree added, e.g. from
+  ``init``.
 
   Args:
     tensors: torch tensor name -> array, e.g. from
@@ -530,22 +709,31 @@ def convert_hf_weights(tensors: dict[str, np.ndarray], config: BertConfig) -> Pa
 
   Returns:
     The ``params`` tree of ``BertModel(config)`` (float32 arrays, kernels
-    ``(d_in, d_out)``).
+    ``(d_in, d_out)``), without ``pooler`` if the checkpoint has none.
 
   Raises:
     PeftError: naming the first missing or unexpected tensor, or the first
       parameter whose shape differs from the model's.
   """
-  tensors = {name.removeprefix('bert.'): w for name, w in tensors.items()}
-  names = _leaf_names(config)
+  tensors = {_strip_prefix(name): w for name, w in tensors.items()}
+  pooler = any(name in tensors for name in _POOLER_TENSORS)
+  names = _leaf_names(config, pooler)
   _check_tensor_names(tensors, names)
   flat = {}
   for torch_name, (flax_path, transpose) in names.items():
     w = np.asarray(tensors[torch_name], np.float32)
     flat[tuple(flax_path.split('/'))] = jnp.asarray(w.T if transpose else w)
   params = traverse_util.unflatten_dict(flat)
-  _check_shapes(params, config)
+  _check_shapes(params, config, pooler)
   return params
+
+
+def _strip_prefix(name: str) -> str:
+  """Drops a leading ``bert.`` or ``roberta.`` from a tensor name."""
+  for prefix in _PREFIXES:
+    if name.startswith(prefix):
+      return name.removeprefix(prefix)
+  return name
 
 
 def _check_tensor_names(tensors: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -570,11 +758,13 @@ def _check_tensor_names(tensors: dict[str, Any], expected: dict[str, Any]) -> No
       )
 
 
-def _check_shapes(params: Params, config: BertConfig) -> None:
+def _check_shapes(params: Params, config: BertConfig, pooler: bool = True) -> None:
   """Raises naming the first leaf that differs from ``BertModel(config)``."""
   abstract = jax.eval_shape(
     BertModel(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
   )['params']
+  if not pooler:
+    abstract = {k: v for k, v in abstract.items() if k != 'pooler'}
   want = traverse_util.flatten_dict(abstract, sep='/')
   got = traverse_util.flatten_dict(params, sep='/')
   for name in sorted(want.keys() | got.keys()):
@@ -589,14 +779,15 @@ def _check_shapes(params: Params, config: BertConfig) -> None:
 
 
 def load_hf_params(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
-  """Loads a Hugging Face BERT checkpoint directory.
+  """Loads a Hugging Face BERT or RoBERTa checkpoint directory.
 
   Args:
     model_dir: a directory with ``config.json`` and ``model.safetensors``.
 
   Returns:
     ``(config, params)``: the model config and the ``params`` tree of
-    ``BertModel(config)``; apply it as ``{'params': params}``.
+    ``BertModel(config)`` (see ``convert_hf_weights``); apply it as
+    ``{'params': params}``.
 
   Raises:
     PeftError: if ``model.safetensors`` is absent, the config is unsupported,
