@@ -26,7 +26,8 @@ demo: install
 
 sweep: install
 	$(BIN)/python -m experiments.sweep \
-	  --config experiments/configs/rotten_tomatoes.py --workdir runs/rotten_tomatoes_sweep
+	  --config experiments/configs/rotten_tomatoes.py --workdir runs/rotten_tomatoes_sweep \
+	  --only lora,ia3,ssl,ssb,bitfit,full
 
 test: install
 	$(BIN)/python -m pytest

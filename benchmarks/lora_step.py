@@ -104,8 +104,10 @@ def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
     attention_impl='cudnn' if on_gpu else None,
   )
   model = llama.LlamaForCausalLM(config)
+  # seq + 1 tokens: the model reads seq of them (cuDNN flash attention wants
+  # aligned lengths) and predicts the next token at each.
   ids = jax.random.randint(
-    jax.random.key(0), (shape.batch, shape.seq), 0, shape.vocab_size
+    jax.random.key(0), (shape.batch, shape.seq + 1), 0, shape.vocab_size
   )
   frozen = jax.jit(model.init)(jax.random.key(1), ids[:, :8])['params']
   if setting == 'jax_full':

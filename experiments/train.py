@@ -121,10 +121,24 @@ def results_row(config, theta, total, before, after, train_seconds, steps_run):
   }
 
 
+def make_schedule(config, adapter: pj.Adapter) -> pj.Schedule | None:
+  """``config.schedule = (name in peft_jax.schedules, kwargs)`` or None."""
+  if not config.get('schedule'):
+    return None
+  name, kwargs = config.schedule
+  if not hasattr(pj.schedules, name):
+    raise pj.PeftError(f'unknown schedule {name!r}; see peft_jax.schedules')
+  return getattr(pj.schedules, name)(adapter, **kwargs)
+
+
 def train_loop(config, task, adapter, optimizer, state, manager, writer, before):
   """Steps from ``state.step`` to ``config.steps``: logs, checkpoints."""
   train_step = pj.make_train_step(
-    task.loss_fn, adapter, optimizer, factored=config.factored
+    task.loss_fn,
+    adapter,
+    optimizer,
+    factored=config.factored,
+    schedule=make_schedule(config, adapter),
   )
   step_fn = jax.jit(train_step, donate_argnums=0)
   start = int(state.step)
@@ -163,7 +177,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   optimizer = make_optimizer(config)
   init_key, rng = jax.random.split(jax.random.key(config.seed))
-  state = pj.TrainState.create(adapter.init(init_key, task.frozen), optimizer, rng)
+  state = pj.TrainState.create(
+    adapter.init(init_key, task.frozen),
+    optimizer,
+    rng,
+    schedule=make_schedule(config, adapter),
+    frozen=task.frozen,
+  )
   manager = pj.checkpoint_manager(str(workdir / 'checkpoints'))
   with MetricsWriter(workdir) as writer:
     if manager.latest_step() is None:

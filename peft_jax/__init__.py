@@ -6,6 +6,7 @@ adapter parameters with optax. See README.md.
 """
 
 from peft_jax import methods as methods  # registers every method
+from peft_jax import schedules as schedules
 from peft_jax._src.base import (
   BUFFERS,
   Adapter,
@@ -36,16 +37,24 @@ from peft_jax._src.tree import (
 )
 from peft_jax.methods.adalora import adalora
 from peft_jax.methods.bitfit import bitfit, is_bias
+from peft_jax.methods.boft import boft
+from peft_jax.methods.compacter import compacter
 from peft_jax.methods.dora import dora
+from peft_jax.methods.flexlora import flexlora
 from peft_jax.methods.flora import flora
 from peft_jax.methods.full import full
 from peft_jax.methods.ia3 import ia3
+from peft_jax.methods.intrinsic_said import intrinsic_said
 from peft_jax.methods.liera import liera
 from peft_jax.methods.ln_tuning import is_layer_norm, ln_tuning
+from peft_jax.methods.loha import loha
+from peft_jax.methods.lokr import lokr
 from peft_jax.methods.lora import lora
+from peft_jax.methods.lora_dash import lora_dash
 from peft_jax.methods.milora import milora
 from peft_jax.methods.moslora import moslora
 from peft_jax.methods.mpc import mpc
+from peft_jax.methods.oft import oft
 from peft_jax.methods.parallel_adapter import parallel_adapter
 from peft_jax.methods.pissa import pissa
 from peft_jax.methods.sam_parser import sam_parser
@@ -69,30 +78,38 @@ __all__ = [
   'TrainState',
   'adalora',
   'bitfit',
+  'boft',
   'by_rules',
   'checkpoint_manager',
+  'compacter',
   'count',
   'describe',
   'dora',
   'factored',
+  'flexlora',
   'flora',
   'full',
   'get',
   'hook_handler',
   'hook_point',
   'ia3',
+  'intrinsic_said',
   'is_bias',
   'is_layer_norm',
   'liera',
   'ln_tuning',
   'load_adapter',
+  'loha',
+  'lokr',
   'lora',
+  'lora_dash',
   'make_train_step',
   'merge',
   'milora',
   'moslora',
   'mpc',
   'names',
+  'oft',
   'parallel_adapter',
   'pissa',
   'register',
@@ -100,6 +117,7 @@ __all__ = [
   'sam_parser',
   'save_adapter',
   'save_checkpoint',
+  'schedules',
   'spectral_adapter',
   'ssb',
   'ssl',

@@ -25,6 +25,8 @@ def test_parse_arg_types_and_errors():
 
 
 def test_every_method_config_builds_and_its_rules_are_valid():
+  # Every registered weight-space method can run (stacked is for scanned models).
+  assert set(rotten_tomatoes.METHODS) == set(pj.names()) - {'stacked'}
   for method in rotten_tomatoes.METHODS:
     config = common.load_config(f'{CONFIG}:method={method}')
     assert config.adapters[0] == ('classifier/(kernel|bias)', 'full()')
@@ -93,6 +95,13 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
   assert straight.keys() == resumed.keys()
   for name in straight:
     np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+
+
+def test_a_method_with_a_schedule_trains_through_the_trainer(tmp_path):
+  config = common.load_config(f'{CONFIG}:runlocal,method=adalora')
+  assert config.schedule[0] == 'adalora_schedule'
+  row = train.train_and_evaluate(config, str(tmp_path))
+  assert row['method'] == 'adalora' and row['trainable_params'] > 0
 
 
 def test_sweep_writes_the_comparison_table_and_plot(tmp_path):

@@ -11,9 +11,10 @@ encoder output. Real weights and real data, both offline.
       --config experiments/configs/rotten_tomatoes.py:method=lora,steps=600 \
       --workdir runs/rt_lora
 
-Arguments (after ``:``): method (one of METHODS), steps, batch_size, lr
-(0 = the method's default below), seed, runlocal (a few steps on a few
-examples, for smoke tests). The sweep over all methods:
+Arguments (after ``:``): method (any of METHODS: every registered
+weight-space method, with its default placement and learning rate), steps,
+batch_size, lr (0 = the method's default below), seed, runlocal (a few steps
+on a few examples, for smoke tests). The sweep over all methods:
 
   python -m experiments.sweep \
       --config experiments/configs/rotten_tomatoes.py --workdir runs/rt_sweep
@@ -25,16 +26,57 @@ from experiments.configs import common
 
 KV_FFN1 = '.*/(attention/(key|value)|intermediate)/kernel'
 QV = '.*/attention/(query|value)/kernel'
+ALL_SIX = '.*/(attention/(query|key|value|output)|intermediate|output)/kernel'
+LOW_RANK_LR = 2e-3
 
-# method -> (rules for the encoder, default learning rate)
+# method -> (rules for the encoder, default learning rate). The six methods of
+# the core comparison come first; every registered weight-space method can run.
 METHODS = {
-  'lora': ([(QV, 'lora(rank=8, alpha=16)')], 2e-3),
+  'lora': ([(QV, 'lora(rank=8, alpha=16)')], LOW_RANK_LR),
   'ia3': ([(KV_FFN1, 'ia3()')], 1e-2),
   'ssl': ([(KV_FFN1, 'ssl()')], 1e-2),
   'ssb': ([(KV_FFN1, 'ssb()')], 1e-2),
   'bitfit': ([('bert/.*/bias', 'bitfit()')], 5e-3),
   'full': ([('bert/.*', 'full()')], 1e-4),
+  'ln_tuning': ([('bert/.*layer_norm/(scale|bias)', 'ln_tuning()')], 5e-3),
+  'sam_parser': ([(ALL_SIX, 'sam_parser()')], 1e-3),
+  'svdiff': ([(ALL_SIX, 'svdiff()')], 1e-3),
+  'pissa': ([(QV, 'pissa(rank=8, alpha=16)')], 5e-4),
+  'milora': ([(QV, 'milora(rank=8, alpha=16)')], LOW_RANK_LR),
+  'adalora': ([(QV, 'adalora(rank=8, alpha=16)')], LOW_RANK_LR),
+  'flora': ([(QV, 'flora(rank=8, alpha=16)')], LOW_RANK_LR),
+  'moslora': ([(QV, 'moslora(rank=8, alpha=16)')], LOW_RANK_LR),
+  'trilora': ([(QV, 'trilora(rank=8, alpha=16)')], LOW_RANK_LR),
+  'liera': ([(QV, 'liera(rank=8, alpha=16)')], LOW_RANK_LR),
+  'vera': ([(QV, 'vera(rank=256)')], 1e-2),
+  'loha': ([(QV, 'loha(rank=4, alpha=8)')], LOW_RANK_LR),
+  'lokr': ([(QV, 'lokr(rank=8, alpha=8)')], LOW_RANK_LR),
+  'intrinsic_said': ([(QV, 'intrinsic_said(dim=256)')], 1e-2),
+  'parallel_adapter': ([(QV, 'parallel_adapter(rank=8)')], LOW_RANK_LR),
+  'compacter': ([('.*/output/kernel', 'compacter()')], LOW_RANK_LR),
+  'mpc': ([(QV, "mpc('lora(rank=8, alpha=16)', kind='o', gamma=0.01)")], LOW_RANK_LR),
+  'dora': ([(QV, 'dora(rank=8, alpha=16)')], LOW_RANK_LR),
+  'spectral_adapter': ([(QV, 'spectral_adapter(rank=8, alpha=16)')], LOW_RANK_LR),
+  'lora_dash': ([(QV, 'lora_dash(rank=8, alpha=16)')], LOW_RANK_LR),
+  'flexlora': ([(QV, 'flexlora(rank=8, alpha=16)')], LOW_RANK_LR),
+  'oft': ([(QV, 'oft(block_size=32)')], 5e-3),
+  'boft': ([(QV, 'boft(block_size=4, n_butterfly_factor=2)')], 5e-3),
 }
+CORE = ('lora', 'ia3', 'ssl', 'ssb', 'bitfit', 'full')
+
+
+def schedule_for(method: str, steps: int):
+  """``(schedule factory name, kwargs)`` for methods that need one, else None."""
+  phase = max(1, steps // 5)
+  if method == 'adalora':
+    kwargs = dict(total_steps=steps, init_warmup=phase, final_warmup=phase)
+    return 'adalora_schedule', {**kwargs, 'mask_interval': 10, 'target_rank': 4}
+  if method == 'flexlora':
+    kwargs = dict(total_steps=steps, init_warmup=phase, final_warmup=phase)
+    return 'flexlora_schedule', {**kwargs, 'interval': 10, 'budget': 2}
+  if method == 'lora_dash':
+    return 'lora_dash_schedule', {'warmup_steps': phase}
+  return None
 
 
 def get_config(arg=None):
@@ -57,6 +99,7 @@ def get_config(arg=None):
   # First match wins: the head is trained in full by every method.
   config.adapters = [('classifier/(kernel|bias)', 'full()'), *encoder_rules]
   config.method = arg.method
+  config.schedule = schedule_for(arg.method, arg.steps)
   config.steps = arg.steps
   config.batch_size = arg.batch_size
   config.eval_batch_size = 250
@@ -71,12 +114,17 @@ def get_config(arg=None):
 
   if arg.runlocal:
     config.steps, config.batch_size, config.eval_batch_size = 3, 8, 16
+    config.schedule = schedule_for(arg.method, config.steps)
     config.warmup_steps, config.log_every, config.checkpoint_every = 1, 1, 2
     config.data.eval_limit = 32
   return config
 
 
 def sweep(arg=None):
-  """One run per method, same task, same steps: the comparison table."""
+  """One run per method, same task, same steps: the comparison table.
+
+  ``make sweep`` runs the core six (``--only lora,ia3,ssl,ssb,bitfit,full``);
+  ``--only`` picks any subset of METHODS by name.
+  """
   del arg
   return [f'method={method}' for method in METHODS]

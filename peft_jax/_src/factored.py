@@ -144,10 +144,11 @@ def _unstack(x):
 
 def _scan_layout(params: dict) -> tuple[int, int]:
   """``(num_consts, num_carry)`` of a scan: jax <= 0.10 names them; 0.11
-  groups the operands as ``ft_in = (consts, carry, xs)``."""
+  groups the operands as a flat tree ``ft_in`` with parts (consts, carry,
+  xs), each as long as its number of operands."""
   if 'num_consts' in params:
     return params['num_consts'], params['num_carry']
-  consts, carry, _ = params['ft_in']
+  consts, carry, _ = params['ft_in'].elts
   return len(consts), len(carry)
 
 

@@ -40,7 +40,21 @@ CASES = {
   'vera': ('vera(rank=4)', (7, 5), True),
   'parallel_adapter': ('parallel_adapter(rank=3)', (7, 5), True),
   'mpc': ("mpc('trilora(rank=3, alpha=6)', kind='d')", (7, 5), True),
+  'loha': ('loha(rank=2, alpha=4)', (7, 5), True),
+  'lokr': ('lokr(rank=2, alpha=4)', (12, 8), True),
+  'compacter': ('compacter(reduction_factor=2, n=2)', (8, 6), True),
+  'intrinsic_said': ('intrinsic_said(dim=4)', (7, 5), True),
+  # Orthogonal.
+  'oft': ('oft(block_size=3)', (6, 5), True),
+  'boft': ('boft(block_size=2, n_butterfly_factor=2)', (8, 5), True),
+  # With training-time schedules (peft_jax.schedules).
+  'lora_dash': ('lora_dash(rank=2, alpha=4, n_directions=2)', (7, 5), True),
+  'flexlora': ('flexlora(rank=2, alpha=4, max_rank=3)', (7, 5), True),
 }
+
+# Trainable leaves that are inert until a schedule acts: LoRA-Dash's d gets
+# zero gradient until lora_dash_schedule selects its directions.
+INACTIVE_UNTIL_SCHEDULED = {'lora_dash': ('d',)}
 
 
 def names_where(predicate):
@@ -204,9 +218,15 @@ def test_gradient_reaches_every_trainable_leaf(name):
     out = lambda t: adapter.apply(w, t)
   probe = jax.random.normal(jax.random.key(8), out(theta).shape)
   grads = jax.grad(lambda t: jnp.sum(jnp.sin(out(t)) * probe))(theta)
+  inert = INACTIVE_UNTIL_SCHEDULED.get(name, ())
   for name_, leaf in paths.named_leaves(grads):
-    if not paths.is_buffer(name_):
-      assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), name_
+    if paths.is_buffer(name_):
+      continue
+    assert np.all(np.isfinite(leaf)), name_
+    if name_ in inert:
+      np.testing.assert_array_equal(leaf, 0, err_msg=name_)
+    else:
+      assert np.any(leaf != 0), name_
 
 
 @pytest.mark.parametrize('name', MERGEABLE)
