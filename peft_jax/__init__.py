@@ -51,6 +51,7 @@ from peft_jax.methods.loha import loha
 from peft_jax.methods.lokr import lokr
 from peft_jax.methods.lora import lora
 from peft_jax.methods.lora_dash import lora_dash
+from peft_jax.methods.matrix_view import matrix_view
 from peft_jax.methods.milora import milora
 from peft_jax.methods.moslora import moslora
 from peft_jax.methods.mpc import mpc
@@ -104,6 +105,7 @@ __all__ = [
   'lora',
   'lora_dash',
   'make_train_step',
+  'matrix_view',
   'merge',
   'milora',
   'moslora',

@@ -13,7 +13,9 @@ Conventions (used by every method):
 * Non-trainable per-leaf state that ``apply`` needs (SVD bases, initial
   factors, masks) lives under the key ``'buffers'`` of a leaf's ``theta``
   dict: it is checkpointed and passed to ``apply``, but the train step never
-  updates it and ``count`` does not count it (see ``BUFFERS``).
+  updates it and ``count`` does not count it (see ``BUFFERS``). Buffers must
+  be floating point (the step differentiates the whole ``theta`` and zeroes
+  the buffers' gradients); store integer data such as permutations as floats.
 """
 
 from collections.abc import Callable
@@ -65,6 +67,9 @@ class Adapter(NamedTuple):
       inference overhead.
     name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16)'``, set by
       the registry (``''`` for hand-built adapters).
+    kernel_in_axes: set by ``matrix_view(method, n_in)``: ``factored`` takes
+      an N-D kernel whose leading ``n_in`` axes are its input (``None``: a 2-D
+      kernel, one input axis).
     unstacked: set by ``stacked(method)``: the per-slice adapter this one
       vmaps over a leading layer axis (the factored path unstacks it inside
       a scan over layers).
@@ -82,6 +87,7 @@ class Adapter(NamedTuple):
   factors: Callable[[AdapterParams], tuple[Array, Array]] | None = None
   mergeable: bool = True
   name: str = ''
+  kernel_in_axes: int | None = None
   unstacked: 'Adapter | None' = None
   plan: PlanFn | None = None
 

@@ -15,7 +15,8 @@ interpreter in which each adapted kernel is an ``Adapted(w, θ)`` value.
 * ``dot_general`` with an ``Adapted`` 2-D kernel contracted on its input
   axis (``x @ w``, the form of ``nn.Dense``, ``nn.Einsum('...i,ij->...j')``,
   ``nnx.Linear``, and of ``w`` on either operand side) runs the factored
-  form.
+  form; so does an N-D ``nn.DenseGeneral`` kernel contracted on its leading
+  axes when its method is ``matrix_view(method, n_in)``.
 * ``convert_element_type`` of the kernel (a model ``dtype`` of bf16 over f32
   params) keeps the kernel factored.
 * ``jit``, ``custom_jvp``/``custom_vjp`` calls and ``checkpoint`` (remat,
@@ -103,11 +104,19 @@ def _parse_dot(params: dict) -> _DotGeneral:
   )
 
 
-def _factored_dot(x, kernel: Adapted, x_axis: int, kernel_first: bool, out_dtype):
-  """``x`` contracted on ``x_axis`` with ``w'``, in dot_general's output order."""
-  y = kernel.adapter.factored(jnp.moveaxis(x, x_axis, -1), kernel.w, kernel.theta)
-  if kernel_first:  # dot_general(w, x): output (d_out, *x_free).
-    y = jnp.moveaxis(y, -1, 0)
+def _kernel_in_axes(adapter: Adapter) -> int:
+  """How many leading kernel axes the factored form contracts (2-D: 1)."""
+  return adapter.kernel_in_axes or 1
+
+
+def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
+  """``x`` contracted on ``x_axes`` with ``w'``, in dot_general's output order."""
+  n_in = len(x_axes)
+  moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
+  y = kernel.adapter.factored(moved, kernel.w, kernel.theta)
+  if kernel_first:  # dot_general(w, x): output (*w_free, *x_free).
+    n_out = np.ndim(kernel.w) - n_in
+    y = jnp.moveaxis(y, tuple(range(y.ndim - n_out, y.ndim)), tuple(range(n_out)))
   return y if out_dtype is None else y.astype(out_dtype)
 
 
@@ -121,10 +130,10 @@ def _dot_general(eqn, lhs, rhs) -> list:
       _is_adapted(kernel)
       and not _is_adapted(x)
       and not dot.batch
-      and np.ndim(kernel.w) == 2
-      and w_contract == (0,)
+      and w_contract == tuple(range(_kernel_in_axes(kernel.adapter)))
+      and np.ndim(kernel.w) > len(w_contract)
     ):
-      return [_factored_dot(x, kernel, x_contract[0], kernel_first, dot.out_dtype)]
+      return [_factored_dot(x, kernel, x_contract, kernel_first, dot.out_dtype)]
   return _bind(eqn, _materialize_all([lhs, rhs], 'a dot_general that is not x @ w'))
 
 
@@ -248,10 +257,13 @@ def evaluate(jaxpr, consts, args) -> list:
 
 
 def _has_factored_form(adapter: Adapter, ndim: int) -> bool:
-  """A 2-D kernel with a factored form, possibly inside ``stacked`` layers."""
+  """A kernel the method's factored form takes, possibly in ``stacked`` layers:
+  2-D, or N-D with more axes than ``matrix_view``'s input axes."""
   while adapter.unstacked is not None:
     adapter, ndim = adapter.unstacked, ndim - 1
-  return adapter.factored is not None and ndim == 2
+  if adapter.factored is None:
+    return False
+  return ndim == 2 if adapter.kernel_in_axes is None else ndim > adapter.kernel_in_axes
 
 
 def _split_fast(adapter: Adapter, frozen: Params, theta: AdapterParams):

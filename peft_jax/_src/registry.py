@@ -26,8 +26,15 @@ def _canonical_call(name: str, factory: Factory, args, kwargs) -> str:
   except TypeError as e:
     accepted = ', '.join(signature.parameters) or 'no arguments'
     raise PeftError(f'{name}(): {e}; accepted: {accepted}') from None
-  text = ', '.join(f'{k}={v!r}' for k, v in bound.arguments.items())
+  text = ', '.join(f'{k}={_literal(v)}' for k, v in bound.arguments.items())
   return f'{name}({text})'
+
+
+def _literal(value) -> str:
+  """An argument as spec text; an Adapter argument by its own spec string."""
+  if isinstance(value, Adapter) and value.name:
+    return repr(value.name)
+  return repr(value)
 
 
 def register(name: str, *, replace: bool = False) -> Callable[[Factory], Factory]:

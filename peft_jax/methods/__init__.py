@@ -17,6 +17,7 @@ from peft_jax.methods import (  # noqa: F401
   lokr,
   lora,
   lora_dash,
+  matrix_view,
   milora,
   moslora,
   mpc,

@@ -216,11 +216,16 @@ def adalora_schedule(
 
   def init(frozen, theta):
     chosen, _, _ = leaves(frozen, theta)
-    zeros = {
-      leaf: {k: jnp.zeros(leaf_theta[k].shape, jnp.float32) for k in FACTORS}
-      for leaf, (_, leaf_theta) in chosen.items()
-    }
-    return {'avg': paths.nest(zeros), 'unc': paths.nest(zeros)}
+
+    def zeros():  # Fresh arrays per tree: donation must not see one buffer twice.
+      return paths.nest(
+        {
+          leaf: {k: jnp.zeros(leaf_theta[k].shape, jnp.float32) for k in FACTORS}
+          for leaf, (_, leaf_theta) in chosen.items()
+        }
+      )
+
+    return {'avg': zeros(), 'unc': zeros()}
 
   def update(state, frozen, theta, grads, opt_state, step):
     chosen, initial, target = leaves(frozen, theta)

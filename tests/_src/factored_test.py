@@ -171,3 +171,26 @@ def test_stacked_adapters_on_nn_scan_layers_stay_factored(inner):
     warnings.simplefilter('error', pj.FactoredFallbackWarning)
     jaxpr = str(jax.make_jaxpr(pj.factored(adapter, fn))(frozen, theta, x))
   assert 'f32[4,4] = mul' not in jaxpr and 'f32[3,4,4] = add' not in jaxpr
+
+
+@pytest.mark.parametrize('inner', ['lora(rank=2, b_init="normal")', 'ssb()'])
+def test_dense_general_kernels_stay_factored_with_matrix_view(inner):
+  class MultiHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      q = nn.DenseGeneral((2, 3), name='query')(x)  # kernel (4, 2, 3)
+      return nn.DenseGeneral(4, axis=(-2, -1), name='out')(jnp.tanh(q))  # (2, 3, 4)
+
+  model = MultiHead()
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  frozen = model.init(jax.random.key(1), x)['params']
+  adapter = pj.by_rules(
+    [
+      ('query/kernel', f'matrix_view({inner!r}, n_in=1)'),
+      ('out/kernel', f'matrix_view({inner!r}, n_in=2)'),
+    ]
+  )
+  fn = lambda p, x: model.apply({'params': p}, x)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', pj.FactoredFallbackWarning)
+    check_equal_paths(adapter, fn, frozen, x)

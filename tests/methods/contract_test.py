@@ -23,6 +23,7 @@ CASES = {
   'full': ('full()', (7, 5), True),
   'bitfit': ('bitfit()', (5,), True),
   'stacked': ('stacked("lora(rank=2, alpha=4)")', (3, 7, 5), True),
+  'matrix_view': ('matrix_view("lora(rank=2, alpha=4)", n_in=2)', (2, 3, 5), True),
   # Reconstruction and combination (SVD-based).
   'sam_parser': ('sam_parser()', (7, 5), True),
   'pissa': ('pissa(rank=3, alpha=6)', (7, 5), True),
@@ -89,10 +90,25 @@ def setup(name, dtype=jnp.float32, seed=0):
   return adapter, w, theta0, perturbed(theta0, kp)
 
 
+def in_axes(adapter) -> int:
+  """Leading input axes of the kernel (``matrix_view`` kernels have several)."""
+  return adapter.kernel_in_axes or 1
+
+
+def dense(adapter, x, w):
+  """``x`` contracted with the kernel's input axes, as a Dense layer does."""
+  return jnp.tensordot(x, w, axes=in_axes(adapter))
+
+
+def inputs(adapter, w, batch, seed):
+  shape = (*batch, *w.shape[: in_axes(adapter)])
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
 def forward(adapter, x, w, theta):
   """``x @ w'``: the merged weight if mergeable, else the factored form."""
   if adapter.mergeable:
-    return x @ pj.merge(adapter, w, theta)
+    return dense(adapter, x, pj.merge(adapter, w, theta))
   return adapter.factored(x, w, theta)
 
 
@@ -143,9 +159,9 @@ def test_factored_identity_at_init(name):
   adapter, w, theta0, _ = setup(name)
   if adapter.factored is None:
     pytest.skip('no factored form')
-  x = jax.random.normal(jax.random.key(5), (3, w.shape[0]))
+  x = inputs(adapter, w, (3,), 5)
   np.testing.assert_allclose(
-    adapter.factored(x, w, theta0), x @ w, rtol=1e-5, atol=1e-5
+    adapter.factored(x, w, theta0), dense(adapter, x, w), rtol=1e-5, atol=1e-5
   )
 
 
@@ -172,17 +188,20 @@ def test_factored_equals_merged_forward_and_gradients(name):
   adapter, w, _, theta = setup(name)
   if not adapter.mergeable:
     pytest.skip('no weight-space form to compare with')
-  x = jax.random.normal(jax.random.key(9), (4, 2, w.shape[0]))
-  target = jax.random.normal(jax.random.key(10), (4, 2, w.shape[1]))
+  x = inputs(adapter, w, (4, 2), 9)
+  target = jax.random.normal(jax.random.key(10), dense(adapter, x, w).shape)
 
   def merged_loss(theta, x):
-    return jnp.sum(jnp.tanh(x @ pj.merge(adapter, w, theta)) * target)
+    return jnp.sum(jnp.tanh(dense(adapter, x, pj.merge(adapter, w, theta))) * target)
 
   def factored_loss(theta, x):
     return jnp.sum(jnp.tanh(adapter.factored(x, w, theta)) * target)
 
   np.testing.assert_allclose(
-    adapter.factored(x, w, theta), x @ adapter.apply(w, theta), rtol=1e-5, atol=1e-5
+    adapter.factored(x, w, theta),
+    dense(adapter, x, adapter.apply(w, theta)),
+    rtol=1e-5,
+    atol=1e-5,
   )
   grad_merged = jax.grad(merged_loss, argnums=(0, 1))(theta, x)
   grad_factored = jax.jit(jax.grad(factored_loss, argnums=(0, 1)))(theta, x)
@@ -211,8 +230,8 @@ def test_non_mergeable_methods_refuse_to_merge(name):
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_gradient_reaches_every_trainable_leaf(name):
   adapter, w, _, theta = setup(name)
-  if w.ndim == 2:
-    x = jax.random.normal(jax.random.key(4), (6, w.shape[0]))
+  if w.ndim == 2 or adapter.kernel_in_axes:
+    x = inputs(adapter, w, (6,), 4)
     out = lambda t: forward(adapter, x, w, t)
   else:
     out = lambda t: adapter.apply(w, t)
@@ -244,5 +263,17 @@ def test_works_through_by_rules(name):
 def test_factors_are_low_rank_down_and_up(name):
   adapter, w, theta0, _ = setup(name)
   down, up = adapter.factors(theta0)
-  assert down.shape[0] == w.shape[0] and up.shape[1] == w.shape[1]
+  n_in = in_axes(adapter)
+  assert down.shape[0] == np.prod(w.shape[:n_in]) and up.shape[1] == np.prod(
+    w.shape[n_in:]
+  )
   assert down.shape[1] == up.shape[0]
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_init_arrays_share_no_buffer(name):
+  """Donating the train state must never see one buffer twice (or free w)."""
+  _, w, theta0, _ = setup(name)
+  pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(theta0)]
+  pointers.append(w.unsafe_buffer_pointer())
+  assert len(set(pointers)) == len(pointers)
