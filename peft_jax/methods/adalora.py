@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import checks
 from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.low_rank import low_rank_adapter
 from peft_jax._src.registry import register
 from peft_jax.methods.mpc import FORMS, pattern_penalty
 
@@ -78,23 +79,14 @@ def adalora(
       'e': jnp.zeros(rank, dtype),
     }
 
-  def delta(theta):
-    return scale * ((theta['a'] * theta['e']) @ theta['b'])
-
-  def factored(x, w, theta):
-    y = x @ w + scale * (((x @ theta['a']) * theta['e']) @ theta['b'])
-    return y.astype(jnp.result_type(x, w))
-
   def regularizer(w, theta):
     del w
     return coef * pattern_penalty(theta['a'], theta['b'], 'o', reg_form)
 
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
-    regularizer=regularizer if coef > 0 else None,
+  layer = low_rank_adapter(
+    init,
+    scale,
     num_params=lambda shape: rank * (shape[0] + shape[1] + 1),
-    factors=lambda theta: (theta['a'], theta['b']),
+    mix=lambda theta, h: h * theta['e'],
   )
+  return layer._replace(regularizer=regularizer if coef > 0 else None)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import checks
 from peft_jax._src.base import BUFFERS, Adapter, PeftError
+from peft_jax._src.low_rank import low_rank_adapter
 from peft_jax._src.registry import register
 from peft_jax.methods.adalora import adalora_scale
 from peft_jax.methods.mpc import FORMS, frobenius
@@ -110,13 +111,6 @@ def flexlora(
   def gate(theta):
     return theta['e'] * theta[BUFFERS]['active'].astype(theta['e'].dtype)
 
-  def delta(theta):
-    return scale * ((theta['a'] * gate(theta)) @ theta['b'])
-
-  def factored(x, w, theta):
-    y = x @ w + scale * (((x @ theta['a']) * gate(theta)) @ theta['b'])
-    return y.astype(jnp.result_type(x, w))
-
   def factors(theta):
     active = theta[BUFFERS]['active'].astype(theta['a'].dtype)
     return theta['a'] * active, active[:, None] * theta['b']
@@ -126,12 +120,10 @@ def flexlora(
     active = theta[BUFFERS]['active']
     return coef * active_penalty(theta['a'], theta['b'], active, reg_form)
 
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
-    regularizer=regularizer if coef > 0 else None,
+  layer = low_rank_adapter(
+    init,
+    scale,
     num_params=lambda shape: slots(shape) * (shape[0] + shape[1] + 1),
-    factors=factors,
+    mix=lambda theta, h: h * gate(theta),
   )
+  return layer._replace(regularizer=regularizer if coef > 0 else None, factors=factors)

@@ -1,10 +1,10 @@
 """LoRA (Hu et al., 2021), with the rsLoRA scale (Kalajdzievski, 2023)."""
 
 import jax
-import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
 from peft_jax._src.base import Adapter
+from peft_jax._src.low_rank import low_rank_adapter
 from peft_jax._src.registry import register
 
 
@@ -60,24 +60,6 @@ def lora(
       'b': init_b(key_b, (rank, d_out), dtype, rank),
     }
 
-  def delta(theta):
-    return scale * (theta['a'] @ theta['b'])
-
-  def apply(w, theta):
-    return (w + delta(theta)).astype(w.dtype)
-
-  def unapply(w_merged, theta):
-    return (w_merged - delta(theta)).astype(w_merged.dtype)
-
-  def factored(x, w, theta):
-    y = x @ w + scale * ((x @ theta['a']) @ theta['b'])
-    return y.astype(jnp.result_type(x, w))
-
-  return Adapter(
-    init=init,
-    apply=apply,
-    factored=factored,
-    unapply=unapply,
-    num_params=lambda shape: rank * (shape[0] + shape[1]),
-    factors=lambda theta: (theta['a'], theta['b']),
+  return low_rank_adapter(
+    init, scale, num_params=lambda shape: rank * (shape[0] + shape[1])
   )

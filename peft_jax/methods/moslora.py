@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
 from peft_jax._src.base import Adapter
+from peft_jax._src.low_rank import low_rank_adapter
 from peft_jax._src.registry import register
 from peft_jax.methods.adalora import adalora_scale
 
@@ -71,18 +72,9 @@ def moslora(
       'b': jnp.zeros((rank, d_out), dtype),
     }
 
-  def delta(theta):
-    return scale * (theta['a'] @ theta['m'] @ theta['b'])
-
-  def factored(x, w, theta):
-    y = x @ w + scale * (((x @ theta['a']) @ theta['m']) @ theta['b'])
-    return y.astype(jnp.result_type(x, w))
-
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
+  return low_rank_adapter(
+    init,
+    scale,
     num_params=lambda shape: rank * (shape[0] + shape[1]) + rank**2,
-    factors=lambda theta: (theta['a'], theta['b']),
+    mix=lambda theta, h: h @ theta['m'],
   )

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
 from peft_jax._src.base import Adapter
+from peft_jax._src.low_rank import low_rank_adapter
 from peft_jax._src.registry import register
 
 
@@ -49,18 +50,9 @@ def trilora(
       'e': jnp.zeros(rank, dtype),
     }
 
-  def delta(theta):
-    return scale * ((theta['a'] * theta['e']) @ theta['b'])
-
-  def factored(x, w, theta):
-    y = x @ w + scale * (((x @ theta['a']) * theta['e']) @ theta['b'])
-    return y.astype(jnp.result_type(x, w))
-
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
+  return low_rank_adapter(
+    init,
+    scale,
     num_params=lambda shape: rank * (shape[0] + shape[1] + 1),
-    factors=lambda theta: (theta['a'], theta['b']),
+    mix=lambda theta, h: h * theta['e'],
   )
