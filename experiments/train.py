@@ -187,7 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   manager = pj.checkpoint_manager(str(workdir / 'checkpoints'))
   with MetricsWriter(workdir) as writer:
     if manager.latest_step() is None:
-      before = task.evaluate(adapter.apply(task.frozen, state.params))
+      before = task.evaluate(adapter, state.params)
       writer.write(0, {f'before_{k}': v for k, v in before.items()})
     else:
       state, metadata = pj.restore_checkpoint(manager, state)
@@ -197,7 +197,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start, t0 = int(state.step), time.perf_counter()
     state = train_loop(config, task, adapter, optimizer, state, manager, writer, before)
     train_seconds = time.perf_counter() - t0
-    after = task.evaluate(adapter.apply(task.frozen, state.params))
+    after = task.evaluate(adapter, state.params)
     writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
   print('after:', after)
   pj.save_adapter(

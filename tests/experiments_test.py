@@ -98,11 +98,16 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
 
 
-def test_a_method_with_a_schedule_trains_through_the_trainer(tmp_path):
-  config = common.load_config(f'{CONFIG}:runlocal,method=adalora')
-  assert config.schedule[0] == 'adalora_schedule'
+@pytest.mark.parametrize('method', ['adalora', 'parallel_adapter'])
+def test_scheduled_and_non_mergeable_methods_train_through_the_trainer(
+  tmp_path, method
+):
+  config = common.load_config(f'{CONFIG}:runlocal,method={method}')
+  if method == 'adalora':
+    assert config.schedule[0] == 'adalora_schedule'
   row = train.train_and_evaluate(config, str(tmp_path))
-  assert row['method'] == 'adalora' and row['trainable_params'] > 0
+  assert row['method'] == method and row['trainable_params'] > 0
+  assert 0 <= row['after_test_accuracy'] <= 1
 
 
 def test_sweep_writes_the_comparison_table_and_plot(tmp_path):

@@ -17,14 +17,16 @@ class Task(NamedTuple):
     frozen: the frozen parameter tree (pretrained encoder + new head).
     loss_fn: ``(params, batch, rng) -> (loss, metrics)``.
     train_batch: ``step -> batch``, deterministic in the step.
-    evaluate: ``params -> {metric: float}`` on the validation and test splits.
+    evaluate: ``(adapter, theta) -> {metric: float}`` on the validation and
+      test splits, for the tree adapter and its parameters (tasks run the
+      model through ``peft_jax.factored``, so non-mergeable methods work).
     describe: one line on the model and data, for logs.
   """
 
   frozen: pj.Params
   loss_fn: Callable
   train_batch: Callable[[int], Any]
-  evaluate: Callable[[pj.Params], dict[str, float]]
+  evaluate: Callable[[pj.Adapter, pj.AdapterParams], dict[str, float]]
   describe: str
 
 

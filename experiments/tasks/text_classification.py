@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import peft_jax as pj
 from experiments.tasks import Task
 from peft_jax import PeftError
 from peft_jax.data import batching, rotten_tomatoes
@@ -73,17 +74,18 @@ def build(config) -> Task:
     loss = optax.softmax_cross_entropy_with_integer_labels(out, batch['label']).mean()
     return loss, {'accuracy': jnp.mean(jnp.argmax(out, -1) == batch['label'])}
 
-  @jax.jit
-  def correct(params, batch):
-    hits = jnp.argmax(logits(params, batch), -1) == batch['label']
-    return jnp.sum(hits * batch['weight'])
+  @functools.partial(jax.jit, static_argnums=0)
+  def correct(adapter, frozen, theta, batch):
+    # The factored path also serves methods with no weight-space form.
+    out = pj.factored(adapter, logits)(frozen, theta, batch)
+    return jnp.sum((jnp.argmax(out, -1) == batch['label']) * batch['weight'])
 
-  def evaluate(params):
+  def evaluate(adapter, theta):
     metrics = {}
     for name in ('validation', 'test'):
       split = arrays[name]
       hits = sum(
-        float(correct(params, b))
+        float(correct(adapter, frozen, theta, b))
         for b in batching.eval_batches(split, config.eval_batch_size)
       )
       metrics[f'{name}_accuracy'] = hits / len(split['label'])
