@@ -194,3 +194,25 @@ def test_dense_general_kernels_stay_factored_with_matrix_view(inner):
   with warnings.catch_warnings():
     warnings.simplefilter('error', pj.FactoredFallbackWarning)
     check_equal_paths(adapter, fn, frozen, x)
+
+
+@pytest.mark.parametrize(
+  'spec', ['lora(rank=2, b_init="normal")', 'ssb()', 'dora(rank=2)']
+)
+def test_shipped_bert_factored_equals_weight_space(spec):
+  from peft_jax.models import bert
+
+  config = bert.BertConfig(
+    vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24
+  )
+  model = bert.BertForSequenceClassification(config, num_labels=3)
+  ids = jax.random.randint(jax.random.key(0), (2, 6), 1, 40)
+  mask = jnp.ones_like(ids).at[1, 4:].set(0)
+  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  adapter = pj.by_rules(
+    [('bert/encoder/.*/(query|key|value|output|intermediate)/kernel', spec)]
+  )
+  fn = lambda p, ids, mask: model.apply({'params': p}, ids, mask)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', pj.FactoredFallbackWarning)
+    check_equal_paths(adapter, fn, frozen, ids, mask)
