@@ -1,5 +1,6 @@
 """OFT: orthogonal fine-tuning with block-diagonal Cayley rotations (Qiu et al.)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,6 +31,35 @@ def skew(q, block_size: int):
   return upper - jnp.swapaxes(upper, -1, -2)
 
 
+def solve_unpivoted(a, b):
+  """``a⁻¹ b`` by Gauss–Jordan elimination without pivoting, batched, pure jnp.
+
+  Stable for ``a = I − Q`` with ``Q`` skew-symmetric: its symmetric part is
+  ``I``, so every pivot is at least 1 in magnitude. Used instead of
+  ``jnp.linalg.solve``: on jaxlib 0.10.2's CPU backend, one jitted program
+  with a dozen independent batched LAPACK solves (one per adapted layer)
+  never finished (measured, 2026-11-22); this loop has no custom calls.
+
+  Args:
+    a: ``(..., n, n)``.
+    b: ``(..., n, m)``.
+
+  Returns:
+    ``(..., n, m)``.
+  """
+
+  def eliminate(i, ab):
+    a, b = ab
+    pivot = a[..., i, i][..., None]
+    row_a, row_b = a[..., i, :] / pivot, b[..., i, :] / pivot
+    column = a[..., :, i][..., None]
+    a = (a - column * row_a[..., None, :]).at[..., i, :].set(row_a)
+    b = (b - column * row_b[..., None, :]).at[..., i, :].set(row_b)
+    return a, b
+
+  return jax.lax.fori_loop(0, a.shape[-1], eliminate, (a, b))[1]
+
+
 def cayley(q, block_size: int):
   """Orthogonal ``R = (I + Q)(I − Q)⁻¹`` for ``Q = skew(q)``, batched.
 
@@ -39,7 +69,7 @@ def cayley(q, block_size: int):
   """
   q_mat = skew(q, block_size)
   eye = jnp.eye(block_size, dtype=q.dtype)
-  return jnp.linalg.solve(eye - q_mat, eye + q_mat)
+  return solve_unpivoted(eye - q_mat, jnp.broadcast_to(eye + q_mat, q_mat.shape))
 
 
 def check_blocks(method: str, block_size: int, d_in: int) -> int:
