@@ -20,8 +20,12 @@ Standard points (the shipped models document theirs):
 
 * ``input_embeddings``: ``(embeddings (b, s, d), attention_mask (b, s))``;
   prompt tuning returns both with a prompt prepended.
-* ``attention_kv``: ``(keys (b, s, h, d_h), values (b, s, h, d_h),
-  mask_bias (b, 1, 1, s))``; prefix tuning prepends to all three.
+* ``attention_kv``: the keys and values of one attention layer, for prefix
+  tuning to prepend to. The value's form is the model's: BERT and DeBERTa
+  pass ``(keys (b, s, h, d_h), values (b, s, h, d_h), mask_bias (b, 1, 1,
+  s))`` (prepend to all three); the Llama decoder passes ``(keys, values)``
+  after RoPE, ``(b, s, kv_heads, d_h)``, and makes prepended keys visible to
+  every query itself.
 * ``attention_output`` / ``ffn_output``: the sub-layer output ``(b, s, d)``
   before the residual; bottleneck (Houlsby/Pfeiffer/parallel) adapters.
 * ``ffn_intermediate``: the activation after the FFN non-linearity

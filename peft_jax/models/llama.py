@@ -34,12 +34,28 @@ Kernels use the Flax layout ``(d_in, d_out)``, the transpose of a PyTorch
 Hook points (``peft_jax.hook_point``; names are module paths plus the point;
 under ``scan_layers`` every layer is ``layers/...``)::
 
+  input_embeddings                        (embeddings (b, s, d),
+                                           attention_mask (b, s) or None)
+  layers_{i}/self_attn/attention_kv       (k, v), each (b, s, kv_heads, hd),
+                                          keys after RoPE
   layers_{i}/self_attn/attention_output   (b, s, d) after o_proj, before residual
   layers_{i}/mlp/ffn_intermediate         (b, s, ffn) silu(gate) * up
   layers_{i}/mlp/ffn_output               (b, s, d) after down_proj, before residual
 
-There are no ``input_embeddings``/``attention_kv`` points (prompt and prefix
-tuning would need position and KV-cache handling here).
+Prompt tuning: a handler at ``input_embeddings`` may return ``p`` more
+positions at the front (and the mask with ``p`` more entries, or None). They
+take RoPE positions ``0..p-1`` and the tokens are shifted by ``p`` (given
+``positions`` are shifted by ``p`` and the prompts numbered ``0..p-1`` in
+front of them); they are causal like tokens, and the ``p`` positions are
+dropped from the returned logits (``(b, s, vocab)`` as without a handler).
+
+Prefix tuning: a handler at ``attention_kv`` may return ``p`` more keys and
+values at the front (``kv_heads`` heads; RoPE is not applied to them, the
+queries keep their positions). Every query attends to all of them, and
+causally to the tokens; ``attention_mask`` masks only the tokens.
+
+Both only without a KV cache: a handler that changes the length while a cache
+is used raises ``PeftError`` (a length-preserving handler is fine).
 
 Example::
 
@@ -444,6 +460,10 @@ class LlamaAttention(nn.Module):
 
     Returns:
       ``((batch, seq, d) output, updated (k, v) cache or None)``.
+
+    Hook point ``attention_kv``: ``(k, v)``, each ``(batch, seq, kv_heads,
+    head_dim)``, keys after RoPE, before the cache update. Without a cache a
+    handler may prepend prefix keys/values that every query attends to.
     """
     cfg = self.config
     b, t, _ = x.shape
@@ -452,6 +472,26 @@ class LlamaAttention(nn.Module):
     k = _dense(cfg, nk * hd, cfg.attention_bias, 'k_proj')(x).reshape(b, t, nk, hd)
     v = _dense(cfg, nk * hd, cfg.attention_bias, 'v_proj')(x).reshape(b, t, nk, hd)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = hook_point(self, 'attention_kv', (k, v))
+    prefix = k.shape[1] - t
+    if k.shape[:1] + k.shape[2:] != (b, nk, hd) or v.shape != k.shape or prefix < 0:
+      raise PeftError(
+        f'The attention_kv handler returned k {tuple(k.shape)} and v '
+        f'{tuple(v.shape)}; expected equal shapes (batch={b}, >= {t} positions, '
+        f'kv_heads={nk}, head_dim={hd}).'
+      )
+    if prefix and layer_cache is not None:
+      raise PeftError(
+        f'The attention_kv handler prepended {prefix} positions, but a KV cache is '
+        'used; prefix handlers work only without a cache (cache=None).'
+      )
+    if prefix:  # Prefix keys: seen by every query; tokens stay causal.
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      keep = jnp.concatenate([jnp.ones((t, prefix), bool), causal], axis=1)
+      if mask is not None:
+        pad = [(0, 0)] * (mask.ndim - 1) + [(prefix, 0)]
+        keep = jnp.pad(mask, pad, constant_values=True) & keep
+      mask = keep[None, None] if keep.ndim == 2 else keep
     if layer_cache is not None:
       start = (0, cache_end, 0, 0)
       k_cache, v_cache = layer_cache
@@ -466,7 +506,7 @@ class LlamaAttention(nn.Module):
       k,
       v,
       mask=mask,
-      is_causal=layer_cache is None,
+      is_causal=layer_cache is None and not prefix,
       implementation=cfg.attention_impl,
     )
     y = _dense(cfg, cfg.hidden_size, cfg.attention_out_bias, 'o_proj')(
@@ -602,9 +642,19 @@ class LlamaForCausalLM(nn.Module):
         tokens are written at slots ``end..end+seq-1`` and attend to slots
         ``<=`` their own.
 
+    Hook point ``input_embeddings``: ``(token embeddings (batch, seq, d),
+    attention_mask)`` (the mask as passed: None, ``(batch, seq)``, or over
+    the cache slots with a cache). Without a cache a handler may prepend
+    ``p`` positions (prompt tuning; see the module docstring); their logits
+    are dropped.
+
     Returns:
       ``(batch, seq, vocab)`` float32 logits; with a cache,
       ``(logits, updated cache)`` (``end`` advanced by ``seq``).
+
+    Raises:
+      PeftError: for ``input_ids`` that are not 2-D, or a hook handler whose
+        result has the wrong shape or changes the length with a cache.
     """
     cfg = self.config
     if input_ids.ndim != 2:
@@ -619,14 +669,24 @@ class LlamaForCausalLM(nn.Module):
       param_dtype=cfg.param_dtype,
       name='embed_tokens',
     )
-    h = embed(input_ids)
+    h, attention_mask = hook_point(
+      self, 'input_embeddings', (embed(input_ids), attention_mask)
+    )
+    prompt = h.shape[1] - t
+    _check_prompt(h, attention_mask, input_ids.shape, prompt, cache)
     key_mask = None
     if attention_mask is not None:
       key_mask = jnp.asarray(attention_mask)[:, None, None, :].astype(bool)
     if cache is None:
       end, kv, mask = None, None, key_mask
       if positions is None:
-        positions = jnp.arange(t)
+        positions = jnp.arange(t + prompt)
+      elif prompt:
+        positions = jnp.asarray(positions)
+        front = jnp.broadcast_to(
+          jnp.arange(prompt, dtype=positions.dtype), (*positions.shape[:-1], prompt)
+        )
+        positions = jnp.concatenate([front, positions + prompt], axis=-1)
     else:
       end, kv = cache['end'], (cache['k'], cache['v'])
       query_slots = end + jnp.arange(t)
@@ -663,8 +723,36 @@ class LlamaForCausalLM(nn.Module):
       logits = _dense(cfg, cfg.vocab_size, False, 'lm_head')(h)
     logits = logits.astype(jnp.float32)
     if cache is None:
-      return logits
+      return logits[:, prompt:] if prompt else logits  # Drops prepended prompts.
     return logits, {'k': kv[0], 'v': kv[1], 'end': end + t}
+
+
+def _check_prompt(
+  h: Array,
+  attention_mask: Array | None,
+  ids_shape: tuple[int, ...],
+  prompt: int,
+  cache: Cache | None,
+) -> None:
+  """Raises unless the ``input_embeddings`` handler's result is usable."""
+  b, t = ids_shape
+  if h.ndim != 3 or h.shape[0] != b or prompt < 0:
+    raise PeftError(
+      f'The input_embeddings handler returned embeddings {tuple(h.shape)}; '
+      f'expected (batch={b}, >= {t} positions, d).'
+    )
+  if prompt and cache is not None:
+    raise PeftError(
+      f'The input_embeddings handler prepended {prompt} positions, but a KV cache '
+      'is used; prompt handlers work only without a cache (cache=None).'
+    )
+  mask_shape = None if attention_mask is None else tuple(jnp.shape(attention_mask))
+  if cache is None and mask_shape not in (None, (b, t + prompt)):
+    raise PeftError(
+      f'attention_mask {mask_shape} does not match the embeddings '
+      f'{tuple(h.shape)} (after any input_embeddings handler); expected '
+      f'({b}, {t + prompt}).'
+    )
 
 
 def _layer_names(params: Params) -> list[str]:

@@ -1,0 +1,127 @@
+r"""Fine-tune SmolLM2-135M-Instruct to answer "fresh" or "rotten" to a review.
+
+The decoder counterpart of ``rotten_tomatoes.py``: the same Rotten Tomatoes
+snippets and the same fixed split (``rotten_tomatoes.splits()``), asked as a
+chat instruction of the offline SmolLM2-135M-Instruct GGUF (dequantized to
+float32, frozen; task ``lm_choice``)::
+
+  <|im_start|>system
+  Answer with one word.<|im_end|>
+  <|im_start|>user
+  Review: {snippet}
+  Is this movie review fresh (positive) or rotten (negative)?<|im_end|>
+  <|im_start|>assistant
+  fresh<|im_end|>
+
+LoRA (rank 8, α 16) on the q/k/v/o/gate/up/down kernels of all 30 layers
+(2,442,240 trainable of 134.5M, 1.8%), factored path, trained with the
+causal-LM loss on the answer tokens only. Accuracy compares the summed
+log-probability of the two answers (``rotten<|im_end|>`` vs
+``fresh<|im_end|>``) given the prompt, before (zero-shot) and after
+training; the log also shows greedy answers to the first three test prompts
+before and after.
+
+  python -m experiments.train \
+      --config experiments/configs/smollm2_rotten_tomatoes.py \
+      --workdir runs/smollm2_rt_lora
+
+Arguments (after ``:``): method (any of METHODS, same seven kernels; only
+lora is measured, the others' learning rates are untuned guesses), steps,
+batch_size, lr (0 = the method's default), seed, eval_limit (examples per
+evaluation split, 0 = all 1,000), runlocal (3 steps on 8 evaluation
+examples, for tests).
+
+Measured 2026-11-22 on this repository's 2-core Intel Xeon VM (AVX2, no
+AVX-512; shared with other jobs), CPU, jax 0.10.2, with the defaults (60
+steps of batch 8 = 480 training answers, lr 1e-3, max_length 72, 200
+validation + 200 test examples): 4 min 41 s wall for the whole run at load
+average ~2 (7 min 25 s at load ~5): load + tokenize ~10 s, each evaluation
+~1 min, training 176 s = 2.9 s/step including the ~18 s compile. The loss
+per answer token falls from 5.5 (step 1) to 0.93 (step 10) and ~0.23 from
+step 20 on; two runs gave bit-identical losses and accuracies.
+
+  =================  ==========  ====
+  accuracy           validation  test
+  =================  ==========  ====
+  zero-shot          0.640       0.590
+  LoRA, 60 steps     0.760       0.725
+  =================  ==========  ====
+
+(lr=2e-3 gave 0.735 / 0.655.) Greedy answers to the first three test
+prompts, zero-shot -> after training (labels rotten, fresh, rotten)::
+
+  'Well-meaning but inert.'
+      "This review is positive, but it's" -> 'rotten'
+  "The story's not anything you haven't seen beforebut The Kingston High ..."
+      "This review is positive, but it's" -> 'fresh'
+  'Lush and beautifully photographed (somebody suggested the stills might ...'
+      'This review is both positive and negative.' -> 'fresh'
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+SEVEN = r'layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
+
+# method -> (spec on the seven kernels, default learning rate).
+METHODS = {
+  'lora': ('lora(rank=8, alpha=16)', 1e-3),
+  'dora': ('dora(rank=8, alpha=16)', 1e-3),
+  'pissa': ('pissa(rank=8, alpha=16)', 2e-4),
+  'ia3': ('ia3()', 3e-3),
+  'ssb': ('ssb()', 3e-3),
+}
+
+
+def get_config(arg=None):
+  """The run config; ``arg`` is e.g. ``'steps=100,batch_size=8'``."""
+  arg = common.parse_arg(
+    arg,
+    method='lora',
+    steps=60,
+    batch_size=8,
+    lr=0.0,
+    seed=0,
+    eval_limit=200,
+    runlocal=False,
+  )
+  if arg.method not in METHODS:
+    raise ValueError(f'method={arg.method!r}; expected one of {", ".join(METHODS)}')
+  spec, default_lr = METHODS[arg.method]
+
+  config = ml_collections.ConfigDict()
+  config.name = f'smollm2_rotten_tomatoes_{arg.method}'
+  config.task = 'lm_choice'
+  config.seed = arg.seed
+  config.model = dict(
+    checkpoint='smollm2',
+    max_length=72,
+    system='Answer with one word.',
+    user='Review: {text}\nIs this movie review fresh (positive) or rotten (negative)?',
+  )
+  config.data = dict(
+    name='rotten_tomatoes', n_validation=1000, n_test=1000, eval_limit=arg.eval_limit
+  )
+  config.generate = dict(num_examples=3, max_new_tokens=8)
+  config.adapters = [(SEVEN, spec)]
+  config.method = arg.method
+  config.schedule = None
+  config.steps = arg.steps
+  config.batch_size = arg.batch_size
+  config.eval_batch_size = 50
+  config.lr = arg.lr or default_lr
+  # LoRA matmuls as x @ w + s·(x @ a) @ b: no w' and no weight gradients.
+  config.factored = True
+  config.warmup_steps = max(1, arg.steps // 10)
+  config.weight_decay = 0.0
+  config.log_every = 10
+  config.checkpoint_every = 50
+
+  if arg.runlocal:
+    config.steps, config.batch_size, config.eval_batch_size = 3, 2, 4
+    config.warmup_steps, config.log_every, config.checkpoint_every = 1, 1, 2
+    config.data.eval_limit = 8
+    config.generate.num_examples = 1
+    config.generate.max_new_tokens = 2
+  return config
