@@ -52,7 +52,6 @@ Example::
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,10 +61,10 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import traverse_util
-from safetensors import numpy as safetensors_numpy
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import hook_point
+from peft_jax.models.checkpoints import check_param_shapes, read_safetensors
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -765,24 +764,15 @@ def _check_shapes(params: Params, config: BertConfig, pooler: bool = True) -> No
   )['params']
   if not pooler:
     abstract = {k: v for k, v in abstract.items() if k != 'pooler'}
-  want = traverse_util.flatten_dict(abstract, sep='/')
-  got = traverse_util.flatten_dict(params, sep='/')
-  for name in sorted(want.keys() | got.keys()):
-    want_shape = want[name].shape if name in want else None
-    got_shape = got[name].shape if name in got else None
-    if want_shape != got_shape:
-      raise PeftError(
-        f'Converted parameter {name!r} has shape {got_shape} but the model '
-        f'expects {want_shape} (None: absent); config.json and the weights '
-        'disagree.'
-      )
+  check_param_shapes(params, abstract)
 
 
 def load_hf_params(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
   """Loads a Hugging Face BERT or RoBERTa checkpoint directory.
 
   Args:
-    model_dir: a directory with ``config.json`` and ``model.safetensors``.
+    model_dir: a directory with ``config.json`` and ``model.safetensors``
+      (or a sharded ``model.safetensors.index.json``).
 
   Returns:
     ``(config, params)``: the model config and the ``params`` tree of
@@ -793,19 +783,12 @@ def load_hf_params(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
     PeftError: if ``model.safetensors`` is absent, the config is unsupported,
       or the tensors do not match the config (the message names the tensor).
   """
-  model_dir = pathlib.Path(model_dir)
-  weights_path = model_dir / 'model.safetensors'
-  if not weights_path.is_file():
-    raise PeftError(
-      f'No model.safetensors in {str(model_dir)!r}; only safetensors '
-      'checkpoints are supported.'
-    )
+  tensors = read_safetensors(model_dir)
   config = BertConfig.from_hf(transformers.AutoConfig.from_pretrained(model_dir))
-  tensors = safetensors_numpy.load_file(weights_path)
   try:
     params = convert_hf_weights(tensors, config)
   except PeftError as e:
-    raise PeftError(f'{weights_path}: {e}') from None
+    raise PeftError(f'{model_dir}: {e}') from None
   return config, params
 
 

@@ -96,10 +96,10 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import traverse_util
-from safetensors import numpy as safetensors_numpy
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import hook_point
+from peft_jax.models.checkpoints import check_param_shapes, read_safetensors
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -945,17 +945,7 @@ def _check_shapes(params: Params, config: DebertaV2Config) -> None:
   abstract = jax.eval_shape(
     DebertaV2Model(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
   )['params']
-  want = traverse_util.flatten_dict(abstract, sep='/')
-  got = traverse_util.flatten_dict(params, sep='/')
-  for name in sorted(want.keys() | got.keys()):
-    want_shape = want[name].shape if name in want else None
-    got_shape = got[name].shape if name in got else None
-    if want_shape != got_shape:
-      raise PeftError(
-        f'Converted parameter {name!r} has shape {got_shape} but the model '
-        f'expects {want_shape} (None: absent); config.json and the weights '
-        'disagree.'
-      )
+  check_param_shapes(params, abstract)
 
 
 def load_hf_params(model_dir: str | os.PathLike) -> tuple[DebertaV2Config, Params]:
@@ -974,19 +964,15 @@ def load_hf_params(model_dir: str | os.PathLike) -> tuple[DebertaV2Config, Param
       message names the tensor).
   """
   model_dir = pathlib.Path(model_dir)
-  for name in ('config.json', 'model.safetensors'):
-    if not (model_dir / name).is_file():
-      raise PeftError(
-        f'No {name} in {str(model_dir)!r}; a Hugging Face DeBERTa-v2 '
-        'directory with config.json and model.safetensors (only safetensors '
-        'checkpoints are supported) is expected.'
-      )
-  hf_config = transformers.AutoConfig.from_pretrained(model_dir)
-  config = DebertaV2Config.from_hf(hf_config)
-  weights_path = model_dir / 'model.safetensors'
-  tensors = safetensors_numpy.load_file(weights_path)
+  if not (model_dir / 'config.json').is_file():
+    raise PeftError(
+      f'No config.json in {str(model_dir)!r}; a Hugging Face DeBERTa-v2 '
+      'directory with config.json and safetensors weights is expected.'
+    )
+  tensors = read_safetensors(model_dir)
+  config = DebertaV2Config.from_hf(transformers.AutoConfig.from_pretrained(model_dir))
   try:
     params = convert_hf_weights(tensors, config)
   except PeftError as e:
-    raise PeftError(f'{weights_path}: {e}') from None
+    raise PeftError(f'{model_dir}: {e}') from None
   return config, params

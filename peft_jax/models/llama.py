@@ -67,7 +67,6 @@ Example::
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import pathlib
@@ -79,12 +78,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import transformers
 from flax import traverse_util
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import hook_point
+from peft_jax.models.checkpoints import check_param_shapes, read_safetensors
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -981,16 +980,7 @@ def check_shapes(params: Params, config: LlamaConfig) -> None:
   Raises:
     PeftError: naming the leaf, both shapes (None: absent) and the cause.
   """
-  want = traverse_util.flatten_dict(abstract_params(config), sep='/')
-  got = traverse_util.flatten_dict(params, sep='/')
-  for name in sorted(want.keys() | got.keys()):
-    want_shape = want[name].shape if name in want else None
-    got_shape = tuple(got[name].shape) if name in got else None
-    if want_shape != got_shape:
-      raise PeftError(
-        f'Parameter {name!r} has shape {got_shape} but the model expects '
-        f'{want_shape} (None: absent); the config and the weights disagree.'
-      )
+  check_param_shapes(params, abstract_params(config))
 
 
 def convert_hf_weights(
@@ -1047,31 +1037,6 @@ def convert_hf_weights(
   return params
 
 
-def _load_tensors(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads ``model.safetensors`` or the shards of its index as numpy arrays."""
-  single = model_dir / 'model.safetensors'
-  index = model_dir / 'model.safetensors.index.json'
-  if single.is_file():
-    files = [single]
-  elif index.is_file():
-    weight_map = json.loads(index.read_text())['weight_map']
-    files = [model_dir / f for f in sorted(set(weight_map.values()))]
-    for f in files:
-      if not f.is_file():
-        raise PeftError(f'Shard {f.name!r} listed in {index} does not exist.')
-  else:
-    raise PeftError(
-      f'No model.safetensors or model.safetensors.index.json in '
-      f'{str(model_dir)!r}; only safetensors checkpoints are supported.'
-    )
-  tensors = {}
-  for f in files:
-    with safetensors.safe_open(f, framework='numpy') as shard:
-      for name in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
-        tensors[name] = shard.get_tensor(name)
-  return tensors
-
-
 def load_hf(
   model_dir: str | os.PathLike, **runtime_options: Any
 ) -> tuple[LlamaConfig, Params]:
@@ -1098,7 +1063,7 @@ def load_hf(
   config = LlamaConfig.from_hf(
     transformers.AutoConfig.from_pretrained(model_dir), **runtime_options
   )
-  tensors = _load_tensors(model_dir)
+  tensors = read_safetensors(model_dir)
   try:
     params = convert_hf_weights(tensors, config)
   except PeftError as e:
