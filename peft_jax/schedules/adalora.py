@@ -25,6 +25,21 @@ def non_negative_int(schedule: str, name: str, value) -> int:
   return int(value)
 
 
+def phases(
+  schedule: str, total_steps, init_warmup, final_warmup
+) -> tuple[int, int, int]:
+  """Validated ``(T, t_i, t_f)``: warm-up, then the active phase, then the final."""
+  total = checks.positive_int(schedule, 'total_steps', total_steps)
+  t_i = non_negative_int(schedule, 'init_warmup', init_warmup)
+  t_f = non_negative_int(schedule, 'final_warmup', final_warmup)
+  if total - t_f - t_i <= 0:
+    raise PeftError(
+      f'{schedule}: total_steps={total} must exceed init_warmup + final_warmup '
+      f'= {t_i + t_f}'
+    )
+  return total, t_i, t_f
+
+
 def governed(
   schedule: str, adapter: Adapter, frozen, theta: AdapterParams, method: str
 ) -> dict[str, tuple[Adapter, AdapterParams]]:
@@ -181,14 +196,7 @@ def adalora_schedule(
     ``make_train_step``.
   """
   name = 'adalora_schedule'
-  total = checks.positive_int(name, 'total_steps', total_steps)
-  t_i = non_negative_int(name, 'init_warmup', init_warmup)
-  t_f = non_negative_int(name, 'final_warmup', final_warmup)
-  if total - t_f - t_i <= 0:
-    raise PeftError(
-      f'{name}: total_steps={total} must exceed init_warmup + final_warmup '
-      f'= {t_i + t_f}'
-    )
+  total, t_i, t_f = phases(name, total_steps, init_warmup, final_warmup)
   interval = checks.positive_int(name, 'mask_interval', mask_interval)
   if (target_rank is None) == (target_total_rank is None):
     raise PeftError(f'{name}: give exactly one of target_rank and target_total_rank')

@@ -9,10 +9,14 @@ from peft_jax._src.base import (
   Adapter,
   AdapterParams,
   Array,
-  PeftError,
   Schedule,
 )
-from peft_jax.schedules.adalora import governed, non_negative_int, replace_subtrees
+from peft_jax.schedules.adalora import (
+  governed,
+  non_negative_int,
+  phases,
+  replace_subtrees,
+)
 
 PRUNE_BY = ('signed', 'abs')
 
@@ -169,14 +173,7 @@ def flexlora_schedule(
     The ``Schedule`` (its state is ``()``).
   """
   name = 'flexlora_schedule'
-  total = checks.positive_int(name, 'total_steps', total_steps)
-  t_i = non_negative_int(name, 'init_warmup', init_warmup)
-  t_f = non_negative_int(name, 'final_warmup', final_warmup)
-  if total - t_f - t_i <= 0:
-    raise PeftError(
-      f'{name}: total_steps={total} must exceed init_warmup + final_warmup '
-      f'= {t_i + t_f}'
-    )
+  total, t_i, t_f = phases(name, total_steps, init_warmup, final_warmup)
   every = checks.positive_int(name, 'interval', interval)
   b0 = checks.positive_int(name, 'budget', budget)
   cubic = checks.flag(name, 'cubic', cubic)
