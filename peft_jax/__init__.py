@@ -1,19 +1,26 @@
 """peft_jax: parameter-efficient fine-tuning as pure functions over pytrees.
 
-Every method is a factory returning an ``Adapter(init, apply, ...)``;
-``by_rules`` chooses the leaves it perturbs; ``make_train_step`` trains the
-adapter parameters with optax. See README.md.
+Every method is a factory returning an ``Adapter`` (weight space, per leaf)
+or an ``ActivationAdapter`` (at a hook point); ``by_rules`` lifts them to a
+``TreeAdapter`` over a whole model; ``adapted`` runs a model with it;
+``make_train_step`` trains its parameters with optax. See README.md.
 """
 
 from peft_jax import methods as methods  # registers every method
 from peft_jax import schedules as schedules
+from peft_jax import wrappers as wrappers  # registers the wrappers
 from peft_jax._src.base import (
-  BUFFERS,
+  ActivationAdapter,
   Adapter,
   AdapterParams,
+  Buffers,
+  Entry,
+  Linear,
   Params,
   PeftError,
+  Plan,
   Schedule,
+  TreeAdapter,
 )
 from peft_jax._src.checkpoint import (
   checkpoint_manager,
@@ -22,19 +29,18 @@ from peft_jax._src.checkpoint import (
   save_adapter,
   save_checkpoint,
 )
-from peft_jax._src.factored import FactoredFallbackWarning, factored
-from peft_jax._src.hooks import hook_handler, hook_point
-from peft_jax._src.registry import get, names, register
+from peft_jax._src.factored import FactoredFallbackWarning, adapted
+from peft_jax._src.hooks import HookPoint, hook_point, hook_points
+from peft_jax._src.registry import (
+  get,
+  names,
+  register,
+  register_wrapper,
+  wrapper_names,
+)
 from peft_jax._src.rules import Rule
 from peft_jax._src.step import TrainState, make_train_step
-from peft_jax._src.tree import (
-  by_rules,
-  count,
-  describe,
-  merge,
-  trainable_mask,
-  unmerge,
-)
+from peft_jax._src.tree import by_rules, count, describe, merge, unmerge
 from peft_jax.methods.adalora import adalora
 from peft_jax.methods.bitfit import bitfit, is_bias
 from peft_jax.methods.boft import boft
@@ -43,6 +49,7 @@ from peft_jax.methods.dora import dora
 from peft_jax.methods.flexlora import flexlora
 from peft_jax.methods.flora import flora
 from peft_jax.methods.full import full
+from peft_jax.methods.houlsby import houlsby
 from peft_jax.methods.ia3 import ia3
 from peft_jax.methods.intrinsic_said import intrinsic_said
 from peft_jax.methods.liera import liera
@@ -51,33 +58,39 @@ from peft_jax.methods.loha import loha
 from peft_jax.methods.lokr import lokr
 from peft_jax.methods.lora import lora
 from peft_jax.methods.lora_dash import lora_dash
-from peft_jax.methods.matrix_view import matrix_view
 from peft_jax.methods.milora import milora
 from peft_jax.methods.moslora import moslora
-from peft_jax.methods.mpc import mpc
 from peft_jax.methods.oft import oft
 from peft_jax.methods.parallel_adapter import parallel_adapter
 from peft_jax.methods.pissa import pissa
+from peft_jax.methods.prompt_tuning import prompt_tuning
 from peft_jax.methods.sam_parser import sam_parser
 from peft_jax.methods.spectral_adapter import spectral_adapter
 from peft_jax.methods.ssb import ssb
 from peft_jax.methods.ssl import ssl
-from peft_jax.methods.stacked import stacked
 from peft_jax.methods.svdiff import svdiff
 from peft_jax.methods.trilora import trilora
 from peft_jax.methods.vera import vera
+from peft_jax.wrappers import matrix_view, mpc, stacked
 
 __all__ = [
-  'BUFFERS',
+  'ActivationAdapter',
   'Adapter',
   'AdapterParams',
+  'Buffers',
+  'Entry',
   'FactoredFallbackWarning',
+  'HookPoint',
+  'Linear',
   'Params',
   'PeftError',
+  'Plan',
   'Rule',
   'Schedule',
   'TrainState',
+  'TreeAdapter',
   'adalora',
+  'adapted',
   'bitfit',
   'boft',
   'by_rules',
@@ -86,13 +99,13 @@ __all__ = [
   'count',
   'describe',
   'dora',
-  'factored',
   'flexlora',
   'flora',
   'full',
   'get',
-  'hook_handler',
   'hook_point',
+  'hook_points',
+  'houlsby',
   'ia3',
   'intrinsic_said',
   'is_bias',
@@ -114,7 +127,9 @@ __all__ = [
   'oft',
   'parallel_adapter',
   'pissa',
+  'prompt_tuning',
   'register',
+  'register_wrapper',
   'restore_checkpoint',
   'sam_parser',
   'save_adapter',
@@ -125,8 +140,9 @@ __all__ = [
   'ssl',
   'stacked',
   'svdiff',
-  'trainable_mask',
   'trilora',
   'unmerge',
   'vera',
+  'wrapper_names',
+  'wrappers',
 ]

@@ -50,6 +50,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
+def lookup(table: dict, kind: str, name: str):
+  """``table[name]``, or a one-line error naming the value and the choices."""
+  if name not in table:
+    raise PeftError(f'{kind}={name!r} is unknown; expected one of {", ".join(table)}')
+  return table[name]
+
+
 def load_module(path: str):
   """Imports a config module from its file path."""
   file = pathlib.Path(path)

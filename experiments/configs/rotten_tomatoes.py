@@ -84,9 +84,7 @@ def get_config(arg=None):
   arg = common.parse_arg(
     arg, method='ssb', steps=500, batch_size=32, lr=0.0, seed=0, runlocal=False
   )
-  if arg.method not in METHODS:
-    raise ValueError(f'method={arg.method!r}; expected one of {", ".join(METHODS)}')
-  encoder_rules, default_lr = METHODS[arg.method]
+  encoder_rules, default_lr = common.lookup(METHODS, 'method', arg.method)
 
   config = ml_collections.ConfigDict()
   config.name = f'rotten_tomatoes_{arg.method}'

@@ -86,9 +86,7 @@ def get_config(arg=None):
     eval_limit=200,
     runlocal=False,
   )
-  if arg.method not in METHODS:
-    raise ValueError(f'method={arg.method!r}; expected one of {", ".join(METHODS)}')
-  spec, default_lr = METHODS[arg.method]
+  spec, default_lr = common.lookup(METHODS, 'method', arg.method)
 
   config = ml_collections.ConfigDict()
   config.name = f'smollm2_rotten_tomatoes_{arg.method}'

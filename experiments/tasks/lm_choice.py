@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import peft_jax as pj
+from experiments.configs import common
 from experiments.tasks import Task
 from peft_jax import PeftError
 from peft_jax.data import batching, rotten_tomatoes
@@ -40,12 +41,6 @@ CHECKPOINTS = {'smollm2': gguf_loading.smollm2_path}
 DATASETS = {'rotten_tomatoes': rotten_tomatoes}
 Array = jax.Array | np.ndarray
 Arrays = dict[str, np.ndarray]
-
-
-def _lookup(table: dict, kind: str, name: str):
-  if name not in table:
-    raise PeftError(f'unknown {kind} {name!r}; expected one of {", ".join(table)}')
-  return table[name]
 
 
 def render_prompt(chat_template: str, system: str, user: str) -> str:
@@ -281,8 +276,8 @@ def choice_scores(
 
 def build(config) -> Task:
   """Loads the frozen decoder and tokenizer, builds prompts and answers."""
-  path = _lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
-  dataset = _lookup(DATASETS, 'dataset', config.data.name)
+  path = common.lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
+  dataset = common.lookup(DATASETS, 'dataset', config.data.name)
   model_config, frozen, tokenizer = gguf_loading.load_gguf(path)
   info = gguf_loading.read_tokenizer_info(path)
   model = llama.LlamaForCausalLM(model_config)

@@ -8,19 +8,13 @@ import numpy as np
 import optax
 
 import peft_jax as pj
+from experiments.configs import common
 from experiments.tasks import Task
-from peft_jax import PeftError
 from peft_jax.data import batching, rotten_tomatoes
 from peft_jax.models import bert
 
 CHECKPOINTS = {'minilm': bert.minilm_dir}
 DATASETS = {'rotten_tomatoes': rotten_tomatoes}
-
-
-def _lookup(table: dict, kind: str, name: str):
-  if name not in table:
-    raise PeftError(f'unknown {kind} {name!r}; expected one of {", ".join(table)}')
-  return table[name]
 
 
 def tokenize(tokenizer, split, max_length: int) -> dict[str, np.ndarray]:
@@ -41,8 +35,8 @@ def tokenize(tokenizer, split, max_length: int) -> dict[str, np.ndarray]:
 
 def build(config) -> Task:
   """Loads the pretrained encoder, adds a head, tokenizes the splits."""
-  model_dir = _lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
-  dataset = _lookup(DATASETS, 'dataset', config.data.name)
+  model_dir = common.lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
+  dataset = common.lookup(DATASETS, 'dataset', config.data.name)
   bert_config, encoder, tokenizer = bert.load_pretrained(model_dir)
   splits = dataset.splits(config.data.n_validation, config.data.n_test)
   arrays = {

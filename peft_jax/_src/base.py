@@ -1,21 +1,28 @@
-"""Core types of peft_jax: an adapter is a NamedTuple of pure functions.
+"""Core types of peft_jax: adapters are NamedTuples of pure functions.
 
 Conventions (used by every method):
 
 * A *leaf* is one array of a frozen parameter pytree, named by its key path
-  joined with ``/`` (``encoder/layer_3/attention/query/kernel``).
+  joined with ``/`` (``encoder/layer_3/attention/query/kernel``). A *hook
+  point* is a named place inside a model where an activation can be read and
+  replaced (``encoder/layer_3/ffn_output``; see ``peft_jax.hook_point``).
 * Linear kernels use the Flax layout ``w: (d_in, d_out)``, so a layer computes
   ``y = x @ w + b`` with ``x: (..., d_in)``. The method specs in
   ``shared/spec`` use the PyTorch layout ``W = wᵀ: (d_out, d_in)``; every
   method docstring states its formula in the Flax layout.
-* ``theta`` is the pytree of trainable parameters of one leaf (per-leaf
-  adapter) or of a whole tree (tree-level adapter, see ``by_rules``).
-* Non-trainable per-leaf state that ``apply`` needs (SVD bases, initial
-  factors, masks) lives under the key ``'buffers'`` of a leaf's ``theta``
-  dict: it is checkpointed and passed to ``apply``, but the train step never
-  updates it and ``count`` does not count it (see ``BUFFERS``). Buffers must
-  be floating point (the step differentiates the whole ``theta`` and zeroes
-  the buffers' gradients); store integer data such as permutations as floats.
+* An adapter's ``init`` returns two pytrees, apart by structure:
+  ``params``, the trainable parameters (a typed NamedTuple per method, e.g.
+  ``LoraParams(a, b)``), and ``buffers``, non-trainable state of any dtype
+  (SVD bases, masks, permutations; ``None`` when there is none). Gradients,
+  optimizers and ``count`` see only ``params``; ``buffers`` are checkpointed
+  and passed to ``apply``.
+
+Three adapter types, one per level:
+
+* ``Adapter``: a weight-space method on one leaf, ``w' = apply(w, θ)``.
+* ``ActivationAdapter``: an activation-side method at one hook point,
+  ``h' = apply(h, θ)``.
+* ``TreeAdapter``: both lifted to a whole model by rules (``by_rules``).
 """
 
 from collections.abc import Callable
@@ -24,76 +31,164 @@ from typing import Any, NamedTuple
 import jax
 
 Array = jax.Array
-BUFFERS = 'buffers'  # The theta key of non-trainable per-leaf state.
 Params = Any  # A pytree of arrays: frozen weights, or a perturbed copy.
-AdapterParams = Any  # A pytree of trainable arrays (theta).
+AdapterParams = Any  # Trainable parameters (a typed NamedTuple, or a tree of them).
+Buffers = Any  # Non-trainable adapter state, any dtype (or None).
 Shape = tuple[int, ...]
+BUFFERS = 'buffers'  # TEMPORARY: removed once every method is ported to v2.
 
-InitFn = Callable[[Array, Array], AdapterParams]  # (key, w) -> theta
-ApplyFn = Callable[[Array, AdapterParams], Array]  # (w, theta) -> w'
-FactoredFn = Callable[[Array, Array, AdapterParams], Array]  # (x, w, theta) -> y
-UnapplyFn = Callable[[Array, AdapterParams], Array]  # (w', theta) -> w
-RegularizerFn = Callable[[Array, AdapterParams], Array]  # (w, theta) -> scalar
-NumParamsFn = Callable[[Shape], int]  # shape of w -> trainable count
-# Tree-level adapters: (frozen, theta) -> {leaf name: (leaf adapter, leaf theta)}.
-PlanFn = Callable[[Any, Any], dict[str, tuple['Adapter', Any]]]
-
-
-class Adapter(NamedTuple):
-  """A parameter-efficient fine-tuning method as pure functions (optax-style).
-
-  A method is a factory closing over its hyper-parameters that returns an
-  ``Adapter``, e.g. ``lora(rank=8, alpha=16)``. Two fields are required; the
-  others are optional capabilities, ``None`` where a method lacks them.
-
-  Attributes:
-    init: ``(key, w) -> theta``. The trainable parameters for frozen leaf
-      ``w``. Methods whose init needs the pretrained weight (SVD-based ones)
-      compute it here, once.
-    apply: ``(w, theta) -> w'``. The method's definition in weight space;
-      ``w'`` has the shape and dtype of ``w``. Merging uses it.
-    factored: ``(x, w, theta) -> y`` with ``x: (..., d_in)``, 2-D
-      ``w: (d_in, d_out)`` and ``y: (..., d_out)``, equal to
-      ``x @ apply(w, theta)`` but computed without forming ``w'`` (and so,
-      under ``jax.grad``, without a ``(d_in, d_out)`` weight gradient).
-    unapply: ``(w', theta) -> w``, the inverse of ``apply`` (unmerge).
-    regularizer: ``(w, theta) -> scalar`` added to the training loss.
-    num_params: ``shape -> int``, the trainable-parameter count formula of
-      the method for a leaf of that shape (tests check it against ``init``).
-    factors: ``theta -> (down, up)``, the method's low-rank factors in the
-      Flax layout, ``down: (d_in, r)`` and ``up: (r, d_out)`` (LoRA's ``a`` and
-      ``b``); matrix-pattern regularisers (MPC) act on them.
-    mergeable: whether ``apply`` folds the method into plain weights with no
-      inference overhead.
-    name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16)'``, set by
-      the registry (``''`` for hand-built adapters).
-    kernel_in_axes: set by ``matrix_view(method, n_in)``: ``factored`` takes
-      an N-D kernel whose leading ``n_in`` axes are its input (``None``: a 2-D
-      kernel, one input axis).
-    unstacked: set by ``stacked(method)``: the per-slice adapter this one
-      vmaps over a leading layer axis (the factored path unstacks it inside
-      a scan over layers).
-    plan: tree-level adapters only (``by_rules``): ``(frozen, theta) ->
-      {leaf name: (leaf adapter, leaf theta)}`` for the adapted leaves,
-      after checking that ``theta`` fits ``frozen``. The factored path uses it.
-  """
-
-  init: InitFn
-  apply: ApplyFn
-  factored: FactoredFn | None = None
-  unapply: UnapplyFn | None = None
-  regularizer: RegularizerFn | None = None
-  num_params: NumParamsFn | None = None
-  factors: Callable[[AdapterParams], tuple[Array, Array]] | None = None
-  mergeable: bool = True
-  name: str = ''
-  kernel_in_axes: int | None = None
-  unstacked: 'Adapter | None' = None
-  plan: PlanFn | None = None
+LeafInitFn = Callable[[Array, Array], tuple[AdapterParams, Buffers]]
+LeafApplyFn = Callable[[Array, AdapterParams, Buffers], Array]
+# (x, w, params, buffers) -> y, for x: (..., *w.shape[:in_axes]).
+FactoredFn = Callable[[Array, Array, AdapterParams, Buffers], Array]
+# (w, params, buffers) -> an array of penalty terms (one per matrix).
+RegularizerFn = Callable[[Array, AdapterParams, Buffers], Array]
 
 
 class PeftError(ValueError):
   """Bad input to peft_jax: a one-line message naming the value and the fix."""
+
+
+class Linear(NamedTuple):
+  """How an adapted kernel acts inside ``x @ w'``: the factored path's capability.
+
+  Wrappers forward it whole (``mpc``) or transform it whole (``stacked``,
+  ``matrix_view``).
+
+  Attributes:
+    factored: ``(x, w, params, buffers) -> y``, equal to ``x`` contracted with
+      the leading ``in_axes`` axes of ``w' = apply(w, ...)``, computed without
+      forming ``w'`` (so, under ``jax.grad``, without a weight-sized
+      gradient). ``x: (..., *w.shape[:in_axes])``, ``y: (...,
+      *w.shape[in_axes:])``. ``None`` for a stacked kernel, which is only
+      used a layer at a time (see ``per_layer``).
+    in_axes: how many leading kernel axes are its input (1 for ``nn.Dense``).
+    per_layer: set by ``stacked(method)``: the adapter of one slice along
+      the leading layer axis; the factored path unstacks the kernel inside a
+      scan over layers and uses this adapter's ``linear`` there.
+  """
+
+  factored: FactoredFn | None
+  in_axes: int = 1
+  per_layer: 'Adapter | None' = None
+
+
+class Adapter(NamedTuple):
+  """A weight-space method on one leaf, as pure functions (optax-style).
+
+  A method is a factory closing over its hyper-parameters that returns an
+  ``Adapter``, e.g. ``lora(rank=8, alpha=16)``. ``init`` is required; the
+  other fields are capabilities, ``None`` where a method lacks them.
+
+  Attributes:
+    init: ``(key, w) -> (params, buffers)`` for frozen leaf ``w``. Methods
+      whose init needs the pretrained weight (SVD-based ones) compute it
+      here, once.
+    apply: ``(w, params, buffers) -> w'``, the method's definition in weight
+      space; ``w'`` has the shape and dtype of ``w``. ``merge`` uses it.
+      ``None`` for methods with no weight-space form (a nonlinear branch
+      beside a linear layer), which run only through ``linear``.
+    unapply: ``(w', params, buffers) -> w``, the inverse of ``apply``.
+    linear: the factored form for linear layers (``Linear``).
+    regularizer: ``(w, params, buffers) -> terms``, an array of penalty terms
+      (shape ``()``, or one per layer for ``stacked``) that the tree adds to
+      the loss, summed or averaged (``by_rules(..., regularizer=)``).
+    num_params: ``shape -> int``, the trainable-parameter count of the method
+      for a leaf of that shape (tests check it against ``init``).
+    factors: ``params -> (down, up)``, low-rank factors in the Flax layout,
+      ``down: (..., d_in, r)``, ``up: (..., r, d_out)`` (LoRA's ``a``, ``b``);
+      matrix-pattern regularisers (``mpc``) act on them.
+    name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16.0, ...)'``,
+      set by the registry (``''`` for hand-built adapters).
+  """
+
+  init: LeafInitFn
+  apply: LeafApplyFn | None = None
+  unapply: LeafApplyFn | None = None
+  linear: Linear | None = None
+  regularizer: RegularizerFn | None = None
+  num_params: Callable[[Shape], int] | None = None
+  factors: Callable[[AdapterParams], tuple[Array, Array]] | None = None
+  name: str = ''
+
+  @property
+  def mergeable(self) -> bool:
+    """Whether ``apply`` folds the method into plain weights."""
+    return self.apply is not None
+
+
+class ActivationAdapter(NamedTuple):
+  """An activation-side method at one hook point, as pure functions.
+
+  ``value`` is what the model passes to its hook point: an array or a tuple
+  of arrays (e.g. ``(embeddings (b, s, d), mask (b, s))``), seen one layer
+  at a time under ``nn.scan`` (``by_rules`` stacks the parameters of such
+  points and Flax's scan slices them).
+
+  Attributes:
+    init: ``(key, value) -> (params, buffers)``; ``value`` holds
+      ``jax.ShapeDtypeStruct``s of one call (batch and sequence sizes are
+      those of the example inputs: use only feature sizes).
+    apply: ``(value, params, buffers) -> value'``; may change sequence
+      lengths (prompts) where the model's hook point allows it.
+    num_params: ``value -> int``, the trainable count for that value.
+    name: the canonical spec string, set by the registry.
+  """
+
+  init: Callable[[Array, Any], tuple[AdapterParams, Buffers]]
+  apply: Callable[[Any, AdapterParams, Buffers], Any]
+  num_params: Callable[[Any], int] | None = None
+  name: str = ''
+
+
+class TreeAdapter(NamedTuple):
+  """Adapters lifted to a whole model by rules (built by ``by_rules``).
+
+  ``params`` and ``buffers`` are *sparse* nested dicts keyed like the frozen
+  tree (and, for activation adapters, by hook-point name), holding only the
+  adapted entries.
+
+  Attributes:
+    init: ``(key, frozen, hooks=None) -> (params, buffers)``; ``hooks`` are
+      the model's hook points (``peft_jax.hook_points``), needed when rules
+      select activation adapters.
+    apply: ``(frozen, params, buffers) -> weights``, the full weight tree with
+      every weight-space method applied (activation adapters act only when
+      the model runs: see ``peft_jax.adapted``).
+    unapply: ``(weights, params, buffers) -> frozen`` where every chosen
+      method is invertible, else ``None``.
+    regularizer: ``(frozen, params, buffers) -> scalar`` where some chosen
+      method has one, else ``None``.
+    plan: ``(frozen, params, buffers) -> Plan``, the adapted leaves and hook
+      points with their adapters and parameters, after checking that
+      ``params``/``buffers`` fit ``frozen``.
+    mergeable: every chosen method has a weight-space form and no rule
+      selects an activation adapter.
+    name: ``by_rules([...])`` with the canonical spec strings.
+  """
+
+  init: Callable[..., tuple[AdapterParams, Buffers]]
+  apply: Callable[[Params, AdapterParams, Buffers], Params]
+  unapply: Callable[[Params, AdapterParams, Buffers], Params] | None
+  regularizer: Callable[[Params, AdapterParams, Buffers], Array] | None
+  plan: Callable[[Params, AdapterParams, Buffers], 'Plan']
+  mergeable: bool
+  name: str
+
+
+class Entry(NamedTuple):
+  """One adapted leaf or hook point: its adapter, parameters and buffers."""
+
+  adapter: Adapter | ActivationAdapter
+  params: AdapterParams
+  buffers: Buffers
+
+
+class Plan(NamedTuple):
+  """What a ``TreeAdapter`` does to one frozen tree, by name (tree order)."""
+
+  weights: dict[str, Entry]
+  hooks: dict[str, Entry]
 
 
 class Schedule(NamedTuple):
@@ -101,19 +196,21 @@ class Schedule(NamedTuple):
 
   Methods whose structure changes during training (the AdaLoRA budget,
   LoRA-Dash's phase switch, FlexLoRA's prune/grow) pair their adapter with a
-  schedule. ``make_train_step(..., schedule=s)`` calls ``s.update`` after
-  every optimizer update; its state lives in ``TrainState.schedule_state``
-  and is checkpointed with the rest of the state. Use ``jax.lax.cond`` (not
-  Python ``if``) for periodic events so the step compiles once.
+  schedule, which lives beside the method and finds the leaves it governs by
+  the type of their parameters. ``make_train_step(..., schedule=s)`` calls
+  ``s.update`` after every optimizer update; its state lives in
+  ``TrainState.schedule_state`` and is checkpointed with the rest. Periodic
+  events use ``jax.lax.cond`` (not Python ``if``) so the step compiles once.
 
   Attributes:
-    init: ``(frozen, theta) -> state``.
-    update: ``(state, frozen, theta, grads, opt_state, step) -> (theta,
-      opt_state, state)``; ``step`` is the number of optimizer updates done so
-      far (1 after the first), ``grads`` the gradients of that update. It may
-      rewrite ``theta`` (e.g. mask AdaLoRA's ``e``) and reset optimizer
-      moments of re-initialised entries.
+    init: ``(frozen, params, buffers) -> state``.
+    update: ``(state, frozen, params, buffers, grads, opt_state, step) ->
+      (params, buffers, opt_state, state)``; ``step`` is the number of
+      optimizer updates done (1 after the first), ``grads`` the gradients of
+      that update. It may rewrite parameters (mask AdaLoRA's ``e``), buffers
+      (store LoRA-Dash's directions) and optimizer moments of re-initialised
+      entries.
   """
 
-  init: Callable[[Any, AdapterParams], Any]
-  update: Callable[..., tuple[AdapterParams, Any, Any]]
+  init: Callable[[Params, AdapterParams, Buffers], Any]
+  update: Callable[..., tuple[AdapterParams, Buffers, Any, Any]]

@@ -1,11 +1,13 @@
 """Checkpoints: resumable training state (orbax) and small adapter files.
 
 * ``CheckpointManager`` (orbax) keeps the ``TrainState`` — adapter
-  parameters, optimizer state, step, RNG — plus JSON metadata: the data
-  position and the run config. Resuming restores all of it.
-* ``save_adapter``/``load_adapter`` write only ``theta`` as one safetensors
-  file (names are the ``/``-joined leaf paths) with the method spec in its
-  metadata: the small file to share or to merge elsewhere.
+  parameters and buffers, optimizer state, step, RNG, schedule state — plus
+  JSON metadata: the data position and the run config. Resuming restores all
+  of it.
+* ``save_adapter``/``load_adapter`` write only the adapter's ``params`` and
+  ``buffers`` as one safetensors file (tensor names ``params/<path>`` and
+  ``buffers/<path>``, any dtype) with JSON metadata (e.g. the rules): the
+  small file to share or to merge elsewhere.
 """
 
 import json
@@ -19,7 +21,7 @@ import safetensors
 from safetensors import numpy as safetensors_numpy
 
 from peft_jax._src import paths
-from peft_jax._src.base import AdapterParams, PeftError
+from peft_jax._src.base import AdapterParams, Buffers, PeftError
 from peft_jax._src.step import TrainState
 
 
@@ -75,22 +77,69 @@ def restore_checkpoint(
   return TrainState(*restored.state), restored.metadata
 
 
-def save_adapter(path: str, theta: AdapterParams, metadata: dict[str, Any]) -> None:
-  """Writes ``theta`` to one safetensors file with JSON ``metadata``.
+def save_adapter(
+  path: str, params: AdapterParams, buffers: Buffers, metadata: dict[str, Any]
+) -> None:
+  """Writes ``params`` and ``buffers`` to one safetensors file with JSON ``metadata``.
 
-  Tensor names are the ``/``-joined paths of ``theta``; ``metadata`` (e.g.
-  the rules) is stored as JSON under the ``peft_jax`` key. An existing file
-  is replaced atomically, so a crash never leaves a half-written adapter.
+  ``metadata`` (e.g. the rules) is stored as JSON under the ``peft_jax`` key.
+  An existing file is replaced atomically, so a crash never leaves a
+  half-written adapter.
   """
-  tensors = {k: np.asarray(v) for k, v in paths.flatten(theta).items()}
+  tensors = {
+    f'{part}/{name}': np.asarray(v)
+    for part, tree in (('params', params), ('buffers', buffers))
+    for name, v in paths.flatten(tree).items()
+  }
   tmp = f'{path}.tmp'
   safetensors_numpy.save_file(tensors, tmp, metadata={'peft_jax': json.dumps(metadata)})
   os.replace(tmp, path)
 
 
-def load_adapter(path: str) -> tuple[AdapterParams, dict[str, Any]]:
-  """Reads ``(theta, metadata)`` written by ``save_adapter``."""
+def load_adapter(
+  path: str, like: tuple[AdapterParams, Buffers] | None = None
+) -> tuple[AdapterParams, Buffers, dict[str, Any]]:
+  """Reads ``(params, buffers, metadata)`` written by ``save_adapter``.
+
+  Args:
+    path: the safetensors file.
+    like: ``(params, buffers)`` of the right structure (e.g.
+      ``jax.eval_shape(adapter.init, key, frozen)``) to restore the typed
+      parameters of each method; without it, nested dicts of arrays.
+  """
   with safetensors.safe_open(path, framework='numpy') as f:
     metadata = json.loads((f.metadata() or {}).get('peft_jax', '{}'))
     tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-  return paths.nest(tensors), metadata
+  parts = {'params': {}, 'buffers': {}}
+  for name, value in tensors.items():
+    part, _, rest = name.partition('/')
+    if part not in parts:
+      raise PeftError(f'{path}: tensor {name!r} is not under params/ or buffers/')
+    parts[part][rest] = value
+  if like is None:
+    return paths.nest(parts['params']), paths.nest(parts['buffers']), metadata
+  restored = [
+    _fill(path, part, parts[part], tree)
+    for part, tree in zip(('params', 'buffers'), like, strict=True)
+  ]
+  return *restored, metadata
+
+
+def _fill(path: str, part: str, flat: dict, like: Any) -> Any:
+  """``like`` with every leaf taken from ``flat`` by name, shapes checked."""
+  names = paths.flatten(like)
+  missing = sorted(set(names) - set(flat)) or sorted(set(flat) - set(names))
+  if missing:
+    raise PeftError(
+      f'{path}: the {part} do not match this adapter, e.g. at {missing[0]!r}'
+    )
+
+  def take(name, leaf):
+    if np.shape(flat[name]) != np.shape(leaf):
+      raise PeftError(
+        f'{path}: {part}/{name} has shape {np.shape(flat[name])}; this adapter '
+        f'needs {np.shape(leaf)}'
+      )
+    return flat[name]
+
+  return paths.map_named(take, like)

@@ -1,22 +1,25 @@
-"""The factored fast path: adapted matmuls without forming ``w'`` or ``dL/dw'``.
+"""Running a model with its adapters: ``adapted(adapter, fn, factored=...)``.
 
-``factored(adapter, fn)`` turns ``fn(params, *args)`` — any JAX function of a
-parameter tree: a Linen ``model.apply``, an ``nnx.merge``-based function, a
-whole loss — into ``g(frozen, theta, *args)`` that equals
-``fn(adapter.apply(frozen, theta), *args)`` but computes every matmul that
-consumes an adapted kernel with the method's ``factored`` form, e.g. LoRA's
-``x @ w + s·(x @ a) @ b``. The weight ``w' = f(w, θ)`` is never formed, and
-under ``jax.grad`` neither is the ``(d_in, d_out)`` weight gradient: a
-LoRA step costs about 4N FLOPs per token instead of 6N.
+``adapted(adapter, fn)`` turns ``fn(weights, *args)`` — any JAX function of a
+weight tree: a Linen ``model.apply``, a whole loss — into
+``g(frozen, params, buffers, *args)``: ``fn`` run on ``adapter.apply(frozen,
+params, buffers)`` with every activation adapter installed at its hook point
+(``peft_jax.hook_point``).
+
+With ``factored=True``, every matmul that consumes an adapted kernel runs the
+method's factored form (``Adapter.linear``), e.g. LoRA's
+``x @ w + s·(x @ a) @ b``: the weight ``w' = f(w, θ)`` is never formed, and
+under ``jax.grad`` neither is the ``(d_in, d_out)`` weight gradient, so a
+LoRA step costs about 4N FLOPs per token instead of 6N. Methods with no
+weight-space form (``parallel_adapter``) always run this way.
 
 Mechanism: ``fn`` is traced to a jaxpr and re-evaluated by a small
-interpreter in which each adapted kernel is an ``Adapted(w, θ)`` value.
+interpreter in which each such kernel is an ``Adapted(w, θ)`` value.
 
-* ``dot_general`` with an ``Adapted`` 2-D kernel contracted on its input
-  axis (``x @ w``, the form of ``nn.Dense``, ``nn.Einsum('...i,ij->...j')``,
-  ``nnx.Linear``, and of ``w`` on either operand side) runs the factored
-  form; so does an N-D ``nn.DenseGeneral`` kernel contracted on its leading
-  axes when its method is ``matrix_view(method, n_in)``.
+* ``dot_general`` with an ``Adapted`` kernel contracted on its leading input
+  axes (``x @ w``, the form of ``nn.Dense``, ``nn.Einsum('...i,ij->...j')``,
+  ``nnx.Linear``, with ``w`` on either operand side; ``nn.DenseGeneral``
+  kernels through ``matrix_view``) runs the factored form.
 * ``convert_element_type`` of the kernel (a model ``dtype`` of bf16 over f32
   params) keeps the kernel factored.
 * ``jit``, ``custom_jvp``/``custom_vjp`` calls and ``checkpoint`` (remat,
@@ -28,8 +31,8 @@ interpreter in which each adapted kernel is an ``Adapted(w, θ)`` value.
 * Any other use of an adapted kernel — ``x @ wᵀ`` (tied embeddings), a
   gather, a reshape, a ``while`` loop — falls back to the weight-space form
   ``w' = apply(w, θ)`` at that use, with a ``FactoredFallbackWarning`` naming
-  the leaf and the primitive. Methods without a ``factored`` form, and
-  non-2-D leaves, are applied in weight space up front.
+  the leaf and the primitive. Methods without a factored form, and leaves
+  whose shape it does not take, are applied in weight space up front.
 """
 
 import warnings
@@ -41,8 +44,9 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax._src import paths
-from peft_jax._src.base import Adapter, AdapterParams, Params, PeftError
+from peft_jax._src import hooks, paths
+from peft_jax._src.base import Adapter, Entry, Params, PeftError, TreeAdapter
+from peft_jax._src.tree import with_name
 
 
 class FactoredFallbackWarning(UserWarning):
@@ -53,28 +57,40 @@ class FactoredFallbackWarning(UserWarning):
 class Adapted:
   """A frozen kernel with its adapter parameters, standing in for ``w'``.
 
-  A pytree (children ``w`` and ``theta``), so ``scan`` slices stacked ones
-  and ``checkpoint``/``cond`` pass them through.
+  A pytree (children ``w``, ``params``, ``buffers``), so ``scan`` slices
+  stacked ones and ``checkpoint``/``cond`` pass them through.
   """
 
-  def __init__(self, w, theta, adapter: Adapter, name: str):
-    self.w, self.theta, self.adapter, self.name = w, theta, adapter, name
+  def __init__(self, w, params, buffers, adapter: Adapter, name: str):
+    self.w, self.params, self.buffers = w, params, buffers
+    self.adapter, self.name = adapter, name
 
   def tree_flatten(self):
-    return (self.w, self.theta), (self.adapter, self.name)
+    return (self.w, self.params, self.buffers), (self.adapter, self.name)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
 
   def materialize(self, reason: str) -> jax.Array:
+    if self.adapter.apply is None:
+      raise PeftError(
+        f'{self.name}: {self.adapter.name or "its method"} has no weight-space '
+        f'form, and the kernel is used by {reason}, not by x @ w'
+      )
     warnings.warn(
       f'factored path: {self.name} is used by {reason}; computing it in weight '
-      "space (w' = apply(w, theta)) there",
+      "space (w' = apply(w, params, buffers)) there",
       FactoredFallbackWarning,
       stacklevel=2,
     )
-    return self.adapter.apply(self.w, self.theta)
+    return self.adapter.apply(self.w, self.params, self.buffers)
+
+  def replace(self, **changes) -> 'Adapted':
+    fields = dict(
+      w=self.w, params=self.params, buffers=self.buffers, adapter=self.adapter
+    )
+    return Adapted(**{**fields, **changes}, name=self.name)
 
 
 def _is_adapted(x: Any) -> bool:
@@ -104,16 +120,11 @@ def _parse_dot(params: dict) -> _DotGeneral:
   )
 
 
-def _kernel_in_axes(adapter: Adapter) -> int:
-  """How many leading kernel axes the factored form contracts (2-D: 1)."""
-  return adapter.kernel_in_axes or 1
-
-
 def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
   """``x`` contracted on ``x_axes`` with ``w'``, in dot_general's output order."""
   n_in = len(x_axes)
   moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
-  y = kernel.adapter.factored(moved, kernel.w, kernel.theta)
+  y = kernel.adapter.linear.factored(moved, kernel.w, kernel.params, kernel.buffers)
   if kernel_first:  # dot_general(w, x): output (*w_free, *x_free).
     n_out = np.ndim(kernel.w) - n_in
     y = jnp.moveaxis(y, tuple(range(y.ndim - n_out, y.ndim)), tuple(range(n_out)))
@@ -130,7 +141,7 @@ def _dot_general(eqn, lhs, rhs) -> list:
       _is_adapted(kernel)
       and not _is_adapted(x)
       and not dot.batch
-      and w_contract == tuple(range(_kernel_in_axes(kernel.adapter)))
+      and w_contract == tuple(range(kernel.adapter.linear.in_axes))
       and np.ndim(kernel.w) > len(w_contract)
     ):
       return [_factored_dot(x, kernel, x_contract, kernel_first, dot.out_dtype)]
@@ -138,17 +149,16 @@ def _dot_general(eqn, lhs, rhs) -> list:
 
 
 def _convert(eqn, value) -> list:
-  w = eqn.primitive.bind(value.w, **eqn.params)
-  return [Adapted(w, value.theta, value.adapter, value.name)]
+  return [value.replace(w=eqn.primitive.bind(value.w, **eqn.params))]
 
 
 def _unstack(x):
   """A stacked ``Adapted`` scanned over: its slices use the per-layer method."""
   if not _is_adapted(x):
     return x
-  if x.adapter.unstacked is None:
+  if x.adapter.linear.per_layer is None:
     return x.materialize('a scan over its leading axis (not a stacked(...) method)')
-  return Adapted(x.w, x.theta, x.adapter.unstacked, x.name)
+  return x.replace(adapter=x.adapter.linear.per_layer)
 
 
 def _scan_layout(params: dict) -> tuple[int, int]:
@@ -257,65 +267,80 @@ def evaluate(jaxpr, consts, args) -> list:
 
 
 def _has_factored_form(adapter: Adapter, ndim: int) -> bool:
-  """A kernel the method's factored form takes, possibly in ``stacked`` layers:
-  2-D, or N-D with more axes than ``matrix_view``'s input axes."""
-  while adapter.unstacked is not None:
-    adapter, ndim = adapter.unstacked, ndim - 1
-  if adapter.factored is None:
-    return False
-  return ndim == 2 if adapter.kernel_in_axes is None else ndim > adapter.kernel_in_axes
+  """Whether the factored path takes this kernel, possibly in ``stacked``
+  layers: the method has a factored form and the kernel has output axes
+  beyond its input axes (``init`` has checked the rest of the shape)."""
+  while adapter.linear is not None and adapter.linear.per_layer is not None:
+    adapter, ndim = adapter.linear.per_layer, ndim - 1
+  linear = adapter.linear
+  return linear is not None and linear.factored is not None and ndim > linear.in_axes
 
 
-def _split_fast(adapter: Adapter, frozen: Params, theta: AdapterParams):
-  """Weight-space params for slow leaves; ``{name: (leaf adapter, θ)}`` for fast."""
-  if adapter.plan is None:
+def _split(adapter: TreeAdapter, frozen, params, buffers, factored: bool):
+  """The weight tree with weight-space methods applied (and hooks installed),
+  and ``{name: Entry}`` of the kernels to run factored."""
+  if not isinstance(adapter, TreeAdapter):
     raise PeftError(
-      'factored() needs a tree-level adapter from by_rules(...); '
-      f'got {adapter.name or "a per-leaf adapter"}'
+      'adapted() needs a tree-level adapter from by_rules(...); got '
+      f'{type(adapter).__name__} {getattr(adapter, "name", "")}'.rstrip()
     )
-  chosen = adapter.plan(frozen, theta)
+  plan = adapter.plan(frozen, params, buffers)
   flat = paths.flatten(frozen)
-  fast = {
-    name: entry
-    for name, entry in chosen.items()
-    if _has_factored_form(entry[0], np.ndim(flat[name]))
-  }
+  fast: dict[str, Entry] = {}
+  for name, entry in plan.weights.items():
+    takes = _has_factored_form(entry.adapter, np.ndim(flat[name]))
+    if entry.adapter.apply is None and not takes:
+      raise PeftError(
+        f'{name}: {entry.adapter.name or "its method"} has no weight-space form '
+        f'and its factored form does not take a leaf of shape {np.shape(flat[name])}'
+      )
+    if takes and (factored or entry.adapter.apply is None):
+      fast[name] = entry
 
   def weight_space(name, w):
-    if name in fast or name not in chosen:
+    if name in fast or name not in plan.weights:
       return w
-    leaf_adapter, leaf_theta = chosen[name]
-    return leaf_adapter.apply(w, leaf_theta)
+    e = plan.weights[name]
+    return with_name(name, e.adapter.apply, w, e.params, e.buffers)
 
-  return paths.map_named(weight_space, frozen), fast
+  weights = paths.map_named(weight_space, frozen)
+  return hooks.install(weights, plan.hooks), fast
 
 
-def factored(adapter: Adapter, fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Transforms ``fn(params, *args)`` into ``g(frozen, theta, *args)``.
+def adapted(
+  adapter: TreeAdapter, fn: Callable[..., Any], *, factored: bool = False
+) -> Callable[..., Any]:
+  """Transforms ``fn(weights, *args)`` into ``g(frozen, params, buffers, *args)``.
 
-  ``g(frozen, θ, *args) == fn(adapter.apply(frozen, θ), *args)`` (up to
-  float rounding), with every ``x @ w'`` of an adapted 2-D kernel computed by
-  the method's factored form. Jit, grad and vmap compose with ``g``.
+  ``g`` runs ``fn`` on the adapted weights with activation adapters at their
+  hook points. ``factored=True`` computes every ``x @ w'`` of an adapted
+  kernel by the method's factored form (same result up to float rounding).
+  Jit, grad and vmap compose with ``g``.
 
   Args:
     adapter: a tree-level adapter from ``by_rules``.
-    fn: a function whose first argument is the full parameter tree (a Linen
+    fn: a function whose first argument is the full weight tree (a Linen
       params dict or an NNX state), e.g.
-      ``lambda p, x: model.apply({'params': p}, x)``.
+      ``lambda w, x: model.apply({'params': w}, x)``.
+    factored: use the factored forms of linear layers.
 
   Returns:
-    ``g(frozen, theta, *args)``.
+    ``g(frozen, params, buffers, *args)``.
   """
 
-  def g(frozen: Params, theta: AdapterParams, *args):
-    params, fast = _split_fast(adapter, frozen, theta)
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, *args)
-    names = jax.tree.leaves(paths.map_named(lambda name, w: name, params))
-    param_leaves = [
-      Adapted(leaf, fast[name][1], fast[name][0], name) if name in fast else leaf
-      for name, leaf in zip(names, jax.tree.leaves(params), strict=True)
+  def g(frozen: Params, params, buffers, *args):
+    weights, fast = _split(adapter, frozen, params, buffers, factored)
+    if not fast:
+      return fn(weights, *args)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(weights, *args)
+    names = jax.tree.leaves(paths.map_named(lambda name, w: name, weights))
+    weight_leaves = [
+      Adapted(leaf, fast[name].params, fast[name].buffers, fast[name].adapter, name)
+      if name in fast
+      else leaf
+      for name, leaf in zip(names, jax.tree.leaves(weights), strict=True)
     ]
-    out = evaluate(closed.jaxpr, closed.consts, param_leaves + jax.tree.leaves(args))
+    out = evaluate(closed.jaxpr, closed.consts, weight_leaves + jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
   return g

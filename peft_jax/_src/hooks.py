@@ -1,72 +1,206 @@
-"""Hook points: where activation-side methods act inside a model.
+"""Hook points: where activation-side adapters act inside a Linen model.
 
 Weight-space methods need nothing from a model. Methods that act on
-activations — prompt and prefix tuning, bottleneck adapters, (IA)³ on
-activations — need the model to expose named points where a value can be
-read and replaced. The protocol is one call:
+activations (prompt tuning, bottleneck adapters, prefix tuning, (IA)³ on
+activations) need named points where a value is read and replaced. The
+model-side protocol is one call inside a Linen module:
 
   x = peft_jax.hook_point(self, 'ffn_output', x)
 
-inside a Linen module's ``__call__`` (``self`` gives the module path). With no
-handler active it returns ``x`` unchanged and adds nothing to the traced
-computation. ``with peft_jax.hook_handler(fn): ...`` makes every hook point
-traced inside the block call ``fn(name, x)`` and use its result, where
-``name`` is the module path joined with ``/`` plus the point
-(``bert/encoder/layer_3/ffn_output``). Handlers run at trace time, so they
-compose with ``jit`` and ``grad``: a handler closing over traced adapter
-parameters is differentiated like any other code.
+The point's name is the module path joined with ``/`` plus the point
+(``bert/encoder/layer_3/ffn_output``). Rules select activation adapters by
+these names, as they select weight-space adapters by leaf names.
+
+How it works, and why it is safe under ``jit`` and ``nn.scan``:
+
+* ``hook_points(model, *inputs)`` traces ``model.init`` abstractly and
+  records every point, the shapes of its value, and how many layers share
+  it: at each point it creates a scalar probe parameter, which ``nn.scan``
+  stacks like any other parameter, so a point inside a scan over ``L``
+  layers reports ``stack=(L,)``.
+* To run a model with activation adapters, ``peft_jax.adapted`` puts each
+  point's parameters *into the weight tree* the model receives, beside the
+  module's own parameters (key ``'@<point>'``), wrapped in a ``Hooked``
+  pytree node whose static part is the adapter. ``hook_point`` finds it in
+  its module's ``params`` and applies the adapter. There is no global
+  handler: the adapter is part of the traced inputs' structure, so a cached
+  ``jit`` trace cannot miss it, and ``nn.scan`` slices stacked parameters
+  per layer exactly as it slices the layer's kernels.
+
+Without a ``Hooked`` entry ``hook_point`` returns ``x`` unchanged and adds
+nothing to the traced computation.
 
 Standard points (the shipped models document theirs):
 
 * ``input_embeddings``: ``(embeddings (b, s, d), attention_mask (b, s))``;
   prompt tuning returns both with a prompt prepended.
 * ``attention_kv``: the keys and values of one attention layer, for prefix
-  tuning to prepend to. The value's form is the model's: BERT and DeBERTa
-  pass ``(keys (b, s, h, d_h), values (b, s, h, d_h), mask_bias (b, 1, 1,
-  s))`` (prepend to all three); the Llama decoder passes ``(keys, values)``
-  after RoPE, ``(b, s, kv_heads, d_h)``, and makes prepended keys visible to
-  every query itself.
+  tuning to prepend to. BERT and DeBERTa pass ``(keys (b, s, h, d_h),
+  values (b, s, h, d_h), mask_bias (b, 1, 1, s))`` (prepend to all three);
+  the Llama decoder passes ``(keys, values)`` after RoPE,
+  ``(b, s, kv_heads, d_h)``, and makes prepended keys visible to every query.
 * ``attention_output`` / ``ffn_output``: the sub-layer output ``(b, s, d)``
-  before the residual; bottleneck (Houlsby/Pfeiffer/parallel) adapters.
+  before the residual; bottleneck (Houlsby/Pfeiffer) adapters.
 * ``ffn_intermediate``: the activation after the FFN non-linearity
   ``(b, s, d_ff)``; (IA)³'s ``l_ff``.
-
-Limit: inside ``nn.scan`` over layers every layer has the same module path,
-so a handler sees one name for all layers.
 """
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
-HookFn = Callable[[str, Any], Any]
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
 
-_HANDLER: contextvars.ContextVar[HookFn | None] = contextvars.ContextVar(
-  'peft_jax_hook_handler', default=None
+from peft_jax._src import paths
+from peft_jax._src.base import (
+  ActivationAdapter,
+  AdapterParams,
+  Buffers,
+  Entry,
+  Params,
+  PeftError,
+)
+
+PREFIX = '@'  # Key of a hook point's entry inside its module's params.
+
+
+class HookPoint(NamedTuple):
+  """A hook point as the model shows it.
+
+  Attributes:
+    value: ``jax.ShapeDtypeStruct``s of the value of one call (one layer).
+    stack: the sizes of the layer axes that share the point (``(L,)`` inside
+      ``nn.scan`` over ``L`` layers, ``()`` otherwise).
+  """
+
+  value: Any
+  stack: tuple[int, ...] = ()
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Hooked:
+  """An activation adapter's parameters as they travel inside a weight tree.
+
+  Children: ``params`` and ``buffers`` (sliced per layer by ``nn.scan``);
+  static: the adapter.
+  """
+
+  def __init__(self, params: AdapterParams, buffers: Buffers, adapter):
+    self.params, self.buffers, self.adapter = params, buffers, adapter
+
+  def tree_flatten_with_keys(self):
+    keys = (jax.tree_util.GetAttrKey('params'), jax.tree_util.GetAttrKey('buffers'))
+    return tuple(zip(keys, (self.params, self.buffers), strict=True)), self.adapter
+
+  @classmethod
+  def tree_unflatten(cls, adapter, children):
+    return cls(*children, adapter)
+
+
+_RECORDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+  'peft_jax_hook_recording', default=None
 )
 
 
-def hook_point(module: Any, point: str, value: Any) -> Any:
-  """Returns ``value``, or what the active handler makes of it.
+def _name(module: nn.Module, point: str) -> str:
+  return paths.SEPARATOR.join([*map(str, module.path), point])
+
+
+def hook_point(module: nn.Module, point: str, value: Any) -> Any:
+  """Returns ``value``, or what the activation adapter at this point makes of it.
 
   Args:
-    module: the calling Linen module (for its path), or a path string.
+    module: the calling Linen module (``self``); its path names the point
+      and its ``params`` carry the adapter.
     point: the point's name within the module, e.g. ``'ffn_output'``.
     value: the activation (or tuple of activations) at this point.
   """
-  handler = _HANDLER.get()
-  if handler is None:
+  if not isinstance(module, nn.Module):
+    raise PeftError(
+      f'hook_point({point!r}) needs the calling Linen module as its first '
+      f'argument; got {type(module).__name__}'
+    )
+  key = PREFIX + point
+  recording = _RECORDING.get()
+  if module.is_initializing():
+    if recording is not None:
+      recording.setdefault(_name(module, point), _abstract(value))
+      module.param(key, lambda rng: jnp.zeros((), jnp.bool_))
     return value
-  prefix = module if isinstance(module, str) else '/'.join(map(str, module.path))
-  return handler(f'{prefix}/{point}' if prefix else point, value)
+  if not module.has_variable('params', key):
+    return value
+  node = module.get_variable('params', key)
+  return node.adapter.apply(value, node.params, node.buffers)
+
+
+def _abstract(value: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), value)
 
 
 @contextlib.contextmanager
-def hook_handler(fn: HookFn) -> Iterator[None]:
-  """Makes hook points traced inside the block call ``fn(name, value)``."""
-  token = _HANDLER.set(fn)
+def _recording() -> Iterator[dict]:
+  seen: dict = {}
+  token = _RECORDING.set(seen)
   try:
-    yield
+    yield seen
   finally:
-    _HANDLER.reset(token)
+    _RECORDING.reset(token)
+
+
+def hook_points(
+  model: nn.Module, *args, method: Any = None, **kwargs
+) -> dict[str, HookPoint]:
+  """The hook points a Linen model reaches on these inputs, by name.
+
+  Runs ``model.init`` abstractly (no FLOPs, no memory) on ``args``/``kwargs``
+  (arrays or ``jax.ShapeDtypeStruct``s, e.g. one example batch).
+
+  Args:
+    model: the Linen module, e.g. ``BertForSequenceClassification(...)``.
+    *args: its call arguments.
+    method: the module method to run, as for ``model.init``.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    ``{name: HookPoint(value, stack)}`` in the order the model reaches them.
+  """
+
+  def init(rng, *args, **kwargs):  # A fresh function: no cached trace.
+    return model.init(rng, *args, method=method, **kwargs)
+
+  with _recording() as seen:
+    variables = jax.eval_shape(init, jax.random.key(0), *args, **kwargs)
+  probes = paths.flatten(variables.get('params', {}))
+  points = {}
+  for name, value in seen.items():
+    *scope, point = name.split(paths.SEPARATOR)
+    probe = probes[paths.SEPARATOR.join([*scope, PREFIX + point])]
+    points[name] = HookPoint(value, tuple(probe.shape))
+  return points
+
+
+def install(weights: Params, hooks: Mapping[str, Entry]) -> Params:
+  """``weights`` with each hook point's adapter and parameters put in place.
+
+  ``hooks``: ``{hook name: Entry(adapter, params, buffers)}``; the entry goes
+  to ``<module path>/@<point>``, where ``hook_point`` looks for it.
+  """
+  if not hooks:
+    return weights
+  if not isinstance(weights, Mapping):
+    raise PeftError(
+      'activation adapters need a Linen parameter dict (nested dicts); got '
+      f'{type(weights).__name__}'
+    )
+  entries = {}
+  for name, entry in hooks.items():
+    if not isinstance(entry.adapter, ActivationAdapter):
+      raise PeftError(f'{name}: {entry.adapter.name} is not an activation adapter')
+    *scope, point = name.split(paths.SEPARATOR)
+    key = paths.SEPARATOR.join([*scope, PREFIX + point])
+    entries[key] = Hooked(entry.params, entry.buffers, entry.adapter)
+  return paths.replace(weights, entries)

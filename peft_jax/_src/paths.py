@@ -3,16 +3,18 @@
 A Linen ``variables['params']`` dict and an NNX ``State`` (from
 ``nnx.split``) name their leaves the same way: ``layers/0/kernel``. NNX
 ``Variable`` wrappers are looked through (their ``value`` is the leaf) and
-rebuilt on the way out, so ``nnx.merge(graphdef, mapped_state)`` works.
+rebuilt on the way out, so ``nnx.merge(graphdef, mapped_state)`` works. The
+fields of typed adapter parameters (NamedTuples) are named by attribute:
+``dense/kernel/a``.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 from flax import nnx
 
-from peft_jax._src.base import BUFFERS, Params
+from peft_jax._src.base import Params
 
 SEPARATOR = '/'
 
@@ -43,8 +45,8 @@ def map_named(fn: Callable[[str, Any], Any], tree: Params) -> Params:
   return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_variable)
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-  """``{'a/b': x, 'a/c': y}`` -> ``{'a': {'b': x, 'c': y}}``."""
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """``{'a/b': x, 'a/c': y}`` -> ``{'a': {'b': x, 'c': y}}`` (values kept whole)."""
   tree: dict[str, Any] = {}
   for name, value in flat.items():
     *parents, last = name.split(SEPARATOR)
@@ -56,18 +58,29 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def flatten(tree: Params) -> dict[str, Any]:
-  """The inverse of ``nest``: ``{name: leaf}`` in tree order."""
+  """``{name: leaf}`` in tree order (the inverse of ``nest`` for dicts)."""
   return dict(named_leaves(tree))
 
 
-def is_buffer(name: str) -> bool:
-  """Whether a theta leaf name lies under a ``buffers`` key (non-trainable)."""
-  return BUFFERS in name.split(SEPARATOR)
-
-
-def subtree(tree: dict[str, Any], name: str) -> Any:
+def subtree(tree: Mapping[str, Any], name: str) -> Any:
   """The node of a nested dict at ``name`` (``KeyError`` if absent)."""
   node = tree
   for key in name.split(SEPARATOR):
     node = node[key]
   return node
+
+
+def replace(tree: Mapping[str, Any], replacements: Mapping[str, Any]) -> dict:
+  """``tree`` (nested dicts, not modified) with the node at each name replaced.
+
+  Missing intermediate dicts are created, so this also inserts new nodes.
+  """
+
+  def put(node, keys, value):
+    if not keys:
+      return value
+    return {**node, keys[0]: put(node.get(keys[0], {}), keys[1:], value)}
+
+  for name, value in replacements.items():
+    tree = put(tree, name.split(SEPARATOR), value)
+  return dict(tree)

@@ -1,78 +1,160 @@
-"""The method registry: ``@register('lora')`` and ``get('lora(rank=8)')``.
+"""The registry: ``@register('lora')``, ``get('lora(rank=8)')``, ``names()``.
 
 Spec strings are Python call syntax with literal arguments, parsed with
 ``ast`` (never ``eval``): ``'lora'``, ``'lora()'``, ``'lora(8, alpha=16)'``.
-Calling a registered factory directly and looking it up by spec give the
-same object: adapters are cached by their canonical spec string.
+Two namespaces share the syntax: *methods* (``names()``; every one passes the
+contract test) and *wrappers* that take a method and return a modified one
+(``wrapper_names()``: ``stacked``, ``matrix_view``, ``mpc``), so
+``get("stacked('lora(rank=4)')")`` works.
+
+Every built adapter carries its canonical spec string as ``name``: every
+argument by keyword, defaults applied, floats written as floats, a wrapped
+method by its own canonical name. ``get(adapter.name)`` rebuilds an equal
+adapter, so names round-trip through configs and checkpoints. Adapters built
+from literal arguments are kept in a bounded cache keyed by that name, so
+``lora()`` and ``get('lora(rank=8)')`` return the same object (one jit trace
+for both).
 """
 
 import ast
+import collections
 import difflib
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any
 
-from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.base import ActivationAdapter, Adapter, PeftError
 
-Factory = Callable[..., Adapter]
-_FACTORIES: dict[str, Factory] = {}
+AnyAdapter = Adapter | ActivationAdapter
+Factory = Callable[..., AnyAdapter]
+CACHE_SIZE = 512
+
+_METHODS: dict[str, Factory] = {}
+_WRAPPERS: dict[str, Factory] = {}
+_CACHE: collections.OrderedDict[str, AnyAdapter] = collections.OrderedDict()
 
 
-def _canonical_call(name: str, factory: Factory, args, kwargs) -> str:
-  """``'lora(rank=8, alpha=16)'``: the passed arguments, as keywords."""
+def _literal(value: Any, annotation: Any) -> str:
+  """One argument as spec text (adapters by their canonical name)."""
+  if isinstance(value, (Adapter, ActivationAdapter)):
+    return repr(value.name)
+  if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  return repr(value)
+
+
+def _canonical(name: str, factory: Factory, args, kwargs) -> str:
+  """``'lora(rank=8, alpha=16.0, ...)'`` for a call of ``factory``."""
   signature = inspect.signature(factory)
   try:
     bound = signature.bind(*args, **kwargs)
   except TypeError as e:
     accepted = ', '.join(signature.parameters) or 'no arguments'
     raise PeftError(f'{name}(): {e}; accepted: {accepted}') from None
-  text = ', '.join(f'{k}={_literal(v)}' for k, v in bound.arguments.items())
+  bound.apply_defaults()
+  text = ', '.join(
+    f'{key}={_literal(value, signature.parameters[key].annotation)}'
+    for key, value in bound.arguments.items()
+  )
   return f'{name}({text})'
 
 
-def _literal(value) -> str:
-  """An argument as spec text; an Adapter argument by its own spec string."""
-  if isinstance(value, Adapter) and value.name:
-    return repr(value.name)
-  return repr(value)
+def _named(name: str, factory: Factory, canonicalize_method: bool) -> Factory:
+  """``factory`` with canonical names and the bounded cache.
+
+  Only calls with literal arguments are cached: an adapter object argument
+  may not be rebuilt exactly by its name.
+  """
+
+  @functools.wraps(factory)
+  def named_factory(*args, **kwargs) -> AnyAdapter:
+    literal = not any(
+      isinstance(v, (Adapter, ActivationAdapter)) for v in (*args, *kwargs.values())
+    )
+    if canonicalize_method:  # A wrapped method given as a spec string.
+      args, kwargs = _resolve_method(factory, args, kwargs)
+    spec = _canonical(name, factory, args, kwargs)
+    cacheable = literal
+    if cacheable and spec in _CACHE:
+      _CACHE.move_to_end(spec)
+      return _CACHE[spec]
+    adapter = factory(*args, **kwargs)
+    # A wrapper of a hand-built (unnamed) adapter has no spec that rebuilds it.
+    adapter = adapter._replace(name='' if _has_unnamed_adapter(args, kwargs) else spec)
+    if cacheable:
+      _CACHE[spec] = adapter
+      if len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return adapter
+
+  return named_factory
+
+
+def _has_unnamed_adapter(args, kwargs) -> bool:
+  values = [*args, *kwargs.values()]
+  return any(isinstance(v, (Adapter, ActivationAdapter)) and not v.name for v in values)
+
+
+def _resolve_method(factory: Factory, args, kwargs):
+  """Replaces a spec-string ``method`` argument by the adapter it names."""
+  bound = inspect.signature(factory).bind_partial(*args, **kwargs)
+  method = bound.arguments.get('method')
+  if isinstance(method, str):
+    bound.arguments['method'] = get(method)
+  return bound.args, bound.kwargs
+
+
+def _decorator(table: dict[str, Factory], name: str, replace: bool, wrapper: bool):
+  if not name.isidentifier():
+    raise PeftError(f'registry name {name!r} is not a Python identifier')
+  if not replace and (name in _METHODS or name in _WRAPPERS):
+    raise PeftError(f'{name!r} is already registered; pass replace=True')
+
+  def decorator(factory: Factory) -> Factory:
+    _METHODS.pop(name, None)
+    _WRAPPERS.pop(name, None)
+    for spec in [s for s in _CACHE if s.startswith(f'{name}(')]:
+      del _CACHE[spec]
+    table[name] = _named(name, factory, canonicalize_method=wrapper)
+    return table[name]
+
+  return decorator
 
 
 def register(name: str, *, replace: bool = False) -> Callable[[Factory], Factory]:
   """Registers a method factory under ``name`` (a decorator).
 
-  The decorated factory sets ``Adapter.name`` to the canonical spec string
-  of the call, so ``describe`` tables and checkpoints record the exact
-  hyper-parameters.
+  The decorated factory sets ``name`` on the adapters it returns to the
+  canonical spec string of the call, so ``describe`` tables, configs and
+  checkpoints record the exact hyper-parameters.
 
   Args:
     name: the method's registry name, snake_case (``'lora'``).
     replace: allow re-registering an existing name.
   """
-  if not name.isidentifier():
-    raise PeftError(f'method name {name!r} is not a Python identifier')
+  return _decorator(_METHODS, name, replace, wrapper=False)
 
-  def decorator(factory: Factory) -> Factory:
-    if name in _FACTORIES and not replace:
-      raise PeftError(f'method {name!r} is already registered; pass replace=True')
 
-    built: dict[str, Adapter] = {}
+def register_wrapper(
+  name: str, *, replace: bool = False
+) -> Callable[[Factory], Factory]:
+  """Registers a wrapper: a factory whose first argument ``method`` is a method.
 
-    @functools.wraps(factory)
-    def named_factory(*args, **kwargs) -> Adapter:
-      spec = _canonical_call(name, factory, args, kwargs)
-      if spec not in built:
-        built[spec] = factory(*args, **kwargs)._replace(name=spec)
-      return built[spec]
-
-    _FACTORIES[name] = named_factory
-    return named_factory
-
-  return decorator
+  ``method`` may be given as a spec string or an adapter; the canonical name
+  holds the wrapped method's canonical name.
+  """
+  return _decorator(_WRAPPERS, name, replace, wrapper=True)
 
 
 def names() -> list[str]:
-  """The names of all registered methods, sorted."""
-  return sorted(_FACTORIES)
+  """The names of all registered methods, sorted (wrappers excluded)."""
+  return sorted(_METHODS)
+
+
+def wrapper_names() -> list[str]:
+  """The names of all registered wrappers, sorted."""
+  return sorted(_WRAPPERS)
 
 
 def _parse(spec: str) -> tuple[str, tuple, dict]:
@@ -98,25 +180,28 @@ def _parse(spec: str) -> tuple[str, tuple, dict]:
   return node.func.id, args, kwargs
 
 
-def get(spec: str | Adapter) -> Adapter:
-  """Builds the adapter a spec string names; an ``Adapter`` passes through.
+def get(spec: str | AnyAdapter) -> AnyAdapter:
+  """Builds the adapter a spec string names; an adapter passes through.
 
   Args:
-    spec: ``'lora(rank=8, alpha=16)'`` or an ``Adapter`` value.
+    spec: ``'lora(rank=8, alpha=16)'``, ``"stacked('lora')"``, or an
+      ``Adapter``/``ActivationAdapter`` value.
 
   Returns:
-    The ``Adapter``; the same object as calling the factory directly.
+    The adapter, equal to calling the factory directly.
   """
-  if isinstance(spec, Adapter):
+  if isinstance(spec, (Adapter, ActivationAdapter)):
     return spec
   if not isinstance(spec, str):
     raise PeftError(
       f'method spec {spec!r} has type {type(spec).__name__}; '
-      'expected a spec string such as "lora(rank=8)" or an Adapter'
+      'expected a spec string such as "lora(rank=8)" or an adapter'
     )
   name, args, kwargs = _parse(spec)
-  if name not in _FACTORIES:
-    close = difflib.get_close_matches(name, names(), n=3, cutoff=0.5)
+  factory = _METHODS.get(name) or _WRAPPERS.get(name)
+  if factory is None:
+    known = names() + wrapper_names()
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f'did you mean {", ".join(close)}? ' if close else ''
-    raise PeftError(f'unknown method {name!r}; {hint}registered: {", ".join(names())}')
-  return _FACTORIES[name](*args, **kwargs)
+    raise PeftError(f'unknown method {name!r}; {hint}registered: {", ".join(known)}')
+  return factory(*args, **kwargs)

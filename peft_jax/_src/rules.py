@@ -1,24 +1,27 @@
-"""Rules choose which leaves an adapter perturbs.
+"""Rules choose which leaves and hook points an adapter acts on.
 
 A rule is ``(selector, spec)``. The selector is a regex, matched with
-``re.fullmatch`` against the leaf name, or a predicate ``(name, leaf) ->
-bool``. The spec is a registry string (``'lora(rank=8)'``), an ``Adapter``,
-or ``None`` (keep frozen). Rules are tried in order and the first match wins;
-leaves that no rule matches stay frozen. With ``strict=True`` a rule that
-matches no leaf is an error naming the rule and the closest leaf names, so a
-mistyped pattern fails loudly instead of training nothing.
+``re.fullmatch`` against a name, or a predicate ``(name, value) -> bool``.
+The spec is a registry string (``'lora(rank=8)'``), an adapter, or ``None``
+(keep frozen). A weight-space spec (``Adapter``) is matched against the
+frozen tree's leaf names, an activation spec (``ActivationAdapter``) against
+the model's hook-point names, and ``None`` against both. Rules are tried in
+order and the first match wins; what no rule matches stays frozen. With
+``strict=True`` a rule that matches nothing is an error naming the rule and
+the closest names, so a mistyped pattern fails loudly instead of training
+nothing.
 """
 
 import difflib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from peft_jax._src import paths, registry
-from peft_jax._src.base import Adapter, Params, PeftError
+from peft_jax._src.base import ActivationAdapter, Adapter, Params, PeftError
 
 Selector = str | Callable[[str, Any], bool]
-Spec = str | Adapter | None
+Spec = str | Adapter | ActivationAdapter | None
 Rule = tuple[Selector, Spec]
 
 
@@ -28,10 +31,20 @@ class CompiledRule(NamedTuple):
   index: int
   selector: Selector
   matches: Callable[[str, Any], bool]
-  adapter: Adapter | None
+  adapter: Adapter | ActivationAdapter | None
+
+  def takes(self, kind: str) -> bool:
+    """Whether this rule applies to ``'weights'`` or ``'hooks'``."""
+    if self.adapter is None:
+      return True
+    return isinstance(self.adapter, Adapter) == (kind == 'weights')
+
+  def label(self) -> str:
+    name = (self.adapter.name or 'a hand-built adapter') if self.adapter else None
+    return f'rule {self.index} ({describe_selector(self.selector)}, {name!r})'
 
 
-def _describe_selector(selector: Selector) -> str:
+def describe_selector(selector: Selector) -> str:
   if isinstance(selector, str):
     return repr(selector)
   return getattr(selector, '__name__', repr(selector))
@@ -47,7 +60,7 @@ def _compile_selector(index: int, selector: Selector) -> Callable[[str, Any], bo
     )
   if selector.startswith(paths.SEPARATOR):
     raise PeftError(
-      f'rule {index}: pattern {selector!r} starts with "/"; leaf names '
+      f'rule {index}: pattern {selector!r} starts with "/"; names '
       f'have no leading slash (e.g. {selector.lstrip("/")!r})'
     )
   try:
@@ -72,59 +85,84 @@ def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:
     try:
       adapter = None if spec is None else registry.get(spec)
     except PeftError as e:
-      raise PeftError(f'rule {index} ({_describe_selector(selector)}): {e}') from None
+      raise PeftError(f'rule {index} ({describe_selector(selector)}): {e}') from None
     compiled.append(CompiledRule(index, selector, matches, adapter))
   return compiled
 
 
-def _closest_names(selector: Selector, names: list[str]) -> str:
-  if not isinstance(selector, str):
-    return ', '.join(names[:3])
-  return ', '.join(difflib.get_close_matches(selector, names, n=3, cutoff=0.0))
+def _first_match(rules, kind: str, name: str, value) -> CompiledRule | None:
+  for rule in rules:
+    if rule.takes(kind) and rule.matches(name, value):
+      return rule
+  return None
 
 
 def assign(
-  rules: Sequence[CompiledRule], params: Params, *, strict: bool = True
-) -> dict[str, tuple[CompiledRule, Any]]:
-  """Maps each matched leaf name to ``(rule, leaf)``, first match winning.
+  rules: Sequence[CompiledRule],
+  params: Params,
+  hooks: Mapping[str, Any] | None = None,
+  *,
+  strict: bool = True,
+) -> tuple[dict[str, CompiledRule], dict[str, CompiledRule]]:
+  """The rule of each matched leaf and hook point, first match winning.
 
   Args:
     rules: compiled rules (see ``compile_rules``).
     params: the frozen parameter tree (Linen dict or NNX state).
-    strict: raise if a rule matches no leaf.
+    hooks: ``{hook name: value}`` of the model's hook points, or ``None``.
+    strict: raise if a rule matches nothing.
 
   Returns:
-    ``{name: (rule, leaf)}`` in tree order, for leaves some rule matched,
-    ``None``-spec (frozen) rules included.
+    ``(weights, hooks)``: ``{name: rule}`` in order for leaves and hook points
+    that some rule matched, ``None``-spec (frozen) rules included.
   """
   leaves = list(paths.named_leaves(params))
-  assigned, used = {}, set()
-  for name, leaf in leaves:
-    for rule in rules:
-      if rule.matches(name, leaf):
-        assigned[name] = (rule, leaf)
-        used.add(rule.index)
-        break
+  points = list((hooks or {}).items())
+  by_kind = {}
+  for kind, named in (('weights', leaves), ('hooks', points)):
+    by_kind[kind] = {
+      name: rule
+      for name, value in named
+      if (rule := _first_match(rules, kind, name, value)) is not None
+    }
   if strict:
+    used = {r.index for chosen in by_kind.values() for r in chosen.values()}
     for rule in rules:
       if rule.index not in used:
-        raise PeftError(_unused_rule_message(rule, leaves))
-  return assigned
+        raise PeftError(_unused_rule_message(rule, leaves, points, hooks is None))
+  return by_kind['weights'], by_kind['hooks']
 
 
-def _unused_rule_message(rule: CompiledRule, leaves: list[tuple[str, Any]]) -> str:
-  label = (
-    f'rule {rule.index} ({_describe_selector(rule.selector)}, '
-    f'{rule.adapter.name if rule.adapter else None!r})'
-  )
-  shadowed = [name for name, leaf in leaves if rule.matches(name, leaf)]
+def _unused_rule_message(rule: CompiledRule, leaves, points, no_hooks: bool) -> str:
+  label = rule.label()
+  if rule.adapter is not None and not rule.takes('weights') and no_hooks:
+    return (
+      f'{label} selects an activation adapter, but no hook points were given; '
+      'pass hooks=peft_jax.hook_points(model, *example_inputs)'
+    )
+  kind, named = ('hooks', points) if rule.takes('hooks') else ('weights', leaves)
+  if rule.adapter is None:
+    named = leaves + points
+  shadowed = [name for name, value in named if rule.matches(name, value)]
   if shadowed:
     return (
-      f'{label} is shadowed: earlier rules already take every leaf it '
+      f'{label} is shadowed: earlier rules already take everything it '
       f'matches (first match wins), e.g. {shadowed[0]!r}'
     )
-  names = [name for name, _ in leaves]
-  return (
-    f'{label} matches no leaf; closest leaf names: '
-    f'{_closest_names(rule.selector, names)}'
-  )
+  other = points if kind == 'weights' else leaves
+  crossed = [name for name, value in other if rule.matches(name, value)]
+  what = 'leaf' if kind == 'weights' else 'hook point'
+  if rule.adapter is not None and crossed:
+    family = 'a weight-space method' if kind == 'weights' else 'an activation method'
+    return (
+      f'{label} matches no {what}: it matches {crossed[0]!r}, but '
+      f'{rule.adapter.name or "its method"} is {family}'
+    )
+  names = [name for name, _ in named]
+  return f'{label} matches no {what}; closest names: {_closest(rule.selector, names)}'
+
+
+def _closest(selector: Selector, names: list[str]) -> str:
+  if not isinstance(selector, str):
+    return ', '.join(names[:3])
+  return ', '.join(difflib.get_close_matches(selector, names, n=3, cutoff=0.0))

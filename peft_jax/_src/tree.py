@@ -1,215 +1,357 @@
-"""Whole-tree adapters: ``by_rules`` lifts per-leaf adapters to a pytree.
+"""Whole-model adapters: ``by_rules`` lifts per-leaf and per-point adapters.
 
-``by_rules(rules).init(key, frozen)`` returns a *sparse* nested dict holding
-only the trainable parameters, keyed like the frozen tree
-(``{'encoder': {'layer_0': {'attention': {'query': {'kernel': {'a': ..,
-'b': ..}}}}}}``): checkpoints stay small and optax only sees trainable
-leaves, with no masks. ``apply(frozen, theta)`` returns the full perturbed
-tree, ready for ``model.apply({'params': ...}, x)``.
+``by_rules(rules).init(key, frozen, hooks)`` returns ``(params, buffers)``,
+two *sparse* nested dicts keyed like the frozen tree (weight-space entries at
+leaf names, activation entries at hook-point names), each entry the typed
+parameters of its method (``{'encoder': {'query': {'kernel': LoraParams(a,
+b)}}}``): checkpoints stay small and optax only sees trainable arrays, with
+no masks. ``apply(frozen, params, buffers)`` returns the full perturbed
+weight tree, ready for ``model.apply({'params': ...}, x)``; activation
+adapters act when the model runs through ``peft_jax.adapted``.
 """
 
 import functools
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from peft_jax._src import paths
-from peft_jax._src.base import Adapter, AdapterParams, Array, Params, PeftError
+from peft_jax._src.base import (
+  ActivationAdapter,
+  Adapter,
+  AdapterParams,
+  Array,
+  Buffers,
+  Entry,
+  Params,
+  PeftError,
+  Plan,
+  TreeAdapter,
+)
+from peft_jax._src.hooks import HookPoint
 from peft_jax._src.rules import Rule, assign, compile_rules
+
+REDUCTIONS = ('sum', 'mean')
 
 
 def leaf_key(key: Array, name: str) -> Array:
-  """The PRNG key of one leaf: depends on its name, not on tree order."""
+  """The PRNG key of one entry: depends on its name, not on tree order."""
   return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _with_leaf_name(name: str, fn: Callable, *args):
-  """Calls ``fn(*args)``, prefixing the leaf name to any PeftError."""
+def with_name(name: str, fn: Callable, *args):
+  """Calls ``fn(*args)``, prefixing the entry name to any PeftError."""
   try:
     return fn(*args)
   except PeftError as e:
     raise PeftError(f'{name}: {e}') from None
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-  return {name: tuple(np.shape(leaf)) for name, leaf in paths.named_leaves(tree)}
+def entries(tree: Mapping | None) -> dict[str, object]:
+  """``{name: node}`` of a sparse tree: every node that is not a dict.
+
+  Method parameters are typed (NamedTuples or arrays), so the walk stops at
+  each adapted leaf or hook point.
+  """
+  found = {}
+
+  def walk(node, prefix):
+    for key, child in node.items():
+      name = f'{prefix}{key}'
+      if isinstance(child, Mapping):
+        walk(child, name + paths.SEPARATOR)
+      else:
+        found[name] = child
+
+  walk(tree or {}, '')
+  return found
 
 
-def _check_fits(expected: dict, got: dict) -> None:
+def _init_stacked(init: Callable, key: Array, value, stack: tuple[int, ...]):
+  """``init(key, value)``, vmapped over one fresh key per layer of ``stack``."""
+  if not stack:
+    return init(key, value)
+  keys = jax.random.split(key, stack[0])
+  return jax.vmap(lambda k: _init_stacked(init, k, value, stack[1:]))(keys)
+
+
+def _check_typed(name: str, adapter, params) -> None:
+  if isinstance(params, Mapping):
+    raise PeftError(
+      f'{name}: {adapter.name or "a hand-built adapter"} returned its parameters '
+      'as a dict; method parameters must be typed (a NamedTuple or an array)'
+    )
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {
+    name: (tuple(np.shape(x)), np.dtype(x.dtype).name)
+    for name, x in paths.named_leaves(tree)
+  }
+
+
+def _check_fits(what: str, expected, got) -> None:
   """Raises naming the first path where ``got`` differs from ``expected``."""
+  expected, got = _shapes(expected), _shapes(got)
   for name in list(expected) + [n for n in got if n not in expected]:
     want, have = expected.get(name), got.get(name)
-    if want != have:
-      raise PeftError(
-        'adapter parameters do not fit this frozen tree: at '
-        f'{name!r} the frozen tree needs {"nothing" if want is None else want}'
-        f', the adapter parameters have {"nothing" if have is None else have}'
-      )
+    if want is not None and have is not None and want[0] == have[0]:
+      continue
+    describe = lambda v: 'nothing' if v is None else f'{v[0]} {v[1]}'
+    raise PeftError(
+      f'adapter {what} do not fit this frozen tree: at {name!r} the frozen '
+      f'tree needs {describe(want)}, the adapter {what} have {describe(have)}'
+    )
 
 
-def by_rules(rules: Sequence[Rule], *, strict: bool = True) -> Adapter:
-  """Lifts per-leaf adapters to a whole parameter tree, chosen by rules.
+def by_rules(
+  rules: Sequence[Rule], *, strict: bool = True, regularizer: str = 'mean'
+) -> TreeAdapter:
+  """Lifts adapters to a whole model, chosen by rules.
 
   Args:
     rules: ordered ``(selector, spec)`` pairs; ``re.fullmatch`` of a regex
-      (or a predicate ``(name, leaf) -> bool``) on each leaf name, first
-      match wins, unmatched leaves stay frozen. ``spec`` is a registry string
-      (``'lora(rank=8, alpha=16)'``), an ``Adapter``, or ``None`` (frozen).
-    strict: a rule that matches no leaf is an error.
+      (or a predicate ``(name, leaf) -> bool``) on each name, first match
+      wins, unmatched names stay frozen. ``spec`` is a registry string
+      (``'lora(rank=8, alpha=16)'``), an adapter, or ``None`` (frozen).
+      Weight-space specs match leaf names; activation specs match hook-point
+      names (predicates see ``(name, None)`` for hook points).
+    strict: a rule that matches nothing is an error.
+    regularizer: how the penalty terms of the adapted leaves combine:
+      ``'mean'`` (default; one term per matrix, a stacked leaf giving one
+      per layer) reproduces the reference code of AdaLoRA and of the
+      subspace-tuning paper (``compute_orth_regu``), ``'sum'`` the papers'
+      formulas (``γ Σ_leaves R``).
 
   Returns:
-    A tree-level ``Adapter``: ``init(key, frozen) -> theta`` (sparse nested
-    dict of trainable arrays), ``apply(frozen, theta) -> params`` (full tree,
-    same structure as ``frozen``), ``unapply`` where every chosen method is
-    invertible, and ``regularizer(frozen, theta)`` summing the per-leaf ones.
+    A ``TreeAdapter``.
 
   Example:
     >>> import jax, jax.numpy as jnp, peft_jax as pj
     >>> frozen = {'dense': {'kernel': jnp.ones((4, 3)), 'bias': jnp.zeros(3)}}
     >>> adapter = pj.by_rules([('.*/kernel', 'lora(rank=2, alpha=4)')])
-    >>> theta = adapter.init(jax.random.key(0), frozen)
-    >>> jax.tree.map(jnp.shape, theta)
-    {'dense': {'kernel': {'a': (4, 2), 'b': (2, 3)}}}
-    >>> pj.count(theta)
+    >>> params, buffers = adapter.init(jax.random.key(0), frozen)
+    >>> jax.tree.map(jnp.shape, params)
+    {'dense': {'kernel': LoraParams(a=(4, 2), b=(2, 3))}}
+    >>> pj.count(params)
     14
   """
   compiled = compile_rules(rules)
+  if regularizer not in REDUCTIONS:
+    raise PeftError(f"by_rules: regularizer={regularizer!r} is not 'sum' or 'mean'")
   chosen = [rule.adapter for rule in compiled if rule.adapter is not None]
+  leaf_methods = [a for a in chosen if isinstance(a, Adapter)]
+  has_hooks = any(isinstance(a, ActivationAdapter) for a in chosen)
 
-  def plan(frozen: Params) -> dict[str, Adapter]:
-    """``{leaf name: adapter}`` for the adapted leaves of ``frozen``."""
-    return {
-      name: rule.adapter
-      for name, (rule, _) in assign(compiled, frozen, strict=strict).items()
-      if rule.adapter is not None
-    }
+  def weight_adapters(frozen) -> dict[str, Adapter]:
+    weights, _ = assign(compiled, frozen, strict=False)
+    return {n: r.adapter for n, r in weights.items() if r.adapter is not None}
 
-  def init(key: Array, frozen: Params) -> AdapterParams:
+  def init_weights(key, frozen, chosen: Mapping[str, Adapter]):
     flat = paths.flatten(frozen)
-    return paths.nest(
-      {
-        name: _with_leaf_name(name, adapter.init, leaf_key(key, name), flat[name])
-        for name, adapter in plan(frozen).items()
-      }
+    out = {}
+    for name, adapter in chosen.items():
+      out[name] = with_name(name, adapter.init, leaf_key(key, name), flat[name])
+      _check_typed(name, adapter, out[name][0])
+    return out
+
+  def init(key: Array, frozen: Params, hooks: Mapping[str, HookPoint] | None = None):
+    weights, points = assign(compiled, frozen, hooks, strict=strict)
+    pick = lambda rules: {n: r.adapter for n, r in rules.items() if r.adapter}
+    made = init_weights(key, frozen, pick(weights))
+    for name, adapter in pick(points).items():
+      point = hooks[name]
+      made[name] = with_name(
+        name, _init_stacked, adapter.init, leaf_key(key, name), point.value, point.stack
+      )
+      _check_typed(name, adapter, made[name][0])
+    _check_disjoint(frozen, made)
+    params = paths.nest({n: p for n, (p, _) in made.items()})
+    buffers = paths.nest({n: b for n, (_, b) in made.items() if jax.tree.leaves(b)})
+    return params, buffers
+
+  def plan(frozen: Params, params: AdapterParams, buffers: Buffers) -> Plan:
+    weights = weight_adapters(frozen)
+    given_params, given_buffers = entries(params), entries(buffers)
+    hook_names = {n: None for n in given_params if n not in weights}
+    points = assign(compiled, frozen, hook_names, strict=False)[1]
+    expected = jax.eval_shape(
+      lambda key: init_weights(key, frozen, weights), jax.random.key(0)
     )
-
-  def plan_with_params(frozen: Params, theta: AdapterParams) -> dict:
-    expected = jax.eval_shape(init, jax.random.key(0), frozen)
-    _check_fits(_shapes(expected), _shapes(theta))
-    return {
-      name: (adapter, paths.subtree(theta, name))
-      for name, adapter in plan(frozen).items()
+    subset = lambda tree: {n: tree[n] for n in tree if n in weights}
+    _check_fits(
+      'parameters', {n: p for n, (p, _) in expected.items()}, subset(given_params)
+    )
+    _check_fits(
+      'buffers',
+      {n: b for n, (_, b) in expected.items() if jax.tree.leaves(b)},
+      subset(given_buffers),
+    )
+    hook_plan = {}
+    for name in hook_names:
+      rule = points.get(name)
+      if rule is None or rule.adapter is None:
+        raise PeftError(
+          f'adapter parameters hold an entry at {name!r}, which is neither an '
+          'adapted leaf of this frozen tree nor a hook point these rules select'
+        )
+      hook_plan[name] = Entry(rule.adapter, given_params[name], given_buffers.get(name))
+    weight_plan = {
+      name: Entry(adapter, given_params[name], given_buffers.get(name))
+      for name, adapter in weights.items()
     }
+    return Plan(weight_plan, hook_plan)
 
-  def map_adapted(method: str, frozen: Params, theta: AdapterParams) -> Params:
-    chosen = plan_with_params(frozen, theta)
+  def map_weights(fn: Callable, frozen: Params, params, buffers) -> Params:
+    chosen = plan(frozen, params, buffers).weights
 
     def visit(name, w):
       if name not in chosen:
         return w
-      adapter, leaf_theta = chosen[name]
-      return _with_leaf_name(name, getattr(adapter, method), w, leaf_theta)
+      return with_name(name, fn, chosen[name], w)
 
     return paths.map_named(visit, frozen)
 
-  def regularizer(frozen: Params, theta: AdapterParams) -> Array:
+  def apply_entry(entry: Entry, w):
+    if entry.adapter.apply is None:
+      raise PeftError(
+        f'{entry.adapter.name or "this method"} has no weight-space form; run '
+        'the model through peft_jax.adapted(adapter, fn, factored=True)'
+      )
+    return entry.adapter.apply(w, entry.params, entry.buffers)
+
+  def unapply_entry(entry: Entry, w):
+    return entry.adapter.unapply(w, entry.params, entry.buffers)
+
+  def regularize(frozen: Params, params, buffers) -> Array:
     flat = paths.flatten(frozen)
     terms = [
-      adapter.regularizer(flat[name], leaf_theta)
-      for name, (adapter, leaf_theta) in plan_with_params(frozen, theta).items()
-      if adapter.regularizer is not None
+      jnp.ravel(e.adapter.regularizer(flat[name], e.params, e.buffers))
+      for name, e in plan(frozen, params, buffers).weights.items()
+      if e.adapter.regularizer is not None
     ]
-    return functools.reduce(jnp.add, terms, jnp.zeros((), jnp.float32))
+    total = functools.reduce(jnp.add, [jnp.sum(t) for t in terms], jnp.zeros(()))
+    if regularizer == 'sum':
+      return total
+    return total / max(sum(t.size for t in terms), 1)
 
-  return Adapter(
+  invertible = all(a.unapply is not None for a in leaf_methods) and not has_hooks
+  return TreeAdapter(
     init=init,
-    apply=functools.partial(map_adapted, 'apply'),
-    unapply=(
-      functools.partial(map_adapted, 'unapply')
-      if all(a.unapply is not None for a in chosen)
-      else None
-    ),
+    apply=functools.partial(map_weights, apply_entry),
+    unapply=functools.partial(map_weights, unapply_entry) if invertible else None,
     regularizer=(
-      regularizer if any(a.regularizer is not None for a in chosen) else None
+      regularize if any(a.regularizer is not None for a in leaf_methods) else None
     ),
-    mergeable=all(a.mergeable for a in chosen),
+    plan=plan,
+    mergeable=all(a.mergeable for a in leaf_methods) and not has_hooks,
     name='by_rules([{}])'.format(
       ', '.join(
         f'({r.selector!r}, {r.adapter.name if r.adapter else None!r})' for r in compiled
       )
     ),
-    plan=plan_with_params,
   )
 
 
-def merge(adapter: Adapter, frozen: Params, theta: AdapterParams) -> Params:
-  """The merged weights ``apply(frozen, theta)``, for plain inference.
+def _check_disjoint(frozen: Params, made: Mapping[str, object]) -> None:
+  """Hook-point names must not collide with leaf names or their prefixes."""
+  leaves = set(paths.flatten(frozen))
+  prefixes = {
+    paths.SEPARATOR.join(n.split(paths.SEPARATOR)[:i])
+    for n in leaves | set(made)
+    for i in range(1, n.count(paths.SEPARATOR) + 1)
+  }
+  for name in made:
+    if name in prefixes:
+      raise PeftError(
+        f'{name!r} is both an adapted name and a prefix of another name; rename '
+        'the hook point or the module'
+      )
 
-  Raises if the method is not mergeable (activation-side methods).
+
+def merge(adapter: TreeAdapter, frozen: Params, params, buffers=None) -> Params:
+  """The merged weights ``apply(frozen, params, buffers)``, for plain inference.
+
+  Raises if a chosen method has no weight-space form or acts on activations.
   """
   if not adapter.mergeable:
-    raise PeftError(f'{adapter.name or "this adapter"} is not mergeable')
-  return adapter.apply(frozen, theta)
+    raise PeftError(
+      f'{adapter.name} is not mergeable: some chosen method has no weight-space '
+      'form or acts on activations; run it through peft_jax.adapted'
+    )
+  return adapter.apply(frozen, params, buffers)
 
 
-def unmerge(adapter: Adapter, merged: Params, theta: AdapterParams) -> Params:
-  """Recovers the frozen weights from merged ones: ``unapply(merged, theta)``."""
+def unmerge(adapter: TreeAdapter, merged: Params, params, buffers=None) -> Params:
+  """Recovers the frozen weights from merged ones: ``unapply(merged, ...)``."""
   if adapter.unapply is None:
     raise PeftError(
-      f'{adapter.name or "this adapter"} is not invertible: some chosen '
-      'method has no unapply (e.g. full or bitfit replace the weight)'
+      f'{adapter.name} is not invertible: some chosen method has no unapply '
+      '(e.g. full or bitfit replace the weight)'
     )
-  return adapter.unapply(merged, theta)
+  return adapter.unapply(merged, params, buffers)
 
 
-def count(theta: AdapterParams) -> int:
-  """The number of trainable scalars in ``theta`` (``buffers`` excluded)."""
-  return sum(
-    int(np.size(leaf))
-    for name, leaf in paths.named_leaves(theta)
-    if not paths.is_buffer(name)
-  )
-
-
-def trainable_mask(theta: AdapterParams) -> AdapterParams:
-  """A bool pytree like ``theta``: False for leaves under a ``buffers`` key."""
-  return paths.map_named(lambda name, leaf: not paths.is_buffer(name), theta)
+def count(params: AdapterParams) -> int:
+  """The number of trainable scalars in ``params``."""
+  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
 def describe(
   rules: Sequence[Rule],
   params: Params,
+  hooks: Mapping[str, HookPoint] | None = None,
   *,
   strict: bool = True,
   print_fn: Callable[[str], None] = print,
 ) -> None:
-  """Prints a table of every leaf: name, shape, method, trainable count.
+  """Prints a table of every leaf and hook point: name, shape, method, trainable.
 
   Args:
     rules: as for ``by_rules``.
     params: the frozen parameter tree.
+    hooks: the model's hook points (``peft_jax.hook_points``), if any.
     strict: as for ``by_rules``.
     print_fn: where the table goes (``print``, ``logging.info``, ...).
   """
   compiled = compile_rules(rules)
-  assigned = assign(compiled, params, strict=strict)
+  weights, points = assign(compiled, params, hooks, strict=strict)
   rows, trainable, total = [], 0, 0
-  for name, leaf in paths.named_leaves(params):
-    rule = assigned.get(name, (None,))[0]
+  named = [(n, leaf, weights, None) for n, leaf in paths.named_leaves(params)]
+  named += [(n, p.value, points, p) for n, p in (hooks or {}).items()]
+  for name, value, assigned, point in named:
+    rule = assigned.get(name)
     adapter = rule.adapter if rule else None
     n = 0
     if adapter is not None:
-      n = count(jax.eval_shape(adapter.init, jax.random.key(0), leaf))
-    trainable, total = trainable + n, total + int(np.size(leaf))
-    method = adapter.name if adapter else ('frozen (rule)' if rule else '-')
-    rows.append((name, str(tuple(np.shape(leaf))), method, f'{n:,}'))
+      init = (
+        adapter.init
+        if point is None
+        else functools.partial(_init_stacked, adapter.init, stack=point.stack)
+      )
+      n = count(jax.eval_shape(init, jax.random.key(0), value)[0])
+    if point is None:
+      total += int(np.size(value))
+    trainable += n
+    shape = tuple(np.shape(value)) if point is None else _point_shape(point)
+    method = (
+      (adapter.name or 'hand-built') if adapter else ('frozen (rule)' if rule else '-')
+    )
+    rows.append((name, str(shape), method, f'{n:,}'))
   header = ('name', 'shape', 'method', 'trainable')
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
   line = lambda r: '  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True))
   lines = [line(header), line(['-' * w for w in widths]), *map(line, rows)]
   share = 100.0 * trainable / max(total, 1)
-  lines.append(f'trainable {trainable:,} of {total:,} ({share:.3f}%)')
+  lines.append(f'trainable {trainable:,} of {total:,} frozen ({share:.3f}%)')
   print_fn('\n'.join(lines))
+
+
+def _point_shape(point: HookPoint) -> str:
+  """``'hook ×12 ((2, 5, 16), (2, 5))'``: layers sharing it, value shapes."""
+  shapes = jax.tree.map(lambda x: tuple(x.shape), point.value)
+  layers = 'x'.join(map(str, point.stack))
+  return f'hook {"×" + layers + " " if layers else ""}{shapes}'

@@ -1,20 +1,26 @@
 """AdaLoRA's SVD-form layer (Zhang et al., 2023), with its orthogonality penalty."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks
-from peft_jax._src.base import Adapter, PeftError
-from peft_jax._src.low_rank import low_rank_adapter
+from peft_jax._src.base import Adapter, Array, PeftError
+from peft_jax._src.low_rank import adalora_scale, low_rank_adapter
+from peft_jax._src.patterns import FORMS, pattern_penalty
 from peft_jax._src.registry import register
-from peft_jax.methods.mpc import FORMS, pattern_penalty
 
 
-def adalora_scale(method: str, rank: int, alpha: float) -> float:
-  """``s = α/(r₀ + 1e-5)``, with ``α ≤ 0`` replaced by ``r₀`` (the code's rule)."""
-  rank = checks.positive_int(method, 'rank', rank)
-  alpha = checks.real(method, 'alpha', alpha)
-  return (alpha if alpha > 0 else float(rank)) / (rank + 1e-5)
+class AdaLoraParams(NamedTuple):
+  """AdaLoRA's SVD-form triplets: ``a: (d_in, r)``, ``e: (r,)``, ``b: (r, d_out)``.
+
+  ``adalora_schedule`` governs every leaf whose parameters have this type.
+  """
+
+  a: Array
+  b: Array
+  e: Array
 
 
 @register('adalora')
@@ -41,12 +47,14 @@ def adalora(
 
   The paper's "AdaLoRA" includes MPC_o, AdaLoRA's orthogonality penalty, so
   the adapter carries ``reg_orth_coef · R_o(a, b)`` as its regulariser
-  (``mpc.pattern_penalty``; ``reg_orth_coef=0`` turns it off). Its default
-  ``reg_form='mean'`` is AdaLoRA's code (and HF PEFT's ``orth_reg_weight``):
-  unsquared norms averaged per leaf, whose coefficient relates to the
-  code's by ``γ_code = L · reg_orth_coef`` for ``L`` adapted leaves (see
-  ``mpc``); ``'squared'`` is the paper's Eq. 25. The importance-driven rank
-  budget (masking ``e``) is not part of this layer.
+  (``patterns.pattern_penalty``; ``reg_orth_coef=0`` turns it off). Its
+  default ``reg_form='mean'`` with the tree's default
+  ``by_rules(..., regularizer='mean')`` is AdaLoRA's code (and HF PEFT's
+  ``orth_reg_weight``) exactly: ``γ/(2L) Σ ‖·‖_F`` over the ``2L`` factor
+  residuals of ``L`` adapted matrices, so the code's ``reg_orth_coef=0.1``
+  is this ``reg_orth_coef=0.1``. ``'squared'`` with ``regularizer='sum'``
+  is the paper's Eq. 25. The importance-driven rank budget (masking ``e``)
+  is ``adalora_schedule``.
 
   Args:
     rank: r₀, with ``0 < r₀ <= min(d_in, d_out)``.
@@ -73,20 +81,21 @@ def adalora(
   def init(key, w):
     d_in, d_out = checks.rank_fits(name, rank, w)
     key_a, key_b = jax.random.split(key)
-    return {
-      'a': std * jax.random.normal(key_a, (d_in, rank), dtype),
-      'b': std * jax.random.normal(key_b, (rank, d_out), dtype),
-      'e': jnp.zeros(rank, dtype),
-    }
+    params = AdaLoraParams(
+      a=std * jax.random.normal(key_a, (d_in, rank), dtype),
+      b=std * jax.random.normal(key_b, (rank, d_out), dtype),
+      e=jnp.zeros(rank, dtype),
+    )
+    return params, None
 
-  def regularizer(w, theta):
-    del w
-    return coef * pattern_penalty(theta['a'], theta['b'], 'o', reg_form)
+  def regularizer(w, params, buffers):
+    del w, buffers
+    return coef * pattern_penalty(params.a, params.b, 'o', reg_form)
 
   layer = low_rank_adapter(
     init,
     scale,
     num_params=lambda shape: rank * (shape[0] + shape[1] + 1),
-    mix=lambda theta, h: h * theta['e'],
+    mix=lambda params, buffers, h: h * params.e,
   )
   return layer._replace(regularizer=regularizer if coef > 0 else None)

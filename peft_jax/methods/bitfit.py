@@ -1,11 +1,9 @@
 """BitFit (Ben Zaken et al., 2022): train only the bias vectors."""
 
-import math
-
 from peft_jax._src import checks
 from peft_jax._src.base import Adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.full import replace_leaf
+from peft_jax._src.replace import replace_leaf
 
 
 def is_bias(name: str, leaf) -> bool:
@@ -29,10 +27,5 @@ def bitfit(*, param_dtype: str = 'float32') -> Adapter:
     param_dtype: dtype of the trained copy.
   """
   name = 'bitfit'
-  init, apply = replace_leaf(checks.float_dtype(name, 'param_dtype', param_dtype))
-
-  def init_bias(key, w):
-    checks.vector(name, w)
-    return init(key, w)
-
-  return Adapter(init=init_bias, apply=apply, num_params=math.prod)
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+  return replace_leaf(dtype, check=lambda w: checks.vector(name, w))

@@ -6,7 +6,7 @@ import numpy as np
 from peft_jax._src import checks
 from peft_jax._src.base import Adapter, PeftError
 from peft_jax._src.registry import register
-from peft_jax.methods.oft import cayley, check_blocks, num_skew
+from peft_jax._src.linalg import cayley, check_blocks, num_skew
 
 
 def butterfly_perm(d: int, block_size: int, i: int) -> np.ndarray:

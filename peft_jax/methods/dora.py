@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from peft_jax._src import checks, initializers
 from peft_jax._src.base import Adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.lora import lora_scale
+from peft_jax._src.low_rank import lora_scale
 
 
 def column_norms(w):

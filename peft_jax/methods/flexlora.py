@@ -7,8 +7,9 @@ from peft_jax._src import checks
 from peft_jax._src.base import BUFFERS, Adapter, PeftError
 from peft_jax._src.low_rank import low_rank_adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.adalora import adalora_scale
-from peft_jax.methods.mpc import FORMS, frobenius
+from peft_jax._src.low_rank import adalora_scale
+from peft_jax._src.linalg import frobenius
+from peft_jax._src.patterns import FORMS
 
 
 def active_penalty(down, up, active, form: str):

@@ -1,6 +1,5 @@
 """LN-tuning (Qi et al., 2022; HF PEFT ``LNTuningConfig``): train the norms."""
 
-import math
 import re
 
 import numpy as np
@@ -8,7 +7,7 @@ import numpy as np
 from peft_jax._src import checks
 from peft_jax._src.base import Adapter, PeftError
 from peft_jax._src.registry import register
-from peft_jax.methods.full import replace_leaf
+from peft_jax._src.replace import replace_leaf
 
 NORM_WORDS = frozenset({'ln', 'norm', 'layernorm', 'rmsnorm'})
 
@@ -56,13 +55,12 @@ def ln_tuning(*, param_dtype: str = 'float32') -> Adapter:
     param_dtype: dtype of the trained copy.
   """
   name = 'ln_tuning'
-  init, apply = replace_leaf(checks.float_dtype(name, 'param_dtype', param_dtype))
+  dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
-  def init_norm(key, w):
+  def check_norm(w):
     if np.ndim(w) != 1:
       raise PeftError(
         f'{name} expects a 1-D leaf (a norm scale or bias); got shape {np.shape(w)}'
       )
-    return init(key, w)
 
-  return Adapter(init=init_norm, apply=apply, num_params=math.prod)
+  return replace_leaf(dtype, check=check_norm)

@@ -1,18 +1,20 @@
 """LoRA (Hu et al., 2021), with the rsLoRA scale (Kalajdzievski, 2023)."""
 
+from typing import NamedTuple
+
 import jax
 
 from peft_jax._src import checks, initializers
-from peft_jax._src.base import Adapter
-from peft_jax._src.low_rank import low_rank_adapter
+from peft_jax._src.base import Adapter, Array
+from peft_jax._src.low_rank import lora_scale, low_rank_adapter
 from peft_jax._src.registry import register
 
 
-def lora_scale(method: str, rank: int, alpha: float, rslora: bool) -> float:
-  """``s = α/r``, or ``α/√r`` with rsLoRA."""
-  rank = checks.positive_int(method, 'rank', rank)
-  alpha = checks.real(method, 'alpha', alpha)
-  return alpha / (rank**0.5 if checks.flag(method, 'rslora', rslora) else rank)
+class LoraParams(NamedTuple):
+  """LoRA's factors: ``a: (d_in, r)``, ``b: (r, d_out)``."""
+
+  a: Array
+  b: Array
 
 
 @register('lora')
@@ -31,7 +33,8 @@ def lora(
   ``b: (r, d_out)``; ``s = α/r``, or ``α/√r`` with ``rslora=True``. In the
   spec's PyTorch layout this is ``W' = W + s·BA`` with ``A = aᵀ: (r, d_in)``
   and ``B = bᵀ: (d_out, r)``. Factored form: ``y = x @ w + s · (x @ a) @ b``.
-  Trainable count ``r · (d_in + d_out)``. Identity at init (``b = 0``).
+  Trainable count ``r · (d_in + d_out)``; no buffers. Identity at init
+  (``b = 0``).
 
   Args:
     rank: r, with ``0 < r <= min(d_in, d_out)``.
@@ -44,7 +47,7 @@ def lora(
     param_dtype: dtype of ``a`` and ``b``; ``w'`` keeps ``w``'s dtype.
 
   Returns:
-    The LoRA ``Adapter``.
+    The LoRA ``Adapter``; its parameters are ``LoraParams``.
   """
   name = 'lora'
   scale = lora_scale(name, rank, alpha, rslora)
@@ -55,10 +58,11 @@ def lora(
   def init(key, w):
     d_in, d_out = checks.rank_fits(name, rank, w)
     key_a, key_b = jax.random.split(key)
-    return {
-      'a': init_a(key_a, (d_in, rank), dtype, rank),
-      'b': init_b(key_b, (rank, d_out), dtype, rank),
-    }
+    params = LoraParams(
+      a=init_a(key_a, (d_in, rank), dtype, rank),
+      b=init_b(key_b, (rank, d_out), dtype, rank),
+    )
+    return params, None
 
   return low_rank_adapter(
     init, scale, num_params=lambda shape: rank * (shape[0] + shape[1])

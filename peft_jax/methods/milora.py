@@ -2,7 +2,7 @@
 
 from peft_jax._src.base import Adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.pissa import svd_lora
+from peft_jax._src.svd_lora import svd_lora
 
 
 @register('milora')

@@ -7,7 +7,7 @@ from peft_jax._src import checks, initializers
 from peft_jax._src.base import Adapter
 from peft_jax._src.low_rank import low_rank_adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.adalora import adalora_scale
+from peft_jax._src.low_rank import adalora_scale
 
 
 def orthogonal(key, shape, dtype, rank):

@@ -1,30 +1,27 @@
-"""SAM-PARSER (Mode-1 reconstruction): train the singular values of a kernel.
+"""SAM-PARSER (Mode-1 reconstruction): train the singular values of a kernel."""
 
-Also home of the thin SVD that the SVD-based methods share (``thin_svd``).
-"""
+from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from peft_jax._src import checks
-from peft_jax._src.base import BUFFERS, Adapter
+from peft_jax._src import checks, linalg
+from peft_jax._src.additive import additive
+from peft_jax._src.base import Adapter, Array
 from peft_jax._src.registry import register
 
 
-def thin_svd(w):
-  """The float32 thin SVD of a kernel, in the spec's names: ``(u, sigma, v)``.
+class SamParserParams(NamedTuple):
+  """The trained singular values ``sigma: (k,)``."""
 
-  The kernel ``w: (d_in, d_out)`` is ``Wᵀ`` with ``W = U diag(σ) Vᵀ``, so
-  ``w = v · diag(sigma) · uᵀ`` with ``u = U: (d_out, k)`` (output side),
-  ``v = V: (d_in, k)`` (input side) and ``sigma: (k,)`` in descending order,
-  ``k = min(d_in, d_out)``. Computed in float32 whatever ``w``'s dtype.
-  """
-  left, sigma, right = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
-  return right.T, sigma, left
+  sigma: Array
 
 
-def reconstruct(v, sigma, u):
-  """``v · diag(sigma) · uᵀ: (d_in, d_out)``, a kernel from SVD triplets."""
-  return (v * sigma) @ u.T
+class SvdBasis(NamedTuple):
+  """The frozen SVD of ``w``: ``u: (d_out, k)``, ``v: (d_in, k)``, ``sigma0: (k,)``."""
+
+  u: Array
+  v: Array
+  sigma0: Array
 
 
 @register('sam_parser')
@@ -35,7 +32,8 @@ def sam_parser(*, param_dtype: str = 'float32') -> Adapter:
   the pretrained ``w``, taken once in ``init``), ``v: (d_in, k)``,
   ``u: (d_out, k)``, ``σ, σ': (k,)``, ``k = min(d_in, d_out)``. Spec
   (PyTorch layout): ``W' = U diag(σ') Vᵀ``. Only ``σ'`` is trainable
-  (count ``k``); ``u``, ``v`` and the initial ``σ`` are buffers.
+  (``SamParserParams``, count ``k``); ``u``, ``v`` and the initial ``σ`` are
+  buffers (``SvdBasis``), which the optimizer never sees.
 
   ``apply`` computes the same matrix as ``w' = w + v · diag(σ' − σ) · uᵀ``, so
   it is exactly ``w`` at init (no SVD round-off in the merged weight) and
@@ -44,8 +42,8 @@ def sam_parser(*, param_dtype: str = 'float32') -> Adapter:
   No factored form: with full rank ``k``, ``((x @ v) ⊙ σ') @ uᵀ`` costs
   ``2k(d_in + d_out)`` FLOPs per token, twice ``x @ w`` for a square kernel,
   so it is no faster than the weight-space path (which forms ``w'`` once per
-  call, ``d_in · d_out · k`` FLOPs); ``peft_jax.factored`` applies this
-  method in weight space.
+  call, ``d_in · d_out · k`` FLOPs); the factored path applies this method
+  in weight space.
 
   Unlike the original code (spec §3.2.1, which re-created ``σ'`` lazily after
   the optimiser was built, so it was never trained), ``σ'`` is a parameter
@@ -60,18 +58,12 @@ def sam_parser(*, param_dtype: str = 'float32') -> Adapter:
   def init(key, w):
     del key
     checks.matrix(name, w)
-    u, sigma, v = thin_svd(w)
+    u, sigma, v = linalg.thin_svd(w)
     sigma = sigma.astype(dtype)
-    buffers = {'u': u, 'v': v, 'sigma0': jnp.array(sigma, copy=True)}
-    return {'sigma': sigma, BUFFERS: buffers}
+    return SamParserParams(sigma), SvdBasis(u=u, v=v, sigma0=jnp.copy(sigma))
 
-  def delta(theta):
-    buffers = theta[BUFFERS]
-    return reconstruct(buffers['v'], theta['sigma'] - buffers['sigma0'], buffers['u'])
+  def delta(w, params, buffers):
+    del w
+    return linalg.reconstruct(buffers.v, params.sigma - buffers.sigma0, buffers.u)
 
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
-    num_params=lambda shape: min(shape),
-  )
+  return additive(init, delta, num_params=min)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 from peft_jax._src import checks
 from peft_jax._src.base import BUFFERS, Adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.lora import lora_scale
-from peft_jax.methods.sam_parser import thin_svd
+from peft_jax._src.low_rank import lora_scale
+from peft_jax._src.linalg import thin_svd
 
 
 @register('spectral_adapter')

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from peft_jax._src import checks
 from peft_jax._src.base import BUFFERS, Adapter
 from peft_jax._src.registry import register
-from peft_jax.methods.sam_parser import reconstruct, thin_svd
+from peft_jax._src.linalg import reconstruct, thin_svd
 
 
 @register('svdiff')

@@ -1,84 +1,25 @@
-"""AdaLoRA's rank budget (Zhang et al., 2023): importance scores mask ``e``.
+"""AdaLoRA's rank budget (Zhang et al., 2023): importance scores mask ``e``."""
 
-Also home of the helpers the schedules share: ``governed`` (the leaves of a
-tree-level adapter that one method governs), ``replace_subtrees`` and
-``non_negative_int``.
-"""
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
 from peft_jax._src import checks, paths
-from peft_jax._src.base import Adapter, AdapterParams, Array, PeftError, Schedule
-
-FACTORS = ('a', 'b', 'e')
-
-
-def non_negative_int(schedule: str, name: str, value) -> int:
-  """``value`` if it is an int >= 0 (bools rejected)."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise PeftError(
-      f'{schedule}: {name}={value!r} must be an int, got {type(value).__name__}'
-    )
-  if value < 0:
-    raise PeftError(f'{schedule}: {name}={value} must be >= 0')
-  return int(value)
+from peft_jax._src.base import Array, PeftError, Schedule, TreeAdapter
+from peft_jax._src.schedules import governed, phases
+from peft_jax.methods.adalora import AdaLoraParams
 
 
-def phases(
-  schedule: str, total_steps, init_warmup, final_warmup
-) -> tuple[int, int, int]:
-  """Validated ``(T, t_i, t_f)``: warm-up, then the active phase, then the final."""
-  total = checks.positive_int(schedule, 'total_steps', total_steps)
-  t_i = non_negative_int(schedule, 'init_warmup', init_warmup)
-  t_f = non_negative_int(schedule, 'final_warmup', final_warmup)
-  if total - t_f - t_i <= 0:
-    raise PeftError(
-      f'{schedule}: total_steps={total} must exceed init_warmup + final_warmup '
-      f'= {t_i + t_f}'
-    )
-  return total, t_i, t_f
+class AdaLoraScheduleState(NamedTuple):
+  """The smoothed sensitivity ``avg`` (Ī) and uncertainty ``unc`` (Ū).
 
-
-def governed(
-  schedule: str, adapter: Adapter, frozen, theta: AdapterParams, method: str
-) -> dict[str, tuple[Adapter, AdapterParams]]:
-  """``{leaf name: (leaf adapter, leaf theta)}`` of the leaves using ``method``.
-
-  A leaf is governed when its adapter's canonical name starts with
-  ``'<method>('`` (``adalora(rank=3)``), so ``by_rules`` may mix methods;
-  leaves under ``stacked(...)`` are not governed.
-
-  Raises:
-    PeftError: if ``adapter`` has no ``plan`` (it is not tree-level) or no
-      leaf uses ``method``.
+  Sparse trees keyed like the adapter parameters: an ``AdaLoraParams`` of
+  float32 arrays at every governed leaf.
   """
-  if adapter.plan is None:
-    raise PeftError(
-      f'{schedule}: needs a tree-level adapter such as by_rules(...); '
-      f'{adapter.name or "this adapter"} has no plan'
-    )
-  chosen = {
-    name: (leaf, leaf_theta)
-    for name, (leaf, leaf_theta) in adapter.plan(frozen, theta).items()
-    if leaf.name.startswith(f'{method}(')
-  }
-  if not chosen:
-    raise PeftError(f'{schedule}: no leaf of {adapter.name} uses {method}(...)')
-  return chosen
 
-
-def replace_subtrees(tree: dict, replacements: dict[str, object]) -> dict:
-  """``tree`` (nested dicts, not modified) with the node at each name replaced."""
-
-  def put(node, keys, value):
-    if not keys:
-      return value
-    return {**node, keys[0]: put(node[keys[0]], keys[1:], value)}
-
-  for name, value in replacements.items():
-    tree = put(tree, name.split(paths.SEPARATOR), value)
-  return tree
+  avg: dict
+  unc: dict
 
 
 def budget(
@@ -116,34 +57,43 @@ def budget(
   ).astype(jnp.int32)
 
 
-def sensitivity_update(avg, unc, theta, grads, beta1: float, beta2: float):
+def sensitivity_update(
+  avg: AdaLoraParams,
+  unc: AdaLoraParams,
+  params: AdaLoraParams,
+  grads: AdaLoraParams,
+  beta1: float,
+  beta2: float,
+) -> tuple[AdaLoraParams, AdaLoraParams]:
   """One EMA update of the smoothed sensitivity ``Ī`` and uncertainty ``Ū``.
 
   ``I = |w · ∂L/∂w|`` for every entry of ``a``, ``b`` and ``e``;
   ``Ī ← β1 Ī + (1−β1) I``; ``Ū ← β2 Ū + (1−β2) |I − Ī|`` with the new
-  ``Ī``. Returns ``(avg, unc)``, dicts of float32 arrays keyed like theta.
+  ``Ī``. Returns ``(avg, unc)``, float32 ``AdaLoraParams``.
   """
-  new_avg, new_unc = {}, {}
-  for k in FACTORS:
-    sens = jnp.abs(theta[k].astype(jnp.float32) * grads[k].astype(jnp.float32))
-    new_avg[k] = beta1 * avg[k] + (1 - beta1) * sens
-    new_unc[k] = beta2 * unc[k] + (1 - beta2) * jnp.abs(sens - new_avg[k])
+  f32 = lambda x: x.astype(jnp.float32)
+  sens = jax.tree.map(lambda p, g: jnp.abs(f32(p) * f32(g)), params, grads)
+  new_avg = jax.tree.map(lambda a, s: beta1 * a + (1 - beta1) * s, avg, sens)
+  new_unc = jax.tree.map(
+    lambda u, s, a: beta2 * u + (1 - beta2) * jnp.abs(s - a), unc, sens, new_avg
+  )
   return new_avg, new_unc
 
 
-def triplet_scores(avg, unc) -> Array:
+def triplet_scores(avg: AdaLoraParams, unc: AdaLoraParams) -> Array:
   """``S_i = S(e_i) + mean_j S(a_ji) + mean_k S(b_ik)`` with ``S = Ī·Ū``.
 
-  In the Flax layout ``a: (d_in, r)`` is averaged over ``d_in`` (column
-  ``i``) and ``b: (r, d_out)`` over ``d_out`` (row ``i``): the spec's mean
-  over row ``i`` of ``A`` and column ``i`` of ``B``. Returns ``(r,)``.
+  In the Flax layout ``a: (..., d_in, r)`` is averaged over ``d_in`` (column
+  ``i``) and ``b: (..., r, d_out)`` over ``d_out`` (row ``i``): the spec's
+  mean over row ``i`` of ``A`` and column ``i`` of ``B``. Leading axes are
+  stacked layers. Returns ``(..., r)``.
   """
-  score = {k: avg[k] * unc[k] for k in FACTORS}
-  return score['e'] + score['a'].mean(axis=0) + score['b'].mean(axis=1)
+  score = jax.tree.map(jnp.multiply, avg, unc)
+  return score.e + score.a.mean(axis=-2) + score.b.mean(axis=-1)
 
 
 def adalora_schedule(
-  adapter: Adapter,
+  adapter: TreeAdapter,
   *,
   total_steps: int,
   init_warmup: int,
@@ -156,6 +106,10 @@ def adalora_schedule(
 ) -> Schedule:
   """AdaLoRA's importance-driven budget over the ``adalora`` leaves of ``adapter``.
 
+  Governed leaves are those whose parameters are ``AdaLoraParams``, however
+  the method is wrapped (``mpc``, ``matrix_view``, ``stacked``: each layer's
+  ``e`` counts as one matrix's rank).
+
   After update ``t`` (``t`` = optimizer updates done, 1 after the first):
 
   * scores: for ``t <= T − t_f`` the sensitivity EMAs of every entry of
@@ -163,7 +117,7 @@ def adalora_schedule(
     parameters and this update's gradients, regulariser included); in the
     final phase ``t > T − t_f`` they are frozen.
   * budget ``b(t)`` (``budget``): ``b0`` = the sum of the initial ranks,
-    ``b_T = target_rank × #adalora leaves`` or ``target_total_rank``.
+    ``b_T = target_rank × #adalora matrices`` or ``target_total_rank``.
   * masking: none for ``t <= t_i``; when ``t mod Δ = 0`` for
     ``t_i < t <= T − t_f``; at every step for ``t > T − t_f``. It sets
     ``e_i ← 0`` wherever ``S_i <= τ``, ``τ`` the ``(b0 − b(t))``-th smallest
@@ -174,9 +128,9 @@ def adalora_schedule(
 
   ``t`` counts updates done: a loop that calls the reference allocator with
   a 0-based step counter (ours minus one) fires each event one update later
-  for the same ``t_i``, ``t_f``, ``Δ``. Pair with the ``adalora`` layer's orthogonality
-  penalty (its ``reg_orth_coef``). State: ``{'avg': Ī, 'unc': Ū}``, nested
-  like ``theta`` (``a``, ``b``, ``e`` of each governed leaf, float32).
+  for the same ``t_i``, ``t_f``, ``Δ``. Pair with the ``adalora`` layer's
+  orthogonality penalty (its ``reg_orth_coef``). State:
+  ``AdaLoraScheduleState(avg=Ī, unc=Ū)``.
 
   Args:
     adapter: a tree-level adapter (``by_rules``) with ``adalora`` leaves.
@@ -185,9 +139,9 @@ def adalora_schedule(
     final_warmup: ``t_f >= 0``, final updates at the target budget with
       frozen scores; ``T − t_f − t_i`` must be > 0.
     mask_interval: ``Δ > 0``, updates between masks in the middle phase.
-    target_rank: the final average rank per leaf (exactly one of this and
+    target_rank: the final average rank per matrix (exactly one of this and
       ``target_total_rank``).
-    target_total_rank: the final total rank over all governed leaves.
+    target_total_rank: the final total rank over all governed matrices.
     beta1: β1 in ``[0, 1)`` of the sensitivity EMA.
     beta2: β2 in ``[0, 1)`` of the uncertainty EMA.
 
@@ -210,43 +164,46 @@ def adalora_schedule(
     if not 0 <= checks.real(name, beta_name, beta) < 1:
       raise PeftError(f'{name}: {beta_name}={beta} must be in [0, 1)')
 
-  def leaves(frozen, theta):
+  def leaves(frozen, params, buffers):
     """The governed leaves and the budget ends ``(b0, b_T)``."""
-    chosen = governed(name, adapter, frozen, theta, 'adalora')
-    initial = sum(leaf_theta['e'].shape[0] for _, leaf_theta in chosen.values())
-    target = target_total_rank or target_rank * len(chosen)
+    chosen = governed(name, adapter, frozen, params, buffers, AdaLoraParams)
+    initial = sum(entry.params.e.size for entry in chosen.values())
+    matrices = sum(
+      entry.params.e.size // entry.params.e.shape[-1] for entry in chosen.values()
+    )
+    target = target_total_rank or target_rank * matrices
     if target > initial:
       raise PeftError(
         f'{name}: the target total rank {target} exceeds the initial total '
-        f'rank {initial} of the {len(chosen)} adalora leaves'
+        f'rank {initial} of the {matrices} adalora matrices'
       )
     return chosen, initial, target
 
-  def init(frozen, theta):
-    chosen, _, _ = leaves(frozen, theta)
+  def init(frozen, params, buffers):
+    chosen, _, _ = leaves(frozen, params, buffers)
 
     def zeros():  # Fresh arrays per tree: donation must not see one buffer twice.
       return paths.nest(
         {
-          leaf: {k: jnp.zeros(leaf_theta[k].shape, jnp.float32) for k in FACTORS}
-          for leaf, (_, leaf_theta) in chosen.items()
+          leaf: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), entry.params)
+          for leaf, entry in chosen.items()
         }
       )
 
-    return {'avg': zeros(), 'unc': zeros()}
+    return AdaLoraScheduleState(avg=zeros(), unc=zeros())
 
-  def update(state, frozen, theta, grads, opt_state, step):
-    chosen, initial, target = leaves(frozen, theta)
+  def update(state, frozen, params, buffers, grads, opt_state, step):
+    chosen, initial, target = leaves(frozen, params, buffers)
     refresh = step <= total - t_f
     avg, unc, scores = {}, {}, {}
-    for leaf, (_, leaf_theta) in chosen.items():
-      old = paths.subtree(state['avg'], leaf), paths.subtree(state['unc'], leaf)
+    for leaf, entry in chosen.items():
+      old = paths.subtree(state.avg, leaf), paths.subtree(state.unc, leaf)
       new = sensitivity_update(
-        *old, leaf_theta, paths.subtree(grads, leaf), beta1, beta2
+        *old, entry.params, paths.subtree(grads, leaf), beta1, beta2
       )
       avg[leaf], unc[leaf] = (
-        {k: jnp.where(refresh, n[k], o[k]) for k in FACTORS}
-        for n, o in zip(new, old, strict=True)
+        jax.tree.map(lambda n, o: jnp.where(refresh, n, o), n_tree, o_tree)
+        for n_tree, o_tree in zip(new, old, strict=True)
       )
       scores[leaf] = triplet_scores(avg[leaf], unc[leaf])
     n_masked = initial - budget(
@@ -258,19 +215,17 @@ def adalora_schedule(
       final_warmup=t_f,
     )
     mask_step = (step > t_i) & ((step > total - t_f) | (step % interval == 0))
-    ranked = jnp.sort(jnp.concatenate(list(scores.values())))
+    ranked = jnp.sort(jnp.concatenate([jnp.ravel(s) for s in scores.values()]))
     threshold = ranked[jnp.maximum(n_masked - 1, 0)]
     masking = mask_step & (n_masked > 0)
-    masked_e = {}
-    for leaf, (_, leaf_theta) in chosen.items():
-      e = leaf_theta['e']
+    masked = {}
+    for leaf, entry in chosen.items():
+      e = entry.params.e
       cut = masking & (scores[leaf] <= threshold)
-      masked_e[f'{leaf}/e'] = jnp.where(cut, jnp.zeros_like(e), e)
-    theta = replace_subtrees(theta, masked_e)
-    state = {
-      'avg': replace_subtrees(state['avg'], avg),
-      'unc': replace_subtrees(state['unc'], unc),
-    }
-    return theta, opt_state, state
+      masked[leaf] = entry.params._replace(e=jnp.where(cut, jnp.zeros_like(e), e))
+    state = AdaLoraScheduleState(
+      avg=paths.replace(state.avg, avg), unc=paths.replace(state.unc, unc)
+    )
+    return paths.replace(params, masked), buffers, opt_state, state
 
   return Schedule(init=init, update=update)

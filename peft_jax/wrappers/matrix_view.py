@@ -4,12 +4,13 @@ import math
 
 import jax.numpy as jnp
 
-from peft_jax._src import checks, registry
-from peft_jax._src.base import Adapter, PeftError
-from peft_jax._src.registry import register
+from peft_jax._src import checks
+from peft_jax._src.base import Adapter, Linear, PeftError
+from peft_jax._src.registry import register_wrapper
+from peft_jax.wrappers.stacked import leaf_method, per_layer, stacked
 
 
-@register('matrix_view')
+@register_wrapper('matrix_view')
 def matrix_view(method: str | Adapter, n_in: int = 1) -> Adapter:
   """Runs a matrix ``method`` on an N-D kernel seen as a ``(d_in, d_out)`` matrix.
 
@@ -21,15 +22,19 @@ def matrix_view(method: str | Adapter, n_in: int = 1) -> Adapter:
   factored form contracts ``x: (..., *shape[:n_in])`` with the kernel the way
   ``DenseGeneral`` does, ``y: (..., *shape[n_in:])``, through the method's
   own factored form, so the factored path stays fast on these layers.
-  Trainable count: the method's count on ``(d_in, d_out)``.
+  Trainable count: the method's count on ``(d_in, d_out)``. On a
+  ``stacked`` method it views each layer's slice:
+  ``matrix_view(stacked(m)) == stacked(matrix_view(m))``.
 
   Args:
     method: a spec string (``'lora(rank=8)'``) or an ``Adapter`` for 2-D
       kernels.
     n_in: the number of leading input axes of the kernel.
   """
-  inner = registry.get(method)
+  inner = leaf_method('matrix_view', method)
   n_in = checks.positive_int('matrix_view', 'n_in', n_in)
+  if per_layer(inner) is not None:
+    return stacked(matrix_view(per_layer(inner), n_in))
 
   def split(shape) -> tuple[int, int]:
     if len(shape) <= n_in:
@@ -43,11 +48,15 @@ def matrix_view(method: str | Adapter, n_in: int = 1) -> Adapter:
     return jnp.reshape(w, split(jnp.shape(w)))
 
   def on_matrix(fn):
-    return lambda w, theta: jnp.reshape(fn(as_matrix(w), theta), jnp.shape(w))
+    if fn is None:
+      return None
+    return lambda w, *state: jnp.reshape(fn(as_matrix(w), *state), jnp.shape(w))
 
-  def factored(x, w, theta):
+  def factored(x, w, params, buffers):
     lead = x.shape[: x.ndim - n_in]
-    y = inner.factored(jnp.reshape(x, (*lead, -1)), as_matrix(w), theta)
+    y = inner.linear.factored(
+      jnp.reshape(x, (*lead, -1)), as_matrix(w), params, buffers
+    )
     return jnp.reshape(y, (*lead, *jnp.shape(w)[n_in:]))
 
   def num_params(shape):
@@ -55,18 +64,16 @@ def matrix_view(method: str | Adapter, n_in: int = 1) -> Adapter:
       raise PeftError(f'{inner.name or "the inner method"} has no count formula')
     return inner.num_params(split(shape))
 
-  return Adapter(
+  has_factored = inner.linear is not None and inner.linear.factored is not None
+  return inner._replace(
     init=lambda key, w: inner.init(key, as_matrix(w)),
     apply=on_matrix(inner.apply),
-    factored=None if inner.factored is None else factored,
-    unapply=None if inner.unapply is None else on_matrix(inner.unapply),
+    unapply=on_matrix(inner.unapply),
+    linear=Linear(factored, in_axes=n_in) if has_factored else None,
     regularizer=(
       None
       if inner.regularizer is None
-      else lambda w, theta: inner.regularizer(as_matrix(w), theta)
+      else lambda w, *state: inner.regularizer(as_matrix(w), *state)
     ),
     num_params=num_params,
-    mergeable=inner.mergeable,
-    factors=inner.factors,
-    kernel_in_axes=n_in,
   )

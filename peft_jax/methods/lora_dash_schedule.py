@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import checks, paths
 from peft_jax._src.base import BUFFERS, Adapter, AdapterParams, Array, Schedule
-from peft_jax.methods.sam_parser import thin_svd
+from peft_jax._src.linalg import thin_svd
 from peft_jax.schedules.adalora import governed, replace_subtrees
 
 

@@ -1,0 +1,35 @@
+"""Methods that train a copy of the leaf itself (full, BitFit, LN-tuning)."""
+
+import math
+
+import jax.numpy as jnp
+
+from peft_jax._src.base import Adapter, Linear
+
+
+def replace_leaf(dtype, check=None) -> Adapter:
+  """``w' = θ`` with ``θ`` initialised to ``w``; no buffers.
+
+  ``θ`` is a fresh copy of the leaf (so donating it never frees the frozen
+  buffer) in ``dtype``; ``apply`` returns it in the leaf's dtype. The
+  factored form ``y = x @ θ`` serves 2-D kernels.
+
+  Args:
+    dtype: the dtype of the trained copy.
+    check: ``w -> None``, raising for leaves the method does not take.
+  """
+
+  def init(key, w):
+    del key
+    if check is not None:
+      check(w)
+    return jnp.array(w, dtype=dtype, copy=True), None
+
+  def apply(w, params, buffers):
+    del buffers
+    return params.astype(w.dtype)
+
+  def factored(x, w, params, buffers):
+    return x @ apply(w, params, buffers)
+
+  return Adapter(init=init, apply=apply, linear=Linear(factored), num_params=math.prod)
