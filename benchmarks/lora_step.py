@@ -115,21 +115,20 @@ def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
   else:
     lora = f'stacked("lora(rank={RANK}, alpha={ALPHA})")'
     rules = [(f'layers/(self_attn|mlp)/({"|".join(TARGETS)})/kernel', lora)]
-  adapter = pj.by_rules(rules)
+  tree = pj.by_rules(rules)
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(weights, batch, rng):
     del rng
-    logits = model.apply({'params': params}, batch[:, :-1])
+    logits = model.apply({'params': weights}, batch[:, :-1])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
     return loss.mean(), {}
 
   optimizer = optax.adamw(LR)
-  state = pj.TrainState.create(
-    jax.jit(adapter.init)(jax.random.key(2), frozen), optimizer, jax.random.key(3)
-  )
+  params, buffers = jax.jit(tree.init)(jax.random.key(2), frozen)
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(3))
   factored = setting in ('jax_lora_factored', 'jax_lora_remat')
   train_step = jax.jit(
-    pj.make_train_step(loss_fn, adapter, optimizer, factored=factored),
+    pj.make_train_step(loss_fn, tree, optimizer, factored=factored),
     donate_argnums=0,
   )
   holder = [state]

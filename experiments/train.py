@@ -6,12 +6,12 @@ with orbax (resuming from ``DIR`` when a checkpoint is there), evaluates
 again, and writes into ``DIR``:
 
   config.json            the run config (a different config in DIR is refused)
-  describe.txt           every leaf: shape, method, trainable count
+  describe.txt           every leaf and hook point: shape, method, trainable
   metrics.jsonl          training and evaluation metrics, one JSON per line
   tensorboard/           the same metrics for TensorBoard
-  checkpoints/           orbax: adapter params, optimizer state, step, RNG,
-                         data position, config
-  adapter.safetensors    the trained adapter parameters only (small)
+  checkpoints/           orbax: adapter params and buffers, optimizer state,
+                         step, RNG, schedule state, data position, config
+  adapter.safetensors    the trained adapter params and buffers only (small)
   results.json           the results row (see ``results_row``)
 """
 
@@ -23,8 +23,10 @@ import pathlib
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import jax
+import ml_collections
 import optax
 import tqdm
 from tensorboardX import SummaryWriter
@@ -100,9 +102,9 @@ def environment() -> dict[str, str]:
   }
 
 
-def results_row(config, theta, total, before, after, train_seconds, steps_run):
+def results_row(config, params, total, before, after, train_seconds, steps_run):
   """The one-line summary of a run that comparison tables are built from."""
-  trainable = pj.count(theta)
+  trainable = pj.count(params)
   return {
     'name': config.name,
     'method': config.method,
@@ -121,24 +123,75 @@ def results_row(config, theta, total, before, after, train_seconds, steps_run):
   }
 
 
-def make_schedule(config, adapter: pj.Adapter) -> pj.Schedule | None:
+def make_schedule(config, tree: pj.TreeAdapter) -> pj.Schedule | None:
   """``config.schedule = (name in peft_jax.schedules, kwargs)`` or None."""
   if not config.get('schedule'):
     return None
   name, kwargs = config.schedule
   if not hasattr(pj.schedules, name):
     raise pj.PeftError(f'unknown schedule {name!r}; see peft_jax.schedules')
-  return getattr(pj.schedules, name)(adapter, **kwargs)
+  return getattr(pj.schedules, name)(tree, **kwargs)
 
 
-def train_loop(config, task, adapter, optimizer, state, manager, writer, before):
+class Run(NamedTuple):
+  """The fixed parts of one run: what every step and evaluation uses."""
+
+  config: ml_collections.ConfigDict
+  task: tasks.Task
+  tree: pj.TreeAdapter
+  optimizer: optax.GradientTransformation
+  schedule: pj.Schedule | None
+
+
+def setup(config, workdir: pathlib.Path) -> Run:
+  """Builds the task and the tree adapter; writes ``describe.txt``."""
+  task = tasks.build(config)
+  print(task.describe)
+  tree = pj.by_rules(config.adapters)
+  with open(workdir / 'describe.txt', 'w') as f:
+    pj.describe(
+      config.adapters, task.frozen, task.hooks, print_fn=lambda t: f.write(t + '\n')
+    )
+  return Run(config, task, tree, make_optimizer(config), make_schedule(config, tree))
+
+
+def initial_state(run: Run) -> pj.TrainState:
+  """Step 0: the adapter's fresh parameters and buffers, the optimizer state."""
+  init_key, rng = jax.random.split(jax.random.key(run.config.seed))
+  params, buffers = run.tree.init(init_key, run.task.frozen, run.task.hooks)
+  return pj.TrainState.create(
+    params,
+    buffers,
+    run.optimizer,
+    rng,
+    schedule=run.schedule,
+    frozen=run.task.frozen,
+  )
+
+
+def start_or_resume(run: Run, manager, writer: MetricsWriter):
+  """``(state, before)``: the latest checkpoint, else step 0 evaluated."""
+  state = initial_state(run)
+  if manager.latest_step() is None:
+    before = run.task.evaluate(run.tree, state.params, state.buffers)
+    writer.write(0, {f'before_{k}': v for k, v in before.items()})
+  else:
+    state, metadata = pj.restore_checkpoint(manager, state)
+    before = metadata['before']
+    print(f'resumed from step {int(state.step)} in {manager.directory}')
+  print('before:', before)
+  return state, before
+
+
+def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
   """Steps from ``state.step`` to ``config.steps``: logs, checkpoints."""
+  config, task = run.config, run.task
   train_step = pj.make_train_step(
     task.loss_fn,
-    adapter,
-    optimizer,
+    run.tree,
+    run.optimizer,
     factored=config.factored,
-    schedule=make_schedule(config, adapter),
+    schedule=run.schedule,
   )
   step_fn = jax.jit(train_step, donate_argnums=0)
   start = int(state.step)
@@ -169,43 +222,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f'{workdir} is complete; results in {results_path}')
     return json.loads(results_path.read_text())
 
-  task = tasks.build(config)
-  print(task.describe)
-  adapter = pj.by_rules(config.adapters)
-  with open(workdir / 'describe.txt', 'w') as f:
-    pj.describe(config.adapters, task.frozen, print_fn=lambda t: f.write(t + '\n'))
-
-  optimizer = make_optimizer(config)
-  init_key, rng = jax.random.split(jax.random.key(config.seed))
-  state = pj.TrainState.create(
-    adapter.init(init_key, task.frozen),
-    optimizer,
-    rng,
-    schedule=make_schedule(config, adapter),
-    frozen=task.frozen,
-  )
+  run = setup(config, workdir)
   manager = pj.checkpoint_manager(str(workdir / 'checkpoints'))
   with MetricsWriter(workdir) as writer:
-    if manager.latest_step() is None:
-      before = task.evaluate(adapter, state.params)
-      writer.write(0, {f'before_{k}': v for k, v in before.items()})
-    else:
-      state, metadata = pj.restore_checkpoint(manager, state)
-      before = metadata['before']
-      print(f'resumed from step {int(state.step)} in {workdir}')
-    print('before:', before)
+    state, before = start_or_resume(run, manager, writer)
     start, t0 = int(state.step), time.perf_counter()
-    state = train_loop(config, task, adapter, optimizer, state, manager, writer, before)
+    state = train_loop(run, state, manager, writer, before)
     train_seconds = time.perf_counter() - t0
-    after = task.evaluate(adapter, state.params)
+    after = run.task.evaluate(run.tree, state.params, state.buffers)
     writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
   print('after:', after)
   pj.save_adapter(
     str(workdir / 'adapter.safetensors'),
     state.params,
+    state.buffers,
     {'adapters': [list(r) for r in config.adapters], 'name': config.name},
   )
-  total = sum(int(x.size) for x in jax.tree.leaves(task.frozen))
+  total = sum(int(x.size) for x in jax.tree.leaves(run.task.frozen))
   row = results_row(
     config, state.params, total, before, after, train_seconds, config.steps - start
   )

@@ -14,3 +14,5 @@ schedule=)``.
 """
 
 from peft_jax.methods.adalora_schedule import adalora_schedule as adalora_schedule
+from peft_jax.methods.flexlora_schedule import flexlora_schedule as flexlora_schedule
+from peft_jax.methods.lora_dash_schedule import lora_dash_schedule as lora_dash_schedule

@@ -1,13 +1,16 @@
 """The decoder experiment: SmolLM2 answering fresh/rotten (task ``lm_choice``).
 
-The loss mask and the two-choice scoring are checked on a tiny random Llama
-against a direct computation on each unpadded sequence; the config and a
-3-step run use the real offline SmolLM2 GGUF.
+The loss mask, the two-choice scoring and the greedy generations are checked
+on a tiny random Llama (plain, and with Houlsby adapters at its hook points)
+against a direct computation on each unpadded sequence; the config uses the
+real offline SmolLM2 GGUF, and the slow tests run it for 3 steps.
 """
 
+import functools
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -15,6 +18,7 @@ import peft_jax as pj
 from experiments import train
 from experiments.configs import common, smollm2_rotten_tomatoes
 from experiments.tasks import lm_choice
+from peft_jax.data import rotten_tomatoes
 from peft_jax.models import gguf_loading, llama
 
 CONFIG = 'experiments/configs/smollm2_rotten_tomatoes.py'
@@ -47,16 +51,39 @@ def tiny():
   return model, params
 
 
-def log_probs(model, params, ids):
+@pytest.fixture(scope='module')
+def houlsby(tiny):
+  """Houlsby adapters after every attention and MLP block of the tiny Llama,
+  initialised large enough to change its outputs: ``(tree, params, buffers)``."""
+  model, frozen = tiny
+  hooks = pj.hook_points(model, np.zeros((1, 4), np.int32))
+  spec = 'houlsby(reduction_factor=4, init_std=0.5)'
+  tree = pj.by_rules([(smollm2_rotten_tomatoes.SUB_LAYER_OUTPUTS, spec)])
+  params, buffers = tree.init(jax.random.key(2), frozen, hooks)
+  return tree, params, buffers
+
+
+def plain_forward(model, params):
+  """``ids -> logits`` of one unpadded sequence, the model as it is."""
+  return lambda ids: model.apply({'params': params}, np.array([ids]))[0]
+
+
+def adapted_forward(model, frozen, tree, params, buffers):
+  """``ids -> logits`` of one unpadded sequence, with the adapters."""
+  run = pj.adapted(tree, lambda weights, x: model.apply({'params': weights}, x))
+  return lambda ids: run(frozen, params, buffers, np.array([ids]))[0]
+
+
+def log_probs(forward, ids):
   """float64 next-token log-probabilities of one unpadded sequence."""
-  logits = np.asarray(model.apply({'params': params}, np.array([ids])), np.float64)[0]
+  logits = np.asarray(forward(ids), np.float64)
   shifted = logits - logits.max(-1, keepdims=True)
   return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def continuation_log_prob(model, params, prompt, answer):
+def continuation_log_prob(forward, prompt, answer):
   """``sum_j log p(answer_j | prompt, answer_<j)`` by one plain forward."""
-  logp = log_probs(model, params, prompt + answer)
+  logp = log_probs(forward, prompt + answer)
   return sum(logp[len(prompt) + j - 1, token] for j, token in enumerate(answer))
 
 
@@ -98,7 +125,7 @@ def test_answer_only_loss_equals_direct_computation(tiny):
   nll, count = 0.0, 0
   for prompt, label in zip(PROMPTS, LABELS, strict=True):
     answer = CHOICES[label]
-    nll -= continuation_log_prob(model, params, prompt, answer)
+    nll -= continuation_log_prob(plain_forward(model, params), prompt, answer)
     count += len(answer)
   np.testing.assert_allclose(float(loss), nll / count, rtol=1e-5)
   assert 0 <= float(metrics['answer_accuracy']) <= 1
@@ -121,25 +148,103 @@ def test_apply_at_equals_the_full_logits_at_those_positions(tiny):
   )
 
 
-def test_two_choice_scores_equal_direct_computation(tiny):
-  model, params = tiny
+def two_choice_scores(model, tree=None):
+  """``(frozen, params, buffers) -> (3, 2)`` scores of PROMPTS, CHOICES (jitted)."""
   arrays = lm_choice.prompt_arrays(PROMPTS, 7, PAD)
   choice_ids, choice_mask = lm_choice.choice_arrays(CHOICES, PAD)
   np.testing.assert_array_equal(choice_ids, [[20, 21, 2], [22, 2, 0]])
-  scores = jax.jit(lm_choice.choice_scores, static_argnums=0)(
+  scores = lambda weights: lm_choice.choice_scores(
     model,
-    params,
+    weights,
     arrays['prompt_ids'],
     arrays['prompt_length'],
     choice_ids,
     choice_mask,
   )
-  want = [
-    [continuation_log_prob(model, params, prompt, choice) for choice in CHOICES]
+  if tree is None:
+    return jax.jit(lambda frozen, params, buffers: scores(frozen))
+  return jax.jit(pj.adapted(tree, scores, factored=True))
+
+
+def direct_scores(forward):
+  return [
+    [continuation_log_prob(forward, prompt, choice) for choice in CHOICES]
     for prompt in PROMPTS
   ]
+
+
+def test_two_choice_scores_equal_direct_computation(tiny):
+  model, params = tiny
+  scores = two_choice_scores(model)(params, None, None)
   assert scores.shape == (3, 2)
+  np.testing.assert_allclose(
+    scores, direct_scores(plain_forward(model, params)), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_houlsby_scores_through_the_cache_equal_direct_computation(tiny, houlsby):
+  # The adapters act at every hook point, in the cached prompt pass and in
+  # the candidates' pass alike.
+  model, frozen = tiny
+  tree, params, buffers = houlsby
+  scores = two_choice_scores(model, tree)(frozen, params, buffers)
+  want = direct_scores(adapted_forward(model, frozen, tree, params, buffers))
   np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+  plain = direct_scores(plain_forward(model, frozen))
+  assert np.max(np.abs(np.asarray(want) - plain)) > 1e-2  # the adapters act
+
+
+class DigitTokenizer:
+  """Decodes ids as space-separated numbers (the tiny model has no vocabulary)."""
+
+  def decode(self, ids, skip_special_tokens):
+    del skip_special_tokens
+    return ' '.join(map(str, ids))
+
+
+def greedy(forward, prompt, steps, eos_id):
+  """Greedy continuation by full forwards; after ``eos_id``, ``eos_id``."""
+  ids, out = list(prompt), []
+  for _ in range(steps):
+    token = out[-1] if out and out[-1] == eos_id else int(np.argmax(forward(ids)[-1]))
+    ids.append(token)
+    out.append(token)
+  return ' '.join(map(str, out))
+
+
+@pytest.mark.parametrize('adapted', [False, True], ids=['plain', 'houlsby'])
+def test_generations_are_the_greedy_answers(tiny, houlsby, capsys, adapted):
+  # The scanned-layer generator stacks the layers' weights and hook
+  # parameters; the reference runs the unrolled model once per token.
+  model, frozen = tiny
+  tree, params, buffers = houlsby
+  if not adapted:
+    tree = pj.by_rules([])
+    params, buffers = tree.init(jax.random.key(0), frozen)
+  labels = np.array([1, 0])
+  data = lm_choice.Data(
+    splits={'test': rotten_tomatoes.Split(['good', 'bad'], labels)},
+    prompts={'test': PROMPTS[:2]},
+    train={},
+    evals={},
+    choice_ids=np.zeros((2, 3), np.int32),
+    choice_mask=np.ones((2, 3), np.float32),
+    answers=('rotten', 'fresh'),
+  )
+  config = ml_collections.ConfigDict(
+    {'generate': {'num_examples': 2, 'max_new_tokens': 4}}
+  )
+  show = lm_choice.make_show_generations(
+    config, TINY, frozen, DigitTokenizer(), 2, data
+  )
+  show(tree, params, buffers)
+  forward = adapted_forward(model, frozen, tree, params, buffers)
+  out = capsys.readouterr().out.splitlines()
+  assert out == [
+    'greedy generations:',
+    f"  test[0] (fresh) 'good' -> '{greedy(forward, PROMPTS[0], 4, 2)}'",
+    f"  test[1] (rotten) 'bad' -> '{greedy(forward, PROMPTS[1], 4, 2)}'",
+  ]
 
 
 # ---------------------------------------------------------------------------
@@ -176,39 +281,76 @@ def test_prompts_follow_the_chat_template_and_truncate_the_text():
     lm_choice.encode_prompts(tokenizer, info.chat_template, system, user, [short], 20)
 
 
-def test_config_builds_and_its_rules_match_smollm2():
+def smollm2_shapes():
+  """SmolLM2's config, parameter shapes and hook points, abstractly."""
   model_config = gguf_loading.read_config(smollm2_or_skip())
-  abstract = llama.abstract_params(model_config)
+  model = llama.LlamaForCausalLM(model_config)
+  hooks = pj.hook_points(model, np.zeros((1, 8), np.int32))
+  return model_config, llama.abstract_params(model_config), hooks
+
+
+def abstract_init(rules, frozen, hooks):
+  """``by_rules(rules).init`` on abstract shapes: no FLOPs, every rule checked."""
+  init = functools.partial(pj.by_rules(rules).init, hooks=hooks)
+  return jax.eval_shape(init, jax.random.key(0), frozen)
+
+
+def test_config_builds_and_its_rules_match_smollm2():
+  model_config, abstract, hooks = smollm2_shapes()
+  layers = model_config.num_layers
   for method in smollm2_rotten_tomatoes.METHODS:
     config = common.load_config(f'{CONFIG}:method={method}')
     assert config.task == 'lm_choice' and config.factored
-    adapter = pj.by_rules(config.adapters)
-    theta = jax.eval_shape(adapter.init, jax.random.key(0), abstract)  # matches
-    assert len(theta) == model_config.num_layers, method
+    params, _ = abstract_init(config.adapters, abstract, hooks)  # every rule matches
+    assert {f'layers_{i}' for i in range(layers)} <= set(params), method
   config = common.load_config(CONFIG)
-  assert config.method == 'lora' and config.adapters[0][1] == 'lora(rank=8, alpha=16)'
-  theta = jax.eval_shape(pj.by_rules(config.adapters).init, jax.random.key(0), abstract)
-  names = [
-    '/'.join(str(k.key) for k in path)
-    for path, _ in jax.tree_util.tree_flatten_with_path(theta)[0]
+  assert config.method == 'lora' and config.adapters == [
+    (smollm2_rotten_tomatoes.SEVEN, 'lora(rank=8, alpha=16)')
   ]
-  assert len(names) == 30 * 7 * 2  # a and b of q/k/v/o/gate/up/down in 30 layers
-  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(theta)) == 2_442_240
+  params, buffers = abstract_init(config.adapters, abstract, hooks)
+  assert len(jax.tree.leaves(params)) == 30 * 7 * 2  # a, b of q/k/v/o/gate/up/down
+  assert pj.count(params) == 2_442_240 and not jax.tree.leaves(buffers)
   local = common.load_config(f'{CONFIG}:runlocal')
   assert (local.steps, local.data.eval_limit) == (3, 8)
   with pytest.raises(ValueError, match="method='nope'"):
     common.load_config(f'{CONFIG}:method=nope')
 
 
-def test_runlocal_run_writes_before_and_after_accuracies(tmp_path, capsys):
+def houlsby_trainable(d: int, layers: int) -> int:
+  """Two bottlenecks a layer (``r = d / 16``), two RMSNorms a layer and the
+  final one."""
+  r = d // 16
+  return 2 * layers * (2 * d * r + r + d) + (2 * layers + 1) * d
+
+
+def test_houlsby_config_sits_at_smollm2_hook_points():
+  model_config, abstract, hooks = smollm2_shapes()
+  d, layers = model_config.hidden_size, model_config.num_layers
+  config = common.load_config(f'{CONFIG}:method=houlsby')
+  params, _ = abstract_init(config.adapters, abstract, hooks)
+  r = d // 16
+  for i in (0, layers - 1):
+    layer = params[f'layers_{i}']
+    for point in (layer['self_attn']['attention_output'], layer['mlp']['ffn_output']):
+      assert (point.down.shape, point.up.shape) == ((d, r), (r, d))
+    for norm in ('input_layernorm', 'post_attention_layernorm'):
+      assert layer[norm]['scale'].shape == (d,)
+  assert params['norm']['scale'].shape == (d,)
+  assert pj.count(params) == houlsby_trainable(d, layers) == 2_560_176
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['lora', 'houlsby'])
+def test_runlocal_run_writes_before_and_after_accuracies(tmp_path, capsys, method):
   smollm2_or_skip()
-  config = common.load_config(f'{CONFIG}:runlocal')
+  config = common.load_config(f'{CONFIG}:runlocal,method={method}')
   row = train.train_and_evaluate(config, str(tmp_path))
   assert json.loads((tmp_path / 'results.json').read_text()) == row
   for split in ('validation', 'test'):
     for when in ('before', 'after'):
       assert 0 <= row[f'{when}_{split}_accuracy'] <= 1
-  assert row['trainable_params'] == 2_442_240 and row['method'] == 'lora'
+  trainable = {'lora': 2_442_240, 'houlsby': houlsby_trainable(576, 30)}
+  assert row['trainable_params'] == trainable[method] and row['method'] == method
   lines = [
     json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
   ]

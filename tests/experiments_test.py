@@ -1,16 +1,77 @@
-"""The trainer, configs, sweep and comparison on the real MiniLM and data."""
+"""The trainer, configs, sweep and comparison.
 
+Fast tests run the trainer on the real configs' rules with the task built on
+a tiny random BERT and random tokens (``text_classification.make_task``);
+the slow ones train the real MiniLM on the real data.
+"""
+
+import functools
 import json
 
+import jax
 import numpy as np
 import pytest
+import transformers
 from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
 from experiments import compare, sweep, tasks, train
 from experiments.configs import common, rotten_tomatoes
+from experiments.tasks import text_classification
+from peft_jax._src import paths
+from peft_jax.models import bert
 
 CONFIG = 'experiments/configs/rotten_tomatoes.py'
+TINY = bert.BertConfig(
+  vocab_size=40,
+  hidden_size=16,
+  num_layers=2,
+  num_heads=2,
+  intermediate_size=32,
+  max_position_embeddings=32,
+)
+SEQ = 12
+HEAD = TINY.hidden_size * 2 + 2  # classifier kernel (d, 2) and bias (2,)
+
+
+def random_split(rng, n: int) -> dict[str, np.ndarray]:
+  """Padded random token rows; the label says whether token 7 occurs."""
+  ids = rng.integers(1, TINY.vocab_size, (n, SEQ), dtype=np.int32)
+  lengths = rng.integers(4, SEQ + 1, n)
+  mask = (np.arange(SEQ) < lengths[:, None]).astype(np.int32)
+  ids = ids * mask
+  return {
+    'input_ids': ids,
+    'attention_mask': mask,
+    'label': np.any(ids == 7, axis=1).astype(np.int32),
+  }
+
+
+def build_tiny(config) -> tasks.Task:
+  """The classification task on a tiny random BERT and random tokens."""
+  rng = np.random.default_rng(0)
+  arrays = {
+    name: random_split(rng, n)
+    for name, n in [('train', 64), ('validation', 24), ('test', 24)]
+  }
+  sample = arrays['train']['input_ids'][:1], arrays['train']['attention_mask'][:1]
+  encoder = bert.BertModel(TINY).init(jax.random.key(1), *sample)['params']
+  return text_classification.make_task(config, TINY, encoder, arrays, 'tiny BERT')
+
+
+@pytest.fixture
+def tiny_task(monkeypatch):
+  monkeypatch.setattr(tasks, 'build', build_tiny)
+
+
+def local_config(method: str = 'lora'):
+  return common.load_config(f'{CONFIG}:runlocal,method={method}')
+
+
+def metric_lines(workdir) -> list[dict]:
+  return [
+    json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
 
 
 def test_parse_arg_types_and_errors():
@@ -24,58 +85,102 @@ def test_parse_arg_types_and_errors():
     common.parse_arg('steps=many', steps=1)
 
 
-def test_every_method_config_builds_and_its_rules_are_valid():
-  # Every registered weight-space method can run (stacked and matrix_view wrap
-  # methods for scanned and N-D kernels, which this model does not have).
-  assert set(rotten_tomatoes.METHODS) == set(pj.names()) - {'stacked', 'matrix_view'}
+def minilm_shapes():
+  """MiniLM's parameter tree and hook points, abstractly (config file only)."""
+  hf_config = transformers.AutoConfig.from_pretrained(bert.minilm_dir())
+  model = bert.BertForSequenceClassification(bert.BertConfig.from_hf(hf_config), 2)
+  ids = np.zeros((1, 64), np.int32)
+  frozen = jax.eval_shape(model.init, jax.random.key(0), ids, ids)['params']
+  return frozen, pj.hook_points(model, ids, ids)
+
+
+def abstract_init(rules, frozen, hooks):
+  """``by_rules(rules).init`` on abstract shapes: no FLOPs, every rule checked."""
+  init = functools.partial(pj.by_rules(rules).init, hooks=hooks)
+  return jax.eval_shape(init, jax.random.key(0), frozen)
+
+
+def test_every_method_config_builds_and_its_rules_match_minilm():
+  # Every registered method can run, and the mpc wrapper on LoRA (stacked and
+  # matrix_view wrap methods for scanned and N-D kernels, absent here).
+  assert set(rotten_tomatoes.METHODS) == set(pj.names()) | {'mpc'}
+  frozen, hooks = minilm_shapes()
   for method in rotten_tomatoes.METHODS:
     config = common.load_config(f'{CONFIG}:method={method}')
     assert config.adapters[0] == ('classifier/(kernel|bias)', 'full()')
-    pj.by_rules(config.adapters)  # specs resolve
+    params, buffers = abstract_init(config.adapters, frozen, hooks)  # rules match
+    assert pj.count(params['classifier']) == 384 * 2 + 2, method
+    schedule = train.make_schedule(config, pj.by_rules(config.adapters))
+    assert (schedule is None) == (config.schedule is None), method
+    if schedule is not None:  # its arguments fit, and it governs these leaves
+      jax.eval_shape(schedule.init, frozen, params, buffers)
   with pytest.raises(pj.PeftError, match='does not exist'):
     common.load_config('experiments/configs/nope.py')
   with pytest.raises(ValueError, match="method='nope'"):
     common.load_config(f'{CONFIG}:method=nope')
 
 
-def test_run_writes_everything_and_refuses_a_different_config(tmp_path, capsys):
-  config = common.load_config(f'{CONFIG}:runlocal')
+def test_activation_methods_sit_at_minilm_hook_points():
+  frozen, hooks = minilm_shapes()
+  d, layers = 384, 6
+  prompt = common.load_config(f'{CONFIG}:method=prompt_tuning').adapters
+  params, _ = abstract_init(prompt, frozen, hooks)
+  assert params['bert']['embeddings']['input_embeddings'].prompt.shape == (10, d)
+  houlsby = common.load_config(f'{CONFIG}:method=houlsby').adapters
+  params, _ = abstract_init(houlsby, frozen, hooks)
+  layer_params = params['bert']['encoder']['layer_3']
+  r = d // 16
+  for bottleneck in (
+    layer_params['attention']['attention_output'],
+    layer_params['ffn_output'],
+  ):
+    assert (bottleneck.down.shape, bottleneck.up.shape) == ((d, r), (r, d))
+  # Every LayerNorm is trained: the embeddings' and two per layer.
+  norms = [n for n in paths.flatten(params) if 'layer_norm' in n]
+  assert len(norms) == 2 * (1 + 2 * layers)
+
+
+def test_run_writes_everything_and_refuses_a_different_config(
+  tmp_path, capsys, tiny_task
+):
+  config = local_config('lora')
   row = train.train_and_evaluate(config, str(tmp_path))
   for name in ('config.json', 'describe.txt', 'metrics.jsonl', 'adapter.safetensors'):
     assert (tmp_path / name).exists(), name
   assert json.loads((tmp_path / 'results.json').read_text()) == row
-  # Head, then SSB on key, value (384 + 384 each) and FFN-in (384 + 1536).
-  assert row['trainable_params'] == 384 * 2 + 2 + 6 * (2 * (384 + 384) + 384 + 1536)
+  # Head, then LoRA rank 8 on query and value (a (d, 8), b (8, d)) of 2 layers.
+  d = TINY.hidden_size
+  assert row['trainable_params'] == HEAD + 2 * 2 * (d * 8 + 8 * d)
+  total = sum(x.size for x in jax.tree.leaves(build_tiny(config).frozen))
+  assert row['total_params'] == total
   assert 0 <= row['after_test_accuracy'] <= 1 and 'device' in row and 'date' in row
-  lines = [
-    json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
-  ]
+  lines = metric_lines(tmp_path)
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3]
+  assert all(np.isfinite(m['loss']) for m in lines if 'loss' in m)
+  assert 'lora(rank=8' in (tmp_path / 'describe.txt').read_text()
 
   # A finished run is reported, not redone.
   assert train.train_and_evaluate(config, str(tmp_path)) == row
   # A different config never overwrites a run.
-  other = common.load_config(f'{CONFIG}:runlocal,method=lora')
+  other = local_config('bitfit')
   with pytest.raises(pj.PeftError, match='holds a run with a different config'):
     train.train_and_evaluate(other, str(tmp_path))
   assert json.loads((tmp_path / 'results.json').read_text()) == row
   assert (
     train.main(
-      ['--config', f'{CONFIG}:runlocal,method=lora', '--workdir', str(tmp_path)]
+      ['--config', f'{CONFIG}:runlocal,method=bitfit', '--workdir', str(tmp_path)]
     )
     == 2
   )
   assert 'error: ' in capsys.readouterr().err
 
 
-def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
-  config = common.load_config(f'{CONFIG}:runlocal,method=lora')
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_task):
+  config = local_config('lora')
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
-  build = tasks.build
-
   def build_then_crash_at_step_2(config):
-    task = build(config)
+    task = build_tiny(config)
 
     def train_batch(step):
       if step == 2:
@@ -88,7 +193,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert not (tmp_path / 'resumed' / 'results.json').exists()
-  monkeypatch.setattr(tasks, 'build', build)
+  monkeypatch.setattr(tasks, 'build', build_tiny)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
 
   straight = safetensors_numpy.load_file(str(tmp_path / 'straight/adapter.safetensors'))
@@ -98,25 +203,56 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
 
 
-@pytest.mark.parametrize('method', ['adalora', 'parallel_adapter'])
 def test_scheduled_and_non_mergeable_methods_train_through_the_trainer(
-  tmp_path, method
+  tmp_path, tiny_task
 ):
-  config = common.load_config(f'{CONFIG}:runlocal,method={method}')
-  if method == 'adalora':
-    assert config.schedule[0] == 'adalora_schedule'
-  row = train.train_and_evaluate(config, str(tmp_path))
-  assert row['method'] == method and row['trainable_params'] > 0
-  assert 0 <= row['after_test_accuracy'] <= 1
+  for method in ('adalora', 'parallel_adapter'):
+    config = local_config(method)
+    row = train.train_and_evaluate(config, str(tmp_path / method))
+    assert row['method'] == method and row['trainable_params'] > HEAD
+    assert 0 <= row['after_test_accuracy'] <= 1
+  assert local_config('adalora').schedule[0] == 'adalora_schedule'
+  # The schedule ran: the last update (t = 3 > T - t_f = 2) masked e down to
+  # the final budget, target rank 4 x 4 matrices (query, value of 2 layers).
+  params, _, _ = pj.load_adapter(str(tmp_path / 'adalora/adapter.safetensors'))
+  es = [v for n, v in paths.flatten(params).items() if n.endswith('/e')]
+  assert len(es) == 4 and sum(int(np.sum(e != 0)) for e in es) == 4 * 4
 
 
-def test_sweep_writes_the_comparison_table_and_plot(tmp_path):
-  table = sweep.run_sweep(f'{CONFIG}:runlocal', str(tmp_path), only={'ia3', 'bitfit'})
+def test_sweep_trains_activation_adapters_and_writes_the_comparison(
+  tmp_path, tiny_task
+):
+  only = {'prompt_tuning', 'houlsby'}
+  table = sweep.run_sweep(f'{CONFIG}:runlocal', str(tmp_path), only=only)
   assert (tmp_path / 'comparison.png').stat().st_size > 10_000
   assert (tmp_path / 'comparison.md').read_text() == table
-  rows = compare.load_rows(tmp_path)
-  assert [r['method'] for r in rows] == ['ia3', 'bitfit']  # fewest params first
   assert table.splitlines()[0].startswith('| method | trainable |')
+  d, layers = TINY.hidden_size, TINY.num_layers
+  r = max(1, d // 16)
+  norms = 2 * d * (1 + 2 * layers)  # LayerNorm scale, bias: embeddings', 2 a layer
+  rows = compare.load_rows(tmp_path)
+  assert [(row['method'], row['trainable_params']) for row in rows] == [
+    ('prompt_tuning', HEAD + 10 * d),  # fewest params first
+    ('houlsby', HEAD + 2 * layers * (2 * d * r + r + d) + norms),
+  ]
+  for name in ('rotten_tomatoes_prompt_tuning', 'rotten_tomatoes_houlsby'):
+    losses = [m['loss'] for m in metric_lines(tmp_path / name) if 'loss' in m]
+    assert len(losses) == 3 and np.all(np.isfinite(losses)), name
+  describe = (tmp_path / 'rotten_tomatoes_houlsby/describe.txt').read_text()
+  assert 'bert/encoder/layer_1/ffn_output' in describe and 'houlsby(' in describe
+  params, buffers, metadata = pj.load_adapter(
+    str(tmp_path / 'rotten_tomatoes_prompt_tuning/adapter.safetensors')
+  )
+  assert params['bert']['embeddings']['input_embeddings']['prompt'].shape == (10, d)
+  assert buffers == {} and metadata['name'] == 'rotten_tomatoes_prompt_tuning'
+
+
+# ---------------------------------------------------------------------------
+# The real MiniLM on the real data.
+
+
+def losses_of(workdir) -> list[float]:
+  return [m['loss'] for m in metric_lines(workdir) if 'loss' in m]
 
 
 @pytest.mark.slow
@@ -124,11 +260,50 @@ def test_real_minilm_loss_falls_in_a_few_dozen_steps(tmp_path):
   config = common.load_config(f'{CONFIG}:steps=40')
   config.log_every, config.data.eval_limit = 1, 200
   row = train.train_and_evaluate(config, str(tmp_path))
-  losses = [
-    json.loads(line)['loss']
-    for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
-    if '"loss"' in line
-  ]
+  # Head, then SSB on key, value (384 + 384 each) and FFN-in (384 + 1536).
+  assert row['trainable_params'] == 384 * 2 + 2 + 6 * (2 * (384 + 384) + 384 + 1536)
+  losses = losses_of(tmp_path)
   assert len(losses) == 40
   assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.05, losses
   assert row['after_validation_accuracy'] > row['before_validation_accuracy'] + 0.1
+
+
+def fixed_set_loss(task, tree, params, buffers) -> float:
+  """Mean loss (no dropout) on 256 fixed training examples, batches 1000-1007
+  (past the steps trained)."""
+  loss = jax.jit(pj.adapted(tree, task.loss_fn, factored=True))
+  batches = [task.train_batch(step) for step in range(1000, 1008)]
+  return float(
+    np.mean([loss(task.frozen, params, buffers, b, None)[0] for b in batches])
+  )
+
+
+@pytest.mark.slow
+def test_real_minilm_trains_prompt_tuning_and_houlsby(tmp_path):
+  hf_config = transformers.AutoConfig.from_pretrained(bert.minilm_dir())
+  d, layers = hf_config.hidden_size, hf_config.num_hidden_layers
+  r = d // 16
+  head = d * 2 + 2
+  expected = {
+    'prompt_tuning': head + 10 * d,
+    # Two bottlenecks a layer; LayerNorm scale and bias: embeddings', 2 a layer.
+    'houlsby': head + 2 * layers * (2 * d * r + r + d) + 2 * d * (1 + 2 * layers),
+  }
+  for method, trainable in expected.items():
+    config = common.load_config(f'{CONFIG}:method={method},steps=30')
+    config.data.eval_limit = 64
+    row = train.train_and_evaluate(config, str(tmp_path / method))
+    saved = json.loads((tmp_path / method / 'results.json').read_text())
+    assert saved['trainable_params'] == row['trainable_params'] == trainable, method
+    # The loss on fixed examples falls from the fresh adapter to the trained one.
+    task = tasks.build(config)
+    tree = pj.by_rules(config.adapters)
+    fresh = train.initial_state(
+      train.Run(config, task, tree, train.make_optimizer(config), None)
+    )
+    params, buffers, _ = pj.load_adapter(
+      str(tmp_path / method / 'adapter.safetensors'), like=(fresh.params, fresh.buffers)
+    )
+    before = fixed_set_loss(task, tree, fresh.params, fresh.buffers)
+    after = fixed_set_loss(task, tree, params, buffers)
+    assert after < before - 0.04, (method, before, after)

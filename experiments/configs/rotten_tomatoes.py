@@ -11,8 +11,9 @@ encoder output. Real weights and real data, both offline.
       --config experiments/configs/rotten_tomatoes.py:method=lora,steps=600 \
       --workdir runs/rt_lora
 
-Arguments (after ``:``): method (any of METHODS: every registered
-weight-space method, with its default placement and learning rate), steps,
+Arguments (after ``:``): method (any of METHODS: every registered method,
+with its default placement and learning rate; ``prompt_tuning`` and
+``houlsby`` act at the encoder's hook points), steps,
 batch_size, lr (0 = the method's default below), seed, runlocal (a few steps
 on a few examples, for smoke tests). The sweep over all methods:
 
@@ -27,10 +28,14 @@ from experiments.configs import common
 KV_FFN1 = '.*/(attention/(key|value)|intermediate)/kernel'
 QV = '.*/attention/(query|value)/kernel'
 ALL_SIX = '.*/(attention/(query|key|value|output)|intermediate|output)/kernel'
+LAYER_NORMS = 'bert/.*layer_norm/(scale|bias)'
+# Hook points (bert.py): every layer's attention and FFN outputs, before the
+# residual and LayerNorm, where Houlsby et al. put their two adapters.
+SUB_LAYER_OUTPUTS = '.*/(attention/attention_output|ffn_output)'
 LOW_RANK_LR = 2e-3
 
 # method -> (rules for the encoder, default learning rate). The six methods of
-# the core comparison come first; every registered weight-space method can run.
+# the core comparison come first; every registered method can run.
 METHODS = {
   'lora': ([(QV, 'lora(rank=8, alpha=16)')], LOW_RANK_LR),
   'ia3': ([(KV_FFN1, 'ia3()')], 1e-2),
@@ -38,7 +43,7 @@ METHODS = {
   'ssb': ([(KV_FFN1, 'ssb()')], 1e-2),
   'bitfit': ([('bert/.*/bias', 'bitfit()')], 5e-3),
   'full': ([('bert/.*', 'full()')], 1e-4),
-  'ln_tuning': ([('bert/.*layer_norm/(scale|bias)', 'ln_tuning()')], 5e-3),
+  'ln_tuning': ([(LAYER_NORMS, 'ln_tuning()')], 5e-3),
   'sam_parser': ([(ALL_SIX, 'sam_parser()')], 1e-3),
   'svdiff': ([(ALL_SIX, 'svdiff()')], 1e-3),
   'pissa': ([(QV, 'pissa(rank=8, alpha=16)')], 5e-4),
@@ -61,6 +66,21 @@ METHODS = {
   'flexlora': ([(QV, 'flexlora(rank=8, alpha=16)')], LOW_RANK_LR),
   'oft': ([(QV, 'oft(block_size=32)')], 5e-3),
   'boft': ([(QV, 'boft(block_size=4, n_butterfly_factor=2)')], 5e-3),
+  # Activation side: a soft prompt before the word embeddings (Lester et al.),
+  # and bottleneck adapters with the LayerNorms trained, as Houlsby et al. do.
+  # 100 steps, 200 validation examples: accuracy 0.51 -> 0.835 (prompt tuning,
+  # 1e-2; 3e-2 also 0.835) and 0.56 -> 0.875 (Houlsby, 1e-3; 3e-3 0.885).
+  'prompt_tuning': (
+    [('bert/embeddings/input_embeddings', 'prompt_tuning(length=10)')],
+    1e-2,
+  ),
+  'houlsby': (
+    [
+      (SUB_LAYER_OUTPUTS, 'houlsby(reduction_factor=16)'),
+      (LAYER_NORMS, 'ln_tuning()'),
+    ],
+    1e-3,
+  ),
 }
 CORE = ('lora', 'ia3', 'ssl', 'ssb', 'bitfit', 'full')
 

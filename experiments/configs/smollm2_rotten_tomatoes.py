@@ -25,8 +25,10 @@ before and after.
       --config experiments/configs/smollm2_rotten_tomatoes.py \
       --workdir runs/smollm2_rt_lora
 
-Arguments (after ``:``): method (any of METHODS, same seven kernels; only
-lora is measured, the others' learning rates are untuned guesses), steps,
+Arguments (after ``:``): method (any of METHODS: the weight-space ones on
+the same seven kernels, and ``houlsby`` at every layer's attention and MLP
+outputs with the RMSNorms trained; only lora is measured, the others'
+learning rates are untuned guesses), steps,
 batch_size, lr (0 = the method's default), seed, eval_limit (examples per
 evaluation split, 0 = all 1,000), runlocal (3 steps on 8 evaluation
 examples, for tests).
@@ -63,14 +65,28 @@ import ml_collections
 from experiments.configs import common
 
 SEVEN = r'layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
+# Hook points (llama.py): every layer's attention and MLP outputs, before the
+# residual; and the RMSNorm scales (two a layer and the final one).
+SUB_LAYER_OUTPUTS = r'layers_\d+/(self_attn/attention_output|mlp/ffn_output)'
+RMS_NORMS = r'(layers_\d+/(input|post_attention)_layernorm|norm)/scale'
 
-# method -> (spec on the seven kernels, default learning rate).
+# method -> (rules, default learning rate).
 METHODS = {
-  'lora': ('lora(rank=8, alpha=16)', 1e-3),
-  'dora': ('dora(rank=8, alpha=16)', 1e-3),
-  'pissa': ('pissa(rank=8, alpha=16)', 2e-4),
-  'ia3': ('ia3()', 3e-3),
-  'ssb': ('ssb()', 3e-3),
+  'lora': ([(SEVEN, 'lora(rank=8, alpha=16)')], 1e-3),
+  'dora': ([(SEVEN, 'dora(rank=8, alpha=16)')], 1e-3),
+  'pissa': ([(SEVEN, 'pissa(rank=8, alpha=16)')], 2e-4),
+  'ia3': ([(SEVEN, 'ia3()')], 3e-3),
+  'ssb': ([(SEVEN, 'ssb()')], 3e-3),
+  # Bottleneck adapters after every attention and MLP block, norms trained
+  # (Houlsby et al.). Prompt tuning is not offered: the task scores answers
+  # and generates from a KV cache, which a length-changing hook cannot use.
+  'houlsby': (
+    [
+      (SUB_LAYER_OUTPUTS, 'houlsby(reduction_factor=16)'),
+      (RMS_NORMS, 'ln_tuning()'),
+    ],
+    1e-3,
+  ),
 }
 
 
@@ -86,7 +102,7 @@ def get_config(arg=None):
     eval_limit=200,
     runlocal=False,
   )
-  spec, default_lr = common.lookup(METHODS, 'method', arg.method)
+  rules, default_lr = common.lookup(METHODS, 'method', arg.method)
 
   config = ml_collections.ConfigDict()
   config.name = f'smollm2_rotten_tomatoes_{arg.method}'
@@ -102,7 +118,7 @@ def get_config(arg=None):
     name='rotten_tomatoes', n_validation=1000, n_test=1000, eval_limit=arg.eval_limit
   )
   config.generate = dict(num_examples=3, max_new_tokens=8)
-  config.adapters = [(SEVEN, spec)]
+  config.adapters = list(rules)
   config.method = arg.method
   config.schedule = None
   config.steps = arg.steps

@@ -14,16 +14,22 @@ end-of-turn token ``<|im_end|>``.
   into a KV cache, then every candidate continues from it); the prediction is
   the best-scoring candidate. Accuracy on validation and test (the first
   ``config.data.eval_limit`` of each when set), through
-  ``peft_jax.factored`` like training.
-* Generations: greedy answers (``llama.generate``, on the merged weights
-  ``adapter.apply(frozen, theta)``) to a few fixed test prompts, printed at
-  every evaluation (before and after training), so the run log shows what
-  the model says; the metrics hold accuracies only (the trainer's metrics
-  are floats).
+  ``peft_jax.adapted(..., factored=True)`` like training.
+* Generations: greedy answers (``llama.generate`` through
+  ``peft_jax.adapted``) to a few fixed test prompts, printed at every
+  evaluation (before and after training), so the run log shows what the
+  model says; the metrics hold accuracies only (the trainer's metrics are
+  floats).
+
+Activation adapters must keep sequence lengths (``houlsby`` at
+``attention_output``/``ffn_output``): scoring and generation continue from a
+KV cache, where the model refuses a hook that prepends positions (prompt
+tuning), and the loss runs the LM head at the answer positions only.
 """
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import peft_jax as pj
+from experiments import tasks
 from experiments.configs import common
-from experiments.tasks import Task
 from peft_jax import PeftError
 from peft_jax.data import batching, rotten_tomatoes
 from peft_jax.models import gguf_loading, llama
@@ -274,26 +280,53 @@ def choice_scores(
   return first + rest
 
 
-def build(config) -> Task:
-  """Loads the frozen decoder and tokenizer, builds prompts and answers."""
-  path = common.lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
-  dataset = common.lookup(DATASETS, 'dataset', config.data.name)
-  model_config, frozen, tokenizer = gguf_loading.load_gguf(path)
-  info = gguf_loading.read_tokenizer_info(path)
-  model = llama.LlamaForCausalLM(model_config)
-  pad_id = info.pad_id if info.pad_id is not None else info.eos_id
+class Data(NamedTuple):
+  """The task's examples, encoded for the model.
 
-  choices = [[*tokenizer.encode(word).ids, info.eos_id] for word in dataset.LABELS]
-  choice_ids, choice_mask = choice_arrays(choices, pad_id)
-  budget = config.model.max_length - choice_ids.shape[1]
-  splits = dataset.splits(config.data.n_validation, config.data.n_test)
-  if config.data.eval_limit:
+  Attributes:
+    splits: the ``Split``s (texts, labels) by name, validation and test cut
+      to ``config.data.eval_limit`` when set.
+    prompts: each split's prompt token ids (``encode_prompts``).
+    train: ``training_arrays`` of the train split.
+    evals: ``prompt_arrays`` and ``label`` of validation and test.
+    choice_ids: ``(n_choices, c)`` answer ids (``choice_arrays``).
+    choice_mask: ``(n_choices, c)`` their 1/0 mask.
+    answers: the answer word of each label (``dataset.LABELS``).
+  """
+
+  splits: dict
+  prompts: dict[str, list[list[int]]]
+  train: Arrays
+  evals: dict[str, Arrays]
+  choice_ids: np.ndarray
+  choice_mask: np.ndarray
+  answers: tuple[str, ...]
+
+
+def limited_splits(dataset, data_config) -> dict:
+  """The dataset's splits, validation and test cut to ``eval_limit`` (0: all)."""
+  splits = dataset.splits(data_config.n_validation, data_config.n_test)
+  limit = data_config.eval_limit
+  if limit:
     for name in ('validation', 'test'):
       split = splits[name]
-      limit = config.data.eval_limit
       splits[name] = split._replace(
         texts=split.texts[:limit], labels=split.labels[:limit]
       )
+  return splits
+
+
+def encode_data(config, dataset, tokenizer, info) -> Data:
+  """Prompts, training rows and evaluation arrays of every split.
+
+  ``info`` is the GGUF's ``TokenizerInfo`` (chat template, end-of-turn and
+  padding ids); each answer is the label's word and the end-of-turn token.
+  """
+  pad_id = info.pad_id if info.pad_id is not None else info.eos_id
+  choices = [[*tokenizer.encode(word).ids, info.eos_id] for word in dataset.LABELS]
+  choice_ids, choice_mask = choice_arrays(choices, pad_id)
+  budget = config.model.max_length - choice_ids.shape[1]
+  splits = limited_splits(dataset, config.data)
   encode = functools.partial(
     encode_prompts,
     tokenizer,
@@ -313,67 +346,108 @@ def build(config) -> Task:
     }
     for name in ('validation', 'test')
   }
+  return Data(splits, prompts, train, evals, choice_ids, choice_mask, dataset.LABELS)
 
-  loss_fn = make_loss_fn(model, choice_ids.shape[1])
 
-  def scores(params, batch):
+def make_show_generations(config, model_config, frozen, tokenizer, eos_id, data):
+  """``show(tree, params, buffers)``: prints greedy answers to the first test
+  prompts, generated through ``peft_jax.adapted`` (weight-space methods
+  applied, activation adapters at their hook points) by the scanned-layer
+  model (one compile for all layers)."""
+  samples = range(min(config.generate.num_examples, len(data.prompts['test'])))
+  gen_model = llama.LlamaForCausalLM(model_config.replace(scan_layers=True))
+
+  def generate(weights):
+    stacked = llama.stack_layers(weights)
+    return [
+      llama.generate(
+        gen_model,
+        stacked,
+        np.array([data.prompts['test'][i]]),
+        config.generate.max_new_tokens,
+        eos_id=eos_id,
+      )
+      for i in samples
+    ]
+
+  def show(tree, params, buffers):
+    if not samples:
+      return
+    print('greedy generations:')
+    outs = pj.adapted(tree, generate)(frozen, params, buffers)
+    for i, out in zip(samples, outs, strict=True):
+      answer = tokenizer.decode(np.asarray(out[0]).tolist(), skip_special_tokens=True)
+      label = data.answers[data.splits['test'].labels[i]]
+      text = data.splits['test'].texts[i]
+      print(f'  test[{i}] ({label}) {text[:70]!r} -> {answer!r}')
+
+  return show
+
+
+def make_evaluate(config, model, frozen, data: Data, show):
+  """``evaluate(tree, params, buffers)``: validation and test accuracy of the
+  best-scoring answer (through ``peft_jax.adapted(..., factored=True)``, so
+  methods with no weight-space form and activation adapters work), then
+  ``show`` the generations."""
+
+  def scores(weights, batch):
     return choice_scores(
       model,
-      params,
+      weights,
       batch['prompt_ids'],
       batch['prompt_length'],
-      choice_ids,
-      choice_mask,
+      data.choice_ids,
+      data.choice_mask,
     )
 
   @functools.partial(jax.jit, static_argnums=0)
-  def correct(adapter, frozen, theta, batch):
-    # The factored path also serves methods with no weight-space form.
-    best = jnp.argmax(pj.factored(adapter, scores)(frozen, theta, batch), -1)
+  def correct(tree, frozen, params, buffers, batch):
+    adapted_scores = pj.adapted(tree, scores, factored=True)
+    best = jnp.argmax(adapted_scores(frozen, params, buffers, batch), -1)
     return jnp.sum((best == batch['label']) * batch['weight'])
 
-  samples = list(range(min(config.generate.num_examples, len(prompts['test']))))
-  gen_model = llama.LlamaForCausalLM(model_config.replace(scan_layers=True))
-
-  def show_generations(params):
-    """Greedy answers to the first test prompts (scanned layers: one compile each)."""
-    stacked = llama.stack_layers(params)
-    for i in samples:
-      out = llama.generate(
-        gen_model,
-        stacked,
-        np.array([prompts['test'][i]]),
-        config.generate.max_new_tokens,
-        eos_id=info.eos_id,
-      )
-      answer = tokenizer.decode(np.asarray(out[0]).tolist(), skip_special_tokens=True)
-      label = dataset.LABELS[splits['test'].labels[i]]
-      text = splits['test'].texts[i]
-      print(f'  test[{i}] ({label}) {text[:70]!r} -> {answer!r}')
-
-  def evaluate(adapter, theta):
-    metrics = {}
-    for name, split in evals.items():
-      hits = sum(
-        float(correct(adapter, frozen, theta, b))
-        for b in batching.eval_batches(split, config.eval_batch_size)
-      )
-      metrics[f'{name}_accuracy'] = hits / len(split['label'])
-    if samples:  # generate's while_loop runs on merged weights.
-      print('greedy generations:')
-      show_generations(adapter.apply(frozen, theta))
+  def evaluate(tree, params, buffers):
+    metrics = tasks.accuracies(
+      lambda batch: correct(tree, frozen, params, buffers, batch),
+      data.evals,
+      config.eval_batch_size,
+    )
+    show(tree, params, buffers)
     return metrics
 
-  sizes = {k: len(v.texts) for k, v in splits.items()}
-  return Task(
+  return evaluate
+
+
+def make_task(config, model_config, frozen, tokenizer, info, source: str) -> tasks.Task:
+  """The task for a loaded decoder (``model_config``, ``frozen``) and its
+  tokenizer; ``source`` names the checkpoint in the task's description."""
+  dataset = common.lookup(DATASETS, 'dataset', config.data.name)
+  data = encode_data(config, dataset, tokenizer, info)
+  model = llama.LlamaForCausalLM(model_config)
+  sample = data.train['input_ids'][:1], data.train['attention_mask'][:1]
+  show = make_show_generations(
+    config, model_config, frozen, tokenizer, info.eos_id, data
+  )
+  sizes = {k: len(v.texts) for k, v in data.splits.items()}
+  return tasks.Task(
     frozen=frozen,
-    loss_fn=loss_fn,
+    hooks=pj.hook_points(model, sample[0], attention_mask=sample[1]),
+    loss_fn=make_loss_fn(model, data.choice_ids.shape[1]),
     train_batch=functools.partial(
-      batching.train_batch, train, config.batch_size, seed=config.seed
+      batching.train_batch, data.train, config.batch_size, seed=config.seed
     ),
-    evaluate=evaluate,
+    evaluate=make_evaluate(config, model, frozen, data, show),
     describe=(
-      f'{config.model.checkpoint} ({path}) answering {"/".join(dataset.LABELS)} '
-      f'on {config.data.name} {sizes}, max_length={config.model.max_length}'
+      f'{source} answering {"/".join(data.answers)} on {config.data.name} '
+      f'{sizes}, max_length={config.model.max_length}'
     ),
   )
+
+
+def build(config) -> tasks.Task:
+  """Loads the frozen decoder and its tokenizer; see ``make_task``."""
+  path = common.lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
+  model_config, frozen, tokenizer = gguf_loading.load_gguf(path)
+  info = gguf_loading.read_tokenizer_info(path)
+  source = f'{config.model.checkpoint} ({path})'
+  return make_task(config, model_config, frozen, tokenizer, info, source)

@@ -6,18 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import transformers
 
 import peft_jax as pj
+from experiments import tasks
 from experiments.configs import common
-from experiments.tasks import Task
 from peft_jax.data import batching, rotten_tomatoes
 from peft_jax.models import bert
 
 CHECKPOINTS = {'minilm': bert.minilm_dir}
 DATASETS = {'rotten_tomatoes': rotten_tomatoes}
+Arrays = dict[str, np.ndarray]
 
 
-def tokenize(tokenizer, split, max_length: int) -> dict[str, np.ndarray]:
+def tokenize(tokenizer, split, max_length: int) -> Arrays:
   """Fixed-length token arrays (so every batch has one shape) and labels."""
   encoded = tokenizer(
     split.texts,
@@ -33,11 +35,9 @@ def tokenize(tokenizer, split, max_length: int) -> dict[str, np.ndarray]:
   }
 
 
-def build(config) -> Task:
-  """Loads the pretrained encoder, adds a head, tokenizes the splits."""
-  model_dir = common.lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
+def load_arrays(config, tokenizer) -> dict[str, Arrays]:
+  """The tokenized splits; validation and test cut to ``data.eval_limit``."""
   dataset = common.lookup(DATASETS, 'dataset', config.data.name)
-  bert_config, encoder, tokenizer = bert.load_pretrained(model_dir)
   splits = dataset.splits(config.data.n_validation, config.data.n_test)
   arrays = {
     k: tokenize(tokenizer, s, config.model.max_length) for k, s in splits.items()
@@ -45,54 +45,76 @@ def build(config) -> Task:
   if config.data.eval_limit:
     for name in ('validation', 'test'):
       arrays[name] = {k: v[: config.data.eval_limit] for k, v in arrays[name].items()}
+  return arrays
 
+
+def make_evaluate(logits, frozen, arrays: dict[str, Arrays], batch_size: int):
+  """``evaluate(tree, params, buffers)``: validation and test accuracy.
+
+  The model runs through ``peft_jax.adapted(..., factored=True)``, which
+  also serves methods with no weight-space form and activation adapters.
+  """
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def correct(tree, frozen, params, buffers, batch):
+    out = pj.adapted(tree, logits, factored=True)(frozen, params, buffers, batch)
+    return jnp.sum((jnp.argmax(out, -1) == batch['label']) * batch['weight'])
+
+  def evaluate(tree, params, buffers):
+    return tasks.accuracies(
+      lambda batch: correct(tree, frozen, params, buffers, batch),
+      {name: arrays[name] for name in ('validation', 'test')},
+      batch_size,
+    )
+
+  return evaluate
+
+
+def make_task(
+  config, encoder_config: bert.BertConfig, encoder, arrays: dict[str, Arrays], describe
+) -> tasks.Task:
+  """The task on a loaded encoder and tokenized splits: a new head on top,
+  the model's hook points, the loss and the evaluation."""
   num_labels = int(arrays['train']['label'].max()) + 1
   model = bert.BertForSequenceClassification(
-    bert_config, num_labels=num_labels, pooling=config.model.pooling
+    encoder_config, num_labels=num_labels, pooling=config.model.pooling
   )
-  sample = arrays['train']['input_ids'][:1]
-  head = model.init(jax.random.key(config.seed), sample)['params']['classifier']
+  sample = (arrays['train']['input_ids'][:1], arrays['train']['attention_mask'][:1])
+  head = model.init(jax.random.key(config.seed), *sample)['params']['classifier']
   frozen = {'bert': encoder, 'classifier': head}
 
-  def logits(params, batch, rng=None):
+  def logits(weights, batch, rng=None):
     return model.apply(
-      {'params': params},
+      {'params': weights},
       batch['input_ids'],
       batch['attention_mask'],
       deterministic=rng is None,
       rngs=None if rng is None else {'dropout': rng},
     )
 
-  def loss_fn(params, batch, rng):
-    out = logits(params, batch, rng)
+  def loss_fn(weights, batch, rng):
+    out = logits(weights, batch, rng)
     loss = optax.softmax_cross_entropy_with_integer_labels(out, batch['label']).mean()
     return loss, {'accuracy': jnp.mean(jnp.argmax(out, -1) == batch['label'])}
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def correct(adapter, frozen, theta, batch):
-    # The factored path also serves methods with no weight-space form.
-    out = pj.factored(adapter, logits)(frozen, theta, batch)
-    return jnp.sum((jnp.argmax(out, -1) == batch['label']) * batch['weight'])
-
-  def evaluate(adapter, theta):
-    metrics = {}
-    for name in ('validation', 'test'):
-      split = arrays[name]
-      hits = sum(
-        float(correct(adapter, frozen, theta, b))
-        for b in batching.eval_batches(split, config.eval_batch_size)
-      )
-      metrics[f'{name}_accuracy'] = hits / len(split['label'])
-    return metrics
-
-  train_batch = functools.partial(
-    batching.train_batch, arrays['train'], config.batch_size, seed=config.seed
-  )
-  sizes = {k: len(v['label']) for k, v in arrays.items()}
-  return Task(
+  return tasks.Task(
     frozen=frozen,
+    hooks=pj.hook_points(model, *sample),
     loss_fn=loss_fn,
-    train_batch=train_batch,
-    evaluate=evaluate,
-    describe=f'{config.model.checkpoint} ({model_dir}) on {config.data.name} {sizes}',
+    train_batch=functools.partial(
+      batching.train_batch, arrays['train'], config.batch_size, seed=config.seed
+    ),
+    evaluate=make_evaluate(logits, frozen, arrays, config.eval_batch_size),
+    describe=describe,
   )
+
+
+def build(config) -> tasks.Task:
+  """Loads the pretrained encoder and tokenizer, tokenizes the splits."""
+  model_dir = common.lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
+  encoder_config, encoder = bert.load_hf(model_dir)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  arrays = load_arrays(config, tokenizer)
+  sizes = {k: len(v['label']) for k, v in arrays.items()}
+  describe = f'{config.model.checkpoint} ({model_dir}) on {config.data.name} {sizes}'
+  return make_task(config, encoder_config, encoder, arrays, describe)

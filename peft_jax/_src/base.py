@@ -95,7 +95,8 @@ class Adapter(NamedTuple):
       the loss, summed or averaged (``by_rules(..., regularizer=)``).
     num_params: ``shape -> int``, the trainable-parameter count of the method
       for a leaf of that shape (tests check it against ``init``).
-    factors: ``params -> (down, up)``, low-rank factors in the Flax layout,
+    factors: ``(params, buffers) -> (down, up)``, the effective low-rank
+      factors in the Flax layout (masks applied),
       ``down: (..., d_in, r)``, ``up: (..., r, d_out)`` (LoRA's ``a``, ``b``);
       matrix-pattern regularisers (``mpc``) act on them.
     name: the canonical spec string, e.g. ``'lora(rank=8, alpha=16.0, ...)'``,
@@ -108,7 +109,7 @@ class Adapter(NamedTuple):
   linear: Linear | None = None
   regularizer: RegularizerFn | None = None
   num_params: Callable[[Shape], int] | None = None
-  factors: Callable[[AdapterParams], tuple[Array, Array]] | None = None
+  factors: Callable[[AdapterParams, Buffers], tuple[Array, Array]] | None = None
   name: str = ''
 
   @property

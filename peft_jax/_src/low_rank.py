@@ -39,8 +39,9 @@ def adalora_scale(method: str, rank: int, alpha: float) -> float:
   return (alpha if alpha > 0 else float(rank)) / (rank + 1e-5)
 
 
-def factors(params: AdapterParams) -> tuple[Array, Array]:
+def factors(params: AdapterParams, buffers: Buffers) -> tuple[Array, Array]:
   """``(a, b)``: the low-rank factors of any LoRA-family parameters."""
+  del buffers
   return params.a, params.b
 
 

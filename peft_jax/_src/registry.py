@@ -157,6 +157,32 @@ def wrapper_names() -> list[str]:
   return sorted(_WRAPPERS)
 
 
+def brief(spec: str) -> str:
+  """A canonical spec without the arguments that equal their defaults.
+
+  For tables: ``'lora(rank=2, alpha=16.0, rslora=False, ...)'`` ->
+  ``'lora(rank=2)'``; a wrapped method is shortened too. Specs that do not
+  parse (hand-built adapters) come back unchanged.
+  """
+  try:
+    name, args, kwargs = _parse(spec)
+  except PeftError:
+    return spec
+  factory = _METHODS.get(name) or _WRAPPERS.get(name)
+  if factory is None or args:
+    return spec
+  parameters = inspect.signature(factory).parameters
+  kept = []
+  for key, value in kwargs.items():
+    default = parameters[key].default if key in parameters else inspect.Parameter.empty
+    if value == default and type(value) is type(default):
+      continue
+    if key == 'method' and isinstance(value, str):
+      value = brief(value)
+    kept.append(f'{key}={value!r}')
+  return f'{name}({", ".join(kept)})'
+
+
 def _parse(spec: str) -> tuple[str, tuple, dict]:
   """``'lora(8, alpha=16)'`` -> ``('lora', (8,), {'alpha': 16})``."""
   usage = "expected 'name' or 'name(arg=literal, ...)'"

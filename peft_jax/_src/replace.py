@@ -7,16 +7,16 @@ import jax.numpy as jnp
 from peft_jax._src.base import Adapter, Linear
 
 
-def replace_leaf(dtype, check=None) -> Adapter:
+def replace_leaf(dtype, check=None, kernels: bool = False) -> Adapter:
   """``w' = θ`` with ``θ`` initialised to ``w``; no buffers.
 
   ``θ`` is a fresh copy of the leaf (so donating it never frees the frozen
-  buffer) in ``dtype``; ``apply`` returns it in the leaf's dtype. The
-  factored form ``y = x @ θ`` serves 2-D kernels.
+  buffer) in ``dtype``; ``apply`` returns it in the leaf's dtype.
 
   Args:
     dtype: the dtype of the trained copy.
     check: ``w -> None``, raising for leaves the method does not take.
+    kernels: the method takes kernels: add the factored form ``y = x @ θ``.
   """
 
   def init(key, w):
@@ -32,4 +32,9 @@ def replace_leaf(dtype, check=None) -> Adapter:
   def factored(x, w, params, buffers):
     return x @ apply(w, params, buffers)
 
-  return Adapter(init=init, apply=apply, linear=Linear(factored), num_params=math.prod)
+  return Adapter(
+    init=init,
+    apply=apply,
+    linear=Linear(factored) if kernels else None,
+    num_params=math.prod,
+  )

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax._src import paths
+from peft_jax._src import paths, registry
 from peft_jax._src.base import (
   ActivationAdapter,
   Adapter,
@@ -219,7 +219,7 @@ def by_rules(
     if entry.adapter.apply is None:
       raise PeftError(
         f'{entry.adapter.name or "this method"} has no weight-space form; run '
-        'the model through peft_jax.adapted(adapter, fn, factored=True)'
+        'the model through peft_jax.adapted(adapter, fn)'
       )
     return entry.adapter.apply(w, entry.params, entry.buffers)
 
@@ -310,6 +310,9 @@ def describe(
 ) -> None:
   """Prints a table of every leaf and hook point: name, shape, method, trainable.
 
+  Methods are shown by their spec without default arguments
+  (``lora(rank=2)``); ``adapter.name`` holds the full canonical spec.
+
   Args:
     rules: as for ``by_rules``.
     params: the frozen parameter tree.
@@ -337,9 +340,11 @@ def describe(
       total += int(np.size(value))
     trainable += n
     shape = tuple(np.shape(value)) if point is None else _point_shape(point)
-    method = (
-      (adapter.name or 'hand-built') if adapter else ('frozen (rule)' if rule else '-')
-    )
+    if adapter is not None:
+      method = registry.brief(adapter.name) if adapter.name else 'hand-built'
+    else:
+      method = 'frozen (rule)' if rule else '-'
+
     rows.append((name, str(shape), method, f'{n:,}'))
   header = ('name', 'shape', 'method', 'trainable')
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]

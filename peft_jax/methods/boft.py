@@ -1,12 +1,24 @@
 """BOFT: orthogonal fine-tuning with butterfly factorisation (Liu et al.; HF PEFT)."""
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
 from peft_jax._src import checks
-from peft_jax._src.base import Adapter, PeftError
-from peft_jax._src.registry import register
+from peft_jax._src.base import Adapter, Array, Linear, PeftError
 from peft_jax._src.linalg import cayley, check_blocks, num_skew
+from peft_jax._src.registry import register
+
+
+class BoftParams(NamedTuple):
+  """BOFT's skew entries ``q: (m, k, b(b − 1)/2)`` and magnitude ``s: (d_out,)``.
+
+  ``s`` is ``None`` with ``scale=False``.
+  """
+
+  q: Array
+  s: Array | None = None
 
 
 def butterfly_perm(d: int, block_size: int, i: int) -> np.ndarray:
@@ -55,7 +67,8 @@ def boft(
   ``boft_block_num = d_in / b``); no block dropout.
 
   Init ``q = 0`` and ``s = 1``: ``R = I``, identity at init. Trainable count
-  ``m · (d_in / b) · b(b − 1)/2 (+ d_out with scale)``. Factored form
+  ``m · (d_in / b) · b(b − 1)/2 (+ d_out with scale)`` (``BoftParams``; no
+  buffers: the permutations are fixed by the shape). Factored form
   ``y = ((x R) @ w) · s`` with ``x R = x M_{m−1} ⋯ M_0`` applied as index
   gathers and blockwise products, never forming ``R`` or ``w'``. Mergeable;
   ``unapply`` is ``w = Rᵀ (w' / s)``.
@@ -94,10 +107,11 @@ def boft(
   def init(key, w):
     del key
     blocks, d_out = check_shape(w)
-    theta = {'q': jnp.zeros((factors, blocks, num_skew(block_size)), dtype)}
-    if scale:
-      theta['s'] = jnp.ones(d_out, dtype)
-    return theta
+    params = BoftParams(
+      q=jnp.zeros((factors, blocks, num_skew(block_size)), dtype),
+      s=jnp.ones(d_out, dtype) if scale else None,
+    )
+    return params, None
 
   def permutations(d_in):
     """``[(p_i, p_i⁻¹)]`` for each factor; ``None`` for the identity ``p_0``."""
@@ -123,29 +137,32 @@ def boft(
     x = jnp.einsum('...ki,kij->...kj', xb, r).reshape(x.shape)
     return x if perm is None else x[..., perm[0]]
 
-  def magnitude(theta):
-    return theta['s'] if scale else 1.0
+  def magnitude(params):
+    return params.s if scale else 1.0
 
-  def apply(w, theta):
-    r = cayley(theta['q'], block_size)
+  def apply(w, params, buffers):
+    del buffers
+    r = cayley(params.q, block_size)
     rw = w
     for i, perm in enumerate(permutations(w.shape[0])):
       rw = rotate_rows(rw, r[i], perm)
-    return (rw * magnitude(theta)).astype(w.dtype)
+    return (rw * magnitude(params)).astype(w.dtype)
 
-  def unapply(w, theta):
-    r_t = jnp.swapaxes(cayley(theta['q'], block_size), -1, -2)
-    u = w / magnitude(theta)
+  def unapply(w, params, buffers):
+    del buffers
+    r_t = jnp.swapaxes(cayley(params.q, block_size), -1, -2)
+    u = w / magnitude(params)
     for i, perm in reversed(list(enumerate(permutations(w.shape[0])))):
       u = rotate_rows(u, r_t[i], perm)
     return u.astype(w.dtype)
 
-  def factored(x, w, theta):
-    r = cayley(theta['q'], block_size)
+  def factored(x, w, params, buffers):
+    del buffers
+    r = cayley(params.q, block_size)
     xr = x
     for i, perm in reversed(list(enumerate(permutations(w.shape[0])))):
       xr = rotate_inputs(xr, r[i], perm)
-    return ((xr @ w) * magnitude(theta)).astype(jnp.result_type(x, w))
+    return ((xr @ w) * magnitude(params)).astype(jnp.result_type(x, w))
 
   def num_params(shape):
     rotations = factors * (shape[0] // block_size) * num_skew(block_size)
@@ -154,7 +171,7 @@ def boft(
   return Adapter(
     init=init,
     apply=apply,
-    factored=factored,
     unapply=unapply,
+    linear=Linear(factored),
     num_params=num_params,
   )

@@ -1,11 +1,30 @@
 """Compacter: a parallel adapter of low-rank PHM layers (Karimi Mahabadi et al.)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks
-from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.base import Adapter, Array, Linear, PeftError
 from peft_jax._src.registry import register
+
+
+class CompacterParams(NamedTuple):
+  """The leaf's rule matrices and its two LPHM projections with biases.
+
+  ``a: (n, n, n)``; ``down_s: (n, d_in/n, r)``, ``down_t: (n, r, m/n)``,
+  ``b_down: (m,)``; ``up_s: (n, m/n, r)``, ``up_t: (n, r, d_out/n)``,
+  ``b_up: (d_out,)``.
+  """
+
+  a: Array
+  down_s: Array
+  down_t: Array
+  b_down: Array
+  up_s: Array
+  up_t: Array
+  b_up: Array
 
 
 def lphm_weight(rule, s, t):
@@ -58,10 +77,12 @@ def compacter(
   phm_init_range²)``, ``down_s``, ``down_t``, ``up_s`` Glorot-uniform per
   ``i``.
 
-  Trainable count ``n³ + r·(d_in + 2m + d_out) + m + d_out``. Not mergeable
-  (the GELU has no weight-space form): ``apply`` raises and the method runs
-  through its factored form only (``peft_jax.factored``), which forms just the
-  small ``(d_in, m)`` and ``(m, d_out)`` LPHM matrices.
+  Trainable count ``n³ + r·(d_in + 2m + d_out) + m + d_out``
+  (``CompacterParams``); no buffers. Not mergeable (the GELU has no
+  weight-space form): ``apply`` is ``None`` and the method has only the
+  linear-layer form, which ``peft_jax.adapted`` and ``make_train_step`` run on
+  either path; it forms just the small ``(d_in, m)`` and ``(m, d_out)`` LPHM
+  matrices.
 
   Args:
     reduction_factor: ``m = d_in // reduction_factor`` (AdapterHub's default
@@ -101,27 +122,23 @@ def compacter(
   def init(key, w):
     p_in, p_mid, p_out = dims(w)
     k_a, k_ds, k_dt, k_us = jax.random.split(key, 4)
-    return {
-      'a': init_std * jax.random.normal(k_a, (n, n, n), dtype),
-      'down_s': glorot_uniform(k_ds, (n, p_in, rank), dtype),
-      'down_t': glorot_uniform(k_dt, (n, rank, p_mid), dtype),
-      'b_down': jnp.zeros(n * p_mid, dtype),
-      'up_s': glorot_uniform(k_us, (n, p_mid, rank), dtype),
-      'up_t': jnp.zeros((n, rank, p_out), dtype),
-      'b_up': jnp.zeros(n * p_out, dtype),
-    }
-
-  def apply(w, theta):
-    raise PeftError(
-      f'{name} is not mergeable (a nonlinear adapter): run it through its '
-      'factored form, peft_jax.factored(adapter, fn)'
+    params = CompacterParams(
+      a=init_std * jax.random.normal(k_a, (n, n, n), dtype),
+      down_s=glorot_uniform(k_ds, (n, p_in, rank), dtype),
+      down_t=glorot_uniform(k_dt, (n, rank, p_mid), dtype),
+      b_down=jnp.zeros(n * p_mid, dtype),
+      up_s=glorot_uniform(k_us, (n, p_mid, rank), dtype),
+      up_t=jnp.zeros((n, rank, p_out), dtype),
+      b_up=jnp.zeros(n * p_out, dtype),
     )
+    return params, None
 
-  def factored(x, w, theta):
-    w_down = lphm_weight(theta['a'], theta['down_s'], theta['down_t'])
-    w_up = lphm_weight(theta['a'], theta['up_s'], theta['up_t'])
-    h = jax.nn.gelu(x @ w_down + theta['b_down'], approximate=False)
-    y = x @ w + (h @ w_up + theta['b_up'])
+  def factored(x, w, params, buffers):
+    del buffers
+    w_down = lphm_weight(params.a, params.down_s, params.down_t)
+    w_up = lphm_weight(params.a, params.up_s, params.up_t)
+    h = jax.nn.gelu(x @ w_down + params.b_down, approximate=False)
+    y = x @ w + (h @ w_up + params.b_up)
     return y.astype(jnp.result_type(x, w))
 
   def num_params(shape):
@@ -129,10 +146,4 @@ def compacter(
     m = d_in // reduction_factor
     return n**3 + rank * (d_in + 2 * m + d_out) + m + d_out
 
-  return Adapter(
-    init=init,
-    apply=apply,
-    factored=factored,
-    num_params=num_params,
-    mergeable=False,
-  )
+  return Adapter(init=init, linear=Linear(factored), num_params=num_params)

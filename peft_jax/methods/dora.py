@@ -1,21 +1,26 @@
 """DoRA (Liu et al., 2024): LoRA with a learned per-output magnitude."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
-from peft_jax._src.base import Adapter
+from peft_jax._src.base import Adapter, Array, Linear
+from peft_jax._src.linalg import column_norms
+from peft_jax._src.low_rank import factors, lora_scale
 from peft_jax._src.registry import register
-from peft_jax._src.low_rank import lora_scale
 
 
-def column_norms(w):
-  """The L2 norm of each column of ``w: (d_in, d_out)``, in float32: ``(d_out,)``.
+class DoraParams(NamedTuple):
+  """DoRA's trained arrays: ``a: (d_in, r)``, ``b: (r, d_out)``, ``m: (d_out,)``.
 
-  A column of the Flax kernel is a row of the spec's ``W``: one norm per
-  output unit.
+  ``a``, ``b`` are LoRA's factors, ``m`` the magnitude of each output unit.
   """
-  return jnp.linalg.norm(w.astype(jnp.float32), axis=0)
+
+  a: Array
+  b: Array
+  m: Array
 
 
 @register('dora')
@@ -44,7 +49,9 @@ def dora(
   matrix (``d_in · d_out · r`` FLOPs, once per call, not per token, and
   under stop-gradient, so no weight gradient), as HF PEFT does.
 
-  Trainable count ``r · (d_in + d_out) + d_out``. Mergeable. No ``unapply``:
+  Trainable count ``r · (d_in + d_out) + d_out`` (``DoraParams``); no
+  buffers. Not additive (``w'`` rescales the columns of ``w + s · a @ b``),
+  so ``apply`` and ``linear`` are written here. Mergeable. No ``unapply``:
   the norms of ``w + s · a @ b`` cannot be recovered from the merged weight.
 
   Args:
@@ -54,6 +61,9 @@ def dora(
       default), ``'gaussian'`` (``N(0, 1/r²)``) or ``'normal'``
       (``N(0, 0.02²)``); ``b`` starts at 0.
     param_dtype: dtype of ``a``, ``b`` and ``m``; ``w'`` keeps ``w``'s dtype.
+
+  Returns:
+    The DoRA ``Adapter``; its parameters are ``DoraParams``.
   """
   name = 'dora'
   scale = lora_scale(name, rank, alpha, rslora=False)
@@ -62,29 +72,32 @@ def dora(
 
   def init(key, w):
     d_in, d_out = checks.rank_fits(name, rank, w)
-    return {
-      'a': init_a(key, (d_in, rank), dtype, rank),
-      'b': jnp.zeros((rank, d_out), dtype),
-      'm': column_norms(w).astype(dtype),
-    }
+    params = DoraParams(
+      a=init_a(key, (d_in, rank), dtype, rank),
+      b=jnp.zeros((rank, d_out), dtype),
+      m=column_norms(w).astype(dtype),
+    )
+    return params, None
 
-  def magnitude_scale(w, theta):
+  def magnitude_scale(w, params):
     """``m ⊘ sg(n)``; 1 where a column of ``w + s · a @ b`` is 0."""
-    norms = jax.lax.stop_gradient(column_norms(w + scale * theta['a'] @ theta['b']))
-    return theta['m'] / jnp.where(norms == 0, 1, norms)
+    norms = jax.lax.stop_gradient(column_norms(w + scale * params.a @ params.b))
+    return params.m / jnp.where(norms == 0, 1, norms)
 
-  def apply(w, theta):
-    directions = w + scale * (theta['a'] @ theta['b'])
-    return (directions * magnitude_scale(w, theta)).astype(w.dtype)
+  def apply(w, params, buffers):
+    del buffers
+    directions = w + scale * (params.a @ params.b)
+    return (directions * magnitude_scale(w, params)).astype(w.dtype)
 
-  def factored(x, w, theta):
-    y = x @ w + scale * ((x @ theta['a']) @ theta['b'])
-    return (y * magnitude_scale(w, theta)).astype(jnp.result_type(x, w))
+  def factored(x, w, params, buffers):
+    del buffers
+    y = x @ w + scale * ((x @ params.a) @ params.b)
+    return (y * magnitude_scale(w, params)).astype(jnp.result_type(x, w))
 
   return Adapter(
     init=init,
     apply=apply,
-    factored=factored,
+    linear=Linear(factored),
     num_params=lambda shape: rank * (shape[0] + shape[1]) + shape[1],
-    factors=lambda theta: (theta['a'], theta['b']),
+    factors=factors,
   )

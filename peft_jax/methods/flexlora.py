@@ -1,30 +1,77 @@
 """FlexLoRA (Liu, Si, Jia, 2026): the AdaLoRA layer with a per-leaf rank that moves."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks
-from peft_jax._src.base import BUFFERS, Adapter, PeftError
-from peft_jax._src.low_rank import low_rank_adapter
-from peft_jax._src.registry import register
-from peft_jax._src.low_rank import adalora_scale
+from peft_jax._src.base import Adapter, Array, PeftError
 from peft_jax._src.linalg import frobenius
+from peft_jax._src.low_rank import adalora_scale, low_rank_adapter
 from peft_jax._src.patterns import FORMS
+from peft_jax._src.registry import register
 
 
-def active_penalty(down, up, active, form: str):
-  """MPC_o on the active slots only: ``pattern_penalty(down[:, I], up[I])``.
+class FlexLoraParams(NamedTuple):
+  """FlexLoRA's triplet slots: ``a: (d_in, R)``, ``b: (R, d_out)``, ``e: (R,)``.
 
-  ``I`` = the slots where ``active`` is 1; inactive slots contribute nothing
-  and get no gradient from the penalty.
+  ``flexlora_schedule`` governs every leaf whose parameters have this type.
   """
-  active = active.astype(jnp.float32)
-  down = down.astype(jnp.float32) * active
-  up = up.astype(jnp.float32) * active[:, None]
+
+  a: Array
+  b: Array
+  e: Array
+
+
+class FlexLoraBuffers(NamedTuple):
+  """``active: (R,)`` bool, the slots in use (``flexlora_schedule`` moves them)."""
+
+  active: Array
+
+
+def active_factors(params: FlexLoraParams, buffers: FlexLoraBuffers):
+  """``(a ⊙ m, m ⊙ b)``: the factors with the inactive slots zeroed.
+
+  ``a: (..., d_in, R)``, ``b: (..., R, d_out)``, ``m = active: (..., R)``;
+  leading axes are stacked layers.
+  """
+  active = buffers.active
+  down = jnp.where(active[..., None, :], params.a, jnp.zeros_like(params.a))
+  up = jnp.where(active[..., :, None], params.b, jnp.zeros_like(params.b))
+  return down, up
+
+
+def active_penalty(down: Array, up: Array, active: Array, form: str) -> Array:
+  """MPC_o on the active slots only: ``R_o(down[:, I], up[I])``, one per matrix.
+
+  ``I`` = the slots where ``active`` is true. With ``D = down ⊙ m`` and
+  ``U = m ⊙ up`` the residuals are ``DᵀD − diag(m)`` and ``U Uᵀ − diag(m)``,
+  whose inactive rows and columns are zero: they equal the residuals of the
+  active sub-matrices against ``I_r``, and inactive slots get no gradient.
+  ``form='squared'`` sums their squared Frobenius norms (the paper),
+  ``'mean'`` averages their Frobenius norms (AdaLoRA's code).
+
+  Args:
+    down: ``(..., d_in, R)``.
+    up: ``(..., R, d_out)``.
+    active: ``(..., R)`` bool.
+    form: ``'squared'`` or ``'mean'``.
+
+  Returns:
+    ``(...)``, float32: one penalty per matrix.
+  """
+  mask = active.astype(jnp.float32)
+  down = down.astype(jnp.float32) * mask[..., None, :]
+  up = up.astype(jnp.float32) * mask[..., :, None]
   gram = lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
-  residuals = (gram(down.T, down) - jnp.diag(active), gram(up, up.T) - jnp.diag(active))
+  target = mask[..., None, :] * jnp.eye(mask.shape[-1], dtype=jnp.float32)
+  residuals = (
+    gram(jnp.swapaxes(down, -1, -2), down) - target,
+    gram(up, jnp.swapaxes(up, -1, -2)) - target,
+  )
   if form == 'squared':
-    return sum(jnp.sum(jnp.square(r)) for r in residuals)
+    return sum(jnp.sum(jnp.square(r), axis=(-2, -1)) for r in residuals)
   return sum(frobenius(r) for r in residuals) / len(residuals)
 
 
@@ -42,14 +89,15 @@ def flexlora(
   """AdaLoRA's layer over ``R`` slots, of which ``r`` are active.
 
   ``w' = w + s · (a ⊙ (e ⊙ m)) @ b``. Shapes (Flax layout):
-  ``w: (d_in, d_out)``, ``a: (d_in, R)``, ``e: (R,)``, ``b: (R, d_out)``,
-  buffer ``m = active: (R,)`` of 0/1 (the first ``r₀`` slots at init);
-  ``s = α/(r₀ + 1e-5)`` with ``r₀ = rank`` the *initial* rank, kept when
-  ``flexlora_schedule`` prunes and grows slots (spec §3.1 and its scaling
-  cheat-sheet; ``α ≤ 0`` is replaced by ``r₀`` as in the code). Spec
-  (PyTorch layout): ``h = W x + b + s·B diag(e) A x`` over the ``r`` active
-  triplets, ``A = aᵀ``, ``B = bᵀ``. The reference resizes its parameters;
-  here shapes are static, so ``R = max_rank`` slots are allocated (default
+  ``w: (d_in, d_out)``, params ``FlexLoraParams(a: (d_in, R), b: (R, d_out),
+  e: (R,))``, buffers ``FlexLoraBuffers(active: (R,))``, the bool mask
+  ``m`` (the first ``r₀`` slots at init); ``s = α/(r₀ + 1e-5)`` with
+  ``r₀ = rank`` the *initial* rank, kept when ``flexlora_schedule`` prunes
+  and grows slots (spec §3.1 and its scaling cheat-sheet; ``α ≤ 0`` is
+  replaced by ``r₀`` as in the code). Spec (PyTorch layout):
+  ``h = W x + b + s·B diag(e) A x`` over the ``r`` active triplets,
+  ``A = aᵀ``, ``B = bᵀ``. The reference resizes its parameters; here shapes
+  are static, so ``R = max_rank`` slots are allocated (default
   ``min(2·r₀, d_in, d_out)``) and ``m`` masks the inactive ones.
 
   Init: ``a, b ~ N(0, σ²)`` (``σ = init_std``) in every slot, ``e = 0``:
@@ -61,8 +109,10 @@ def flexlora(
   ``(a ⊙ m, m ⊙ b)`` (inactive slots zeroed).
 
   Regulariser: ``reg_orth_coef · R_o`` over the active slots
-  (``active_penalty``; AdaLoRA's ``reg_form='mean'`` or the paper's
-  ``'squared'``, as for ``adalora``); 0 disables it.
+  (``active_penalty``, one term per matrix; AdaLoRA's ``reg_form='mean'``
+  with the tree's default ``by_rules(..., regularizer='mean')`` is the
+  code's ``γ/(2L) Σ ‖·‖_F``, the paper's ``'squared'`` with
+  ``regularizer='sum'`` its Eq. 25, as for ``adalora``); 0 disables it.
 
   Args:
     rank: r₀, the initial active rank, ``0 < r₀ <= R``.
@@ -102,29 +152,26 @@ def flexlora(
         f'of the kernel of shape {(d_in, d_out)}'
       )
     key_a, key_b = jax.random.split(key)
-    return {
-      'a': std * jax.random.normal(key_a, (d_in, n_slots), dtype),
-      'b': std * jax.random.normal(key_b, (n_slots, d_out), dtype),
-      'e': jnp.zeros(n_slots, dtype),
-      BUFFERS: {'active': (jnp.arange(n_slots) < rank).astype(jnp.float32)},
-    }
+    params = FlexLoraParams(
+      a=std * jax.random.normal(key_a, (d_in, n_slots), dtype),
+      b=std * jax.random.normal(key_b, (n_slots, d_out), dtype),
+      e=jnp.zeros(n_slots, dtype),
+    )
+    return params, FlexLoraBuffers(active=jnp.arange(n_slots) < rank)
 
-  def gate(theta):
-    return theta['e'] * theta[BUFFERS]['active'].astype(theta['e'].dtype)
+  def mix(params, buffers, h):
+    return h * jnp.where(buffers.active, params.e, jnp.zeros_like(params.e))
 
-  def factors(theta):
-    active = theta[BUFFERS]['active'].astype(theta['a'].dtype)
-    return theta['a'] * active, active[:, None] * theta['b']
-
-  def regularizer(w, theta):
+  def regularizer(w, params, buffers):
     del w
-    active = theta[BUFFERS]['active']
-    return coef * active_penalty(theta['a'], theta['b'], active, reg_form)
+    return coef * active_penalty(params.a, params.b, buffers.active, reg_form)
 
   layer = low_rank_adapter(
     init,
     scale,
     num_params=lambda shape: slots(shape) * (shape[0] + shape[1] + 1),
-    mix=lambda theta, h: h * gate(theta),
+    mix=mix,
   )
-  return layer._replace(regularizer=regularizer if coef > 0 else None, factors=factors)
+  return layer._replace(
+    regularizer=regularizer if coef > 0 else None, factors=active_factors
+  )

@@ -1,40 +1,37 @@
 """FlexLoRA's entropy-guided prune/grow of rank across the ``flexlora`` leaves."""
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, paths
-from peft_jax._src.base import (
-  BUFFERS,
-  Adapter,
-  AdapterParams,
-  Array,
-  Schedule,
-)
-from peft_jax.schedules.adalora import (
-  governed,
-  non_negative_int,
-  phases,
-  replace_subtrees,
-)
+from peft_jax._src.base import Array, Entry, Schedule, TreeAdapter
+from peft_jax._src.schedules import governed, non_negative_int, phases, reset_moments
+from peft_jax.methods.flexlora import FlexLoraBuffers, FlexLoraParams
 
 PRUNE_BY = ('signed', 'abs')
 
 
 def entropy(e: Array, active: Array) -> Array:
-  """The normalised spectral-energy entropy of one leaf, a float32 scalar.
+  """The normalised spectral-energy entropy of one matrix, a float32 scalar.
 
   ``H = −Σ p_i log(p_i + 1e-8) / log r`` with ``p_i = e_i²/Σ_j e_j²`` over
   the active slots and ``r`` their number. For ``r <= 1`` the division by
   ``log r`` is skipped (the code divides by ``log 1 = 0``); an all-zero ``e``
   has ``p = 0`` and ``H = 0`` (the code's ``0/0``).
+
+  Args:
+    e: ``(R,)``, the slots' singular values.
+    active: ``(R,)`` bool.
   """
-  active = active.astype(jnp.float32)
-  energy = jnp.square(e.astype(jnp.float32)) * active
+  mask = active.astype(jnp.float32)
+  energy = jnp.square(e.astype(jnp.float32)) * mask
   total = jnp.sum(energy)
   p = energy / jnp.where(total > 0, total, 1.0)
   h = -jnp.sum(p * jnp.log(p + 1e-8))
-  r = jnp.sum(active)
+  r = jnp.sum(mask)
   return h / jnp.where(r > 1, jnp.log(jnp.maximum(r, 1.0)), 1.0)
 
 
@@ -47,70 +44,66 @@ def cubic_budget(
   return jnp.round(budget * (1 - progress**3)).astype(jnp.int32)
 
 
-def reset_moments(opt_state, theta: AdapterParams, touched: dict[str, Array]):
-  """``opt_state`` with the ``touched`` entries of its per-parameter trees zeroed.
-
-  Every subtree of ``opt_state`` with the tree structure of ``theta`` is
-  taken for per-parameter state: in optax, ``mu``/``nu`` of ``adam``,
-  ``adamw``, ``nadam``, ``adabelief``, ``nu_max`` of ``amsgrad``, ``mu`` of
-  ``lion``, ``trace`` of ``sgd(momentum=...)``, ``nu`` of ``rmsprop``. Scalars
-  (Adam's ``count``) and state of other shapes (``adafactor``'s factored
-  moments) are left alone. Optimizers whose theta-shaped state is not a
-  moment (``lookahead``'s slow weights, schedule-free's ``z``, EMA copies of
-  the parameters) would have those entries zeroed too: do not combine them
-  with prune/grow.
-
-  Args:
-    opt_state: any optax state.
-    theta: the parameters the state was built for.
-    touched: ``{theta leaf name: bool mask broadcastable to that leaf}``.
-  """
-  structure = jax.tree.structure(theta)
-  per_parameter = lambda node: jax.tree.structure(node) == structure
-
-  def reset(name, x):
-    if name not in touched:
-      return x
-    return jnp.where(touched[name], jnp.zeros_like(x), x)
-
-  return jax.tree.map(
-    lambda node: paths.map_named(reset, node) if per_parameter(node) else node,
-    opt_state,
-    is_leaf=per_parameter,
-  )
-
-
-def prune_and_grow(theta, prune: Array, grow: Array, key: Array, prune_by: str):
-  """One leaf's event: drop one active slot if ``prune``, activate one if ``grow``.
+def prune_and_grow(
+  params: FlexLoraParams,
+  active: Array,
+  prune: Array,
+  grow: Array,
+  key: Array,
+  prune_by: str,
+) -> tuple[FlexLoraParams, Array, Array]:
+  """One matrix's event: drop one active slot if ``prune``, activate one if ``grow``.
 
   The dropped slot is the active one with the smallest ``e`` (signed, the
   code's ``argmin``, or ``|e|``); it is masked, its values are left as they
   are. A grown slot is the first inactive one (possibly the slot just
   dropped): ``a[:, i] ~ N(0, 1)``, ``b[i] ~ N(0, 1)``, ``e_i = 0``, so
-  ``w'`` is unchanged (zero-impact). Returns ``(theta, touched)``,
-  ``touched: (R,)`` the dropped and grown slots.
+  ``w'`` is unchanged (zero-impact).
+
+  Args:
+    params: one matrix's ``a: (d_in, R)``, ``b: (R, d_out)``, ``e: (R,)``.
+    active: ``(R,)`` bool.
+    prune: a bool scalar.
+    grow: a bool scalar.
+    key: the PRNG key of the grown slot's values.
+    prune_by: ``'signed'`` or ``'abs'``.
+
+  Returns:
+    ``(params, active, touched)``, ``touched: (R,)`` bool, the dropped and
+    grown slots.
   """
-  active = theta[BUFFERS]['active']
-  e = theta['e']
+  e = params.e
   slots = jnp.arange(e.shape[0])
   value = e.astype(jnp.float32)
   value = jnp.abs(value) if prune_by == 'abs' else value
-  dropped = prune & (slots == jnp.argmin(jnp.where(active > 0, value, jnp.inf)))
-  active = jnp.where(dropped, 0, active)
+  dropped = prune & (slots == jnp.argmin(jnp.where(active, value, jnp.inf)))
+  active = active & ~dropped
   grown = grow & (slots == jnp.argmin(active))
-  active = jnp.where(grown, 1, active)
+  active = active | grown
   key_a, key_b = jax.random.split(key)
-  a, b = theta['a'], theta['b']
+  a, b = params.a, params.b
   new_a = jax.random.normal(key_a, (a.shape[0], 1), a.dtype)
   new_b = jax.random.normal(key_b, (1, b.shape[1]), b.dtype)
-  theta = {
-    **theta,
-    'a': jnp.where(grown, new_a, a),
-    'b': jnp.where(grown[:, None], new_b, b),
-    'e': jnp.where(grown, jnp.zeros_like(e), e),
-    BUFFERS: {**theta[BUFFERS], 'active': active},
-  }
-  return theta, dropped | grown
+  params = FlexLoraParams(
+    a=jnp.where(grown, new_a, a),
+    b=jnp.where(grown[:, None], new_b, b),
+    e=jnp.where(grown, jnp.zeros_like(e), e),
+  )
+  return params, active, dropped | grown
+
+
+def matrices(entry: Entry) -> tuple[FlexLoraParams, Array]:
+  """One leaf's parameters and active mask with its layer axes flattened.
+
+  Returns ``(params, active)`` with ``a: (n, d_in, R)``, ``b: (n, R, d_out)``,
+  ``e: (n, R)``, ``active: (n, R)``; ``n = 1`` for a plain leaf, the number
+  of layers under ``stacked``.
+  """
+  active = entry.buffers.active
+  lead = active.ndim - 1
+  n = math.prod(active.shape[:lead])
+  params = jax.tree.map(lambda x: jnp.reshape(x, (n, *x.shape[lead:])), entry.params)
+  return params, jnp.reshape(active, (n, active.shape[-1]))
 
 
 def positions(keys: Array) -> Array:
@@ -119,7 +112,7 @@ def positions(keys: Array) -> Array:
 
 
 def flexlora_schedule(
-  adapter: Adapter,
+  adapter: TreeAdapter,
   *,
   total_steps: int,
   init_warmup: int,
@@ -130,24 +123,32 @@ def flexlora_schedule(
   prune_by: str = 'signed',
   seed: int = 0,
 ) -> Schedule:
-  """FlexLoRA's rank reallocation over the ``flexlora`` leaves of ``adapter``.
+  """FlexLoRA's rank reallocation over the ``flexlora`` matrices of ``adapter``.
+
+  Governed leaves are those whose parameters are ``FlexLoraParams``, however
+  the method is wrapped (``mpc``, ``matrix_view``, a hand-built copy,
+  ``stacked``: there each layer's slice is one matrix and takes part in the
+  events on its own, as a separate leaf would). Matrices are ordered by leaf
+  in tree order, then by layer.
 
   An event is an update ``t`` (optimizer updates done) with
   ``t_i < t < T − t_f`` and ``(t − t_i) mod Δ = 0``. At an event, with
-  ``H`` the ``entropy`` of every governed leaf and ``r`` its active rank:
+  ``H`` the ``entropy`` of every governed matrix and ``r`` its active rank:
 
   * ``k = min(b, #{r > 1}, #{1 < r < R})`` with ``b = budget`` (or, with
     ``cubic``, ``cubic_budget``; no event when it is 0);
-  * prune: the ``k`` leaves with ``r > 1`` and the lowest ``H`` drop their
+  * prune: the ``k`` matrices with ``r > 1`` and the lowest ``H`` drop their
     smallest-``e`` slot (``prune_by='signed'``, the code's ``argmin e``;
     ``'abs'`` for the paper's "energy" reading: the spec notes the ambiguity);
-  * grow: the ``k`` leaves with ``1 < r < R`` (a free slot; ``r = 1`` leaves
-    never grow, as in the code, whose ``H`` is ``−inf`` there) and the
-    highest ``H`` activate a free slot, zero-impact (``prune_and_grow``);
-    the new ``a``/``b`` values come from ``seed``, the step and the leaf.
+  * grow: the ``k`` matrices with ``1 < r < R`` (a free slot; ``r = 1``
+    matrices never grow, as in the code, whose ``H`` is ``−inf`` there) and
+    the highest ``H`` activate a free slot, zero-impact (``prune_and_grow``);
+    the new ``a``/``b`` values of matrix ``i`` come from
+    ``fold_in(fold_in(key(seed), t), i)``.
 
-  Both sets have ``k`` leaves, so the total active rank is conserved (a
-  leaf may be in both). Ties in ``H`` go to the leaf earlier in tree order.
+  Both sets have ``k`` matrices, so the total active rank is conserved (a
+  matrix may be in both). Ties in ``H`` go to the matrix earlier in order.
+  The active masks are the leaves' ``FlexLoraBuffers``.
 
   Unlike the reference trainer (PR #12, spec §3.2 pitfall 4), which rebuilds
   AdamW after every event and so loses every moment, the optimizer state is
@@ -164,7 +165,7 @@ def flexlora_schedule(
     init_warmup: ``t_i >= 0``.
     final_warmup: ``t_f >= 0``; ``T − t_f − t_i`` must be > 0.
     interval: ``Δ > 0``, updates between events.
-    budget: ``b0 > 0``, leaves pruned (and grown) per event.
+    budget: ``b0 > 0``, matrices pruned (and grown) per event.
     cubic: decay the budget as ``round(b0 (1 − p³))`` (off by default).
     prune_by: ``'signed'`` (default, the code) or ``'abs'``.
     seed: the seed of the grown slots' random ``a`` and ``b`` values.
@@ -180,34 +181,53 @@ def flexlora_schedule(
   checks.choice(name, 'prune_by', prune_by, PRUNE_BY)
   seed = non_negative_int(name, 'seed', seed)
 
-  def init(frozen, theta):
-    governed(name, adapter, frozen, theta, 'flexlora')
+  def leaves(frozen, params, buffers):
+    """The governed leaves, ``{leaf name: Entry}``."""
+    return governed(name, adapter, frozen, params, buffers, FlexLoraParams)
+
+  def init(frozen, params, buffers):
+    leaves(frozen, params, buffers)
     return ()
 
-  def event(frozen, theta, opt_state, step, k_max):
-    chosen = governed(name, adapter, frozen, theta, 'flexlora')
-    leaves = [leaf_theta for _, leaf_theta in chosen.values()]
-    h = jnp.stack([entropy(t['e'], t[BUFFERS]['active']) for t in leaves])
-    r = jnp.stack([jnp.sum(t[BUFFERS]['active']) for t in leaves])
-    capacity = jnp.array([t['e'].shape[0] for t in leaves], jnp.float32)
+  def event(frozen, params, buffers, opt_state, step, k_max):
+    chosen = leaves(frozen, params, buffers)
+    flat = {leaf: matrices(entry) for leaf, entry in chosen.items()}
+    h = jnp.concatenate([jax.vmap(entropy)(p.e, m) for p, m in flat.values()])
+    r = jnp.concatenate([jnp.sum(m, axis=-1) for _, m in flat.values()])
+    capacity = jnp.concatenate(
+      [jnp.full(m.shape[0], m.shape[1]) for _, m in flat.values()]
+    )
     prunable = r > 1
     growable = prunable & (r < capacity)
     k = jnp.minimum(k_max, jnp.minimum(jnp.sum(prunable), jnp.sum(growable)))
     prune = prunable & (positions(jnp.where(prunable, h, jnp.inf)) < k)
     grow = growable & (positions(jnp.where(growable, -h, jnp.inf)) < k)
     key = jax.random.fold_in(jax.random.key(seed), step)
-    updated, touched = {}, {}
-    for i, (leaf, leaf_theta) in enumerate(zip(chosen, leaves, strict=True)):
-      updated[leaf], slots = prune_and_grow(
-        leaf_theta, prune[i], grow[i], jax.random.fold_in(key, i), prune_by
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(r.size))
+    one_matrix = jax.vmap(functools.partial(prune_and_grow, prune_by=prune_by))
+    new_params, new_buffers, touched = {}, {}, {}
+    start = 0
+    for leaf, (leaf_params, leaf_active) in flat.items():
+      span = slice(start, start + leaf_active.shape[0])
+      start = span.stop
+      out, active, slots = one_matrix(
+        leaf_params, leaf_active, prune[span], grow[span], keys[span]
       )
-      touched.update(
-        {f'{leaf}/a': slots[None, :], f'{leaf}/b': slots[:, None], f'{leaf}/e': slots}
+      entry = chosen[leaf]
+      new_params[leaf] = jax.tree.map(
+        lambda x, like: jnp.reshape(x, like.shape), out, entry.params
       )
-    theta = replace_subtrees(theta, updated)
-    return theta, reset_moments(opt_state, theta, touched)
+      shape = entry.buffers.active.shape
+      new_buffers[leaf] = FlexLoraBuffers(active=jnp.reshape(active, shape))
+      slots = jnp.reshape(slots, shape)
+      touched[f'{leaf}/a'] = slots[..., None, :]
+      touched[f'{leaf}/b'] = slots[..., :, None]
+      touched[f'{leaf}/e'] = slots
+    params = paths.replace(params, new_params)
+    buffers = paths.replace(buffers, new_buffers)
+    return params, buffers, reset_moments(opt_state, params, touched)
 
-  def update(state, frozen, theta, grads, opt_state, step):
+  def update(state, frozen, params, buffers, grads, opt_state, step):
     del grads
     if cubic:
       k_max = cubic_budget(
@@ -218,13 +238,14 @@ def flexlora_schedule(
     is_event = (
       (step > t_i) & (step < total - t_f) & ((step - t_i) % every == 0) & (k_max > 0)
     )
-    theta, opt_state = jax.lax.cond(
+    params, buffers, opt_state = jax.lax.cond(
       is_event,
-      lambda t, o: event(frozen, t, o, step, k_max),
-      lambda t, o: (t, o),
-      theta,
+      lambda p, b, o: event(frozen, p, b, o, step, k_max),
+      lambda p, b, o: (p, b, o),
+      params,
+      buffers,
       opt_state,
     )
-    return theta, opt_state, state
+    return params, buffers, opt_state, state
 
   return Schedule(init=init, update=update)

@@ -1,19 +1,28 @@
 """FLoRA: a low-rank update with a full r × r core (Si et al., 2024)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
-from peft_jax._src.base import Adapter
-from peft_jax._src.low_rank import low_rank_adapter
+from peft_jax._src.base import Adapter, Array
+from peft_jax._src.low_rank import adalora_scale, lora_scale, low_rank_adapter
 from peft_jax._src.registry import register
-from peft_jax._src.low_rank import adalora_scale
 
 # style -> (initializer of a and b, whether s = α/(r+1e-5) rather than α/r).
 STYLES = {
   'loralib': (initializers.normal, True),
   'cr_mr': (initializers.kaiming_uniform, False),
 }
+
+
+class FloraParams(NamedTuple):
+  """FLoRA's factors and core: ``a: (d_in, r)``, ``b: (r, d_out)``, ``g: (r, r)``."""
+
+  a: Array
+  b: Array
+  g: Array
 
 
 @register('flora')
@@ -30,7 +39,8 @@ def flora(
   ``g: (r, r)``, ``b: (r, d_out)``. Spec (PyTorch layout):
   ``ΔW = s·B G A`` with ``A = aᵀ``, ``B = bᵀ`` and the full core
   ``G = gᵀ``. ``g = 0`` at init, so the adapter starts as the identity.
-  Trainable count ``r · (d_in + d_out) + r²``. Mergeable and invertible.
+  Trainable count ``r · (d_in + d_out) + r²`` (``FloraParams``); no
+  buffers. Mergeable and invertible.
   Factored form ``y = x @ w + s · ((x @ a) @ g) @ b``. ``factors`` gives
   ``(a, b)``. The spec documents two styles:
 
@@ -47,30 +57,28 @@ def flora(
     param_dtype: dtype of ``a``, ``g`` and ``b``; ``w'`` keeps ``w``'s dtype.
 
   Returns:
-    The FLoRA ``Adapter``.
+    The FLoRA ``Adapter``; its parameters are ``FloraParams``.
   """
   name = 'flora'
   init_factor, adalora_style = STYLES[
     checks.choice(name, 'style', style, tuple(STYLES))
   ]
-  if adalora_style:
-    scale = adalora_scale(name, rank, alpha)
-  else:
-    scale = checks.real(name, 'alpha', alpha) / checks.positive_int(name, 'rank', rank)
+  scale = (adalora_scale if adalora_style else lora_scale)(name, rank, alpha)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def init(key, w):
     d_in, d_out = checks.rank_fits(name, rank, w)
     key_a, key_b = jax.random.split(key)
-    return {
-      'a': init_factor(key_a, (d_in, rank), dtype, rank),
-      'g': jnp.zeros((rank, rank), dtype),
-      'b': init_factor(key_b, (rank, d_out), dtype, rank),
-    }
+    params = FloraParams(
+      a=init_factor(key_a, (d_in, rank), dtype, rank),
+      b=init_factor(key_b, (rank, d_out), dtype, rank),
+      g=jnp.zeros((rank, rank), dtype),
+    )
+    return params, None
 
   return low_rank_adapter(
     init,
     scale,
     num_params=lambda shape: rank * (shape[0] + shape[1]) + rank**2,
-    mix=lambda theta, h: h @ theta['g'],
+    mix=lambda params, buffers, h: h @ params.g,
   )

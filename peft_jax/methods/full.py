@@ -18,4 +18,5 @@ def full(*, param_dtype: str = 'float32') -> Adapter:
     param_dtype: dtype of the trained copy (float32 master weights by
       default, also for bf16 leaves).
   """
-  return replace_leaf(checks.float_dtype('full', 'param_dtype', param_dtype))
+  dtype = checks.float_dtype('full', 'param_dtype', param_dtype)
+  return replace_leaf(dtype, kernels=True)

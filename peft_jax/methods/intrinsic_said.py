@@ -1,13 +1,34 @@
 """Intrinsic SAID: a random Fastfood subspace per leaf (Aghajanyan et al., 2021)."""
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks
-from peft_jax._src.base import BUFFERS, Adapter, PeftError
+from peft_jax._src.additive import additive
+from peft_jax._src.base import Adapter, Array, PeftError
 from peft_jax._src.registry import register
+
+
+class IntrinsicSaidParams(NamedTuple):
+  """The leaf's intrinsic vector ``theta_d: (d,)`` and its scale ``lam: ()``."""
+
+  theta_d: Array
+  lam: Array
+
+
+class IntrinsicSaidBuffers(NamedTuple):
+  """The fixed Fastfood diagonals, each of length ``L = padded_size(D)``.
+
+  ``sign: (L,)`` float (±1, ``B``), ``perm: (L,)`` int32 (a permutation of
+  ``0..L−1``, ``Π``), ``gauss: (L,)`` float (``N(0, 1)``, ``G``).
+  """
+
+  sign: Array
+  perm: Array
+  gauss: Array
 
 
 def fwht(x):
@@ -33,20 +54,20 @@ def padded_size(size: int) -> int:
   return 1 << (size - 1).bit_length()
 
 
-def fastfood(v, buffers, size: int):
+def fastfood(v: Array, buffers: IntrinsicSaidBuffers, size: int) -> Array:
   """``P(v)``: the Fastfood map ``R^d -> R^D`` of the reference SAID code.
 
   ``P(v) = (H G Π H B [v; 0])[:D] / √(D · Σ G²)`` with ``L = padded_size(D)``,
   ``v`` zero-padded to ``L``, ``H`` the ``L × L`` Hadamard matrix, ``B`` the
-  ±1 diagonal ``buffers['sign']``, ``Π`` the permutation
-  ``(Π u)_j = u[argsort(buffers['perm_keys'])_j]`` and ``G`` the Gaussian
-  diagonal ``buffers['gauss']``. The scale makes each column of ``P`` about
-  unit-norm (the reference divides by ``√(L ΣG²) · √(D/L)``, the same).
+  ±1 diagonal ``buffers.sign``, ``Π`` the permutation
+  ``(Π u)_j = u[buffers.perm_j]`` and ``G`` the Gaussian diagonal
+  ``buffers.gauss``. The scale makes each column of ``P`` about unit-norm
+  (the reference divides by ``√(L ΣG²) · √(D/L)``, the same).
   """
-  length = buffers['sign'].shape[0]
-  u = fwht(buffers['sign'] * jnp.pad(v, (0, length - v.shape[0])))
-  u = fwht(buffers['gauss'] * u[jnp.argsort(buffers['perm_keys'])])
-  return u[:size] / jnp.sqrt(size * jnp.sum(buffers['gauss'] ** 2))
+  length = buffers.sign.shape[0]
+  u = fwht(buffers.sign * jnp.pad(v, (0, length - v.shape[0])))
+  u = fwht(buffers.gauss * u[buffers.perm])
+  return u[:size] / jnp.sqrt(size * jnp.sum(buffers.gauss**2))
 
 
 @register('intrinsic_said')
@@ -58,11 +79,12 @@ def intrinsic_said(dim: int = 256, *, param_dtype: str = 'float32') -> Adapter:
   per-tensor "structure-aware" scale of SAID), and the fixed Fastfood
   projection ``P: R^d -> R^D`` of ``fastfood`` (``P = H G Π H B``, restricted
   to ``d`` columns and ``D`` rows, ``O(L log L)`` time, ``O(L)`` memory,
-  ``L = 2^⌈log2 D⌉``) whose random diagonals live under ``buffers``:
-  ``sign`` (±1), ``gauss`` (``N(0, 1)``) and ``perm_keys`` (``U(0, 1)``;
-  ``Π`` is their argsort, so every buffer is a float array that
-  ``jax.grad`` and checkpoints accept). Layout-free: the same formula in the
-  PyTorch and Flax layouts.
+  ``L = 2^⌈log2 D⌉``) whose random parts are the buffers
+  (``IntrinsicSaidBuffers``): ``sign`` (±1), ``perm`` (a uniformly random
+  permutation of ``0..L−1``, int32, as the reference's
+  ``Pi = np.random.permutation(L)``) and ``gauss`` (``N(0, 1)``). Parameters
+  ``IntrinsicSaidParams(theta_d, lam)``.
+  Layout-free: the same formula in the PyTorch and Flax layouts.
 
   As the reference code (``intrinsic_dimension_said``, the authors' code as
   vendored in rabeehk/compacter): one Fastfood per tensor, ``θ_d = 0`` and
@@ -82,7 +104,8 @@ def intrinsic_said(dim: int = 256, *, param_dtype: str = 'float32') -> Adapter:
 
   Args:
     dim: d, the intrinsic dimension of each leaf's subspace; ``d <= D``.
-    param_dtype: dtype of ``theta_d``, ``lam`` and the buffers.
+    param_dtype: dtype of ``theta_d``, ``lam`` and the ``sign`` and ``gauss``
+      buffers; ``w'`` keeps ``w``'s dtype.
 
   Returns:
     The Intrinsic SAID ``Adapter``.
@@ -100,23 +123,16 @@ def intrinsic_said(dim: int = 256, *, param_dtype: str = 'float32') -> Adapter:
       )
     length = padded_size(size)
     k_sign, k_perm, k_gauss = jax.random.split(key, 3)
-    return {
-      'theta_d': jnp.zeros(dim, dtype),
-      'lam': jnp.ones((), dtype),
-      BUFFERS: {
-        'sign': jax.random.rademacher(k_sign, (length,), dtype),
-        'perm_keys': jax.random.uniform(k_perm, (length,), dtype),
-        'gauss': jax.random.normal(k_gauss, (length,), dtype),
-      },
-    }
+    params = IntrinsicSaidParams(theta_d=jnp.zeros(dim, dtype), lam=jnp.ones((), dtype))
+    buffers = IntrinsicSaidBuffers(
+      sign=jax.random.rademacher(k_sign, (length,), dtype),
+      perm=jax.random.permutation(k_perm, length).astype(jnp.int32),
+      gauss=jax.random.normal(k_gauss, (length,), dtype),
+    )
+    return params, buffers
 
-  def delta(w, theta):
-    ray = fastfood(theta['theta_d'], theta[BUFFERS], w.size)
-    return theta['lam'] * ray.reshape(w.shape)
+  def delta(w, params, buffers):
+    ray = fastfood(params.theta_d, buffers, w.size)
+    return params.lam * ray.reshape(w.shape)
 
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(w, theta)).astype(w.dtype),
-    unapply=lambda w, theta: (w - delta(w, theta)).astype(w.dtype),
-    num_params=lambda shape: dim + 1,
-  )
+  return additive(init, delta, num_params=lambda shape: dim + 1)

@@ -1,14 +1,23 @@
 """LieRA: a low-rank multiplicative (Hadamard) update of a kernel (Si et al., 2025)."""
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
-from peft_jax._src.base import Adapter
+from peft_jax._src.base import Adapter, Array
+from peft_jax._src.low_rank import factors, lora_scale
 from peft_jax._src.registry import register
-from peft_jax._src.low_rank import lora_scale
 
 # form -> the elementwise map f with w' = w ⊙ f(s · a @ b).
 FORMS = {'first_order': lambda delta: 1.0 + delta, 'exp': jnp.exp}
+
+
+class LieraParams(NamedTuple):
+  """LieRA's factors: ``a: (d_in, r)``, ``b: (r, d_out)``."""
+
+  a: Array
+  b: Array
 
 
 @register('liera')
@@ -29,8 +38,9 @@ def liera(
   ``W' = W ⊙ exp(s·BA)``, whose first-order expansion the code uses; the
   spec marks that reading **(inferred)**. Init ``a ~ KU(d_in)``, ``b = 0``:
   identity at init (exactly, in both forms). Trainable count
-  ``r · (d_in + d_out)``. Mergeable; ``unapply`` divides by the factor
-  (defined while no entry of ``1 + s·a@b`` is 0; always for ``'exp'``).
+  ``r · (d_in + d_out)`` (``LieraParams``); no buffers. Mergeable;
+  ``unapply`` divides by the factor (defined while no entry of
+  ``1 + s·a@b`` is 0; always for ``'exp'``).
   No factored form: the update is elementwise in ``w``, so ``x @ w'`` is no
   cheaper without forming ``w'``. ``factors`` gives ``(a, b)``.
 
@@ -41,7 +51,7 @@ def liera(
     param_dtype: dtype of ``a`` and ``b``; ``w'`` keeps ``w``'s dtype.
 
   Returns:
-    The LieRA ``Adapter``.
+    The LieRA ``Adapter``; its parameters are ``LieraParams``.
   """
   name = 'liera'
   scale = lora_scale(name, rank, alpha, False)
@@ -50,18 +60,27 @@ def liera(
 
   def init(key, w):
     d_in, d_out = checks.rank_fits(name, rank, w)
-    return {
-      'a': initializers.kaiming_uniform(key, (d_in, rank), dtype, rank),
-      'b': jnp.zeros((rank, d_out), dtype),
-    }
+    params = LieraParams(
+      a=initializers.kaiming_uniform(key, (d_in, rank), dtype, rank),
+      b=jnp.zeros((rank, d_out), dtype),
+    )
+    return params, None
 
-  def factor(theta):
-    return factor_of(scale * (theta['a'] @ theta['b']))
+  def factor(params):
+    return factor_of(scale * (params.a @ params.b))
+
+  def apply(w, params, buffers):
+    del buffers
+    return (w * factor(params)).astype(w.dtype)
+
+  def unapply(w, params, buffers):
+    del buffers
+    return (w / factor(params)).astype(w.dtype)
 
   return Adapter(
     init=init,
-    apply=lambda w, theta: (w * factor(theta)).astype(w.dtype),
-    unapply=lambda w, theta: (w / factor(theta)).astype(w.dtype),
+    apply=apply,
+    unapply=unapply,
     num_params=lambda shape: rank * (shape[0] + shape[1]),
-    factors=lambda theta: (theta['a'], theta['b']),
+    factors=factors,
   )

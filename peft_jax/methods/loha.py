@@ -1,11 +1,23 @@
 """LoHa: low-rank Hadamard product update (Hyeon-Woo et al., FedPara; HF PEFT)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
-from peft_jax._src.base import Adapter
+from peft_jax._src.additive import additive
+from peft_jax._src.base import Adapter, Array
 from peft_jax._src.registry import register
+
+
+class LohaParams(NamedTuple):
+  """LoHa's two factor pairs: ``a1, a2: (d_in, r)``, ``b1, b2: (r, d_out)``."""
+
+  a1: Array
+  b1: Array
+  a2: Array
+  b2: Array
 
 
 @register('loha')
@@ -29,8 +41,8 @@ def loha(rank: int = 8, alpha: float = 8.0, *, param_dtype: str = 'float32') -> 
   ``y = x @ w + s · Σ_jk (x·a1_j·a2_k) (b1_j ⊙ b2_k)``, i.e.
   ``z = einsum('...i,ij,ik->...jk', x, a1, a2)`` then
   ``einsum('...jk,jo,ko->...o', z, b1, b2)``: ``O(r²(d_in + d_out))`` per row.
-  Trainable count ``2r(d_in + d_out)``. Mergeable; ``unapply`` subtracts
-  the update.
+  Trainable count ``2r(d_in + d_out)`` (``LohaParams``); no buffers.
+  Mergeable; ``unapply`` subtracts the update.
 
   Args:
     rank: r, with ``0 < r <= min(d_in, d_out)``.
@@ -49,25 +61,26 @@ def loha(rank: int = 8, alpha: float = 8.0, *, param_dtype: str = 'float32') -> 
   def init(key, w):
     d_in, d_out = checks.rank_fits(name, rank, w)
     k_a1, k_b1, k_b2 = jax.random.split(key, 3)
-    return {
-      'a1': uniform(k_a1, (d_in, rank), dtype, rank),
-      'b1': uniform(k_b1, (rank, d_out), dtype, rank),
-      'a2': jnp.zeros((d_in, rank), dtype),
-      'b2': uniform(k_b2, (rank, d_out), dtype, rank),
-    }
+    params = LohaParams(
+      a1=uniform(k_a1, (d_in, rank), dtype, rank),
+      b1=uniform(k_b1, (rank, d_out), dtype, rank),
+      a2=jnp.zeros((d_in, rank), dtype),
+      b2=uniform(k_b2, (rank, d_out), dtype, rank),
+    )
+    return params, None
 
-  def delta(theta):
-    return scale * (theta['a1'] @ theta['b1']) * (theta['a2'] @ theta['b2'])
+  def delta(w, params, buffers):
+    del w, buffers
+    return scale * (params.a1 @ params.b1) * (params.a2 @ params.b2)
 
-  def factored(x, w, theta):
-    z = jnp.einsum('...i,ij,ik->...jk', x, theta['a1'], theta['a2'])
-    y = x @ w + scale * jnp.einsum('...jk,jo,ko->...o', z, theta['b1'], theta['b2'])
-    return y.astype(jnp.result_type(x, w))
+  def delta_product(x, w, params, buffers):
+    del w, buffers
+    z = jnp.einsum('...i,ij,ik->...jk', x, params.a1, params.a2)
+    return scale * jnp.einsum('...jk,jo,ko->...o', z, params.b1, params.b2)
 
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
+  return additive(
+    init,
+    delta,
+    delta_product=delta_product,
     num_params=lambda shape: 2 * rank * (shape[0] + shape[1]),
   )

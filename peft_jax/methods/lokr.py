@@ -1,11 +1,30 @@
 """LoKr / KronA: Kronecker-product update (Edalati et al.; HF PEFT LoKr)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
-from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.additive import additive
+from peft_jax._src.base import Adapter, Array, PeftError
 from peft_jax._src.registry import register
+
+
+class LokrParams(NamedTuple):
+  """LoKr's Kronecker factors, each full or as a rank-r product.
+
+  ``c: (a1, a2)``, or ``c1: (a1, r)`` and ``c2: (r, a2)`` with
+  ``decompose_both``; ``d: (b1, b2)``, or ``d1: (b1, r)`` and ``d2: (r, b2)``
+  with a rank. The fields a configuration does not use are ``None``.
+  """
+
+  c: Array | None = None
+  c1: Array | None = None
+  c2: Array | None = None
+  d: Array | None = None
+  d1: Array | None = None
+  d2: Array | None = None
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -77,7 +96,8 @@ def lokr(
   ``(..., a1, b1)``, then ``y = x @ w + s · einsum('...ik,ij,kl->...jl', x, c,
   d)`` reshaped to ``(..., d_out)``. Trainable count
   ``a1·a2 + b1·b2`` (``c`` as ``r(a1 + a2)`` with ``decompose_both``, ``d``
-  as ``r(b1 + b2)`` with a rank). Mergeable; ``unapply`` subtracts.
+  as ``r(b1 + b2)`` with a rank; ``LokrParams``, no buffers). Mergeable;
+  ``unapply`` subtracts.
 
   Args:
     factor: the factorization divider (HF's ``decompose_factor``): ``-1`` for
@@ -118,45 +138,43 @@ def lokr(
   def init(key, w):
     c_shape, d_shape = shapes(checks.matrix(name, w))
     k_c, k_d1, k_d2 = jax.random.split(key, 3)
-    theta = {}
     if decompose_both:
       low_rank_fits('c', c_shape)
-      theta['c1'] = uniform(k_c, (c_shape[0], rank), dtype, rank)
-      theta['c2'] = jnp.zeros((rank, c_shape[1]), dtype)
+      c = {
+        'c1': uniform(k_c, (c_shape[0], rank), dtype, rank),
+        'c2': jnp.zeros((rank, c_shape[1]), dtype),
+      }
     else:
-      theta['c'] = jnp.zeros(c_shape, dtype)
+      c = {'c': jnp.zeros(c_shape, dtype)}
     if rank is None:
-      theta['d'] = uniform(k_d1, d_shape, dtype, rank)
+      d = {'d': uniform(k_d1, d_shape, dtype, rank)}
     else:
       low_rank_fits('d', d_shape)
-      theta['d1'] = uniform(k_d1, (d_shape[0], rank), dtype, rank)
-      theta['d2'] = uniform(k_d2, (rank, d_shape[1]), dtype, rank)
-    return theta
+      d = {
+        'd1': uniform(k_d1, (d_shape[0], rank), dtype, rank),
+        'd2': uniform(k_d2, (rank, d_shape[1]), dtype, rank),
+      }
+    return LokrParams(**c, **d), None
 
-  def kron_factors(theta):
-    c = theta['c1'] @ theta['c2'] if decompose_both else theta['c']
-    d = theta['d'] if rank is None else theta['d1'] @ theta['d2']
+  def kron_factors(params):
+    c = params.c1 @ params.c2 if decompose_both else params.c
+    d = params.d if rank is None else params.d1 @ params.d2
     return c, d
 
-  def delta(theta):
-    return scale * jnp.kron(*kron_factors(theta))
+  def delta(w, params, buffers):
+    del w, buffers
+    return scale * jnp.kron(*kron_factors(params))
 
-  def factored(x, w, theta):
-    c, d = kron_factors(theta)
+  def delta_product(x, w, params, buffers):
+    del buffers
+    c, d = kron_factors(params)
     xr = x.reshape(*x.shape[:-1], c.shape[0], d.shape[0])
     kron_y = jnp.einsum('...ik,ij,kl->...jl', xr, c, d)
-    y = x @ w + scale * kron_y.reshape(*x.shape[:-1], w.shape[1])
-    return y.astype(jnp.result_type(x, w))
+    return scale * kron_y.reshape(*x.shape[:-1], w.shape[1])
 
   def num_params(shape):
     (a1, a2), (b1, b2) = shapes(shape)
     c_count = rank * (a1 + a2) if decompose_both else a1 * a2
     return c_count + (b1 * b2 if rank is None else rank * (b1 + b2))
 
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(theta)).astype(w.dtype),
-    num_params=num_params,
-  )
+  return additive(init, delta, delta_product=delta_product, num_params=num_params)

@@ -1,23 +1,32 @@
 """LoRA-Dash's phase switch: pick the dash directions after the pre-launch."""
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, paths
-from peft_jax._src.base import BUFFERS, Adapter, AdapterParams, Array, Schedule
+from peft_jax._src.base import Array, Entry, Schedule, TreeAdapter
 from peft_jax._src.linalg import thin_svd
-from peft_jax.schedules.adalora import governed, replace_subtrees
+from peft_jax._src.schedules import governed
+from peft_jax.methods.lora_dash import LoraDashBuffers, LoraDashParams
 
 
 def select_directions(w: Array, delta: Array, n: int) -> tuple[Array, Array]:
   """The ``n`` singular directions of ``w`` that ``delta`` changes most, relatively.
 
-  With the float32 thin SVD ``w = v · diag(σ) · uᵀ`` (``sam_parser.thin_svd``;
+  With the float32 thin SVD ``w = v · diag(σ) · uᵀ`` (``linalg.thin_svd``;
   PyTorch layout ``W = U diag(σ) Vᵀ``) and ``delta = ΔWᵀ: (d_in, d_out)``,
   ``δ_i = u_iᵀ ΔW v_i = v_iᵀ delta u_i`` and the change rate is
   ``c_i = |δ_i| / σ_i``, the code's form (the paper writes
   ``|δ_i| / (σ_i + ε)``); a direction with ``σ_i = 0`` has rate ``inf``
   (``0`` if ``δ_i = 0`` too). ``I`` = the indices of the top-``n`` rates.
+
+  Args:
+    w: the frozen kernel, ``(d_in, d_out)``.
+    delta: the LoRA update ``s · a @ b``, ``(d_in, d_out)``.
+    n: the number of directions.
 
   Returns:
     ``(v_I: (d_in, n), u_I: (d_out, n))``, float32, by decreasing rate.
@@ -29,17 +38,47 @@ def select_directions(w: Array, delta: Array, n: int) -> tuple[Array, Array]:
   return v[:, chosen], u[:, chosen]
 
 
-def lora_dash_schedule(adapter: Adapter, *, warmup_steps: int = 100) -> Schedule:
+def leaf_directions(w: Array, entry: Entry) -> LoraDashBuffers:
+  """The directions of one governed leaf, as the method sees its kernel.
+
+  ``ΔW = s · a @ b`` is the leaf adapter's ``apply`` on a zero weight with
+  ``d = 0`` (so any wrapper's reshaping applies). The buffers ``v: (...,
+  d_in, n)`` and ``u: (..., d_out, n)`` give the matrix shape the method
+  sees: the frozen ``w`` and ``ΔW`` are viewed as ``(..., d_in, d_out)``
+  (``matrix_view`` flattens the input and output axes the same way; leading
+  axes are the layers of ``stacked``), and ``select_directions`` runs on
+  each matrix.
+  """
+  params, buffers = entry.params, entry.buffers
+  lora_only = params._replace(d=jnp.zeros_like(params.d))
+  delta = entry.adapter.apply(jnp.zeros(w.shape, jnp.float32), lora_only, buffers)
+  *lead, d_in, n = buffers.v.shape
+  d_out = buffers.u.shape[-2]
+  count = math.prod(lead)
+  as_matrices = lambda x: jnp.reshape(x, (count, d_in, d_out))
+  select = jax.vmap(functools.partial(select_directions, n=n))
+  v, u = select(as_matrices(w), as_matrices(delta))
+  return LoraDashBuffers(
+    v=jnp.reshape(v, buffers.v.shape), u=jnp.reshape(u, buffers.u.shape)
+  )
+
+
+def lora_dash_schedule(adapter: TreeAdapter, *, warmup_steps: int = 100) -> Schedule:
   """LoRA-Dash's switch from pre-launch to dash over the ``lora_dash`` leaves.
 
+  Governed leaves are those whose parameters are ``LoraDashParams``, however
+  the method is wrapped (``mpc``, ``matrix_view``, ``stacked``, a hand-built
+  copy): each matrix the method sees (one per layer under ``stacked``) gets
+  its own directions.
+
   After update ``t = warmup_steps`` (the spec's ``t_w = 100``), for every
-  governed leaf: ``ΔW = s · a @ b`` (the leaf's ``apply`` on a zero weight
-  with ``d = 0``), the top-``n`` directions by ``select_directions`` on the
-  frozen ``w``, stored into the leaf's ``buffers`` ``v`` and ``u``. From
-  update ``t_w + 1`` on, ``d`` gets gradients and trains; ``a`` and ``b``
-  keep training (the spec, issue #8). Everything else is left alone
-  (including the optimizer state: ``d``'s moments are still zero). The SVD
-  runs inside a ``lax.cond``, only at that step.
+  governed matrix: ``ΔW = s · a @ b``, the top-``n`` directions by
+  ``select_directions`` on the frozen ``w`` (``leaf_directions``), stored
+  into the leaf's ``LoraDashBuffers`` ``v`` and ``u``. From update
+  ``t_w + 1`` on, ``d`` gets gradients and trains; ``a`` and ``b`` keep
+  training (the spec, issue #8). Everything else is left alone (the
+  parameters, and the optimizer state: ``d``'s moments are still zero). The
+  SVD runs inside a ``lax.cond``, only at that step.
 
   Steps are optimizer updates. The reference counts forward calls of each
   module, which includes gradient-accumulation micro-batches and evaluation
@@ -55,28 +94,30 @@ def lora_dash_schedule(adapter: Adapter, *, warmup_steps: int = 100) -> Schedule
   name = 'lora_dash_schedule'
   warmup = checks.positive_int(name, 'warmup_steps', warmup_steps)
 
-  def init(frozen, theta):
-    governed(name, adapter, frozen, theta, 'lora_dash')
+  def leaves(frozen, params, buffers):
+    """The governed leaves, ``{leaf name: Entry}``."""
+    return governed(name, adapter, frozen, params, buffers, LoraDashParams)
+
+  def init(frozen, params, buffers):
+    leaves(frozen, params, buffers)
     return ()
 
-  def select(frozen: dict, theta: AdapterParams) -> AdapterParams:
+  def select(frozen, params, buffers):
     flat = paths.flatten(frozen)
-    buffers = {}
-    for leaf, (leaf_adapter, leaf_theta) in governed(
-      name, adapter, frozen, theta, 'lora_dash'
-    ).items():
-      w = flat[leaf]
-      lora_only = {**leaf_theta, 'd': jnp.zeros_like(leaf_theta['d'])}
-      delta = leaf_adapter.apply(jnp.zeros(w.shape, jnp.float32), lora_only)
-      v, u = select_directions(w, delta, leaf_theta['d'].shape[0])
-      buffers[f'{leaf}/{BUFFERS}'] = {'v': v, 'u': u}
-    return replace_subtrees(theta, buffers)
-
-  def update(state, frozen, theta, grads, opt_state, step):
-    del grads
-    theta = jax.lax.cond(
-      step == warmup, lambda t: select(frozen, t), lambda t: t, theta
+    chosen = leaves(frozen, params, buffers)
+    return paths.replace(
+      buffers,
+      {leaf: leaf_directions(flat[leaf], entry) for leaf, entry in chosen.items()},
     )
-    return theta, opt_state, state
+
+  def update(state, frozen, params, buffers, grads, opt_state, step):
+    del grads
+    buffers = jax.lax.cond(
+      step == warmup,
+      lambda b: select(frozen, params, b),
+      lambda b: b,
+      buffers,
+    )
+    return params, buffers, opt_state, state
 
   return Schedule(init=init, update=update)

@@ -1,13 +1,22 @@
 """MoSLoRA: a low-rank update with a learnable subspace mixer (Wu et al., 2024)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, initializers
-from peft_jax._src.base import Adapter
-from peft_jax._src.low_rank import low_rank_adapter
+from peft_jax._src.base import Adapter, Array
+from peft_jax._src.low_rank import adalora_scale, low_rank_adapter
 from peft_jax._src.registry import register
-from peft_jax._src.low_rank import adalora_scale
+
+
+class MosLoraParams(NamedTuple):
+  """MoSLoRA's factors and mixer: ``a: (d_in, r)``, ``b: (r, d_out)``, ``m: (r, r)``."""
+
+  a: Array
+  b: Array
+  m: Array
 
 
 def orthogonal(key, shape, dtype, rank):
@@ -43,7 +52,8 @@ def moslora(
   ``a ~ N(0, 0.02²)``, ``m ~ N(0, 0.02²)``, ``b = 0``, so identity at init.
   The MoSLoRA paper initialises the mixer with Kaiming-uniform
   (``U(±1/√r)``) or as a random orthogonal matrix: ``mixer_init``.
-  Trainable count ``r · (d_in + d_out) + r²``. Mergeable and invertible.
+  Trainable count ``r · (d_in + d_out) + r²`` (``MosLoraParams``); no
+  buffers. Mergeable and invertible.
   Factored form ``y = x @ w + s · ((x @ a) @ m) @ b``. ``factors`` gives
   ``(a, b)``.
 
@@ -54,7 +64,7 @@ def moslora(
     param_dtype: dtype of ``a``, ``m`` and ``b``; ``w'`` keeps ``w``'s dtype.
 
   Returns:
-    The MoSLoRA ``Adapter``.
+    The MoSLoRA ``Adapter``; its parameters are ``MosLoraParams``.
   """
   name = 'moslora'
   scale = adalora_scale(name, rank, alpha)
@@ -66,15 +76,16 @@ def moslora(
   def init(key, w):
     d_in, d_out = checks.rank_fits(name, rank, w)
     key_a, key_m = jax.random.split(key)
-    return {
-      'a': initializers.normal(key_a, (d_in, rank), dtype, rank),
-      'm': init_m(key_m, (rank, rank), dtype, rank),
-      'b': jnp.zeros((rank, d_out), dtype),
-    }
+    params = MosLoraParams(
+      a=initializers.normal(key_a, (d_in, rank), dtype, rank),
+      b=jnp.zeros((rank, d_out), dtype),
+      m=init_m(key_m, (rank, rank), dtype, rank),
+    )
+    return params, None
 
   return low_rank_adapter(
     init,
     scale,
     num_params=lambda shape: rank * (shape[0] + shape[1]) + rank**2,
-    mix=lambda theta, h: h @ theta['m'],
+    mix=lambda params, buffers, h: h @ params.m,
   )

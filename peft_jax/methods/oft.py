@@ -1,85 +1,19 @@
 """OFT: orthogonal fine-tuning with block-diagonal Cayley rotations (Qiu et al.)."""
 
-import jax
+from typing import NamedTuple
+
 import jax.numpy as jnp
-import numpy as np
 
 from peft_jax._src import checks
-from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.base import Adapter, Array, Linear
+from peft_jax._src.linalg import cayley, check_blocks, num_skew
 from peft_jax._src.registry import register
 
 
-def num_skew(block_size: int) -> int:
-  """Free entries of a ``b × b`` skew-symmetric matrix: ``b(b − 1)/2``."""
-  return block_size * (block_size - 1) // 2
+class OftParams(NamedTuple):
+  """OFT's skew entries: ``q: (k, b(b − 1)/2)`` (``(1, b(b − 1)/2)`` shared)."""
 
-
-def skew(q, block_size: int):
-  """``Q = S − Sᵀ`` with ``S`` strictly upper triangular holding ``q`` row by row.
-
-  Args:
-    q: ``(..., b(b − 1)/2)``, the entries above the diagonal in
-      ``np.triu_indices(b, 1)`` order (HF PEFT's layout).
-    block_size: b.
-
-  Returns:
-    ``(..., b, b)`` skew-symmetric matrices.
-  """
-  rows, cols = np.triu_indices(block_size, 1)
-  upper = jnp.zeros((*q.shape[:-1], block_size, block_size), q.dtype)
-  upper = upper.at[..., rows, cols].set(q)
-  return upper - jnp.swapaxes(upper, -1, -2)
-
-
-def solve_unpivoted(a, b):
-  """``a⁻¹ b`` by Gauss–Jordan elimination without pivoting, batched, pure jnp.
-
-  Stable for ``a = I − Q`` with ``Q`` skew-symmetric: its symmetric part is
-  ``I``, so every pivot is at least 1 in magnitude. Used instead of
-  ``jnp.linalg.solve``: on jaxlib 0.10.2's CPU backend, one jitted program
-  with a dozen independent batched LAPACK solves (one per adapted layer)
-  never finished (measured, 2026-11-22); this loop has no custom calls.
-
-  Args:
-    a: ``(..., n, n)``.
-    b: ``(..., n, m)``.
-
-  Returns:
-    ``(..., n, m)``.
-  """
-
-  def eliminate(i, ab):
-    a, b = ab
-    pivot = a[..., i, i][..., None]
-    row_a, row_b = a[..., i, :] / pivot, b[..., i, :] / pivot
-    column = a[..., :, i][..., None]
-    a = (a - column * row_a[..., None, :]).at[..., i, :].set(row_a)
-    b = (b - column * row_b[..., None, :]).at[..., i, :].set(row_b)
-    return a, b
-
-  return jax.lax.fori_loop(0, a.shape[-1], eliminate, (a, b))[1]
-
-
-def cayley(q, block_size: int):
-  """Orthogonal ``R = (I + Q)(I − Q)⁻¹`` for ``Q = skew(q)``, batched.
-
-  ``I − Q`` is invertible for every real skew-symmetric ``Q`` and the two
-  factors commute, so ``R = (I − Q)⁻¹(I + Q)`` is one linear solve. ``q = 0``
-  gives ``R = I`` exactly.
-  """
-  q_mat = skew(q, block_size)
-  eye = jnp.eye(block_size, dtype=q.dtype)
-  return solve_unpivoted(eye - q_mat, jnp.broadcast_to(eye + q_mat, q_mat.shape))
-
-
-def check_blocks(method: str, block_size: int, d_in: int) -> int:
-  """``d_in // block_size``; raises if ``block_size`` does not divide ``d_in``."""
-  if d_in % block_size:
-    raise PeftError(
-      f'{method}: block_size={block_size} does not divide d_in={d_in}; '
-      'pick a divisor of the input dimension'
-    )
-  return d_in // block_size
+  q: Array
 
 
 @register('oft')
@@ -109,9 +43,9 @@ def oft(
 
   Init ``q = 0`` (HF's ``init_weights=True``): ``R = I``, identity at init.
   Trainable count ``(d_in / b) · b(b − 1)/2 = d_in (b − 1)/2`` (``b(b − 1)/2``
-  with ``block_share``). Factored form ``y = (x R) @ w`` with ``x R`` computed
-  blockwise (``x`` as ``(..., k, b)``), never forming ``w'``. Mergeable;
-  ``unapply`` is ``w = Rᵀ w'``.
+  with ``block_share``; ``OftParams``, no buffers). Factored form
+  ``y = (x R) @ w`` with ``x R`` computed blockwise (``x`` as ``(..., k, b)``),
+  never forming ``w'``. Mergeable; ``unapply`` is ``w = Rᵀ w'``.
 
   Args:
     block_size: b, the size of each orthogonal block; must divide ``d_in``.
@@ -130,10 +64,11 @@ def oft(
   def init(key, w):
     del key
     blocks = check_blocks(name, block_size, checks.matrix(name, w)[0])
-    return {'q': jnp.zeros((1 if block_share else blocks, num_skew(block_size)), dtype)}
+    q = jnp.zeros((1 if block_share else blocks, num_skew(block_size)), dtype)
+    return OftParams(q=q), None
 
-  def rotations(theta, d_in):
-    r = cayley(theta['q'], block_size)
+  def rotations(params, d_in):
+    r = cayley(params.q, block_size)
     return jnp.broadcast_to(r, (d_in // block_size, block_size, block_size))
 
   def left_multiply(r, w):
@@ -142,15 +77,18 @@ def oft(
     rw = jnp.einsum('kij,kjo->kio', r, w.reshape(-1, block_size, d_out))
     return rw.reshape(d_in, d_out)
 
-  def apply(w, theta):
-    return left_multiply(rotations(theta, w.shape[0]), w).astype(w.dtype)
+  def apply(w, params, buffers):
+    del buffers
+    return left_multiply(rotations(params, w.shape[0]), w).astype(w.dtype)
 
-  def unapply(w, theta):
-    r_t = jnp.swapaxes(rotations(theta, w.shape[0]), -1, -2)
+  def unapply(w, params, buffers):
+    del buffers
+    r_t = jnp.swapaxes(rotations(params, w.shape[0]), -1, -2)
     return left_multiply(r_t, w).astype(w.dtype)
 
-  def factored(x, w, theta):
-    r = rotations(theta, w.shape[0])
+  def factored(x, w, params, buffers):
+    del buffers
+    r = rotations(params, w.shape[0])
     xb = x.reshape(*x.shape[:-1], -1, block_size)
     xr = jnp.einsum('...ki,kij->...kj', xb, r).reshape(x.shape)
     return (xr @ w).astype(jnp.result_type(x, w))
@@ -161,7 +99,7 @@ def oft(
   return Adapter(
     init=init,
     apply=apply,
-    factored=factored,
     unapply=unapply,
+    linear=Linear(factored),
     num_params=num_params,
   )

@@ -1,10 +1,18 @@
 """SSL, Scaling the Subspace of the Left singular vectors (Si et al., 2024)."""
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 from peft_jax._src import checks
-from peft_jax._src.base import Adapter
+from peft_jax._src.base import Adapter, Array, Linear
 from peft_jax._src.registry import register
+
+
+class SslParams(NamedTuple):
+  """SSL's input scales: ``l_in: (d_in,)``."""
+
+  l_in: Array
 
 
 @register('ssl')
@@ -15,25 +23,38 @@ def ssl(*, param_dtype: str = 'float32') -> Adapter:
   paper writes ``φ(W_p) = D1 W_p`` in its row convention (``W_p = w``); in
   the PyTorch layout ``W' = W diag(l)``, so ``h = W (l ⊙ x) + b``. It is the
   mirror image of (IA)³, needs no SVD, and starts at the identity.
-  Factored form ``y = (x ⊙ l_in) @ w``. Trainable count ``d_in``. Mergeable;
-  ``unapply`` divides by ``l_in``.
+  Factored form ``y = (x ⊙ l_in) @ w``. Trainable count ``d_in``
+  (``SslParams``); no buffers. Mergeable; ``unapply`` divides by ``l_in``.
 
   Args:
-    param_dtype: dtype of ``l_in``.
+    param_dtype: dtype of ``l_in``; ``w'`` keeps ``w``'s dtype.
+
+  Returns:
+    The SSL ``Adapter``.
   """
   name = 'ssl'
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def init(key, w):
     del key
-    return {'l_in': jnp.ones(checks.matrix(name, w)[0], dtype)}
+    return SslParams(l_in=jnp.ones(checks.matrix(name, w)[0], dtype)), None
+
+  def apply(w, params, buffers):
+    del buffers
+    return (params.l_in[:, None] * w).astype(w.dtype)
+
+  def unapply(w, params, buffers):
+    del buffers
+    return (w / params.l_in[:, None]).astype(w.dtype)
+
+  def factored(x, w, params, buffers):
+    del buffers
+    return ((x * params.l_in) @ w).astype(jnp.result_type(x, w))
 
   return Adapter(
     init=init,
-    apply=lambda w, theta: (theta['l_in'][:, None] * w).astype(w.dtype),
-    factored=lambda x, w, theta: ((x * theta['l_in']) @ w).astype(
-      jnp.result_type(x, w)
-    ),
-    unapply=lambda w, theta: (w / theta['l_in'][:, None]).astype(w.dtype),
+    apply=apply,
+    unapply=unapply,
+    linear=Linear(factored),
     num_params=lambda shape: shape[0],
   )

@@ -1,12 +1,28 @@
 """SVDiff (Han et al., 2023): a ReLU-clipped shift of the singular values."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from peft_jax._src import checks
-from peft_jax._src.base import BUFFERS, Adapter
+from peft_jax._src import checks, linalg
+from peft_jax._src.additive import additive
+from peft_jax._src.base import Adapter, Array
 from peft_jax._src.registry import register
-from peft_jax._src.linalg import reconstruct, thin_svd
+
+
+class SvdiffParams(NamedTuple):
+  """The trained shift of the singular values, ``delta: (k,)``."""
+
+  delta: Array
+
+
+class SvdiffBuffers(NamedTuple):
+  """The frozen SVD of ``w``: ``u: (d_out, k)``, ``v: (d_in, k)``, ``sigma: (k,)``."""
+
+  u: Array
+  v: Array
+  sigma: Array
 
 
 @register('svdiff')
@@ -17,7 +33,8 @@ def svdiff(*, param_dtype: str = 'float32') -> Adapter:
   the pretrained ``w``, taken once in ``init``), ``v: (d_in, k)``,
   ``u: (d_out, k)``, ``σ, δ: (k,)``, ``k = min(d_in, d_out)``. Spec
   (PyTorch layout): ``W' = U diag(ReLU(σ + δ)) Vᵀ``. Only ``δ`` is trainable
-  (init 0, count ``k``); ``u``, ``σ``, ``v`` are buffers. No scale (spec
+  (``SvdiffParams``, init 0, count ``k``); ``u``, ``σ``, ``v`` are buffers
+  (``SvdiffBuffers``), which the optimizer never sees. No scale (spec
   cheat-sheet).
 
   ``apply`` computes the same matrix as
@@ -25,11 +42,14 @@ def svdiff(*, param_dtype: str = 'float32') -> Adapter:
   ``w`` at init, and ``unapply`` subtracts the same term. Mergeable.
 
   No factored form: as for ``sam_parser``, a full-rank ``k`` form costs at
-  least twice ``x @ w`` per token, so ``peft_jax.factored`` applies this
-  method in weight space.
+  least twice ``x @ w`` per token, so ``peft_jax.adapted(...,
+  factored=True)`` applies this method in weight space.
 
   Args:
     param_dtype: dtype of ``δ`` (the bases stay float32).
+
+  Returns:
+    The SVDiff ``Adapter``.
   """
   name = 'svdiff'
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
@@ -37,20 +57,12 @@ def svdiff(*, param_dtype: str = 'float32') -> Adapter:
   def init(key, w):
     del key
     checks.matrix(name, w)
-    u, sigma, v = thin_svd(w)
-    buffers = {'u': u, 'v': v, 'sigma': sigma}
-    return {'delta': jnp.zeros(sigma.shape, dtype), BUFFERS: buffers}
+    u, sigma, v = linalg.thin_svd(w)
+    return SvdiffParams(jnp.zeros(sigma.shape, dtype)), SvdiffBuffers(u, v, sigma)
 
-  def shifted(theta):
-    return jax.nn.relu(theta[BUFFERS]['sigma'] + theta['delta'])
+  def delta(w, params, buffers):
+    del w
+    shifted = jax.nn.relu(buffers.sigma + params.delta)
+    return linalg.reconstruct(buffers.v, shifted - buffers.sigma, buffers.u)
 
-  def update(theta):
-    buffers = theta[BUFFERS]
-    return reconstruct(buffers['v'], shifted(theta) - buffers['sigma'], buffers['u'])
-
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + update(theta)).astype(w.dtype),
-    unapply=lambda w, theta: (w - update(theta)).astype(w.dtype),
-    num_params=lambda shape: min(shape),
-  )
+  return additive(init, delta, num_params=min)

@@ -1,12 +1,22 @@
 """VeRA: shared frozen random projections, trainable scaling vectors (Kopiczko 2024)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from peft_jax._src import checks
-from peft_jax._src.base import Adapter, PeftError
+from peft_jax._src.additive import additive
+from peft_jax._src.base import Adapter, Array, PeftError
 from peft_jax._src.registry import register
+
+
+class VeraParams(NamedTuple):
+  """VeRA's trained scaling vectors: ``lambda_d: (r,)``, ``lambda_b: (d_out,)``."""
+
+  lambda_d: Array
+  lambda_b: Array
 
 
 def kaiming_uniform(key, shape):
@@ -42,7 +52,8 @@ def vera(
 
   Shapes (Flax layout): ``w: (d_in, d_out)``, frozen ``a: (d_in, r)`` and
   ``b: (r, d_out)`` from ``projections(seed, r, d_in, d_out)``, trainable
-  ``lambda_d: (r,)`` and ``lambda_b: (d_out,)``. In the PyTorch layout
+  ``lambda_d: (r,)`` and ``lambda_b: (d_out,)`` (``VeraParams``; no
+  buffers: see below). In the PyTorch layout
   ``ΔW = Λ_b B Λ_d A`` with ``A = aᵀ: (r, d_in)``, ``B = bᵀ: (d_out, r)``
   (HF PEFT ``vera``: ``h = W x + λ_b ⊙ B(λ_d ⊙ A x)``, no scale). Init
   ``λ_d = d_init``, ``λ_b = 0``: identity at init. Trainable count
@@ -50,8 +61,9 @@ def vera(
   ``y = x @ w + (((x @ a) ⊙ λ_d) @ b) ⊙ λ_b``. ``r`` may exceed
   ``min(d_in, d_out)`` (HF PEFT's default r is 256).
 
-  ``a`` and ``b`` are not stored: ``apply``/``factored`` regenerate them
-  from ``jax.random.key(seed)`` and the leaf's shape, so nothing but the two
+  ``a`` and ``b`` are not stored, not even as buffers: ``apply`` and the
+  factored form regenerate them from ``jax.random.key(seed)`` and the
+  leaf's shape, so nothing but the two
   vectors is checkpointed and kernels of equal shape share the same
   matrices, deterministically across calls, processes and restarts (for a
   fixed JAX PRNG implementation). Differences from HF PEFT: HF draws one
@@ -68,7 +80,7 @@ def vera(
     param_dtype: dtype of ``λ_d`` and ``λ_b``; ``w'`` keeps ``w``'s dtype.
 
   Returns:
-    The VeRA ``Adapter``.
+    The VeRA ``Adapter``; its parameters are ``VeraParams``.
   """
   name = 'vera'
   rank = checks.positive_int(name, 'rank', rank)
@@ -80,27 +92,28 @@ def vera(
   def init(key, w):
     del key
     d_out = checks.matrix(name, w)[1]
-    return {
-      'lambda_d': jnp.full(rank, d_init, dtype),
-      'lambda_b': jnp.zeros(d_out, dtype),
-    }
+    params = VeraParams(
+      lambda_d=jnp.full(rank, d_init, dtype), lambda_b=jnp.zeros(d_out, dtype)
+    )
+    return params, None
 
-  def scaled(w, theta):
+  def scaled(w, params):
     a, b = projections(seed, rank, *w.shape)
-    return a * theta['lambda_d'], b * theta['lambda_b']
+    return a * params.lambda_d, b * params.lambda_b
 
-  def delta(w, theta):
-    a, b = scaled(w, theta)
+  def delta(w, params, buffers):
+    del buffers
+    a, b = scaled(w, params)
     return a @ b
 
-  def factored(x, w, theta):
-    a, b = scaled(w, theta)
-    return (x @ w + (x @ a) @ b).astype(jnp.result_type(x, w))
+  def delta_product(x, w, params, buffers):
+    del buffers
+    a, b = scaled(w, params)
+    return (x @ a) @ b
 
-  return Adapter(
-    init=init,
-    apply=lambda w, theta: (w + delta(w, theta)).astype(w.dtype),
-    factored=factored,
-    unapply=lambda w, theta: (w - delta(w, theta)).astype(w.dtype),
+  return additive(
+    init,
+    delta,
+    delta_product=delta_product,
     num_params=lambda shape: rank + shape[1],
   )

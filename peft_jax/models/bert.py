@@ -39,12 +39,14 @@ Hook points (``peft_jax.hook_point``; names are module paths plus the point)::
   bert/encoder/layer_{i}/ffn_intermediate     (b, s, d_ff) after GELU
   bert/encoder/layer_{i}/ffn_output           (b, s, d) before residual
 
-(without the ``bert/`` prefix for a bare ``BertModel``). Positions a handler
-prepends at ``input_embeddings`` are dropped from the returned hidden states.
+(without the ``bert/`` prefix for a bare ``BertModel``). Positions an
+activation adapter prepends at ``input_embeddings`` are dropped from the
+returned hidden states.
 
 Example::
 
-  config, params, tokenizer = load_pretrained(minilm_dir())
+  config, params = load_hf(minilm_dir())
+  tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
   batch = tokenizer(['A man is eating food.'], return_tensors='np')
   hidden = BertModel(config).apply(
       {'params': params}, batch['input_ids'], batch['attention_mask'])
@@ -59,22 +61,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
-from flax import traverse_util
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import hook_point
-from peft_jax.models.checkpoints import check_param_shapes, read_safetensors
+from peft_jax.models import checkpoints
 
 Array = jax.Array
 Params = dict[str, Any]
 
 POOLINGS = ('mean', 'cls')
-_IGNORED_TENSORS = frozenset({'embeddings.position_ids', 'embeddings.token_type_ids'})
-_PREFIXES = ('bert.', 'roberta.')
 _ROBERTA_MODEL_TYPES = ('roberta', 'xlm-roberta')
-_POOLER_TENSORS = ('pooler.dense.weight', 'pooler.dense.bias')
-_ENCODER_ROOTS = ('embeddings.', 'encoder.', 'pooler.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +211,7 @@ class BertEmbeddings(nn.Module):
     """Embeds tokens.
 
     Hook point ``input_embeddings``: ``(word embeddings (batch, seq, hidden),
-    attention_mask (batch, seq))``, before positions are added; a handler may
+    attention_mask (batch, seq))``, before positions are added; an adapter may
     prepend ``p`` positions (prompt tuning), which get token type 0 and the
     first positions (RoBERTa: numbered like non-padding tokens).
 
@@ -650,163 +646,84 @@ class BertForMultipleChoice(nn.Module):
     return logits.reshape(batch, num_choices)
 
 
-def _module_names(
-  config: BertConfig, pooler: bool = True
-) -> Iterator[tuple[str, str, str]]:
-  """Yields ``(flax module path, torch module name, kind)`` per layer."""
-  yield 'embeddings/word_embeddings', 'embeddings.word_embeddings', 'embed'
-  yield 'embeddings/position_embeddings', 'embeddings.position_embeddings', 'embed'
-  yield 'embeddings/token_type_embeddings', 'embeddings.token_type_embeddings', 'embed'
-  yield 'embeddings/layer_norm', 'embeddings.LayerNorm', 'norm'
-  for i in range(config.num_layers):
-    f, t = f'encoder/layer_{i}', f'encoder.layer.{i}'
-    for name in ('query', 'key', 'value'):
-      yield f'{f}/attention/{name}', f'{t}.attention.self.{name}', 'dense'
-    yield f'{f}/attention/output', f'{t}.attention.output.dense', 'dense'
-    yield f'{f}/attention/layer_norm', f'{t}.attention.output.LayerNorm', 'norm'
-    yield f'{f}/intermediate', f'{t}.intermediate.dense', 'dense'
-    yield f'{f}/output', f'{t}.output.dense', 'dense'
-    yield f'{f}/output_layer_norm', f'{t}.output.LayerNorm', 'norm'
-  if pooler:
-    yield 'pooler/dense', 'pooler.dense', 'dense'
+# ---------------------------------------------------------------------------
+# Loading Hugging Face checkpoints.
 
 
-# kind -> ((flax leaf, torch leaf, transpose), ...)
-_LEAVES = {
-  'embed': (('embedding', 'weight', False),),
-  'dense': (('kernel', 'weight', True), ('bias', 'bias', False)),
-  'norm': (('scale', 'weight', False), ('bias', 'bias', False)),
-}
+def hf_layout(config: BertConfig) -> checkpoints.Layout:
+  """The conversion table of a Hugging Face BERT/RoBERTa checkpoint.
 
-
-def _leaf_names(config: BertConfig, pooler: bool = True) -> dict[str, tuple[str, bool]]:
-  """Maps each torch tensor name to ``(flax param path, transpose)``."""
-  return {
-    f'{torch_module}.{torch_leaf}': (f'{flax_module}/{flax_leaf}', transpose)
-    for flax_module, torch_module, kind in _module_names(config, pooler)
-    for flax_leaf, torch_leaf, transpose in _LEAVES[kind]
-  }
-
-
-def convert_hf_weights(tensors: dict[str, np.ndarray], config: BertConfig) -> Params:
-  """Converts a PyTorch-named BERT state dict to the Linen param tree.
-
-  Names may be bare (``embeddings.word_embeddings.weight``) or carry a
+  Tensor names may be bare (``embeddings.word_embeddings.weight``) or carry a
   ``bert.`` or ``roberta.`` prefix; the buffers ``embeddings.position_ids``
   and ``embeddings.token_type_ids`` and tensors outside
-  ``embeddings``/``encoder``/``pooler`` (task heads) are ignored. A
-  checkpoint with neither pooler tensor (RoBERTa masked-LM checkpoints such
-  as ``roberta-base``, token-classification ones) gives params without
-  ``pooler``: ``__call__`` and the mean-pooling / token heads work; ``pool``
-  (CLS pooling, multiple choice) needs a ``pooler`` subtree added, e.g. from
-  ``init``.
+  ``embeddings``/``encoder``/``pooler`` (task heads) are ignored. The pooler
+  is optional: a checkpoint with neither pooler tensor (RoBERTa masked-LM
+  checkpoints such as ``roberta-base``, token-classification ones) gives
+  params without ``pooler``; ``__call__`` and the mean-pooling / token heads
+  work, ``pool`` (CLS pooling, multiple choice) needs a ``pooler`` subtree
+  added, e.g. from ``init``.
 
   Args:
-    tensors: torch tensor name -> array, e.g. from
-      ``safetensors.numpy.load_file``. Linear weights are ``(d_out, d_in)``.
     config: the model's hyper-parameters.
 
   Returns:
-    The ``params`` tree of ``BertModel(config)`` (float32 arrays, kernels
-    ``(d_in, d_out)``), without ``pooler`` if the checkpoint has none.
-
-  Raises:
-    PeftError: naming the first missing or unexpected tensor, or the first
-      parameter whose shape differs from the model's.
+    The layout of ``BertModel(config)``'s params (float32, kernels
+    ``(d_in, d_out)``); convert with ``checkpoints.convert``.
   """
-  tensors = {_strip_prefix(name): w for name, w in tensors.items()}
-  pooler = any(name in tensors for name in _POOLER_TENSORS)
-  names = _leaf_names(config, pooler)
-  _check_tensor_names(tensors, names)
-  flat = {}
-  for torch_name, (flax_path, transpose) in names.items():
-    w = np.asarray(tensors[torch_name], np.float32)
-    flat[tuple(flax_path.split('/'))] = jnp.asarray(w.T if transpose else w)
-  params = traverse_util.unflatten_dict(flat)
-  _check_shapes(params, config, pooler)
-  return params
-
-
-def _strip_prefix(name: str) -> str:
-  """Drops a leading ``bert.`` or ``roberta.`` from a tensor name."""
-  for prefix in _PREFIXES:
-    if name.startswith(prefix):
-      return name.removeprefix(prefix)
-  return name
-
-
-def _check_tensor_names(tensors: dict[str, Any], expected: dict[str, Any]) -> None:
-  """Raises naming the first missing or unexpected encoder tensor."""
-  available = sorted(tensors)
-  for name in expected:
-    if name not in tensors:
-      raise PeftError(
-        f'Checkpoint is missing tensor {name!r}; it has {len(available)} '
-        f'tensors, e.g. {available[:4]}.'
-      )
-  for name in available:
-    if (
-      name.startswith(_ENCODER_ROOTS)
-      and name not in expected
-      and name not in _IGNORED_TENSORS
-    ):
-      raise PeftError(
-        f'Checkpoint has unexpected tensor {name!r} for a BERT with '
-        'the config given (check num_hidden_layers and '
-        'position_embedding_type in config.json).'
-      )
-
-
-def _check_shapes(params: Params, config: BertConfig, pooler: bool = True) -> None:
-  """Raises naming the first leaf that differs from ``BertModel(config)``."""
   abstract = jax.eval_shape(
     BertModel(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
   )['params']
-  if not pooler:
-    abstract = {k: v for k, v in abstract.items() if k != 'pooler'}
-  check_param_shapes(params, abstract)
+  return checkpoints.Layout(
+    tensors=tuple(_hf_tensors(config)),
+    abstract=abstract,
+    prefixes=('bert.', 'roberta.'),
+    ignore=(
+      r'(?!(embeddings|encoder|pooler)\.).*',  # Task heads.
+      r'embeddings\.(position_ids|token_type_ids)',  # Buffers.
+    ),
+    hint='check num_hidden_layers and position_embedding_type in config.json',
+  )
 
 
-def load_hf_params(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
+def _hf_tensors(config: BertConfig) -> Iterator[checkpoints.Tensor]:
+  """The rows of ``hf_layout``: torch name -> our path, per module."""
+  dense, norm = checkpoints.dense, checkpoints.norm
+  for name in ('word', 'position', 'token_type'):
+    yield from checkpoints.embedding(
+      f'embeddings.{name}_embeddings', f'embeddings/{name}_embeddings'
+    )
+  yield from norm('embeddings.LayerNorm', 'embeddings/layer_norm')
+  for i in range(config.num_layers):
+    t, f = f'encoder.layer.{i}.', f'encoder/layer_{i}/'
+    for name in ('query', 'key', 'value'):
+      yield from dense(t + f'attention.self.{name}', f + f'attention/{name}')
+    yield from dense(t + 'attention.output.dense', f + 'attention/output')
+    yield from norm(t + 'attention.output.LayerNorm', f + 'attention/layer_norm')
+    yield from dense(t + 'intermediate.dense', f + 'intermediate')
+    yield from dense(t + 'output.dense', f + 'output')
+    yield from norm(t + 'output.LayerNorm', f + 'output_layer_norm')
+  yield from checkpoints.optional(dense('pooler.dense', 'pooler/dense'))
+
+
+def load_hf(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
   """Loads a Hugging Face BERT or RoBERTa checkpoint directory.
 
   Args:
     model_dir: a directory with ``config.json`` and ``model.safetensors``
-      (or a sharded ``model.safetensors.index.json``).
+      (or a sharded ``model.safetensors.index.json``); its tokenizer, if any,
+      is ``transformers.AutoTokenizer.from_pretrained(model_dir)``.
 
   Returns:
     ``(config, params)``: the model config and the ``params`` tree of
-    ``BertModel(config)`` (see ``convert_hf_weights``); apply it as
+    ``BertModel(config)`` (see ``hf_layout``); apply it as
     ``{'params': params}``.
 
   Raises:
-    PeftError: if ``model.safetensors`` is absent, the config is unsupported,
-      or the tensors do not match the config (the message names the tensor).
+    PeftError: if a file is absent, the config is unsupported, or the
+      tensors do not match the config (the message names the tensors).
   """
-  tensors = read_safetensors(model_dir)
-  config = BertConfig.from_hf(transformers.AutoConfig.from_pretrained(model_dir))
-  try:
-    params = convert_hf_weights(tensors, config)
-  except PeftError as e:
-    raise PeftError(f'{model_dir}: {e}') from None
-  return config, params
-
-
-def load_pretrained(
-  model_dir: str | os.PathLike,
-) -> tuple[BertConfig, Params, Any]:
-  """Loads config, params and tokenizer from a Hugging Face directory.
-
-  Args:
-    model_dir: a directory with ``config.json``, ``model.safetensors`` and
-      tokenizer files.
-
-  Returns:
-    ``(config, params, tokenizer)``, see ``load_hf_params``; the tokenizer is
-    ``transformers.AutoTokenizer.from_pretrained(model_dir)``.
-  """
-  config, params = load_hf_params(model_dir)
-  return config, params, transformers.AutoTokenizer.from_pretrained(model_dir)
+  config = BertConfig.from_hf(checkpoints.read_hf_config(model_dir))
+  return config, checkpoints.load_safetensors(model_dir, hf_layout(config))
 
 
 def minilm_dir() -> str:

@@ -1,17 +1,232 @@
-"""Reading Hugging Face checkpoint files and checking converted parameter trees."""
+"""Hugging Face checkpoints: one reader and one table-driven conversion.
+
+Every model family describes its checkpoint layout as a table (a
+``Layout``): one ``Tensor`` row per checkpoint tensor, naming our parameter
+path and the transform that turns the stored array into our leaf (a PyTorch
+``Linear.weight`` ``(d_out, d_in)`` is transposed to the Flax kernel
+``(d_in, d_out)``). ``convert`` applies any table to a dict of arrays, with
+the same checks for all of them: missing tensors, unexpected tensors, and
+each converted leaf's shape against the model's.
+
+Example (what each family's ``load_hf`` does)::
+
+  config = bert.BertConfig.from_hf(read_hf_config(model_dir))
+  params = load_safetensors(model_dir, bert.hf_layout(config))
+
+A state dict already in memory (e.g. a torch model's, as numpy arrays)
+converts with ``convert(tensors, bert.hf_layout(config))``; the GGUF loader
+converts dequantized tensors with the Llama table renamed to GGUF names
+(``gguf_loading.gguf_layout``).
+"""
 
 import json
+import os
 import pathlib
-from typing import Any
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 import safetensors
+import transformers
 from flax import traverse_util
 
 from peft_jax._src.base import PeftError
 
+Params = dict[str, Any]
+Transform = Callable[[np.ndarray], np.ndarray]
 
-def read_safetensors(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
+
+class Tensor(NamedTuple):
+  """One row of a conversion table.
+
+  Attributes:
+    name: the checkpoint tensor's name, without the layout's prefixes
+      (``encoder.layer.0.attention.self.query.weight``).
+    path: our ``/``-joined parameter path
+      (``encoder/layer_0/attention/query/kernel``).
+    transform: float32 stored array -> our leaf (e.g. ``transpose``); None
+      keeps it.
+    optional: rows marked optional are loaded all or none: a checkpoint with
+      none of them gives parameters without them (e.g. BERT's pooler).
+  """
+
+  name: str
+  path: str
+  transform: Transform | None = None
+  optional: bool = False
+
+
+class Layout(NamedTuple):
+  """How one model's parameters are stored in a checkpoint.
+
+  Attributes:
+    tensors: the conversion table, one ``Tensor`` per stored tensor.
+    abstract: the model's ``params`` shapes (``jax.eval_shape`` of ``init``),
+      which the converted tree must match leaf by leaf.
+    hint: what to check when the checkpoint has tensors the table does not
+      expect (e.g. the config fields that add tensors), for the message.
+    dtype: dtype of the converted leaves.
+    prefixes: name prefixes stripped before lookup (``'bert.'``); the first
+      that matches is removed.
+    ignore: regexes (``re.fullmatch``) of stored tensors the model does not
+      use (task heads, buffers such as ``position_ids``).
+  """
+
+  tensors: tuple[Tensor, ...]
+  abstract: Params
+  hint: str
+  dtype: Any = jnp.float32
+  prefixes: tuple[str, ...] = ()
+  ignore: tuple[str, ...] = ()
+
+
+def transpose(w: np.ndarray) -> np.ndarray:
+  """A PyTorch ``Linear.weight`` ``(d_out, d_in)`` as a Flax kernel."""
+  return w.T
+
+
+def dense(name: str, path: str, *, bias: bool = True) -> Iterator[Tensor]:
+  """The rows of a ``Linear`` module ``name`` -> Flax ``Dense`` at ``path``."""
+  yield Tensor(f'{name}.weight', f'{path}/kernel', transpose)
+  if bias:
+    yield Tensor(f'{name}.bias', f'{path}/bias')
+
+
+def embedding(name: str, path: str) -> Iterator[Tensor]:
+  """The row of an ``Embedding`` module -> Flax ``Embed`` at ``path``."""
+  yield Tensor(f'{name}.weight', f'{path}/embedding')
+
+
+def norm(name: str, path: str, *, bias: bool = True) -> Iterator[Tensor]:
+  """The rows of a LayerNorm (``bias``) or RMSNorm -> ``scale`` (``bias``)."""
+  yield Tensor(f'{name}.weight', f'{path}/scale')
+  if bias:
+    yield Tensor(f'{name}.bias', f'{path}/bias')
+
+
+def optional(rows: Iterable[Tensor]) -> Iterator[Tensor]:
+  """``rows`` marked ``optional`` (loaded all or none)."""
+  for row in rows:
+    yield row._replace(optional=True)
+
+
+def convert(tensors: Mapping[str, np.ndarray], layout: Layout) -> Params:
+  """Converts stored tensors to a ``params`` tree by the layout's table.
+
+  Args:
+    tensors: stored tensor name -> array (names may carry a layout prefix).
+    layout: the model's table and checks.
+
+  Returns:
+    The ``params`` tree: ``transform(float32 array)`` at each row's path,
+    in ``layout.dtype``.
+
+  Raises:
+    PeftError: naming the missing tensors, the unexpected ones (neither in
+      the table nor ignored), or the first leaf whose shape differs from
+      ``layout.abstract``.
+  """
+  tensors = {_strip(name, layout.prefixes): w for name, w in tensors.items()}
+  rows, abstract = _present(layout, tensors)
+  _check_names(tensors, rows, layout)
+  flat = {}
+  for row in rows:
+    w = np.asarray(tensors[row.name], np.float32)
+    w = w if row.transform is None else row.transform(w)
+    flat[row.path] = jnp.asarray(w, layout.dtype)
+  params = traverse_util.unflatten_dict(flat, sep='/')
+  _check_shapes(params, abstract)
+  return params
+
+
+def _strip(name: str, prefixes: tuple[str, ...]) -> str:
+  """``name`` without the first of ``prefixes`` it starts with."""
+  for prefix in prefixes:
+    if name.startswith(prefix):
+      return name.removeprefix(prefix)
+  return name
+
+
+def _present(layout: Layout, tensors: Mapping[str, Any]) -> tuple[list, Params]:
+  """The rows to load and their shapes: optional rows only if any is stored."""
+  rows = list(layout.tensors)
+  dropped = [r for r in rows if r.optional]
+  if any(r.name in tensors for r in dropped):
+    return rows, layout.abstract
+  drop = {r.path for r in dropped}
+  flat = traverse_util.flatten_dict(layout.abstract, sep='/')
+  abstract = {k: v for k, v in flat.items() if k not in drop}
+  rows = [r for r in rows if not r.optional]
+  return rows, traverse_util.unflatten_dict(abstract, sep='/')
+
+
+def _check_names(tensors: Mapping[str, Any], rows: list, layout: Layout) -> None:
+  """Raises naming the missing tensors, then the unexpected ones."""
+  expected = {row.name for row in rows}
+  missing = [row.name for row in rows if row.name not in tensors]
+  if missing:
+    raise PeftError(
+      f'Checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:4]}; it '
+      f'has {len(tensors)} tensors, e.g. {sorted(tensors)[:4]}.'
+    )
+  ignore = [re.compile(pattern) for pattern in layout.ignore]
+  unexpected = sorted(
+    name
+    for name in tensors.keys() - expected
+    if not any(p.fullmatch(name) for p in ignore)
+  )
+  if unexpected:
+    raise PeftError(
+      f'Checkpoint has {len(unexpected)} unexpected tensor(s), e.g. '
+      f'{unexpected[:4]}, for the config given ({layout.hint}).'
+    )
+
+
+def _check_shapes(params: Any, abstract: Any) -> None:
+  """Raises naming the first leaf whose shape differs from the model's.
+
+  Args:
+    params: a converted ``params`` tree.
+    abstract: the model's parameter shapes (e.g. ``jax.eval_shape`` of init).
+
+  Raises:
+    PeftError: naming the leaf and both shapes (None: absent).
+  """
+  want = traverse_util.flatten_dict(abstract, sep='/')
+  got = traverse_util.flatten_dict(params, sep='/')
+  for name in sorted(want.keys() | got.keys()):
+    want_shape = tuple(want[name].shape) if name in want else None
+    got_shape = tuple(got[name].shape) if name in got else None
+    if want_shape != got_shape:
+      raise PeftError(
+        f'Parameter {name!r} has shape {got_shape} but the model expects '
+        f'{want_shape} (None: absent); the config and the weights disagree.'
+      )
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> Any:
+  """The ``transformers`` config of a Hugging Face checkpoint directory.
+
+  Args:
+    model_dir: a directory with ``config.json``.
+
+  Returns:
+    ``transformers.AutoConfig.from_pretrained(model_dir)``.
+
+  Raises:
+    PeftError: if ``config.json`` is absent.
+  """
+  if not (pathlib.Path(model_dir) / 'config.json').is_file():
+    raise PeftError(
+      f'No config.json in {str(model_dir)!r}; expected a Hugging Face checkpoint '
+      'directory with config.json and safetensors weights.'
+    )
+  return transformers.AutoConfig.from_pretrained(model_dir)
+
+
+def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   """Every tensor of ``model.safetensors``, or of the shards of its index.
 
   Args:
@@ -47,23 +262,21 @@ def read_safetensors(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
   return tensors
 
 
-def check_param_shapes(params: Any, abstract: Any) -> None:
-  """Raises naming the first leaf whose shape differs from the model's.
+def load_safetensors(model_dir: str | os.PathLike, layout: Layout) -> Params:
+  """``convert`` of a directory's safetensors (``read_safetensors``).
 
   Args:
-    params: a converted ``params`` tree.
-    abstract: the model's parameter shapes (e.g. ``jax.eval_shape`` of init).
+    model_dir: a Hugging Face checkpoint directory.
+    layout: the model's table and checks.
+
+  Returns:
+    The converted ``params`` tree.
 
   Raises:
-    PeftError: naming the leaf and both shapes (None: absent).
+    PeftError: from ``read_safetensors`` or ``convert``, naming the directory.
   """
-  want = traverse_util.flatten_dict(abstract, sep='/')
-  got = traverse_util.flatten_dict(params, sep='/')
-  for name in sorted(want.keys() | got.keys()):
-    want_shape = tuple(want[name].shape) if name in want else None
-    got_shape = tuple(got[name].shape) if name in got else None
-    if want_shape != got_shape:
-      raise PeftError(
-        f'Parameter {name!r} has shape {got_shape} but the model expects '
-        f'{want_shape} (None: absent); the config and the weights disagree.'
-      )
+  tensors = read_safetensors(model_dir)
+  try:
+    return convert(tensors, layout)
+  except PeftError as e:
+    raise PeftError(f'{model_dir}: {e}') from None

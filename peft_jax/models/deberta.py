@@ -58,16 +58,20 @@ Hook points (``peft_jax.hook_point``; the same names as BERT's)::
   deberta/encoder/layer_{i}/ffn_intermediate       (b, s, d_ff) after GELU
   deberta/encoder/layer_{i}/ffn_output             (b, s, d) before residual
 
-(without the ``deberta/`` prefix for a bare ``DebertaV2Model``).
-``input_embeddings`` comes before absolute positions, token types and the
+(without the ``deberta/`` prefix for a bare ``DebertaV2Model``). The
+points of the Hugging Face submodules ``attention/self``,
+``attention/output``, ``intermediate`` and ``output`` belong to their parent
+module (``hook_point(self.parent, ...)``): that is where their names point
+and where an adapter's parameters travel (key ``'@<point>'`` in the parent's
+params). ``input_embeddings`` comes before absolute positions, token types and the
 LayerNorm; prepended positions get token type 0, and the relative positions
 cover them like any token. At ``attention_kv`` the keys and values are the
 content projections ``key_proj(x)``, ``value_proj(x)`` per head
 ``(b, s, h, d_h)``, unscaled, and ``mask_bias`` is the ``(b, 1, 1, s)``
 additive key-padding bias. The disentangled terms are computed after the
-handler, for the last ``s`` keys (the sequence's own; a handler that changes
-them changes the p2c term too); ``p`` keys a handler prepends (prefix tuning)
-carry no relative position, so their score is the content term alone.
+adapter, for the last ``s`` keys (the sequence's own; an adapter that changes
+them changes the p2c term too); ``p`` keys an adapter prepends (prefix
+tuning) carry no relative position, so their score is the content term alone.
 Positions prepended at ``input_embeddings`` are dropped from the returned
 hidden states.
 
@@ -77,7 +81,7 @@ only the real ones, matches ``DebertaV2Model``.
 
 Example::
 
-  config, params = load_hf_params('path/to/deberta-v3-base')
+  config, params = load_hf('path/to/deberta-v3-base')
   tokenizer = transformers.AutoTokenizer.from_pretrained('path/to/...')
   batch = tokenizer(['A man is eating food.'], return_tensors='np')
   hidden = DebertaV2Model(config).apply(
@@ -86,7 +90,6 @@ Example::
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,20 +97,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
-from flax import traverse_util
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import hook_point
-from peft_jax.models.checkpoints import check_param_shapes, read_safetensors
+from peft_jax.models import checkpoints
 
 Array = jax.Array
 Params = dict[str, Any]
 
 POS_ATT_TYPES = ('c2p', 'p2c')
 REL_EMBEDDING_NORMS = ('none', 'layer_norm')
-_ENCODER_ROOTS = ('embeddings.', 'encoder.')
-_PREFIX = 'deberta.'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,46 +245,10 @@ class DebertaV2Config:
         ``hidden_size // num_attention_heads``, an unknown ``pos_att_type``
         or ``norm_rel_ebd``.
     """
-    model_type = getattr(hf_config, 'model_type', 'deberta-v2')
-    if model_type != 'deberta-v2':
-      raise PeftError(
-        f'Unsupported model_type={model_type!r} in the Hugging Face config; '
-        "peft_jax DeBERTa supports only model_type='deberta-v2' (v2 and v3)."
-      )
-    conv = getattr(hf_config, 'conv_kernel_size', 0) or 0
-    if conv > 0:
-      raise PeftError(
-        f'Unsupported conv_kernel_size={conv} in the Hugging Face config; '
-        'peft_jax DeBERTa does not implement the DeBERTa-v2 convolution layer '
-        '(conv_kernel_size=0, as in DeBERTa-v3).'
-      )
-    for field in ('hidden_act', 'pooler_hidden_act'):
-      value = getattr(hf_config, field, 'gelu')
-      if value != 'gelu':
-        raise PeftError(
-          f'Unsupported {field}={value!r} in the Hugging Face config; '
-          f"peft_jax DeBERTa supports only {field}='gelu'."
-        )
-    head_dim = hf_config.hidden_size // hf_config.num_attention_heads
-    head_size = getattr(hf_config, 'attention_head_size', head_dim)
-    if head_size != head_dim:
-      raise PeftError(
-        f'Unsupported attention_head_size={head_size} in the Hugging Face '
-        f'config; peft_jax DeBERTa supports only hidden_size // '
-        f'num_attention_heads = {head_dim}.'
-      )
+    _check_hf_support(hf_config)
     pos_att_type = getattr(hf_config, 'pos_att_type', None) or ()
     if isinstance(pos_att_type, str):
       pos_att_type = [x.strip() for x in pos_att_type.lower().split('|')]
-    norms = [
-      x.strip() for x in str(getattr(hf_config, 'norm_rel_ebd', 'none')).split('|')
-    ]
-    for norm in norms:
-      if norm not in REL_EMBEDDING_NORMS:
-        raise PeftError(
-          f'Unsupported norm_rel_ebd entry {norm!r} in the Hugging Face '
-          f'config; expected one of {REL_EMBEDDING_NORMS}.'
-        )
     embedding_size = getattr(hf_config, 'embedding_size', None)
     return cls(
       vocab_size=hf_config.vocab_size,
@@ -304,7 +267,7 @@ class DebertaV2Config:
       position_buckets=getattr(hf_config, 'position_buckets', -1),
       pos_att_type=tuple(pos_att_type),
       share_att_key=bool(getattr(hf_config, 'share_att_key', False)),
-      norm_rel_ebd='layer_norm' if 'layer_norm' in norms else 'none',
+      norm_rel_ebd=_hf_norm_rel_ebd(hf_config),
       position_biased_input=bool(getattr(hf_config, 'position_biased_input', True)),
       embedding_size=None
       if embedding_size == hf_config.hidden_size
@@ -313,6 +276,52 @@ class DebertaV2Config:
       pooler_hidden_size=getattr(hf_config, 'pooler_hidden_size', None),
       cls_dropout=getattr(hf_config, 'cls_dropout', None),
     )
+
+
+def _check_hf_support(hf_config: Any) -> None:
+  """Raises naming the first option of ``hf_config`` this model lacks."""
+  model_type = getattr(hf_config, 'model_type', 'deberta-v2')
+  if model_type != 'deberta-v2':
+    raise PeftError(
+      f'Unsupported model_type={model_type!r} in the Hugging Face config; '
+      "peft_jax DeBERTa supports only model_type='deberta-v2' (v2 and v3)."
+    )
+  conv = getattr(hf_config, 'conv_kernel_size', 0) or 0
+  if conv > 0:
+    raise PeftError(
+      f'Unsupported conv_kernel_size={conv} in the Hugging Face config; '
+      'peft_jax DeBERTa does not implement the DeBERTa-v2 convolution layer '
+      '(conv_kernel_size=0, as in DeBERTa-v3).'
+    )
+  for field in ('hidden_act', 'pooler_hidden_act'):
+    value = getattr(hf_config, field, 'gelu')
+    if value != 'gelu':
+      raise PeftError(
+        f'Unsupported {field}={value!r} in the Hugging Face config; '
+        f"peft_jax DeBERTa supports only {field}='gelu'."
+      )
+  head_dim = hf_config.hidden_size // hf_config.num_attention_heads
+  head_size = getattr(hf_config, 'attention_head_size', head_dim)
+  if head_size != head_dim:
+    raise PeftError(
+      f'Unsupported attention_head_size={head_size} in the Hugging Face '
+      f'config; peft_jax DeBERTa supports only hidden_size // '
+      f'num_attention_heads = {head_dim}.'
+    )
+
+
+def _hf_norm_rel_ebd(hf_config: Any) -> str:
+  """``norm_rel_ebd`` of a Hugging Face config (``'a|b'`` entries) as ours."""
+  norms = [
+    x.strip() for x in str(getattr(hf_config, 'norm_rel_ebd', 'none')).split('|')
+  ]
+  for norm in norms:
+    if norm not in REL_EMBEDDING_NORMS:
+      raise PeftError(
+        f'Unsupported norm_rel_ebd entry {norm!r} in the Hugging Face '
+        f'config; expected one of {REL_EMBEDDING_NORMS}.'
+      )
+  return 'layer_norm' if 'layer_norm' in norms else 'none'
 
 
 # ---------------------------------------------------------------------------
@@ -372,11 +381,6 @@ def build_relative_position(
   return rel.astype(np.int64)
 
 
-def _parent_path(module: nn.Module) -> str:
-  """The ``/``-joined path of ``module``'s parent (for BERT-named hooks)."""
-  return '/'.join(map(str, module.path[:-1]))
-
-
 def _dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, name=name)
 
@@ -407,7 +411,7 @@ class DebertaV2Embeddings(nn.Module):
 
     Hook point ``input_embeddings``: ``(word embeddings (batch, seq, e),
     attention_mask (batch, seq))``, before positions and token types are
-    added; a handler may prepend ``p`` positions (prompt tuning), which get
+    added; an adapter may prepend ``p`` positions (prompt tuning), which get
     token type 0 and absolute positions ``0..p-1``.
 
     Args:
@@ -445,7 +449,7 @@ class DebertaV2Embeddings(nn.Module):
 class DisentangledSelfAttention(nn.Module):
   """Content-to-content plus c2p/p2c relative attention (HF's ``self``).
 
-  Its hook point ``attention_kv`` is named after the parent ``attention``
+  Its hook point ``attention_kv`` belongs to the parent ``attention``
   module, as BERT's.
 
   Attributes:
@@ -489,38 +493,21 @@ class DisentangledSelfAttention(nn.Module):
     q = heads(query_proj(x))
     k = heads(key_proj(x))
     v = heads(_dense(cfg.hidden_size, 'value_proj')(x))
-    k, v, mask_bias = hook_point(_parent_path(self), 'attention_kv', (k, v, mask_bias))
+    k, v, mask_bias = hook_point(self.parent, 'attention_kv', (k, v, mask_bias))
     prefix = k.shape[1] - s
     if prefix < 0:
       raise PeftError(
-        f'An attention_kv handler returned {k.shape[1]} keys for a sequence '
+        f'The attention_kv adapter returned {k.shape[1]} keys for a sequence '
         f'of {s}; it may prepend keys but not remove them.'
       )
     scale = np.sqrt(cfg.head_dim * cfg.scale_factor)
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / scale
     if cfg.relative_attention and cfg.pos_att_type:
       rel = nn.Dropout(cfg.hidden_dropout)(rel_embeddings, deterministic=deterministic)
-      if cfg.share_att_key:
-        pos_query_proj, pos_key_proj = query_proj, key_proj
-      else:
-        if 'c2p' in cfg.pos_att_type:
-          pos_key_proj = _dense(cfg.hidden_size, 'pos_key_proj')
-        if 'p2c' in cfg.pos_att_type:
-          pos_query_proj = _dense(cfg.hidden_size, 'pos_query_proj')
-      span = cfg.span
-      own_keys = k[:, prefix:]
-      rel_scores = jnp.zeros((b, cfg.num_heads, s, s), scores.dtype)
-      if 'c2p' in cfg.pos_att_type:
-        pos_key = heads(pos_key_proj(rel))  # (2·span, h, d_h)
-        c2p = jnp.einsum('bqhd,rhd->bhqr', q, pos_key)
-        index = np.clip(relative_pos + span, 0, 2 * span - 1)  # [i, j]
-        rel_scores += jnp.take_along_axis(c2p, index[None, None], axis=-1) / scale
-      if 'p2c' in cfg.pos_att_type:
-        pos_query = heads(pos_query_proj(rel))
-        p2c = jnp.einsum('bkhd,rhd->bhkr', own_keys, pos_query)
-        index = np.clip(-relative_pos + span, 0, 2 * span - 1)  # [j, i]
-        p2c = jnp.take_along_axis(p2c, index[None, None], axis=-1)
-        rel_scores += jnp.swapaxes(p2c, -1, -2) / scale
+      pos_query, pos_key = self._project_positions(rel, query_proj, key_proj)
+      rel_scores = _disentangled_scores(
+        q, k[:, prefix:], pos_query, pos_key, relative_pos, cfg.span, scale
+      )
       scores += jnp.pad(rel_scores, ((0, 0), (0, 0), (0, 0), (prefix, 0)))
     scores = jnp.where(
       query_keep[:, None, :, None], scores + mask_bias, jnp.finfo(scores.dtype).min
@@ -530,13 +517,67 @@ class DisentangledSelfAttention(nn.Module):
     context = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return context.reshape(b, s, cfg.num_heads * cfg.head_dim)
 
+  def _project_positions(
+    self, rel: Array, query_proj: nn.Dense, key_proj: nn.Dense
+  ) -> tuple[Array | None, Array | None]:
+    """``(Pq, Pk)``, each ``(2·span, h, d_h)`` or None without its term."""
+    cfg = self.config
+    heads = lambda y: y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
+    pos_query = pos_key = None
+    if 'c2p' in cfg.pos_att_type:
+      if not cfg.share_att_key:
+        key_proj = _dense(cfg.hidden_size, 'pos_key_proj')
+      pos_key = heads(key_proj(rel))
+    if 'p2c' in cfg.pos_att_type:
+      if not cfg.share_att_key:
+        query_proj = _dense(cfg.hidden_size, 'pos_query_proj')
+      pos_query = heads(query_proj(rel))
+    return pos_query, pos_key
+
+
+def _disentangled_scores(
+  q: Array,
+  k: Array,
+  pos_query: Array | None,
+  pos_key: Array | None,
+  relative_pos: np.ndarray,
+  span: int,
+  scale: float,
+) -> Array:
+  """The c2p plus p2c scores ``(b, h, s, s)``, each divided by ``scale``.
+
+  Args:
+    q: ``(b, s, h, d_h)`` queries.
+    k: ``(b, s, h, d_h)`` the sequence's own keys.
+    pos_query: ``Pq`` ``(2·span, h, d_h)``, or None without p2c.
+    pos_key: ``Pk`` ``(2·span, h, d_h)``, or None without c2p.
+    relative_pos: ``(s, s)`` static bucketed ``δ(i, j)``.
+    span: half the rows of the relative table.
+    scale: ``sqrt(d_h · scale_factor)``.
+
+  Returns:
+    ``q_i · Pk[c(i, j)] + k_j · Pq[p(i, j)]`` over ``scale``, ``[b, h, i, j]``.
+  """
+  b, s, h, _ = q.shape
+  scores = jnp.zeros((b, h, s, s), q.dtype)
+  if pos_key is not None:
+    c2p = jnp.einsum('bqhd,rhd->bhqr', q, pos_key)
+    index = np.clip(relative_pos + span, 0, 2 * span - 1)  # [i, j]
+    scores += jnp.take_along_axis(c2p, index[None, None], axis=-1) / scale
+  if pos_query is not None:
+    p2c = jnp.einsum('bkhd,rhd->bhkr', k, pos_query)
+    index = np.clip(-relative_pos + span, 0, 2 * span - 1)  # [j, i]
+    p2c = jnp.take_along_axis(p2c, index[None, None], axis=-1)
+    scores += jnp.swapaxes(p2c, -1, -2) / scale
+  return scores
+
 
 class DebertaV2SelfOutput(nn.Module):
   """Output dense, dropout, residual and LayerNorm of the attention block.
 
   Attributes:
     config: the model's hyper-parameters.
-    point: the hook point on the dense output (named after the parent).
+    point: the hook point on the dense output, in the parent module.
   """
 
   config: DebertaV2Config
@@ -547,13 +588,15 @@ class DebertaV2SelfOutput(nn.Module):
     """Returns ``LayerNorm(residual + dropout(hook(dense(h))))``."""
     cfg = self.config
     y = _dense(cfg.hidden_size, 'dense')(h)
-    y = hook_point(_parent_path(self), self.point, y)
+    y = hook_point(self.parent, self.point, y)
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='LayerNorm')(residual + y)
 
 
 class DebertaV2Intermediate(nn.Module):
   """``gelu(dense(x))`` with exact GELU; hook point ``ffn_intermediate``.
+
+  The point belongs to the parent layer module, as BERT's.
 
   Attributes:
     config: the model's hyper-parameters.
@@ -566,7 +609,7 @@ class DebertaV2Intermediate(nn.Module):
     """Returns the ``(batch, seq, intermediate_size)`` activation."""
     h = _dense(self.config.intermediate_size, 'dense')(x)
     h = nn.gelu(h, approximate=False)
-    return hook_point(_parent_path(self), 'ffn_intermediate', h)
+    return hook_point(self.parent, 'ffn_intermediate', h)
 
 
 class DebertaV2Attention(nn.Module):
@@ -828,151 +871,97 @@ class DebertaV2ForSequenceClassification(nn.Module):
 # Loading Hugging Face checkpoints.
 
 
-def _module_names(config: DebertaV2Config) -> Iterator[tuple[str, str, str]]:
-  """Yields ``(torch module name, kind)`` per parameterised module."""
-  yield 'embeddings.word_embeddings', 'embed'
-  if config.position_biased_input:
-    yield 'embeddings.position_embeddings', 'embed'
-  if config.type_vocab_size > 0:
-    yield 'embeddings.token_type_embeddings', 'embed'
-  if (config.embedding_size or config.hidden_size) != config.hidden_size:
-    yield 'embeddings.embed_proj', 'linear'
-  yield 'embeddings.LayerNorm', 'norm'
-  if config.relative_attention:
-    yield 'encoder.rel_embeddings', 'embed'
-    if config.norm_rel_ebd == 'layer_norm':
-      yield 'encoder.LayerNorm', 'norm'
-  for i in range(config.num_layers):
-    p = f'encoder.layer.{i}'
-    for name in ('query_proj', 'key_proj', 'value_proj'):
-      yield f'{p}.attention.self.{name}', 'dense'
-    if config.relative_attention and not config.share_att_key:
-      if 'c2p' in config.pos_att_type:
-        yield f'{p}.attention.self.pos_key_proj', 'dense'
-      if 'p2c' in config.pos_att_type:
-        yield f'{p}.attention.self.pos_query_proj', 'dense'
-    yield f'{p}.attention.output.dense', 'dense'
-    yield f'{p}.attention.output.LayerNorm', 'norm'
-    yield f'{p}.intermediate.dense', 'dense'
-    yield f'{p}.output.dense', 'dense'
-    yield f'{p}.output.LayerNorm', 'norm'
+def hf_layout(config: DebertaV2Config) -> checkpoints.Layout:
+  """The conversion table of a Hugging Face DeBERTa-v2/v3 checkpoint.
 
-
-# kind -> ((flax leaf, torch leaf, transpose), ...)
-_LEAVES = {
-  'embed': (('embedding', 'weight', False),),
-  'dense': (('kernel', 'weight', True), ('bias', 'bias', False)),
-  'linear': (('kernel', 'weight', True),),  # No bias.
-  'norm': (('scale', 'weight', False), ('bias', 'bias', False)),
-}
-
-
-def _flax_module(torch_module: str) -> str:
-  """``encoder.layer.3.attention.self.query_proj`` -> ``encoder/layer_3/...``."""
-  return torch_module.replace('.layer.', '.layer_').replace('.', '/')
-
-
-def _leaf_names(config: DebertaV2Config) -> dict[str, tuple[str, bool]]:
-  """Maps each torch tensor name to ``(flax param path, transpose)``."""
-  return {
-    f'{module}.{torch_leaf}': (f'{_flax_module(module)}/{flax_leaf}', transpose)
-    for module, kind in _module_names(config)
-    for flax_leaf, torch_leaf, transpose in _LEAVES[kind]
-  }
-
-
-def _ignored(config: DebertaV2Config) -> frozenset[str]:
-  """Encoder tensors Hugging Face ignores too."""
-  ignored = {'embeddings.position_ids'}
-  if not config.position_biased_input:
-    ignored.add('embeddings.position_embeddings.weight')
-  return frozenset(ignored)
-
-
-def convert_hf_weights(
-  tensors: dict[str, np.ndarray], config: DebertaV2Config
-) -> Params:
-  """Converts a PyTorch-named DeBERTa-v2 state dict to the Linen param tree.
-
-  Names may be bare (``encoder.layer.0.attention.self.query_proj.weight``)
-  or carry a ``deberta.`` prefix. Ignored: ``embeddings.position_ids``,
+  Tensor names may be bare (``encoder.layer.0.attention.self.query_proj.weight``)
+  or carry a ``deberta.`` prefix. Our paths are the PyTorch names with ``.``
+  → ``/``, ``layer.{i}`` → ``layer_{i}`` and ``weight`` →
+  ``kernel``/``embedding``/``scale``. Ignored: ``embeddings.position_ids``,
   ``embeddings.position_embeddings.weight`` when ``position_biased_input``
   is False (as Hugging Face ignores it), and tensors outside
   ``embeddings``/``encoder`` (``lm_predictions``, ``mask_predictions``,
   ``pooler``, ``classifier``).
 
   Args:
-    tensors: torch tensor name -> array, e.g. from
-      ``safetensors.numpy.load_file``. Linear weights are ``(d_out, d_in)``.
     config: the model's hyper-parameters.
 
   Returns:
-    The ``params`` tree of ``DebertaV2Model(config)`` (float32 arrays,
-    kernels ``(d_in, d_out)``).
-
-  Raises:
-    PeftError: naming the first missing or unexpected tensor, or the first
-      parameter whose shape differs from the model's.
+    The layout of ``DebertaV2Model(config)``'s params (float32, kernels
+    ``(d_in, d_out)``); convert with ``checkpoints.convert``.
   """
-  tensors = {name.removeprefix(_PREFIX): w for name, w in tensors.items()}
-  names = _leaf_names(config)
-  available = sorted(tensors)
-  for name in names:
-    if name not in tensors:
-      raise PeftError(
-        f'Checkpoint is missing tensor {name!r}; it has {len(available)} '
-        f'tensors, e.g. {available[:4]}.'
-      )
-  ignored = _ignored(config)
-  for name in available:
-    if name.startswith(_ENCODER_ROOTS) and name not in names and name not in ignored:
-      raise PeftError(
-        f'Checkpoint has unexpected tensor {name!r} for a DeBERTa-v2 with the '
-        'config given (check num_hidden_layers, share_att_key, pos_att_type '
-        'and norm_rel_ebd in config.json).'
-      )
-  flat = {}
-  for torch_name, (flax_path, transpose) in names.items():
-    w = np.asarray(tensors[torch_name], np.float32)
-    flat[tuple(flax_path.split('/'))] = jnp.asarray(w.T if transpose else w)
-  params = traverse_util.unflatten_dict(flat)
-  _check_shapes(params, config)
-  return params
-
-
-def _check_shapes(params: Params, config: DebertaV2Config) -> None:
-  """Raises naming the first leaf that differs from ``DebertaV2Model``."""
   abstract = jax.eval_shape(
     DebertaV2Model(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
   )['params']
-  check_param_shapes(params, abstract)
+  ignore = [r'(?!(embeddings|encoder)\.).*', r'embeddings\.position_ids']
+  if not config.position_biased_input:
+    ignore.append(r'embeddings\.position_embeddings\.weight')
+  return checkpoints.Layout(
+    tensors=tuple(_hf_tensors(config)),
+    abstract=abstract,
+    prefixes=('deberta.',),
+    ignore=tuple(ignore),
+    hint=(
+      'check num_hidden_layers, share_att_key, pos_att_type and norm_rel_ebd '
+      'in config.json'
+    ),
+  )
 
 
-def load_hf_params(model_dir: str | os.PathLike) -> tuple[DebertaV2Config, Params]:
+def _path(torch_module: str) -> str:
+  """``encoder.layer.3.attention.self.query_proj`` -> ``encoder/layer_3/...``."""
+  return torch_module.replace('.layer.', '.layer_').replace('.', '/')
+
+
+def _hf_tensors(config: DebertaV2Config) -> Iterator[checkpoints.Tensor]:
+  """The rows of ``hf_layout``, per parameterised module."""
+  embedding = lambda m: checkpoints.embedding(m, _path(m))
+  dense = lambda m, bias=True: checkpoints.dense(m, _path(m), bias=bias)
+  norm = lambda m: checkpoints.norm(m, _path(m))
+  yield from embedding('embeddings.word_embeddings')
+  if config.position_biased_input:
+    yield from embedding('embeddings.position_embeddings')
+  if config.type_vocab_size > 0:
+    yield from embedding('embeddings.token_type_embeddings')
+  if (config.embedding_size or config.hidden_size) != config.hidden_size:
+    yield from dense('embeddings.embed_proj', bias=False)
+  yield from norm('embeddings.LayerNorm')
+  if config.relative_attention:
+    yield from embedding('encoder.rel_embeddings')
+    if config.norm_rel_ebd == 'layer_norm':
+      yield from norm('encoder.LayerNorm')
+  for i in range(config.num_layers):
+    p = f'encoder.layer.{i}'
+    for name in ('query_proj', 'key_proj', 'value_proj'):
+      yield from dense(f'{p}.attention.self.{name}')
+    if config.relative_attention and not config.share_att_key:
+      if 'c2p' in config.pos_att_type:
+        yield from dense(f'{p}.attention.self.pos_key_proj')
+      if 'p2c' in config.pos_att_type:
+        yield from dense(f'{p}.attention.self.pos_query_proj')
+    yield from dense(f'{p}.attention.output.dense')
+    yield from norm(f'{p}.attention.output.LayerNorm')
+    yield from dense(f'{p}.intermediate.dense')
+    yield from dense(f'{p}.output.dense')
+    yield from norm(f'{p}.output.LayerNorm')
+
+
+def load_hf(model_dir: str | os.PathLike) -> tuple[DebertaV2Config, Params]:
   """Loads a Hugging Face DeBERTa-v2/v3 checkpoint directory.
 
   Args:
-    model_dir: a directory with ``config.json`` and ``model.safetensors``.
+    model_dir: a directory with ``config.json`` and ``model.safetensors``
+      (or a sharded ``model.safetensors.index.json``).
 
   Returns:
     ``(config, params)``: the model config and the ``params`` tree of
-    ``DebertaV2Model(config)``; apply it as ``{'params': params}``.
+    ``DebertaV2Model(config)`` (see ``hf_layout``); apply it as
+    ``{'params': params}``.
 
   Raises:
-    PeftError: if ``config.json`` or ``model.safetensors`` is absent, the
-      config is unsupported, or the tensors do not match the config (the
-      message names the tensor).
+    PeftError: if ``config.json`` or the weights are absent, the config is
+      unsupported, or the tensors do not match the config (the message names
+      the tensors).
   """
-  model_dir = pathlib.Path(model_dir)
-  if not (model_dir / 'config.json').is_file():
-    raise PeftError(
-      f'No config.json in {str(model_dir)!r}; a Hugging Face DeBERTa-v2 '
-      'directory with config.json and safetensors weights is expected.'
-    )
-  tensors = read_safetensors(model_dir)
-  config = DebertaV2Config.from_hf(transformers.AutoConfig.from_pretrained(model_dir))
-  try:
-    params = convert_hf_weights(tensors, config)
-  except PeftError as e:
-    raise PeftError(f'{model_dir}: {e}') from None
-  return config, params
+  config = DebertaV2Config.from_hf(checkpoints.read_hf_config(model_dir))
+  return config, checkpoints.load_safetensors(model_dir, hf_layout(config))

@@ -2,8 +2,9 @@
 
 Uses only the pure-Python ``gguf`` package and ``tokenizers`` (no torch, no
 llama.cpp): every tensor is dequantized with ``gguf.quants.dequantize`` to
-float32, renamed to the Linen param tree of ``peft_jax.models.llama``, and
-the query/key rows are un-permuted back to the Hugging Face layout.
+float32, and converted by the Hugging Face table of ``peft_jax.models.llama``
+(``llama.hf_layout``) with GGUF names, after the query/key rows are
+un-permuted back to the Hugging Face layout (``gguf_layout``).
 
 The Q/K permutation: llama.cpp's ``convert_hf_to_gguf.py`` stores
 ``attn_q``/``attn_k`` (weights and biases) as
@@ -31,14 +32,12 @@ import re
 from typing import Any
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import tokenizers
-from flax import traverse_util
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from peft_jax._src.base import PeftError
-from peft_jax.models import llama
+from peft_jax.models import checkpoints, llama
 
 Params = dict[str, Any]
 
@@ -52,28 +51,24 @@ _LLAMA3_SPLIT = (
   r'[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+'
 )
 _PRE_TOKENIZERS = ('smollm', 'gpt2', 'default', 'llama-bpe')
-# GGUF tensor name (per layer: without 'blk.{i}.') -> (flax path, kind).
-_GLOBAL_TENSORS = {
-  'token_embd.weight': ('embed_tokens/embedding', 'embed'),
-  'output_norm.weight': ('norm/scale', 'vector'),
-  'output.weight': ('lm_head/kernel', 'dense'),
+# Hugging Face module name -> GGUF's; per layer without 'layers.{i}.' / 'blk.{i}.'.
+_GGUF_MODULES = {
+  'embed_tokens': 'token_embd',
+  'norm': 'output_norm',
+  'lm_head': 'output',
 }
-_LAYER_TENSORS = {
-  'attn_norm.weight': ('input_layernorm/scale', 'vector'),
-  'ffn_norm.weight': ('post_attention_layernorm/scale', 'vector'),
-  'attn_q.weight': ('self_attn/q_proj/kernel', 'dense_q'),
-  'attn_k.weight': ('self_attn/k_proj/kernel', 'dense_k'),
-  'attn_v.weight': ('self_attn/v_proj/kernel', 'dense'),
-  'attn_output.weight': ('self_attn/o_proj/kernel', 'dense'),
-  'attn_q.bias': ('self_attn/q_proj/bias', 'vector_q'),
-  'attn_k.bias': ('self_attn/k_proj/bias', 'vector_k'),
-  'attn_v.bias': ('self_attn/v_proj/bias', 'vector'),
-  'attn_output.bias': ('self_attn/o_proj/bias', 'vector'),
-  'ffn_gate.weight': ('mlp/gate_proj/kernel', 'dense'),
-  'ffn_up.weight': ('mlp/up_proj/kernel', 'dense'),
-  'ffn_down.weight': ('mlp/down_proj/kernel', 'dense'),
+_GGUF_LAYER_MODULES = {
+  'input_layernorm': 'attn_norm',
+  'post_attention_layernorm': 'ffn_norm',
+  'self_attn.q_proj': 'attn_q',
+  'self_attn.k_proj': 'attn_k',
+  'self_attn.v_proj': 'attn_v',
+  'self_attn.o_proj': 'attn_output',
+  'mlp.gate_proj': 'ffn_gate',
+  'mlp.up_proj': 'ffn_up',
+  'mlp.down_proj': 'ffn_down',
 }
-_BLOCK_RE = re.compile(r'blk\.(\d+)\.(.+)')
+_HF_LAYER_RE = re.compile(r'layers\.(\d+)\.(.+)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,22 +158,12 @@ def read_config(
   Raises:
     PeftError: for a non-llama architecture or unsupported RoPE settings.
   """
-  llama._check_runtime_options(runtime_options)
+  llama.check_runtime_options(runtime_options)
   r = path_or_reader
   if not isinstance(r, gguf.GGUFReader):
     r = _reader(r)
-  arch = _field(r, 'general.architecture')
-  if arch != 'llama':
-    raise PeftError(
-      f"Unsupported GGUF architecture {arch!r}; only 'llama' (Llama, Mistral, "
-      'SmolLM2, TinyLlama).'
-    )
   names = {t.name for t in r.tensors}
-  if 'rope_freqs.weight' in names:
-    raise PeftError(
-      'GGUF has rope_freqs.weight (Llama 3.1 RoPE factors), which is not '
-      'supported; load the Hugging Face checkpoint with load_hf instead.'
-    )
+  _check_supported(r, names)
   hidden = int(_field(r, 'llama.embedding_length'))
   heads = int(_field(r, 'llama.attention.head_count'))
   head_dim = int(_field(r, 'llama.attention.key_length', hidden // heads))
@@ -188,19 +173,6 @@ def read_config(
       f'Partial rotary embeddings (rope.dimension_count={rope_dim}, '
       f'head_dim={head_dim}) are not supported.'
     )
-  scaling_type = _field(r, 'llama.rope.scaling.type', 'none')
-  if scaling_type == 'none':
-    rope_scaling = None
-  elif scaling_type == 'linear':
-    rope_scaling = {
-      'rope_type': 'linear',
-      'factor': _f32(_field(r, 'llama.rope.scaling.factor')),
-    }
-  else:
-    raise PeftError(
-      f"Unsupported GGUF rope.scaling.type={scaling_type!r}; only 'linear'."
-    )
-  has_q_bias = 'blk.0.attn_q.bias' in names
   return llama.LlamaConfig(
     vocab_size=len(r.fields['tokenizer.ggml.tokens'].data),
     hidden_size=hidden,
@@ -211,12 +183,42 @@ def read_config(
     head_dim=head_dim,
     rms_norm_eps=_f32(_field(r, 'llama.attention.layer_norm_rms_epsilon')),
     rope_theta=_f32(_field(r, 'llama.rope.freq_base', 10000.0)),
-    rope_scaling=rope_scaling,
-    attention_bias=has_q_bias,
+    rope_scaling=_rope_scaling(r),
+    attention_bias='blk.0.attn_q.bias' in names,
     attention_out_bias='blk.0.attn_output.bias' in names,
     tie_word_embeddings='output.weight' not in names,
     max_position_embeddings=int(_field(r, 'llama.context_length', 2048)),
     **runtime_options,
+  )
+
+
+def _check_supported(r: gguf.GGUFReader, names: set[str]) -> None:
+  """Raises unless the file is a llama GGUF without RoPE factor tensors."""
+  arch = _field(r, 'general.architecture')
+  if arch != 'llama':
+    raise PeftError(
+      f"Unsupported GGUF architecture {arch!r}; only 'llama' (Llama, Mistral, "
+      'SmolLM2, TinyLlama).'
+    )
+  if 'rope_freqs.weight' in names:
+    raise PeftError(
+      'GGUF has rope_freqs.weight (Llama 3.1 RoPE factors), which is not '
+      'supported; load the Hugging Face checkpoint with llama.load_hf instead.'
+    )
+
+
+def _rope_scaling(r: gguf.GGUFReader) -> dict[str, Any] | None:
+  """``LlamaConfig.rope_scaling`` of ``llama.rope.scaling.*`` (linear only)."""
+  scaling_type = _field(r, 'llama.rope.scaling.type', 'none')
+  if scaling_type == 'none':
+    return None
+  if scaling_type == 'linear':
+    return {
+      'rope_type': 'linear',
+      'factor': _f32(_field(r, 'llama.rope.scaling.factor')),
+    }
+  raise PeftError(
+    f"Unsupported GGUF rope.scaling.type={scaling_type!r}; only 'linear'."
   )
 
 
@@ -260,13 +262,53 @@ def _dequantize(tensor: Any) -> np.ndarray:
   return np.asarray(w, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
-def _convert(w: np.ndarray, kind: str, config: llama.LlamaConfig) -> np.ndarray:
-  """Applies a tensor kind's un-permutation and transpose."""
-  if kind.endswith('_q'):
-    w = unpermute_qk(w, config.num_heads)
-  elif kind.endswith('_k'):
-    w = unpermute_qk(w, config.num_kv_heads)
-  return w.T if kind.startswith('dense') else w
+def gguf_layout(config: llama.LlamaConfig) -> checkpoints.Layout:
+  """The conversion table of a llama GGUF file: ``llama.hf_layout`` renamed.
+
+  Each row of the Hugging Face table is renamed to the GGUF tensor
+  (``layers.{i}.self_attn.q_proj.weight`` -> ``blk.{i}.attn_q.weight``), and
+  the Q/K rows are un-permuted (``unpermute_qk``) before the Hugging Face
+  transform.
+
+  Args:
+    config: the model config (``read_config``).
+
+  Returns:
+    The layout of the unrolled ``params`` in ``config.param_dtype``; convert
+    dequantized tensors (PyTorch axis order) with ``checkpoints.convert``.
+  """
+  heads = {'attn_q': config.num_heads, 'attn_k': config.num_kv_heads}
+  hf = llama.hf_layout(config)
+  tensors = []
+  for row in hf.tensors:
+    name = _gguf_name(row.name)
+    module = name.split('.')[-2]
+    if module in heads:
+      row = row._replace(transform=_unpermuted(row.transform, heads[module]))
+    tensors.append(row._replace(name=name))
+  return hf._replace(
+    tensors=tuple(tensors),
+    prefixes=(),
+    ignore=(),
+    hint='expected a llama GGUF: Llama, Mistral, SmolLM2, TinyLlama',
+  )
+
+
+def _gguf_name(hf_name: str) -> str:
+  """``layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``."""
+  module, leaf = hf_name.rsplit('.', 1)
+  if m := _HF_LAYER_RE.fullmatch(module):
+    return f'blk.{m.group(1)}.{_GGUF_LAYER_MODULES[m.group(2)]}.{leaf}'
+  return f'{_GGUF_MODULES[module]}.{leaf}'
+
+
+def _unpermuted(
+  transform: checkpoints.Transform | None, num_heads: int
+) -> checkpoints.Transform:
+  """``transform`` after ``unpermute_qk`` with ``num_heads`` heads."""
+  if transform is None:
+    return lambda w: unpermute_qk(w, num_heads)
+  return lambda w: transform(unpermute_qk(w, num_heads))
 
 
 def read_params(
@@ -283,28 +325,14 @@ def read_params(
     ``config.param_dtype`` (scanned when ``config.scan_layers``).
 
   Raises:
-    PeftError: naming an unexpected or missing tensor.
+    PeftError: naming unexpected or missing tensors (``gguf_layout``).
   """
   r = path_or_reader
   if not isinstance(r, gguf.GGUFReader):
     r = _reader(r)
-  flat = {}
-  for tensor in r.tensors:
-    name = tensor.name
-    if name in _GLOBAL_TENSORS:
-      path, kind = _GLOBAL_TENSORS[name]
-    elif (m := _BLOCK_RE.fullmatch(name)) and m.group(2) in _LAYER_TENSORS:
-      sub, kind = _LAYER_TENSORS[m.group(2)]
-      path = f'layers_{m.group(1)}/{sub}'
-    else:
-      raise PeftError(f'GGUF has unexpected tensor {name!r} for a llama model.')
-    w = _convert(_dequantize(tensor), kind, config)
-    flat[tuple(path.split('/'))] = jnp.asarray(w, config.param_dtype)
-  params = traverse_util.unflatten_dict(flat)
-  if config.scan_layers:
-    params = llama.stack_layers(params)
-  llama.check_shapes(params, config)
-  return params
+  tensors = {tensor.name: _dequantize(tensor) for tensor in r.tensors}
+  params = checkpoints.convert(tensors, gguf_layout(config))
+  return llama.stack_layers(params) if config.scan_layers else params
 
 
 def read_tokenizer_info(

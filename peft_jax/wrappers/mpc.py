@@ -1,6 +1,6 @@
 """Matrix Pattern Constraints, MPC (Si et al., 2024, §2): factor regularisers."""
 
-from peft_jax._src import checks
+from peft_jax._src import checks, registry
 from peft_jax._src.base import Adapter, PeftError
 from peft_jax._src.patterns import check_pattern, pattern_penalty
 from peft_jax._src.registry import register_wrapper
@@ -19,7 +19,7 @@ def mpc(
   Returns ``method``'s adapter unchanged (same ``init``, ``apply``,
   ``linear``, count: MPC adds no parameters) with the regulariser
   ``γ · R(down, up)`` added to any it already has, where
-  ``(down, up) = factors(θ)`` (Flax layout, ``down = Aᵀ: (d_in, r)``,
+  ``(down, up) = factors(params, buffers)`` (Flax layout, ``down = Aᵀ: (d_in, r)``,
   ``up = Bᵀ: (r, d_out)``) and ``R`` is ``pattern_penalty``:
 
   * ``kind='o'`` (MPC_o, Eq. 25): ``‖downᵀdown − I_r‖² + ‖up upᵀ − I_r‖²``,
@@ -55,8 +55,8 @@ def mpc(
   base = leaf_method(name, method)
   if base.factors is None:
     raise PeftError(
-      f'mpc: method {base.name or method!r} has no low-rank factors '
-      '(Adapter.factors); use a method such as lora, trilora or adalora'
+      f'mpc: method {registry.brief(base.name) or "(hand-built)"} has no low-rank '
+      'factors (Adapter.factors); use a method such as lora, trilora or adalora'
     )
   check_pattern(name, kind, form)
   gamma = checks.real(name, 'gamma', gamma)
@@ -64,8 +64,8 @@ def mpc(
     raise PeftError(f'mpc: gamma={gamma} must be >= 0')
 
   def penalty(w, params, buffers):
-    del w, buffers
-    return gamma * pattern_penalty(*base.factors(params), kind, form)
+    del w
+    return gamma * pattern_penalty(*base.factors(params, buffers), kind, form)
 
   if base.regularizer is None:
     regularizer = penalty

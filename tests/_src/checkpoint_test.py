@@ -9,7 +9,12 @@ import pytest
 import peft_jax as pj
 from tests._src.step_test import batches, frozen_mlp, loss_fn
 
-RULES = [('.*/kernel', 'lora(rank=2)'), ('head/bias', 'bitfit()')]
+# body: an SVD method with float buffers; head: FlexLoRA (bool buffers); bias.
+RULES = [
+  ('body/kernel', 'pissa(rank=2)'),
+  ('head/kernel', 'flexlora(rank=1, max_rank=2)'),
+  ('head/bias', 'bitfit()'),
+]
 
 
 def train(state, frozen, step, data, start, stop, manager=None, save_at=()):
@@ -26,9 +31,8 @@ def fresh():
   adapter = pj.by_rules(RULES)
   optimizer = optax.adamw(1e-2)
   frozen = frozen_mlp()
-  state = pj.TrainState.create(
-    adapter.init(jax.random.key(0), frozen), optimizer, jax.random.key(5)
-  )
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(5))
 
   def noisy_loss(params, batch, rng):  # uses the RNG, so resuming must restore it
     noise = 0.1 * jax.random.normal(rng, batch['x'].shape)
@@ -58,6 +62,8 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tmp_path):
 
   assert int(resumed.step) == int(uninterrupted.step) == 10
   jax.tree.map(np.testing.assert_array_equal, resumed.params, uninterrupted.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.buffers, uninterrupted.buffers)
+  assert jax.tree.structure(resumed) == jax.tree.structure(uninterrupted)
   jax.tree.map(
     np.testing.assert_array_equal,
     jax.tree.leaves(resumed.opt_state),
@@ -75,12 +81,32 @@ def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
 def test_adapter_file_round_trip_is_small_and_exact(tmp_path):
   frozen, state, _ = fresh()
   path = tmp_path / 'adapter.safetensors'
-  meta = {'rules': [['.*/kernel', 'lora(rank=2)']]}
-  pj.save_adapter(str(path), state.params, meta)
-  theta, loaded_meta = pj.load_adapter(str(path))
+  meta = {'rules': [list(rule) for rule in RULES]}
+  pj.save_adapter(str(path), state.params, state.buffers, meta)
+  like = jax.eval_shape(pj.by_rules(RULES).init, jax.random.key(0), frozen)
+  params, buffers, loaded_meta = pj.load_adapter(str(path), like)
   assert loaded_meta == meta
-  jax.tree.map(np.testing.assert_array_equal, theta, state.params)
-  n_bytes = 4 * pj.count(state.params)
-  assert path.stat().st_size < n_bytes + 1024
-  merged = pj.by_rules(RULES).apply(frozen, jax.tree.map(jnp.asarray, theta))
-  assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, frozen)
+  assert jax.tree.structure((params, buffers)) == jax.tree.structure(like)
+  jax.tree.map(np.testing.assert_array_equal, params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, buffers, state.buffers)
+  active = buffers['head']['kernel'].active
+  assert active.dtype == np.bool_  # buffers keep their dtype
+  n_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.buffers)))
+  assert path.stat().st_size < n_bytes + 2048
+  to_jnp = lambda t: jax.tree.map(jnp.asarray, t)
+  merged = pj.by_rules(RULES).apply(frozen, to_jnp(params), to_jnp(buffers))
+  expected = pj.by_rules(RULES).apply(frozen, state.params, state.buffers)
+  jax.tree.map(np.testing.assert_array_equal, merged, expected)
+
+
+def test_loading_into_a_different_adapter_is_a_clear_error(tmp_path):
+  frozen, state, _ = fresh()
+  path = tmp_path / 'adapter.safetensors'
+  pj.save_adapter(str(path), state.params, state.buffers, {})
+  other = [('.*/kernel', 'lora(rank=3)')]
+  like = jax.eval_shape(pj.by_rules(other).init, jax.random.key(0), frozen)
+  with pytest.raises(pj.PeftError, match='the params do not match this adapter'):
+    pj.load_adapter(str(path), like)
+  params, buffers, _ = pj.load_adapter(str(path))  # untyped: nested dicts
+  assert set(params['body']['kernel']) == {'a', 'b'}
+  assert set(buffers['body']['kernel']) == {'a0', 'b0'}

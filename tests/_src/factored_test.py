@@ -1,4 +1,4 @@
-"""The factored path equals the weight-space path, and costs fewer FLOPs."""
+"""pj.adapted: the factored path equals the weight-space path, costs fewer FLOPs."""
 
 import warnings
 
@@ -33,8 +33,8 @@ class LinenModel(nn.Module):
     return jax.jit(lambda y: nn.gelu(y))(x) @ jnp.ones((5, 2))
 
 
-def perturb(theta, seed=1):
-  leaves, treedef = jax.tree.flatten(theta)
+def perturb(params, seed=1):
+  leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   noisy = [
     t + 0.2 * jax.random.normal(k, t.shape) for t, k in zip(leaves, keys, strict=True)
@@ -43,17 +43,18 @@ def perturb(theta, seed=1):
 
 
 def check_equal_paths(adapter, fn, frozen, *args):
-  theta = perturb(adapter.init(jax.random.key(0), frozen))
-  weight_space = lambda t: fn(adapter.apply(frozen, t), *args)
-  fast = lambda t: pj.factored(adapter, fn)(frozen, t, *args)
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  params = perturb(params)
+  weight_space = lambda p: fn(adapter.apply(frozen, p, buffers), *args)
+  fast = lambda p: pj.adapted(adapter, fn, factored=True)(frozen, p, buffers, *args)
   np.testing.assert_allclose(
-    jax.jit(fast)(theta), weight_space(theta), rtol=1e-5, atol=1e-5
+    jax.jit(fast)(params), weight_space(params), rtol=1e-5, atol=1e-5
   )
-  loss = lambda f: lambda t: jnp.sum(jnp.sin(f(t)))
+  loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-    jax.jit(jax.grad(loss(fast)))(theta),
-    jax.grad(loss(weight_space))(theta),
+    jax.jit(jax.grad(loss(fast)))(params),
+    jax.grad(loss(weight_space))(params),
   )
 
 
@@ -95,8 +96,9 @@ def test_adapted_kernel_inside_scan_and_cond_stays_factored():
   frozen = {'shared': jnp.eye(4) * 0.5, 'head': jnp.ones((4, 2))}
   adapter = pj.by_rules([('shared|head', 'lora(rank=1, b_init="normal")')])
   check_equal_paths(adapter, fn, frozen, jnp.ones((2, 4)))
-  theta = adapter.init(jax.random.key(0), frozen)
-  jaxpr = str(jax.make_jaxpr(pj.factored(adapter, fn))(frozen, theta, jnp.ones((2, 4))))
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  fast = pj.adapted(adapter, fn, factored=True)
+  jaxpr = str(jax.make_jaxpr(fast)(frozen, params, buffers, jnp.ones((2, 4))))
   assert 'dot_general' in jaxpr and 'f32[4,4] = add' not in jaxpr  # w' never formed
 
 
@@ -111,9 +113,32 @@ def test_other_uses_fall_back_to_weight_space_with_a_warning():
     check_equal_paths(adapter, tied_lm, frozen, jnp.array([1, 2, 3]))
 
 
-def test_factored_needs_a_tree_adapter():
+def test_adapted_needs_a_tree_adapter():
   with pytest.raises(pj.PeftError, match='needs a tree-level adapter'):
-    pj.factored(pj.lora(), lambda p, x: x)({'w': jnp.ones((2, 2))}, {}, 1.0)
+    pj.adapted(pj.lora(), lambda p, x: x)({'w': jnp.ones((2, 2))}, {}, {}, 1.0)
+
+
+def test_linear_only_methods_run_factored_on_the_weight_space_path_too():
+  frozen = {'dense': {'kernel': jax.random.normal(jax.random.key(0), (4, 3))}}
+  adapter = pj.by_rules([('.*/kernel', 'parallel_adapter(rank=2)')])
+  params, buffers = adapter.init(jax.random.key(1), frozen)
+  params = perturb(params)
+  x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  fn = lambda w, x: x @ w['dense']['kernel']
+  a, b = (np.float64(t) for t in params['dense']['kernel'])
+  expected = x @ np.float64(frozen['dense']['kernel']) + np.maximum(x @ a, 0) @ b
+  for factored in (False, True):
+    got = pj.adapted(adapter, fn, factored=factored)(frozen, params, buffers, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_only_method_on_a_non_matmul_use_is_a_clear_error():
+  frozen = {'table': jnp.ones((4, 3))}
+  adapter = pj.by_rules([('table', 'parallel_adapter(rank=2)')])
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  gather = lambda w, ids: w['table'][ids]
+  with pytest.raises(pj.PeftError, match=r'table: .* has no weight-space form'):
+    pj.adapted(adapter, gather)(frozen, params, buffers, jnp.array([0, 1]))
 
 
 def train_step_flops(factored: bool) -> float:
@@ -129,9 +154,8 @@ def train_step_flops(factored: bool) -> float:
     return jnp.mean(h**2), {}
 
   optimizer = optax.sgd(0.1)
-  state = pj.TrainState.create(
-    adapter.init(jax.random.key(0), frozen), optimizer, jax.random.key(1)
-  )
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(1))
   step = pj.make_train_step(loss_fn, adapter, optimizer, factored=factored)
   compiled = jax.jit(step).lower(state, frozen, jnp.ones((n, d))).compile()
   return compiled.cost_analysis()['flops']
@@ -166,10 +190,11 @@ def test_stacked_adapters_on_nn_scan_layers_stay_factored(inner):
   adapter = pj.by_rules([('layers/dense/kernel', f'stacked({inner!r})')])
   fn = lambda p, x: model.apply({'params': p}, x)
   check_equal_paths(adapter, fn, frozen, x)
-  theta = adapter.init(jax.random.key(0), frozen)
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  fast = pj.adapted(adapter, fn, factored=True)
   with warnings.catch_warnings():
     warnings.simplefilter('error', pj.FactoredFallbackWarning)
-    jaxpr = str(jax.make_jaxpr(pj.factored(adapter, fn))(frozen, theta, x))
+    jaxpr = str(jax.make_jaxpr(fast)(frozen, params, buffers, x))
   assert 'f32[4,4] = mul' not in jaxpr and 'f32[3,4,4] = add' not in jaxpr
 
 

@@ -1,81 +1,235 @@
-"""Hook points: identity without a handler; handlers see and replace values."""
+"""Hook points and activation adapters end to end on BERT: discovery, prompt
+tuning and Houlsby adapters against independent computations, jit safety."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 import peft_jax as pj
+from peft_jax.methods.houlsby import BottleneckParams
+from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import bert
 
 CONFIG = bert.BertConfig(
   vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
 )
+B, T, P, D = 2, 5, 3, 16
+HOULSBY = 'houlsby(reduction_factor=4)'
+HOULSBY_RULE = ('.*/(attention_output|ffn_output)', HOULSBY)
 
 
 def setup():
   model = bert.BertForSequenceClassification(CONFIG, num_labels=2, pooling='cls')
-  ids = jax.random.randint(jax.random.key(0), (2, 5), 1, 50)
-  mask = jnp.ones_like(ids)
-  params = model.init(jax.random.key(1), ids, mask)['params']
-  return model, params, ids, mask
+  ids = jax.random.randint(jax.random.key(0), (B, T), 1, 50)
+  mask = jnp.ones_like(ids).at[1, -2:].set(0)
+  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  return model, frozen, ids, mask
 
 
-def test_without_a_handler_hooks_change_nothing():
-  model, params, ids, mask = setup()
-  plain = model.apply({'params': params}, ids, mask)
-  with pj.hook_handler(lambda name, value: value):
-    same = model.apply({'params': params}, ids, mask)
-  np.testing.assert_array_equal(plain, same)
+def logits_fn(model):
+  return lambda w, ids, mask: model.apply({'params': w}, ids, mask)
 
 
-def test_every_documented_point_is_reached_with_its_shapes():
-  model, params, ids, mask = setup()
-  seen = {}
+def perturb(tree, seed):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  moved = [
+    x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)
+  ]
+  return treedef.unflatten(moved)
 
-  def record(name, value):
-    seen[name] = jax.tree.map(jnp.shape, value)
-    return value
 
-  with pj.hook_handler(record):
-    model.apply({'params': params}, ids, mask)
+def test_hook_points_are_discovered_with_their_shapes():
+  model, _, ids, mask = setup()
+  hooks = pj.hook_points(model, ids, mask)
   layer = 'bert/encoder/layer_1'
-  assert seen['bert/embeddings/input_embeddings'] == ((2, 5, 16), (2, 5))
-  assert seen[f'{layer}/attention/attention_kv'] == (
-    (2, 5, 2, 8),
-    (2, 5, 2, 8),
-    (2, 1, 1, 5),
+  assert hooks['bert/embeddings/input_embeddings'] == pj.HookPoint(
+    (
+      jax.ShapeDtypeStruct((B, T, D), jnp.float32),
+      jax.ShapeDtypeStruct((B, T), ids.dtype),
+    )
   )
-  assert seen[f'{layer}/attention/attention_output'] == (2, 5, 16)
-  assert seen[f'{layer}/ffn_intermediate'] == (2, 5, 32)
-  assert seen[f'{layer}/ffn_output'] == (2, 5, 16)
+  shapes = lambda name: jax.tree.map(lambda x: x.shape, hooks[name].value)
+  assert shapes(f'{layer}/attention/attention_kv') == (
+    (B, T, 2, 8),
+    (B, T, 2, 8),
+    (B, 1, 1, T),
+  )
+  assert shapes(f'{layer}/attention/attention_output') == (B, T, D)
+  assert shapes(f'{layer}/ffn_intermediate') == (B, T, 32)
+  assert shapes(f'{layer}/ffn_output') == (B, T, D)
+  assert all(point.stack == () for point in hooks.values())
+  assert len(hooks) == 1 + 2 * 4
 
 
-def test_a_prompt_tuning_handler_prepends_trainable_vectors():
-  model, params, ids, mask = setup()
-  prompt = 0.1 * jax.random.normal(jax.random.key(2), (3, 16))
-
-  def logits(prompt):
-    def prepend(name, value):
-      if not name.endswith('input_embeddings'):
-        return value
-      x, m = value
-      p = jnp.broadcast_to(prompt, (x.shape[0], *prompt.shape))
-      return jnp.concatenate([p, x], 1), jnp.concatenate(
-        [jnp.ones((x.shape[0], 3), m.dtype), m], 1
-      )
-
-    with pj.hook_handler(prepend):
-      return model.apply({'params': params}, ids, mask)
-
-  out = jax.jit(logits)(prompt)
-  assert out.shape == (2, 2)
-  assert not np.allclose(out, model.apply({'params': params}, ids, mask))
-  grad = jax.grad(lambda p: jnp.sum(logits(p)))(prompt)
-  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+def test_without_activation_adapters_hooks_change_nothing():
+  model, frozen, ids, mask = setup()
+  tree = pj.by_rules([('.*/query/kernel', 'lora(rank=2)')])
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  np.testing.assert_array_equal(
+    pj.adapted(tree, logits_fn(model))(frozen, params, buffers, ids, mask),
+    model.apply({'params': frozen}, ids, mask),
+  )
 
 
-def test_hook_point_outside_a_module_uses_the_given_path():
-  seen = []
-  with pj.hook_handler(lambda name, v: seen.append(name) or v * 2):
-    assert pj.hook_point('my/block', 'ffn_output', 3) == 6
-  assert seen == ['my/block/ffn_output']
+def test_prompt_of_token_embeddings_equals_feeding_those_tokens():
+  model, frozen, ids, mask = setup()
+  hooks = pj.hook_points(model, ids, mask)
+  tree = pj.by_rules(
+    [('bert/embeddings/input_embeddings', f'prompt_tuning(length={P})')]
+  )
+  params, buffers = tree.init(jax.random.key(2), frozen, hooks)
+  prefix = np.array([7, 8, 9])
+  table = frozen['bert']['embeddings']['word_embeddings']['embedding']
+  params = {'bert': {'embeddings': {'input_embeddings': PromptParams(table[prefix])}}}
+  # BERT adds position and type embeddings after the hook: positions 0..P-1
+  # go to the prompt, as to real tokens fed in front; the encoder drops the
+  # prompt positions from its output.
+  encoder = bert.BertModel(CONFIG)
+  hidden = lambda w, ids, mask: encoder.apply({'params': w['bert']}, ids, mask)
+  full_ids = jnp.concatenate([jnp.broadcast_to(prefix, (B, P)), ids], axis=1)
+  full_mask = jnp.concatenate([jnp.ones((B, P), mask.dtype), mask], axis=1)
+  want = hidden(frozen, full_ids, full_mask)[:, P:]
+  for factored in (False, True):
+    got = pj.adapted(tree, hidden, factored=factored)(
+      frozen, params, buffers, ids, mask
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def houlsby_reference(y, p: BottleneckParams):
+  """``y + silu(y @ down + b_d) @ up + b_u`` in float64 numpy."""
+  f64 = lambda t: np.asarray(t, np.float64)
+  pre = f64(y) @ f64(p.down) + f64(p.down_bias)
+  return f64(y) + (pre / (1 + np.exp(-pre))) @ f64(p.up) + f64(p.up_bias)
+
+
+def intercepting(adapters: dict[tuple, BottleneckParams]):
+  """A Flax method interceptor adding a hand-written Houlsby adapter to the
+  output of the Dense modules at the given paths (an independent mechanism;
+  eager only: it computes in NumPy)."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    path = tuple(context.module.path)
+    if context.method_name == '__call__' and path in adapters:
+      return jnp.asarray(houlsby_reference(y, adapters[path]), y.dtype)
+    return y
+
+  return nn.intercept_methods(interceptor)
+
+
+def test_houlsby_adapters_equal_a_hand_written_interception():
+  model, frozen, ids, mask = setup()
+  hooks = pj.hook_points(model, ids, mask)
+  tree = pj.by_rules([HOULSBY_RULE])
+  params, buffers = tree.init(jax.random.key(3), frozen, hooks)
+  assert buffers == {}
+  params = perturb(params, 4)
+  by_dense = {}
+  for i in range(CONFIG.num_layers):
+    layer = params['bert']['encoder'][f'layer_{i}']
+    prefix = ('bert', 'encoder', f'layer_{i}')
+    by_dense[(*prefix, 'attention', 'output')] = layer['attention']['attention_output']
+    by_dense[(*prefix, 'output')] = layer['ffn_output']
+  with intercepting(by_dense):
+    want = model.apply({'params': frozen}, ids, mask)
+  for factored in (False, True):
+    got = jax.jit(pj.adapted(tree, logits_fn(model), factored=factored))(
+      frozen, params, buffers, ids, mask
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  d, r = D, D // 4
+  assert pj.count(params) == 2 * CONFIG.num_layers * (2 * d * r + r + d)
+
+
+def test_a_cached_jit_trace_cannot_drop_the_adapter():
+  model, frozen, ids, mask = setup()
+  hooks = pj.hook_points(model, ids, mask)
+  jitted = jax.jit(logits_fn(model))
+  plain = jitted(frozen, ids, mask)  # traced and cached without any adapter
+  tree = pj.by_rules([HOULSBY_RULE])
+  params, buffers = tree.init(jax.random.key(3), frozen, hooks)
+  params = perturb(params, 5)
+  eager = pj.adapted(tree, logits_fn(model))(frozen, params, buffers, ids, mask)
+  cached = pj.adapted(tree, jitted)(frozen, params, buffers, ids, mask)
+  np.testing.assert_allclose(cached, eager, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(cached - plain)).max() > 1e-3
+  # And the other way round: the plain model afterwards is the plain model.
+  np.testing.assert_array_equal(jitted(frozen, ids, mask), plain)
+
+
+def test_activation_and_weight_adapters_share_one_tree_and_train():
+  model, frozen, ids, mask = setup()
+  hooks = pj.hook_points(model, ids, mask)
+  rules = [
+    ('bert/embeddings/input_embeddings', f'prompt_tuning(length={P})'),
+    HOULSBY_RULE,
+    ('.*/(query|value)/kernel', 'lora(rank=2)'),
+    ('classifier/.*', 'full()'),
+  ]
+  tree = pj.by_rules(rules)
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  lines = []
+  pj.describe(rules, frozen, hooks, print_fn=lines.append)
+  assert f'trainable {pj.count(params):,} of' in lines[0]
+  embeddings = params['bert']['embeddings']['input_embeddings']
+  assert isinstance(embeddings, PromptParams) and embeddings.prompt.shape == (P, D)
+  layer = params['bert']['encoder']['layer_0']
+  assert isinstance(layer['ffn_output'], BottleneckParams)
+  assert set(layer['attention']) == {'attention_output', 'query', 'value'}
+  labels = jnp.array([0, 1])
+
+  def loss_fn(weights, batch, rng):
+    del rng
+    out = model.apply({'params': weights}, batch['ids'], batch['mask'])
+    return optax.softmax_cross_entropy_with_integer_labels(out, batch['y']).mean(), {}
+
+  optimizer = optax.adam(3e-2)
+  for factored in (False, True):
+    # Donation frees the state's arrays: start each run from a copy.
+    start = jax.tree.map(jnp.copy, (params, buffers))
+    state = pj.TrainState.create(*start, optimizer, jax.random.key(1))
+    step = jax.jit(
+      pj.make_train_step(loss_fn, tree, optimizer, factored=factored),
+      donate_argnums=0,
+    )
+    batch = {'ids': ids, 'mask': mask, 'y': labels}
+    losses = []
+    for _ in range(15):
+      state, metrics = step(state, frozen, batch)
+      losses.append(float(metrics['loss']))
+    assert losses[-1] < 0.5 * losses[0], losses
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, params)
+    assert all(jax.tree.leaves(moved))  # every parameter got updates
+
+
+def test_parameters_for_a_point_the_rules_do_not_select_are_an_error():
+  model, frozen, ids, mask = setup()
+  hooks = pj.hook_points(model, ids, mask)
+  tree = pj.by_rules([('.*ffn_output', HOULSBY)])
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  other = pj.by_rules([('bert/encoder/layer_0/ffn_output', HOULSBY)])
+  with pytest.raises(pj.PeftError, match='neither an adapted leaf'):
+    pj.adapted(other, logits_fn(model))(frozen, params, buffers, ids, mask)
+
+
+def test_hook_point_needs_the_calling_module():
+  with pytest.raises(pj.PeftError, match='needs the calling Linen module'):
+    pj.hook_point('encoder/layer_0', 'ffn_output', jnp.ones(3))
+
+
+def test_activation_methods_reject_the_wrong_kind_of_point():
+  model, frozen, ids, mask = setup()
+  hooks = pj.hook_points(model, ids, mask)
+  with pytest.raises(pj.PeftError, match='prompt_tuning acts at an input_embeddings'):
+    pj.by_rules([('.*/ffn_output', 'prompt_tuning()')]).init(
+      jax.random.key(0), frozen, hooks
+    )
+  with pytest.raises(pj.PeftError, match='houlsby acts on a \\(batch, seq, d\\)'):
+    pj.by_rules([('.*input_embeddings', HOULSBY)]).init(
+      jax.random.key(0), frozen, hooks
+    )

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 import peft_jax as pj
-from peft_jax._src import paths
+from peft_jax._src import tree as tree_lib
+from peft_jax.methods.lora import LoraParams
 
 
 def tree():
@@ -17,10 +18,9 @@ def tree():
   }
 
 
-def adapted_names(rules, params):
-  theta = pj.by_rules(rules).init(jax.random.key(0), params)
-  leaf_names = set(paths.flatten(params))
-  return {n if n in leaf_names else n.rsplit('/', 1)[0] for n in paths.flatten(theta)}
+def adapted_names(rules, params, hooks=None):
+  theta, _ = pj.by_rules(rules).init(jax.random.key(0), params, hooks)
+  return set(tree_lib.entries(theta))
 
 
 def test_fullmatch_not_search():
@@ -36,12 +36,13 @@ def test_first_match_wins_and_none_freezes():
     ('encoder/.*/kernel', 'lora(rank=2)'),
     ('.*', 'full()'),
   ]
-  theta = pj.by_rules(rules).init(jax.random.key(0), tree())
-  assert set(theta['encoder']) == {'query', 'value', 'ffn'}
-  assert 'kernel' not in theta['encoder']['ffn']  # frozen by rule 0
-  assert set(theta['encoder']['query']['kernel']) == {'a', 'b'}
-  assert theta['encoder']['query']['bias'].shape == (3,)  # full, rule 2
-  assert theta['head']['kernel'].shape == (4, 3)
+  params, buffers = pj.by_rules(rules).init(jax.random.key(0), tree())
+  assert set(params['encoder']) == {'query', 'value', 'ffn'}
+  assert 'kernel' not in params['encoder']['ffn']  # frozen by rule 0
+  assert isinstance(params['encoder']['query']['kernel'], LoraParams)
+  assert params['encoder']['query']['bias'].shape == (3,)  # full, rule 2
+  assert params['head']['kernel'].shape == (4, 3)
+  assert buffers == {}
 
 
 def test_predicate_rules():
@@ -56,7 +57,10 @@ def test_unused_rule_names_the_rule_and_the_closest_leaves():
       jax.random.key(0), tree()
     )
   message = str(e.value)
-  assert "rule 0 ('encoder/qeury/kernel', 'lora(rank=2)') matches no leaf" in message
+  assert (
+    f"rule 0 ('encoder/qeury/kernel', {pj.lora(rank=2).name!r}) matches no leaf"
+    in (message)
+  )
   assert 'encoder/query/kernel' in message
 
 
@@ -68,8 +72,42 @@ def test_shadowed_rule_is_reported():
 
 def test_non_strict_allows_unused_rules():
   rules = [('.*/kernel', 'ia3()'), ('nothing', 'lora(rank=2)')]
-  theta = pj.by_rules(rules, strict=False).init(jax.random.key(0), tree())
-  assert pj.count(theta) == 4 * 3
+  params, _ = pj.by_rules(rules, strict=False).init(jax.random.key(0), tree())
+  assert pj.count(params) == 4 * 3
+
+
+def test_activation_rules_match_hook_points_and_weight_rules_leaves():
+  hooks = {
+    'encoder/ffn_output': pj.HookPoint(jax.ShapeDtypeStruct((2, 5, 3), jnp.float32)),
+  }
+  rules = [('encoder/.*', 'houlsby(reduction_factor=3)'), ('.*/kernel', 'ia3()')]
+  # The first rule is an activation method: it takes the hook point only.
+  names = adapted_names(rules, tree(), hooks)
+  assert names == {
+    'encoder/ffn_output',
+    'encoder/query/kernel',
+    'encoder/value/kernel',
+    'encoder/ffn/kernel',
+    'head/kernel',
+  }
+
+
+def test_activation_rule_without_hook_points_says_how_to_get_them():
+  rules = [('.*ffn_output', 'houlsby()')]
+  with pytest.raises(pj.PeftError, match='no hook points were given; pass hooks='):
+    pj.by_rules(rules).init(jax.random.key(0), tree())
+
+
+def test_a_method_on_the_wrong_kind_of_name_is_named():
+  hooks = {
+    'encoder/ffn_output': pj.HookPoint(jax.ShapeDtypeStruct((2, 3), jnp.float32))
+  }
+  with pytest.raises(pj.PeftError, match='is a weight-space method'):
+    pj.by_rules([('encoder/ffn_output', 'lora(rank=2)')]).init(
+      jax.random.key(0), tree(), hooks
+    )
+  with pytest.raises(pj.PeftError, match='is an activation method'):
+    pj.by_rules([('head/kernel', 'houlsby()')]).init(jax.random.key(0), tree(), hooks)
 
 
 @pytest.mark.parametrize(
@@ -100,19 +138,13 @@ def test_nnx_state_names_and_round_trip():
   model = Model(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   adapter = pj.by_rules([('layers/.*/kernel', 'lora(rank=2, b_init="normal")')])
-  theta = adapter.init(jax.random.key(1), state)
-  assert set(paths.flatten(theta)) == {
-    'layers/0/kernel/a',
-    'layers/0/kernel/b',
-    'layers/1/kernel/a',
-    'layers/1/kernel/b',
-  }
-  new_state = adapter.apply(state, theta)
+  params, buffers = adapter.init(jax.random.key(1), state)
+  assert set(tree_lib.entries(params)) == {'layers/0/kernel', 'layers/1/kernel'}
+  new_state = adapter.apply(state, params, buffers)
   merged = nnx.merge(graphdef, new_state)
   kernel = merged.layers[0].kernel.get_value()
-  expected = state['layers'][0]['kernel'].get_value() + (16 / 2) * (
-    theta['layers']['0']['kernel']['a'] @ theta['layers']['0']['kernel']['b']
-  )
+  lora = params['layers']['0']['kernel']
+  expected = state['layers'][0]['kernel'].get_value() + (16 / 2) * (lora.a @ lora.b)
   assert jnp.allclose(kernel, expected)
   x = jnp.ones((2, 4))
   assert merged(x).shape == (2, 3)

@@ -1,5 +1,7 @@
 """The pure train step under jit, jit with a data-sharded batch, pmap, shard_map."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,9 +54,8 @@ def setup():
   adapter = pj.by_rules(RULES)
   optimizer = optax.adam(1e-2)
   frozen = frozen_mlp()
-  state = pj.TrainState.create(
-    adapter.init(jax.random.key(1), frozen), optimizer, jax.random.key(2)
-  )
+  params, buffers = adapter.init(jax.random.key(1), frozen)
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(2))
   return adapter, optimizer, frozen, state
 
 
@@ -84,17 +85,16 @@ def test_loss_falls_and_only_adapter_parameters_change():
 def test_step_is_sgd_on_the_adapter_parameters_only():
   adapter, _, frozen, _ = setup()
   sgd = optax.sgd(0.1)
-  state = pj.TrainState.create(
-    adapter.init(jax.random.key(1), frozen), sgd, jax.random.key(2)
-  )
+  params, buffers = adapter.init(jax.random.key(1), frozen)
+  state = pj.TrainState.create(params, buffers, sgd, jax.random.key(2))
   batch = batches(1)[0]
   new_state, _ = pj.make_train_step(loss_fn, adapter, sgd)(state, frozen, batch)
-  grads = jax.grad(lambda t: loss_fn(adapter.apply(frozen, t), batch, None)[0])(
-    state.params
-  )
+  grads = jax.grad(
+    lambda p: loss_fn(adapter.apply(frozen, p, buffers), batch, None)[0]
+  )(state.params)
   expected = jax.tree.map(lambda t, g: t - 0.1 * g, state.params, grads)
   jax.tree.map(np.testing.assert_allclose, new_state.params, expected)
-  # Adam's moments mirror theta only: no frozen-weight-shaped optimizer state.
+  # Adam's moments mirror the parameters only: no frozen-weight-shaped state.
   *_, adam_state = setup()
   assert jax.tree.structure(adam_state.opt_state[0].mu) == jax.tree.structure(
     adam_state.params
@@ -104,7 +104,7 @@ def test_step_is_sgd_on_the_adapter_parameters_only():
 def test_donation_reuses_state_buffers():
   adapter, optimizer, frozen, state = setup()
   step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer), donate_argnums=0)
-  old = state.params['body']['kernel']['a']
+  old = state.params['body']['kernel'].a
   state, _ = step(state, frozen, batches(1)[0])
   assert old.is_deleted()
   assert not frozen['body']['kernel'].is_deleted()
@@ -168,78 +168,105 @@ def test_shard_map_matches_jit():
 
 @pytest.mark.parametrize('with_regularizer', [False, True])
 def test_regularizer_is_added_to_the_objective(with_regularizer):
-  base = pj.ssb()
-  penalty = lambda w, theta: jnp.sum((theta['l_in'] - 2.0) ** 2)
+  base = pj.lora(rank=2, b_init='normal')
+  penalty = lambda w, params, buffers: jnp.sum((params.a - 2.0) ** 2)
   leaf = base._replace(regularizer=penalty) if with_regularizer else base
   adapter = pj.by_rules([('body/kernel', leaf)])
   frozen = frozen_mlp()
-  state = pj.TrainState.create(
-    adapter.init(jax.random.key(0), frozen), optax.sgd(0.1), jax.random.key(0)
-  )
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  state = pj.TrainState.create(params, buffers, optax.sgd(0.1), jax.random.key(0))
   _, metrics = pj.make_train_step(loss_fn, adapter, optax.sgd(0.1))(
     state, frozen, batches(1)[0]
   )
   if with_regularizer:
-    np.testing.assert_allclose(metrics['regularizer'], 6 * 1.0, rtol=1e-6)
+    a = np.float64(params['body']['kernel'].a)
+    np.testing.assert_allclose(metrics['regularizer'], np.sum((a - 2) ** 2), rtol=1e-6)
   else:
     assert 'regularizer' not in metrics
 
 
-def test_buffers_are_passed_to_apply_but_never_trained():
-  """A leaf's theta['buffers'] is non-trainable state (e.g. SVD bases)."""
+class ShiftParams(NamedTuple):
+  shift: jax.Array
 
+
+class ShiftBuffers(NamedTuple):
+  offset: jax.Array  # float
+  keep: jax.Array  # bool mask
+  order: jax.Array  # int32 permutation
+
+
+def test_buffers_of_any_dtype_are_passed_to_apply_but_never_trained():
   def init(key, w):
     del key
-    return {'shift': jnp.zeros(w.shape[1]), 'buffers': {'offset': jnp.ones(w.shape[1])}}
+    d = w.shape[1]
+    buffers = ShiftBuffers(
+      offset=jnp.ones(d),
+      keep=jnp.arange(d) % 2 == 0,
+      order=jnp.arange(d, dtype=jnp.int32)[::-1],
+    )
+    return ShiftParams(jnp.zeros(d)), buffers
 
-  leaf = pj.Adapter(
-    init=init,
-    apply=lambda w, t: w + t['shift'] + t['buffers']['offset'],
-    num_params=lambda shape: shape[1],
-  )
+  def apply(w, params, buffers):
+    shifted = w + jnp.where(buffers.keep, params.shift + buffers.offset, 0.0)
+    return shifted[:, buffers.order]
+
+  leaf = pj.Adapter(init=init, apply=apply, num_params=lambda shape: shape[1])
   adapter = pj.by_rules([('head/kernel', leaf)])
   frozen = frozen_mlp()
   optimizer = optax.adamw(0.1, weight_decay=0.5)
-  theta = adapter.init(jax.random.key(0), frozen)
-  assert pj.count(theta) == 3
-  assert pj.trainable_mask(theta) == {
-    'head': {'kernel': {'shift': True, 'buffers': {'offset': False}}}
-  }
-  state = pj.TrainState.create(theta, optimizer, jax.random.key(0))
-  step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer))
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  assert pj.count(params) == 3
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(0))
+  assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(params)
+  step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer), donate_argnums=0)
   for batch in batches(3):
     state, _ = step(state, frozen, batch)
-  kernel = state.params['head']['kernel']
-  np.testing.assert_array_equal(kernel['buffers']['offset'], 1.0)
-  assert np.all(kernel['shift'] != 0)
+  kept = state.buffers['head']['kernel']
+  np.testing.assert_array_equal(kept.offset, 1.0)
+  np.testing.assert_array_equal(kept.keep, [True, False, True])
+  assert kept.order.dtype == jnp.int32 and list(kept.order) == [2, 1, 0]
+  shift = state.params['head']['kernel'].shift
+  assert np.all(shift[::2] != 0) and np.all(shift[1::2] == 0)  # masked: no gradient
+
+
+@pytest.mark.parametrize('spec', ['sam_parser()', 'pissa(rank=4)', 'milora(rank=4)'])
+def test_adam_state_is_the_size_of_the_trainable_parameters(spec):
+  # v1 kept SVD bases in the optimized tree: SAM-PARSER on one 256×256 kernel
+  # trained 256 scalars with 263,169 floats of Adam moments.
+  frozen = {'k': {'kernel': jax.random.normal(jax.random.key(0), (256, 256))}}
+  params, buffers = pj.by_rules([('k/kernel', spec)]).init(jax.random.key(1), frozen)
+  trainable = 256 if spec == 'sam_parser()' else 4 * (256 + 256)
+  assert pj.count(params) == trainable
+  adam = optax.adam(1e-3).init(params)
+  moments = sum(x.size for x in jax.tree.leaves((adam[0].mu, adam[0].nu)))
+  assert moments == 2 * trainable
+  assert sum(x.size for x in jax.tree.leaves(buffers)) > 0
 
 
 def test_schedule_updates_run_after_each_step_and_are_checkpointed(tmp_path):
   """A toy schedule: every 2nd step, zero the LoRA factor ``a`` of body/kernel."""
 
-  def update(count, frozen, theta, grads, opt_state, step):
+  def update(count, frozen, params, buffers, grads, opt_state, step):
     del frozen, grads
     reset = step % 2 == 0
-    a = theta['body']['kernel']['a']
-    theta['body']['kernel']['a'] = jax.lax.cond(reset, jnp.zeros_like, lambda x: x, a)
-    return theta, opt_state, count + reset.astype(jnp.int32)
+    lora = params['body']['kernel']
+    a = jax.lax.cond(reset, jnp.zeros_like, lambda x: x, lora.a)
+    params = {**params, 'body': {**params['body'], 'kernel': lora._replace(a=a)}}
+    return params, buffers, opt_state, count + reset.astype(jnp.int32)
 
   schedule = pj.Schedule(
-    init=lambda frozen, theta: jnp.zeros((), jnp.int32), update=update
+    init=lambda frozen, params, buffers: jnp.zeros((), jnp.int32), update=update
   )
   adapter, optimizer, frozen, _ = setup()
+  params, buffers = adapter.init(jax.random.key(1), frozen)
   state = pj.TrainState.create(
-    adapter.init(jax.random.key(1), frozen),
-    optimizer,
-    jax.random.key(2),
-    schedule=schedule,
-    frozen=frozen,
+    params, buffers, optimizer, jax.random.key(2), schedule=schedule, frozen=frozen
   )
   step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer, schedule=schedule))
   for batch in batches(4):
     state, _ = step(state, frozen, batch)
   assert int(state.schedule_state) == 2
-  np.testing.assert_array_equal(state.params['body']['kernel']['a'], 0)
+  np.testing.assert_array_equal(state.params['body']['kernel'].a, 0)
   manager = pj.checkpoint_manager(tmp_path)
   pj.save_checkpoint(manager, state, {})
   restored, _ = pj.restore_checkpoint(manager, state)

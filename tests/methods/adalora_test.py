@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.adalora import adalora
+from peft_jax.methods.adalora import AdaLoraParams, adalora
 
 D_IN, D_OUT = 9, 6
 
 
-def random_theta(seed, rank):
+def random_params(seed, rank):
   rng = np.random.default_rng(seed)
-  return {
-    'a': rng.normal(size=(D_IN, rank)).astype(np.float32),
-    'b': rng.normal(size=(rank, D_OUT)).astype(np.float32),
-    'e': rng.normal(size=rank).astype(np.float32),
-  }
+  return AdaLoraParams(
+    a=rng.normal(size=(D_IN, rank)).astype(np.float32),
+    b=rng.normal(size=(rank, D_OUT)).astype(np.float32),
+    e=rng.normal(size=rank).astype(np.float32),
+  )
 
 
 @pytest.mark.parametrize(
@@ -26,20 +26,28 @@ def random_theta(seed, rank):
 )
 def test_apply_and_factored_match_spec(rank, alpha, masked):
   w = np.random.default_rng(1).normal(size=(D_IN, D_OUT)).astype(np.float32)
-  theta = random_theta(2, rank)
-  theta['e'][:masked] = 0  # A budget mask does not change the scale.
+  params = random_params(2, rank)
+  params.e[:masked] = 0  # A budget mask does not change the scale.
   # Spec: h = W x + (α/(r₀+1e-5))·B diag(e) A x, α ≤ 0 replaced by r₀.
-  W, A, B = (np.float64(m).T for m in (w, theta['a'], theta['b']))
+  W, A, B = (np.float64(m).T for m in (w, params.a, params.b))
   s = (alpha if alpha > 0 else rank) / (rank + 1e-5)
-  expected = W + s * B @ np.diag(np.float64(theta['e'])) @ A
+  expected = W + s * B @ np.diag(np.float64(params.e)) @ A
   adapter = adalora(rank, alpha)
-  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
+  )
   x = np.random.default_rng(3).normal(size=(5, D_IN))
   np.testing.assert_allclose(
-    adapter.factored(np.float32(x), w, theta), x @ expected.T, rtol=1e-4, atol=1e-4
+    adapter.linear.factored(np.float32(x), w, params, None),
+    x @ expected.T,
+    rtol=1e-4,
+    atol=1e-4,
   )
   np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, theta), theta), w, rtol=1e-5, atol=1e-5
+    adapter.unapply(adapter.apply(w, params, None), params, None),
+    w,
+    rtol=1e-5,
+    atol=1e-5,
   )
 
 
@@ -47,45 +55,48 @@ def test_apply_and_factored_match_spec(rank, alpha, masked):
 def test_init_is_normal_factors_and_zero_e_so_identity(std):
   w = jax.random.normal(jax.random.key(1), (512, 256))
   adapter = adalora(16, init_std=std)
-  theta = adapter.init(jax.random.key(0), w)
-  for name, shape in (('a', (512, 16)), ('b', (16, 256))):
-    assert theta[name].shape == shape
-    np.testing.assert_allclose(np.std(np.float64(theta[name])), std, rtol=0.03)
-    assert abs(np.mean(np.float64(theta[name]))) < 0.05 * std
-  np.testing.assert_array_equal(theta['e'], np.zeros(16))
-  np.testing.assert_array_equal(adapter.apply(w, theta), w)
+  params, buffers = adapter.init(jax.random.key(0), w)
+  assert isinstance(params, AdaLoraParams) and buffers is None
+  for leaf, shape in ((params.a, (512, 16)), (params.b, (16, 256))):
+    assert leaf.shape == shape
+    np.testing.assert_allclose(np.std(np.float64(leaf)), std, rtol=0.03)
+    assert abs(np.mean(np.float64(leaf))) < 0.05 * std
+  np.testing.assert_array_equal(params.e, np.zeros(16))
+  np.testing.assert_array_equal(adapter.apply(w, params, buffers), w)
 
 
 def test_trainable_count_is_r_times_din_plus_dout_plus_one():
   adapter = adalora(8)
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
-  assert pj.count(theta) == adapter.num_params((768, 3072)) == 8 * (768 + 3072 + 1)
+  params, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
+  assert pj.count(params) == adapter.num_params((768, 3072)) == 8 * (768 + 3072 + 1)
 
 
 def test_orthogonality_penalty_is_the_codes_mean_of_unsquared_norms():
-  theta = random_theta(4, 3)
-  A, B = np.float64(theta['a']).T, np.float64(theta['b']).T
+  params = random_params(4, 3)
+  A, B = np.float64(params.a).T, np.float64(params.b).T
   eye = np.eye(3)
   norms = [np.linalg.norm(A @ A.T - eye), np.linalg.norm(B.T @ B - eye)]
   squared = sum(n**2 for n in norms)
   default = adalora(3, reg_orth_coef=0.3)
-  np.testing.assert_allclose(
-    default.regularizer(None, theta), 0.3 * np.mean(norms), rtol=1e-5
-  )
+  terms = default.regularizer(None, params, None)
+  assert terms.shape == ()  # one term per matrix
+  np.testing.assert_allclose(terms, 0.3 * np.mean(norms), rtol=1e-5)
   paper = adalora(3, reg_orth_coef=0.3, reg_form='squared')
-  np.testing.assert_allclose(paper.regularizer(None, theta), 0.3 * squared, rtol=1e-5)
+  np.testing.assert_allclose(
+    paper.regularizer(None, params, None), 0.3 * squared, rtol=1e-5
+  )
   assert adalora(3, reg_orth_coef=0).regularizer is None
-  down, up = default.factors(theta)
-  np.testing.assert_array_equal(down, theta['a'])
-  np.testing.assert_array_equal(up, theta['b'])
+  down, up = default.factors(params, None)
+  np.testing.assert_array_equal(down, params.a)
+  np.testing.assert_array_equal(up, params.b)
 
 
 def test_params_are_float32_for_bf16_weights_and_result_stays_bf16():
   w = jnp.ones((8, 4), jnp.bfloat16)
   adapter = adalora(2)
-  theta = adapter.init(jax.random.key(0), w)
-  assert all(leaf.dtype == jnp.float32 for leaf in theta.values())
-  assert adapter.apply(w, theta).dtype == jnp.bfloat16
+  params, buffers = adapter.init(jax.random.key(0), w)
+  assert all(leaf.dtype == jnp.float32 for leaf in params)
+  assert adapter.apply(w, params, buffers).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import scipy.linalg
 
 import peft_jax as pj
 from peft_jax.methods import boft
+from peft_jax.methods.boft import BoftParams
 
 D_IN, D_OUT = 16, 5
 
@@ -63,38 +64,51 @@ def test_butterfly_permutations_match_hf(b, i):
   np.testing.assert_array_equal(boft.butterfly_perm(D_IN, b, i), expected)
 
 
-def random_theta(seed, adapter):
+def random_params(seed, adapter):
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
-  return {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}
+  shapes, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
 
 
 @pytest.mark.parametrize('b,m', [(2, 1), (2, 4), (4, 3), (8, 2)])
 def test_apply_and_factored_match_dense_butterfly(b, m):
   adapter = boft.boft(block_size=b, n_butterfly_factor=m)
-  theta = random_theta(m, adapter)
+  params = random_params(m, adapter)
   w = np.random.default_rng(9).normal(size=(D_IN, D_OUT)).astype(np.float32)
-  R = dense_rotation(theta['q'], D_IN, b)
+  R = dense_rotation(params.q, D_IN, b)
   # HF, PyTorch layout: Wᵀ ← R Wᵀ, then W ← W ⊙ s (s per output row).
-  expected = (np.float64(w).T @ R.T) * np.float64(theta['s'])[:, None]
-  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-5)
+  expected = (np.float64(w).T @ R.T) * np.float64(params.s)[:, None]
+  np.testing.assert_allclose(
+    adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
+  )
   x = np.random.default_rng(10).normal(size=(3, 2, D_IN))
   np.testing.assert_allclose(
-    adapter.factored(x.astype(np.float32), w, theta),
+    adapter.linear.factored(x.astype(np.float32), w, params, None),
     x @ expected.T,
     rtol=1e-5,
     atol=1e-5,
   )
   np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, theta), theta), w, atol=1e-5
+    adapter.unapply(adapter.apply(w, params, None), params, None), w, atol=1e-5
   )
 
 
 @pytest.mark.parametrize('b,m', [(2, 4), (4, 3), (4, 1)])
 def test_rotation_is_orthogonal(b, m):
   adapter = boft.boft(block_size=b, n_butterfly_factor=m, scale=False)
-  theta = random_theta(0, adapter)
-  rotation = np.asarray(adapter.apply(jnp.eye(D_IN), theta), np.float64)  # R @ I
+  params = random_params(0, adapter)
+  assert params.s is None
+  rotation = np.asarray(adapter.apply(jnp.eye(D_IN), params, None), np.float64)
+  # R @ I: compare with the dense product, then check it is orthogonal.
+  dense = dense_rotation(params.q, D_IN, b)
+  np.testing.assert_allclose(rotation, dense, atol=1e-5)
+  x = np.random.default_rng(1).normal(size=(2, D_IN))
+  np.testing.assert_allclose(
+    adapter.linear.factored(jnp.float32(x), jnp.eye(D_IN), params, None),
+    x @ dense,
+    rtol=1e-5,
+    atol=1e-5,
+  )
   np.testing.assert_allclose(rotation.T @ rotation, np.eye(D_IN), atol=1e-5)
   # log2(d_in / b) + 1 factors make R dense; fewer leave it block-sparse.
   assert np.all(rotation != 0) == (2 ** (m - 1) * b == D_IN)
@@ -111,13 +125,15 @@ def test_rotation_is_orthogonal(b, m):
 def test_identity_at_init_and_count(kwargs, count):
   adapter = boft.boft(**kwargs)
   w = jax.random.normal(jax.random.key(0), (D_IN, D_OUT), jnp.bfloat16)
-  theta = adapter.init(jax.random.key(1), w)
-  np.testing.assert_array_equal(theta['q'], 0)
-  if 's' in theta:
-    np.testing.assert_array_equal(theta['s'], 1)
-  np.testing.assert_array_equal(adapter.apply(w, theta), w)
+  params, buffers = adapter.init(jax.random.key(1), w)
+  assert isinstance(params, BoftParams) and buffers is None
+  np.testing.assert_array_equal(params.q, 0)
+  assert (params.s is not None) == kwargs.get('scale', True)
+  if params.s is not None:
+    np.testing.assert_array_equal(params.s, 1)
+  np.testing.assert_array_equal(adapter.apply(w, params, buffers), w)
   # m · (d_in / b) · b(b − 1)/2 (+ d_out for s).
-  assert pj.count(theta) == adapter.num_params(w.shape) == count
+  assert pj.count(params) == adapter.num_params(w.shape) == count
 
 
 @pytest.mark.parametrize(

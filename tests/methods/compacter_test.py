@@ -8,14 +8,15 @@ import scipy.special
 
 import peft_jax as pj
 from peft_jax.methods import compacter
+from peft_jax.methods.compacter import CompacterParams
 
 D_IN, D_OUT = 16, 12
 
 
-def random_theta(seed, adapter):
+def random_params(seed, adapter):
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
-  return {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}
+  shapes, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
 
 
 def lphm(rule, s, t):
@@ -29,20 +30,20 @@ def lphm(rule, s, t):
 )
 def test_factored_matches_the_lphm_adapter(n, rank, reduction):
   adapter = compacter.compacter(reduction_factor=reduction, n=n, rank=rank)
-  theta = random_theta(n + rank, adapter)
+  params = random_params(n + rank, adapter)
   rng = np.random.default_rng(0)
   w, x = rng.normal(size=(D_IN, D_OUT)), rng.normal(size=(3, 2, D_IN))
   # PyTorch layout: h = W x + W_upᵀ GELU(W_downᵀ x + b_down) + b_up, with the
   # Flax-layout LPHM matrices W_down: (d_in, m), W_up: (m, d_out).
-  w_down = lphm(theta['a'], theta['down_s'], theta['down_t'])
-  w_up = lphm(theta['a'], theta['up_s'], theta['up_t'])
+  w_down = lphm(params.a, params.down_s, params.down_t)
+  w_up = lphm(params.a, params.up_s, params.up_t)
   assert w_down.shape == (D_IN, D_IN // reduction) and w_up.shape[1] == D_OUT
-  pre = (w_down.T @ x[..., None])[..., 0] + theta['b_down']
+  pre = (w_down.T @ x[..., None])[..., 0] + params.b_down
   gelu = 0.5 * pre * (1 + scipy.special.erf(pre / np.sqrt(2)))
   expected = (
-    (w.T @ x[..., None])[..., 0] + (w_up.T @ gelu[..., None])[..., 0] + theta['b_up']
+    (w.T @ x[..., None])[..., 0] + (w_up.T @ gelu[..., None])[..., 0] + params.b_up
   )
-  got = adapter.factored(jnp.float32(x), jnp.float32(w), theta)
+  got = adapter.linear.factored(jnp.float32(x), jnp.float32(w), params, None)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -50,51 +51,64 @@ def test_init_starts_at_the_identity_with_adapterhub_scales():
   n, d_in, d_out = 8, 256, 128
   adapter = compacter.compacter(reduction_factor=4, n=n)  # m = 64
   w = jax.random.normal(jax.random.key(0), (d_in, d_out))
-  theta = jax.jit(adapter.init)(jax.random.key(1), w)
-  np.testing.assert_array_equal(theta['up_t'], 0)
-  np.testing.assert_array_equal(theta['b_down'], 0)
-  np.testing.assert_array_equal(theta['b_up'], 0)
-  np.testing.assert_allclose(np.std(np.asarray(theta['a'], np.float64)), 1e-4, rtol=0.1)
+  params, buffers = jax.jit(adapter.init)(jax.random.key(1), w)
+  assert isinstance(params, CompacterParams) and buffers is None
+  np.testing.assert_array_equal(params.up_t, 0)
+  np.testing.assert_array_equal(params.b_down, 0)
+  np.testing.assert_array_equal(params.b_up, 0)
+  np.testing.assert_allclose(np.std(np.asarray(params.a, np.float64)), 1e-4, rtol=0.1)
   shapes = {'down_s': (n, 32, 1), 'down_t': (n, 1, 8), 'up_s': (n, 8, 1)}
   for name, shape in shapes.items():
-    leaf = np.asarray(theta[name], np.float64)
+    leaf = np.asarray(getattr(params, name), np.float64)
     bound = np.sqrt(6 / (shape[1] + shape[2]))  # Glorot-uniform per A_i slot.
     assert leaf.shape == shape and np.all(np.abs(leaf) <= bound)
     assert np.abs(leaf).max() > 0.8 * bound
   x = jax.random.normal(jax.random.key(2), (5, d_in))
-  np.testing.assert_array_equal(jax.jit(adapter.factored)(x, w, theta), x @ w)
+  np.testing.assert_array_equal(
+    jax.jit(adapter.linear.factored)(x, w, params, buffers), x @ w
+  )
 
 
 @pytest.mark.parametrize('n,rank,reduction', [(4, 1, 32), (2, 3, 2), (4, 1, 4)])
 def test_count(n, rank, reduction):
   adapter = compacter.compacter(reduction_factor=reduction, n=n, rank=rank)
   d_in, d_out = 128, 64
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((d_in, d_out)))
+  params, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((d_in, d_out)))
   m = d_in // reduction
   expected = n**3 + rank * (d_in + 2 * m + d_out) + m + d_out
-  assert pj.count(theta) == adapter.num_params((d_in, d_out)) == expected
+  assert pj.count(params) == adapter.num_params((d_in, d_out)) == expected
 
 
-def test_not_mergeable_but_runs_on_the_factored_path():
+def reference_forward(params, w, bias, x):
+  """``x @ w + bias + up(GELU(down(x)))`` from explicit LPHM matrices, float64."""
+  w_down = lphm(params.a, params.down_s, params.down_t)
+  w_up = lphm(params.a, params.up_s, params.up_t)
+  pre = x @ w_down + params.b_down
+  gelu = 0.5 * pre * (1 + scipy.special.erf(pre / np.sqrt(2)))
+  return x @ w + bias + gelu @ w_up + params.b_up
+
+
+def test_not_mergeable_but_runs_through_its_linear_form():
   adapter = compacter.compacter(reduction_factor=2, n=2)
-  assert not adapter.mergeable
-  theta = random_theta(0, adapter)
-  with pytest.raises(pj.PeftError, match=r'compacter is not mergeable.*factored'):
-    adapter.apply(jnp.zeros((D_IN, D_OUT)), theta)
-  frozen = {'dense': {'kernel': jnp.ones((D_IN, D_OUT)), 'bias': jnp.ones(D_OUT)}}
+  assert not adapter.mergeable and adapter.apply is None and adapter.unapply is None
+  rng = np.random.default_rng(5)
+  kernel = np.float32(rng.normal(size=(D_IN, D_OUT)))
+  frozen = {'dense': {'kernel': jnp.asarray(kernel), 'bias': jnp.ones(D_OUT)}}
   tree = pj.by_rules([('dense/kernel', adapter)])
-  tree_theta = tree.init(jax.random.key(0), frozen)
-  tree_theta['dense']['kernel'] = theta
-  with pytest.raises(pj.PeftError, match='not mergeable'):
-    pj.merge(tree, frozen, tree_theta)
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  assert buffers == {}
+  params['dense']['kernel'] = random_params(0, adapter)
+  with pytest.raises(pj.PeftError, match='not mergeable') as error:
+    pj.merge(tree, frozen, params, buffers)
+  assert '\n' not in str(error.value)
   dense = lambda p, x: x @ p['dense']['kernel'] + p['dense']['bias']
-  x = jax.random.normal(jax.random.key(1), (3, D_IN))
-  np.testing.assert_allclose(
-    pj.factored(tree, dense)(frozen, tree_theta, x),
-    adapter.factored(x, frozen['dense']['kernel'], theta) + 1.0,
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  x = rng.normal(size=(3, D_IN))
+  expected = reference_forward(params['dense']['kernel'], kernel, 1.0, x)
+  for factored in (False, True):
+    y = pj.adapted(tree, dense, factored=factored)(
+      frozen, params, buffers, jnp.float32(x)
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,28 @@
 """One battery of checks run over every registered method (optax-style).
 
-Each registered method needs a row in CASES: a small spec and a leaf shape
-(non-square, so a transposed factor cannot pass). A new method without a row
-fails ``test_every_method_has_a_case``. Methods that are not mergeable (they
-have no weight-space ``apply``) are checked through their factored form.
+Each registered method needs a row: weight-space methods in ``CASES`` (a small
+spec and a non-square leaf shape, so a transposed factor cannot pass),
+activation methods in ``ACTIVATION_CASES`` (a spec and the value at a hook
+point). A new method without a row fails ``test_every_method_has_a_case``.
+Besides the per-method checks (shapes, dtypes, identity at init, counts,
+factored == merged, gradients), every method must also: compile once for new
+parameter values (no retrace), give the same results under a sharded ``jit``
+as on one device, and, where it has a regulariser, return finite non-negative
+per-matrix terms that the tree combines.
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
-from peft_jax._src import paths, registry
+from peft_jax._src import registry
 
 # name -> (spec, leaf shape, identity at init per the spec)
 CASES = {
@@ -22,8 +32,6 @@ CASES = {
   'ssb': ('ssb()', (7, 5), True),
   'full': ('full()', (7, 5), True),
   'bitfit': ('bitfit()', (5,), True),
-  'stacked': ('stacked("lora(rank=2, alpha=4)")', (3, 7, 5), True),
-  'matrix_view': ('matrix_view("lora(rank=2, alpha=4)", n_in=2)', (2, 3, 5), True),
   # Reconstruction and combination (SVD-based).
   'sam_parser': ('sam_parser()', (7, 5), True),
   'pissa': ('pissa(rank=3, alpha=6)', (7, 5), True),
@@ -32,7 +40,7 @@ CASES = {
   'spectral_adapter': ('spectral_adapter(rank=3, alpha=6)', (7, 5), True),
   'dora': ('dora(rank=3, alpha=6)', (7, 5), True),
   'ln_tuning': ('ln_tuning()', (5,), True),
-  # Extension: low-rank family and matrix pattern constraints.
+  # Extension: the low-rank family.
   'adalora': ('adalora(rank=3, alpha=6)', (7, 5), True),
   'flora': ('flora(rank=3, alpha=6)', (7, 5), True),
   'moslora': ('moslora(rank=3, alpha=6)', (7, 5), True),
@@ -40,7 +48,6 @@ CASES = {
   'liera': ('liera(rank=3, alpha=3)', (7, 5), True),
   'vera': ('vera(rank=4)', (7, 5), True),
   'parallel_adapter': ('parallel_adapter(rank=3)', (7, 5), True),
-  'mpc': ("mpc('trilora(rank=3, alpha=6)', kind='d')", (7, 5), True),
   'loha': ('loha(rank=2, alpha=4)', (7, 5), True),
   'lokr': ('lokr(rank=2, alpha=4)', (12, 8), True),
   'compacter': ('compacter(reduction_factor=2, n=2)', (8, 6), True),
@@ -53,158 +60,171 @@ CASES = {
   'flexlora': ('flexlora(rank=2, alpha=4, max_rank=3)', (7, 5), True),
 }
 
+EMBEDDINGS = (
+  jax.ShapeDtypeStruct((2, 5, 12), jnp.float32),
+  jax.ShapeDtypeStruct((2, 5), jnp.int32),
+)
+HIDDEN = jax.ShapeDtypeStruct((2, 5, 12), jnp.float32)
+# name -> (spec, value at the hook point, output shapes for that value)
+ACTIVATION_CASES = {
+  'prompt_tuning': ('prompt_tuning(length=3)', EMBEDDINGS, ((2, 8, 12), (2, 8))),
+  'houlsby': ('houlsby(reduction_factor=4)', HIDDEN, (2, 5, 12)),
+}
+
 # Trainable leaves that are inert until a schedule acts: LoRA-Dash's d gets
 # zero gradient until lora_dash_schedule selects its directions.
 INACTIVE_UNTIL_SCHEDULED = {'lora_dash': ('d',)}
+# SVD-initialised methods reproduce w only up to float32 SVD round-off.
+SVD_METHODS = ('pissa', 'milora', 'sam_parser', 'svdiff', 'spectral_adapter')
 
 
 def names_where(predicate):
-  return [
-    n for n in sorted(CASES) if n in pj.names() and predicate(pj.get(CASES[n][0]))
-  ]
+  return [n for n in sorted(CASES) if predicate(pj.get(CASES[n][0]))]
 
 
 MERGEABLE = names_where(lambda a: a.mergeable)
-FACTORED = names_where(lambda a: a.factored is not None)
+FACTORED = names_where(lambda a: a.linear is not None)
+REGULARIZED = names_where(lambda a: a.regularizer is not None)
 
 
-def perturbed(theta, key):
-  """Trainable parameters moved away from their init (so checks are not trivial)."""
-  flat = paths.flatten(theta)
-  keys = dict(zip(flat, jax.random.split(key, len(flat)), strict=True))
-
-  def move(name, t):
-    if paths.is_buffer(name):
-      return t
-    return t + 0.3 * jax.random.normal(keys[name], t.shape, t.dtype)
-
-  return paths.map_named(move, theta)
+def perturbed(params, key):
+  """Parameters moved away from their init (so checks are not trivial)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  moved = [
+    t + 0.3 * jax.random.normal(k, t.shape, t.dtype)
+    for t, k in zip(leaves, keys, strict=True)
+  ]
+  return treedef.unflatten(moved)
 
 
-def setup(name, dtype=jnp.float32, seed=0):
+class Setup(NamedTuple):
+  adapter: pj.Adapter
+  w: jax.Array
+  params0: object
+  buffers: object
+  params: object  # perturbed
+
+
+def setup(name, dtype=jnp.float32, seed=0) -> Setup:
   spec, shape, _ = CASES[name]
   adapter = pj.get(spec)
   kw, ki, kp = jax.random.split(jax.random.key(seed), 3)
   w = jax.random.normal(kw, shape, jnp.float32).astype(dtype)
-  theta0 = adapter.init(ki, w)
-  return adapter, w, theta0, perturbed(theta0, kp)
+  params0, buffers = adapter.init(ki, w)
+  return Setup(adapter, w, params0, buffers, perturbed(params0, kp))
 
 
-def in_axes(adapter) -> int:
-  """Leading input axes of the kernel (``matrix_view`` kernels have several)."""
-  return adapter.kernel_in_axes or 1
+def inputs(w, batch, seed):
+  return jax.random.normal(jax.random.key(seed), (*batch, w.shape[0]))
 
 
-def dense(adapter, x, w):
-  """``x`` contracted with the kernel's input axes, as a Dense layer does."""
-  return jnp.tensordot(x, w, axes=in_axes(adapter))
-
-
-def inputs(adapter, w, batch, seed):
-  shape = (*batch, *w.shape[: in_axes(adapter)])
-  return jax.random.normal(jax.random.key(seed), shape)
-
-
-def forward(adapter, x, w, theta):
+def forward(s: Setup, x, params):
   """``x @ w'``: the merged weight if mergeable, else the factored form."""
-  if adapter.mergeable:
-    return dense(adapter, x, pj.merge(adapter, w, theta))
-  return adapter.factored(x, w, theta)
+  if s.adapter.mergeable:
+    return x @ s.adapter.apply(s.w, params, s.buffers)
+  return s.adapter.linear.factored(x, s.w, params, s.buffers)
+
+
+def is_typed(params) -> bool:
+  return isinstance(params, (tuple, jax.Array)) and not isinstance(params, dict)
 
 
 def test_every_method_has_a_case():
-  assert sorted(CASES) == pj.names()
+  assert sorted([*CASES, *ACTIVATION_CASES]) == pj.names()
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
-def test_registry_and_factory_give_the_same_adapter(name):
-  _, args, kwargs = registry._parse(CASES[name][0])
-  adapter = pj.get(CASES[name][0])
+@pytest.mark.parametrize('name', sorted([*CASES, *ACTIVATION_CASES]))
+def test_registry_and_factory_give_the_same_adapter_and_names_round_trip(name):
+  spec = (CASES.get(name) or ACTIVATION_CASES[name])[0]
+  _, args, kwargs = registry._parse(spec)
+  adapter = pj.get(spec)
   assert getattr(pj, name)(*args, **kwargs) is adapter
   assert adapter.name.startswith(f'{name}(')
-  assert adapter is pj.get(adapter.name)
+  assert pj.get(adapter.name) is adapter
+  rebuilt = registry._METHODS[name](*args, **kwargs)
+  assert rebuilt.name == adapter.name
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('name', MERGEABLE)
 def test_apply_keeps_shape_and_dtype_and_jits(name, dtype):
-  adapter, w, _, theta = setup(name, dtype)
-  eager = adapter.apply(w, theta)
-  jitted = jax.jit(adapter.apply)(w, theta)
-  assert eager.shape == w.shape and eager.dtype == w.dtype
+  s = setup(name, dtype)
+  eager = s.adapter.apply(s.w, s.params, s.buffers)
+  jitted = jax.jit(s.adapter.apply)(s.w, s.params, s.buffers)
+  assert eager.shape == s.w.shape and eager.dtype == s.w.dtype
   np.testing.assert_allclose(
     np.asarray(eager, np.float32), np.asarray(jitted, np.float32), rtol=1e-6, atol=1e-6
   )
 
 
-# SVD-initialised methods reproduce w only up to float32 SVD round-off.
-SVD_METHODS = ('pissa', 'milora', 'sam_parser', 'svdiff', 'spectral_adapter')
-
-
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('name', [n for n in MERGEABLE if CASES[n][2]])
 def test_identity_at_init(name, dtype):
-  adapter, w, theta0, _ = setup(name, dtype)
-  exact = not adapter.name.startswith(SVD_METHODS)
+  s = setup(name, dtype)
+  exact = name not in SVD_METHODS
   atol = 0 if exact else (1e-2 if dtype == jnp.bfloat16 else 1e-5)
   np.testing.assert_allclose(
-    np.asarray(adapter.apply(w, theta0), np.float32),
-    np.asarray(w, np.float32),
+    np.asarray(s.adapter.apply(s.w, s.params0, s.buffers), np.float32),
+    np.asarray(s.w, np.float32),
     atol=atol,
   )
 
 
-@pytest.mark.parametrize('name', [n for n in sorted(CASES) if CASES[n][2]])
+@pytest.mark.parametrize('name', [n for n in FACTORED if CASES[n][2]])
 def test_factored_identity_at_init(name):
-  adapter, w, theta0, _ = setup(name)
-  if adapter.factored is None:
-    pytest.skip('no factored form')
-  x = inputs(adapter, w, (3,), 5)
+  s = setup(name)
+  x = inputs(s.w, (3,), 5)
   np.testing.assert_allclose(
-    adapter.factored(x, w, theta0), dense(adapter, x, w), rtol=1e-5, atol=1e-5
+    s.adapter.linear.factored(x, s.w, s.params0, s.buffers),
+    x @ s.w,
+    rtol=1e-5,
+    atol=1e-5,
   )
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
-def test_trainable_count_matches_formula(name):
-  adapter, w, theta0, _ = setup(name)
-  assert adapter.num_params is not None, f'{name} declares no count formula'
-  assert pj.count(theta0) == adapter.num_params(w.shape)
+def test_params_are_typed_and_counted_by_the_formula(name):
+  s = setup(name)
+  assert is_typed(s.params0), type(s.params0)
+  assert s.buffers is None or isinstance(s.buffers, tuple), type(s.buffers)
+  assert s.adapter.num_params is not None, f'{name} declares no count formula'
+  assert pj.count(s.params0) == s.adapter.num_params(s.w.shape)
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_init_is_deterministic_and_jittable(name):
-  adapter, w, _, _ = setup(name)
+  s = setup(name)
   key = jax.random.key(3)
-  a = adapter.init(key, w)
-  b = jax.jit(adapter.init)(key, w)
+  a = s.adapter.init(key, s.w)
+  b = jax.jit(s.adapter.init)(key, s.w)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   jax.tree.map(
     lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b
   )
 
 
-@pytest.mark.parametrize('name', FACTORED)
+@pytest.mark.parametrize('name', [n for n in FACTORED if n in MERGEABLE])
 def test_factored_equals_merged_forward_and_gradients(name):
-  adapter, w, _, theta = setup(name)
-  if not adapter.mergeable:
-    pytest.skip('no weight-space form to compare with')
-  x = inputs(adapter, w, (4, 2), 9)
-  target = jax.random.normal(jax.random.key(10), dense(adapter, x, w).shape)
+  s = setup(name)
+  x = inputs(s.w, (4, 2), 9)
+  target = jax.random.normal(jax.random.key(10), (4, 2, s.w.shape[1]))
 
-  def merged_loss(theta, x):
-    return jnp.sum(jnp.tanh(dense(adapter, x, pj.merge(adapter, w, theta))) * target)
+  def merged_loss(params, x):
+    return jnp.sum(jnp.tanh(x @ s.adapter.apply(s.w, params, s.buffers)) * target)
 
-  def factored_loss(theta, x):
-    return jnp.sum(jnp.tanh(adapter.factored(x, w, theta)) * target)
+  def factored_loss(params, x):
+    y = s.adapter.linear.factored(x, s.w, params, s.buffers)
+    return jnp.sum(jnp.tanh(y) * target)
 
   np.testing.assert_allclose(
-    adapter.factored(x, w, theta),
-    dense(adapter, x, adapter.apply(w, theta)),
+    s.adapter.linear.factored(x, s.w, s.params, s.buffers),
+    x @ s.adapter.apply(s.w, s.params, s.buffers),
     rtol=1e-5,
     atol=1e-5,
   )
-  grad_merged = jax.grad(merged_loss, argnums=(0, 1))(theta, x)
-  grad_factored = jax.jit(jax.grad(factored_loss, argnums=(0, 1)))(theta, x)
+  grad_merged = jax.grad(merged_loss, argnums=(0, 1))(s.params, x)
+  grad_factored = jax.jit(jax.grad(factored_loss, argnums=(0, 1)))(s.params, x)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
     grad_merged,
@@ -214,66 +234,242 @@ def test_factored_equals_merged_forward_and_gradients(name):
 
 @pytest.mark.parametrize('name', names_where(lambda a: a.unapply is not None))
 def test_unapply_inverts_apply(name):
-  adapter, w, _, theta = setup(name)
+  s = setup(name)
+  merged = s.adapter.apply(s.w, s.params, s.buffers)
   np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, theta), theta), w, rtol=1e-5, atol=1e-5
+    s.adapter.unapply(merged, s.params, s.buffers), s.w, rtol=1e-5, atol=1e-5
   )
 
 
 @pytest.mark.parametrize('name', names_where(lambda a: not a.mergeable))
 def test_non_mergeable_methods_refuse_to_merge(name):
-  adapter, w, _, theta = setup(name)
+  spec, shape, _ = CASES[name]
+  tree = pj.by_rules([('leaf', spec)])
+  frozen = {'leaf': jnp.ones(shape)}
+  params, buffers = tree.init(jax.random.key(0), frozen)
   with pytest.raises(pj.PeftError, match='not mergeable'):
-    pj.merge(adapter, w, theta)
+    pj.merge(tree, frozen, params, buffers)
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_gradient_reaches_every_trainable_leaf(name):
-  adapter, w, _, theta = setup(name)
-  if w.ndim == 2 or adapter.kernel_in_axes:
-    x = inputs(adapter, w, (6,), 4)
-    out = lambda t: forward(adapter, x, w, t)
+  s = setup(name)
+  if s.w.ndim == 2:
+    x = inputs(s.w, (6,), 4)
+    out = lambda p: forward(s, x, p)
   else:
-    out = lambda t: adapter.apply(w, t)
-  probe = jax.random.normal(jax.random.key(8), out(theta).shape)
-  grads = jax.grad(lambda t: jnp.sum(jnp.sin(out(t)) * probe))(theta)
+    out = lambda p: s.adapter.apply(s.w, p, s.buffers)
+  probe = jax.random.normal(jax.random.key(8), out(s.params).shape)
+  grads = jax.grad(lambda p: jnp.sum(jnp.sin(out(p)) * probe))(s.params)
+  assert jax.tree.structure(grads) == jax.tree.structure(s.params)
   inert = INACTIVE_UNTIL_SCHEDULED.get(name, ())
-  for name_, leaf in paths.named_leaves(grads):
-    if paths.is_buffer(name_):
-      continue
-    assert np.all(np.isfinite(leaf)), name_
-    if name_ in inert:
-      np.testing.assert_array_equal(leaf, 0, err_msg=name_)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    field = jax.tree_util.keystr(path, simple=True)
+    assert np.all(np.isfinite(leaf)), field
+    if field in inert:
+      np.testing.assert_array_equal(leaf, 0, err_msg=field)
     else:
-      assert np.any(leaf != 0), name_
+      assert np.any(leaf != 0), field
 
 
-@pytest.mark.parametrize('name', MERGEABLE)
-def test_works_through_by_rules(name):
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_works_through_by_rules_and_adapted(name):
   spec, shape, _ = CASES[name]
   frozen = {'block': {'leaf': jnp.ones(shape)}, 'other': jnp.ones(shape)}
-  tree_adapter = pj.by_rules([('block/leaf', spec)])
-  theta = tree_adapter.init(jax.random.key(0), frozen)
-  out = jax.jit(tree_adapter.apply)(frozen, theta)
-  assert jax.tree.structure(out) == jax.tree.structure(frozen)
-  np.testing.assert_array_equal(out['other'], frozen['other'])
+  tree = pj.by_rules([('block/leaf', spec)])
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  if tree.mergeable:
+    out = jax.jit(tree.apply)(frozen, params, buffers)
+    assert jax.tree.structure(out) == jax.tree.structure(frozen)
+    np.testing.assert_array_equal(out['other'], frozen['other'])
+  if len(shape) == 2:
+    fn = lambda weights, x: x @ weights['block']['leaf']
+    x = jnp.ones((3, shape[0]))
+    for factored in (False, True):
+      y = jax.jit(pj.adapted(tree, fn, factored=factored))(frozen, params, buffers, x)
+      assert y.shape == (3, shape[1])
 
 
 @pytest.mark.parametrize('name', names_where(lambda a: a.factors is not None))
 def test_factors_are_low_rank_down_and_up(name):
-  adapter, w, theta0, _ = setup(name)
-  down, up = adapter.factors(theta0)
-  n_in = in_axes(adapter)
-  assert down.shape[0] == np.prod(w.shape[:n_in]) and up.shape[1] == np.prod(
-    w.shape[n_in:]
-  )
+  s = setup(name)
+  down, up = s.adapter.factors(s.params0, s.buffers)
+  assert down.shape[0] == s.w.shape[0] and up.shape[1] == s.w.shape[1]
   assert down.shape[1] == up.shape[0]
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_init_arrays_share_no_buffer(name):
   """Donating the train state must never see one buffer twice (or free w)."""
-  _, w, theta0, _ = setup(name)
-  pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(theta0)]
-  pointers.append(w.unsafe_buffer_pointer())
+  s = setup(name)
+  leaves = jax.tree.leaves((s.params0, s.buffers))
+  pointers = [leaf.unsafe_buffer_pointer() for leaf in leaves]
+  pointers.append(s.w.unsafe_buffer_pointer())
   assert len(set(pointers)) == len(pointers)
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_new_parameter_values_do_not_retrace(name):
+  s = setup(name)
+  traces = []
+
+  def run(w, params, buffers, x):
+    traces.append(None)  # Runs once per trace, not per call.
+    if s.adapter.mergeable:
+      return s.adapter.apply(w, params, buffers)
+    return s.adapter.linear.factored(x, w, params, buffers)
+
+  run = jax.jit(run)
+  x = inputs(s.w, (2,), 1)
+  first = run(s.w, s.params0, s.buffers, x)
+  second = run(s.w, s.params, s.buffers, x)
+  assert len(traces) == 1
+  assert not np.allclose(first, second)  # New values did reach the program.
+
+
+@pytest.mark.parametrize('name', REGULARIZED)
+def test_regulariser_terms_are_finite_non_negative_and_combined(name):
+  s = setup(name)
+  terms = jax.jit(s.adapter.regularizer)(s.w, s.params, s.buffers)
+  assert terms.shape == () and terms.dtype == jnp.float32
+  assert np.isfinite(terms) and terms >= 0
+  grads = jax.grad(lambda p: s.adapter.regularizer(s.w, p, s.buffers))(s.params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
+  # Two leaves, one stacked over 2 layers: 3 matrices; 'mean' averages them.
+  spec = CASES[name][0]
+  frozen = {'one': jnp.asarray(s.w), 'two': jnp.stack([s.w, 2 * s.w])}
+  rules = [('one', spec), ('two', f'stacked({spec!r})')]
+  total = {}
+  for reduction in ('sum', 'mean'):
+    tree = pj.by_rules(rules, regularizer=reduction)
+    params, buffers = tree.init(jax.random.key(1), frozen)
+    params = perturbed(params, jax.random.key(2))
+    total[reduction] = tree.regularizer(frozen, params, buffers)
+  np.testing.assert_allclose(total['mean'], total['sum'] / 3, rtol=1e-6)
+
+
+def test_every_regularised_method_is_in_the_regulariser_row():
+  assert {'adalora', 'flexlora'} <= set(REGULARIZED)
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_sharded_jit_equals_one_device(name):
+  """The batch split over 8 devices, w and θ replicated: same output and grads."""
+  s = setup(name)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  if s.w.ndim == 2:
+    x = inputs(s.w, (8, 3), 6)
+    loss = lambda p, x: jnp.sum(jnp.tanh(forward(s, x, p)))
+  else:  # Bias and norm leaves: x is a batch of activations to shift.
+    x = jax.random.normal(jax.random.key(6), (8, *s.w.shape))
+    loss = lambda p, x: jnp.sum(jnp.tanh(x + s.adapter.apply(s.w, p, s.buffers)))
+  fn = jax.jit(jax.value_and_grad(loss))
+  single = fn(s.params, x)
+  sharded = fn(s.params, jax.device_put(x, NamedSharding(mesh, P('data'))))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    single,
+    sharded,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Activation methods.
+
+
+def activation_setup(name, seed=0):
+  spec, value, _ = ACTIVATION_CASES[name]
+  adapter = pj.get(spec)
+  params0, buffers = adapter.init(jax.random.key(seed), value)
+  params = perturbed(params0, jax.random.key(seed + 1))
+  concrete = jax.tree.map(
+    lambda v: (
+      jnp.ones(v.shape, v.dtype)
+      if v.dtype == jnp.int32
+      else jax.random.normal(jax.random.key(seed + 2), v.shape, v.dtype)
+    ),
+    value,
+  )
+  return adapter, concrete, params0, buffers, params
+
+
+@pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
+def test_activation_apply_shapes_dtype_count_and_jit(name):
+  adapter, value, params0, buffers, params = activation_setup(name)
+  assert is_typed(params0)
+  assert pj.count(params0) == adapter.num_params(ACTIVATION_CASES[name][1])
+  out = adapter.apply(value, params, buffers)
+  jitted = jax.jit(adapter.apply)(value, params, buffers)
+  want = ACTIVATION_CASES[name][2]
+  assert jax.tree.map(jnp.shape, out) == want
+  assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(lambda x: x.dtype, value)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), out, jitted
+  )
+
+
+@pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
+def test_activation_gradient_reaches_every_parameter_without_retrace(name):
+  adapter, value, params0, buffers, params = activation_setup(name)
+  traces = []
+
+  def loss(p):
+    traces.append(None)
+    out = adapter.apply(value, p, buffers)
+    first = jax.tree.leaves(out)[0]
+    return jnp.sum(jnp.sin(first))
+
+  grad = jax.jit(jax.grad(loss))
+  g0, g1 = grad(params0), grad(params)
+  assert len(traces) == 1
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    assert np.all(np.isfinite(b)) and np.any(b != 0)
+    assert not np.allclose(a, b)
+
+
+class HookedBlock(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    y = nn.Dense(12, name='dense')(h)
+    return h + pj.hook_point(self, 'output', y), None
+
+
+class HookedModel(nn.Module):
+  """Embeddings with a hook, then two scanned layers with one hook each."""
+
+  @nn.compact
+  def __call__(self, ids):
+    x = nn.Embed(20, 12, name='embed')(ids)
+    x, mask = pj.hook_point(
+      self, 'input_embeddings', (x, jnp.ones(ids.shape, jnp.int32))
+    )
+    layers = nn.scan(
+      HookedBlock, variable_axes={'params': 0}, split_rngs={'params': True}, length=2
+    )
+    x, _ = layers(name='layers')(x, None)
+    return jnp.sum(x * mask[..., None], axis=1)
+
+
+@pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
+def test_activation_methods_run_through_by_rules_on_a_scanned_model(name):
+  spec = ACTIVATION_CASES[name][0]
+  point = 'input_embeddings' if name == 'prompt_tuning' else 'layers/output'
+  model = HookedModel()
+  ids = jnp.arange(10).reshape(2, 5)
+  frozen = model.init(jax.random.key(0), ids)['params']
+  hooks = pj.hook_points(model, ids)
+  assert hooks['layers/output'].stack == (2,)
+  tree = pj.by_rules([(point, spec)])
+  params, buffers = tree.init(jax.random.key(1), frozen, hooks)
+  stack = hooks[point].stack
+  for leaf, one in zip(
+    jax.tree.leaves(params),
+    jax.tree.leaves(pj.get(spec).init(jax.random.key(0), hooks[point].value)[0]),
+    strict=True,
+  ):
+    assert leaf.shape == (*stack, *one.shape)
+  fn = lambda w, ids: model.apply({'params': w}, ids)
+  for factored in (False, True):
+    out = jax.jit(pj.adapted(tree, fn, factored=factored))(frozen, params, buffers, ids)
+    assert out.shape == (2, 12)

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.flora import flora
+from peft_jax.methods.flora import FloraParams, flora
 
 D_IN, D_OUT = 9, 6
 
 
-def random_theta(seed, rank):
+def random_params(seed, rank):
   rng = np.random.default_rng(seed)
-  return {
-    'a': rng.normal(size=(D_IN, rank)).astype(np.float32),
-    'g': rng.normal(size=(rank, rank)).astype(np.float32),
-    'b': rng.normal(size=(rank, D_OUT)).astype(np.float32),
-  }
+  return FloraParams(
+    a=rng.normal(size=(D_IN, rank)).astype(np.float32),
+    b=rng.normal(size=(rank, D_OUT)).astype(np.float32),
+    g=rng.normal(size=(rank, rank)).astype(np.float32),
+  )
 
 
 @pytest.mark.parametrize(
@@ -31,15 +31,26 @@ def random_theta(seed, rank):
 )
 def test_apply_and_factored_are_w_plus_s_bga(style, rank, alpha, s):
   w = np.random.default_rng(1).normal(size=(D_IN, D_OUT)).astype(np.float32)
-  theta = random_theta(2, rank)
+  params = random_params(2, rank)
   # Spec: ΔW = s·B G A with the full core G = gᵀ (not symmetric here).
-  W, A, G, B = (np.float64(m).T for m in (w, theta['a'], theta['g'], theta['b']))
+  W, A, G, B = (np.float64(m).T for m in (w, params.a, params.g, params.b))
   expected = W + s * B @ G @ A
   adapter = flora(rank, alpha, style=style)
-  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
+  )
   x = np.random.default_rng(3).normal(size=(2, 5, D_IN))
   np.testing.assert_allclose(
-    adapter.factored(np.float32(x), w, theta), x @ expected.T, rtol=1e-4, atol=1e-4
+    adapter.linear.factored(np.float32(x), w, params, None),
+    x @ expected.T,
+    rtol=1e-4,
+    atol=1e-4,
+  )
+  np.testing.assert_allclose(
+    adapter.unapply(adapter.apply(w, params, None), params, None),
+    w,
+    rtol=1e-5,
+    atol=1e-5,
   )
 
 
@@ -47,26 +58,27 @@ def test_cr_mr_init_is_kaiming_uniform_and_zero_core():
   d_in, d_out, rank = 512, 64, 32
   w = jax.random.normal(jax.random.key(1), (d_in, d_out))
   adapter = flora(rank)
-  theta = adapter.init(jax.random.key(0), w)
+  params, buffers = adapter.init(jax.random.key(0), w)
+  assert isinstance(params, FloraParams) and buffers is None
   for name, fan_in in (('a', d_in), ('b', rank)):
-    leaf, bound = np.float64(theta[name]), 1 / np.sqrt(fan_in)
+    leaf, bound = np.float64(getattr(params, name)), 1 / np.sqrt(fan_in)
     assert np.all(np.abs(leaf) <= bound) and np.abs(leaf).max() > 0.9 * bound
     np.testing.assert_allclose(leaf.var(), bound**2 / 3, rtol=0.1)
-  np.testing.assert_array_equal(theta['g'], np.zeros((rank, rank)))
-  np.testing.assert_array_equal(adapter.apply(w, theta), w)
+  np.testing.assert_array_equal(params.g, np.zeros((rank, rank)))
+  np.testing.assert_array_equal(adapter.apply(w, params, buffers), w)
 
 
 def test_loralib_init_is_normal_002_and_zero_core():
-  theta = flora(32, style='loralib').init(jax.random.key(0), jnp.zeros((512, 256)))
-  for name in ('a', 'b'):
-    np.testing.assert_allclose(np.std(np.float64(theta[name])), 0.02, rtol=0.03)
-  np.testing.assert_array_equal(theta['g'], 0)
+  params, _ = flora(32, style='loralib').init(jax.random.key(0), jnp.zeros((512, 256)))
+  for leaf in (params.a, params.b):
+    np.testing.assert_allclose(np.std(np.float64(leaf)), 0.02, rtol=0.03)
+  np.testing.assert_array_equal(params.g, 0)
 
 
 def test_trainable_count_is_low_rank_plus_core():
   adapter = flora(8)
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
-  assert pj.count(theta) == adapter.num_params((768, 3072)) == 8 * (768 + 3072) + 64
+  params, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
+  assert pj.count(params) == adapter.num_params((768, 3072)) == 8 * (768 + 3072) + 64
 
 
 @pytest.mark.parametrize(

@@ -71,17 +71,19 @@ def test_selects_exactly_the_layer_norms_of_the_bert_model():
     f'{p}/{leaf}' for p in prefixes for leaf in ('scale', 'bias')
   )
   adapter = pj.by_rules([(ln_tuning.is_layer_norm, 'ln_tuning()')])
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), params)
-  assert pj.count(theta) == 5 * 2 * 8
+  trained, buffers = jax.eval_shape(adapter.init, jax.random.key(0), params)
+  assert sorted(paths.flatten(trained)) == sorted(chosen) and buffers == {}
+  assert pj.count(trained) == 5 * 2 * 8
 
 
 def test_trains_a_float32_copy_that_replaces_the_leaf():
   gamma = jnp.asarray([1.0, 0.5, 2.0], jnp.bfloat16)
   adapter = ln_tuning.ln_tuning()
-  theta = adapter.init(jax.random.key(0), gamma)
-  assert theta.dtype == jnp.float32 and adapter.num_params(gamma.shape) == 3
-  np.testing.assert_array_equal(theta, np.float32(gamma))
-  out = adapter.apply(gamma, theta * 2)
+  params, buffers = adapter.init(jax.random.key(0), gamma)
+  assert buffers is None
+  assert params.dtype == jnp.float32 and adapter.num_params(gamma.shape) == 3
+  np.testing.assert_array_equal(params, np.float32(gamma))
+  out = adapter.apply(gamma, params * 2, buffers)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.float32(out), 2 * np.float32(gamma))
   assert adapter.mergeable and adapter.unapply is None

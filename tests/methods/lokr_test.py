@@ -7,6 +7,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods import lokr
+from peft_jax.methods.lokr import LokrParams
 
 D_IN, D_OUT = 12, 8  # factorization: (3, 4) and (2, 4)
 
@@ -28,10 +29,15 @@ def test_factorization_follows_hf(dimension, factor, expected):
   assert lokr.factorization(dimension, factor) == expected
 
 
-def random_theta(seed, adapter):
+def random_params(seed, adapter):
+  """Random values for the factors ``adapter`` uses (the others stay None)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
-  return {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}
+  shapes, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+
+def used(params):
+  return sorted(f for f in params._fields if getattr(params, f) is not None)
 
 
 CONFIGS = [
@@ -46,25 +52,27 @@ CONFIGS = [
 @pytest.mark.parametrize('kwargs,scale', CONFIGS)
 def test_apply_and_factored_equal_the_materialised_kronecker_product(kwargs, scale):
   adapter = lokr.lokr(**kwargs)
-  theta = random_theta(1, adapter)
+  params = random_params(1, adapter)
   w = np.random.default_rng(2).normal(size=(D_IN, D_OUT)).astype(np.float32)
   # HF PEFT, PyTorch layout: ΔW = s · kron(w1, w2), w1 = cᵀ, w2 = dᵀ (each
   # possibly a product of two low-rank factors).
-  c = np.float64(theta['c1']) @ theta['c2'] if 'c1' in theta else theta['c']
-  d = np.float64(theta['d1']) @ theta['d2'] if 'd1' in theta else theta['d']
+  c = np.float64(params.c1) @ params.c2 if params.c is None else params.c
+  d = np.float64(params.d1) @ params.d2 if params.d is None else params.d
   w1, w2 = np.float64(c).T, np.float64(d).T
   assert w1.shape[1] * w2.shape[1] == D_IN and w1.shape[0] * w2.shape[0] == D_OUT
   expected = np.float64(w).T + scale * np.kron(w1, w2)
-  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+    adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-4
+  )
   x = np.random.default_rng(3).normal(size=(3, 2, D_IN))
   np.testing.assert_allclose(
-    adapter.factored(x.astype(np.float32), w, theta),
+    adapter.linear.factored(x.astype(np.float32), w, params, None),
     x @ expected.T,
     rtol=1e-4,
     atol=1e-4,
   )
   np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, theta), theta), w, atol=1e-4
+    adapter.unapply(adapter.apply(w, params, None), params, None), w, atol=1e-4
   )
 
 
@@ -78,25 +86,26 @@ def test_apply_and_factored_equal_the_materialised_kronecker_product(kwargs, sca
 )
 def test_factor_shapes_and_count(kwargs, names, count):
   adapter = lokr.lokr(**kwargs)
-  theta = adapter.init(jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
-  assert sorted(theta) == names
-  assert pj.count(theta) == adapter.num_params((D_IN, D_OUT)) == count
+  params, buffers = adapter.init(jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
+  assert isinstance(params, LokrParams) and buffers is None
+  assert used(params) == names
+  assert pj.count(params) == adapter.num_params((D_IN, D_OUT)) == count
 
 
 def test_init_zero_c_and_kaiming_uniform_d_identity_at_init():
   d_in, d_out, rank = 32 * 32, 32 * 32, 16  # c: (32, 32), d: (32, 32)
   w = jnp.ones((d_in, d_out))
   adapter = lokr.lokr(rank=rank, decompose_both=True)
-  theta = adapter.init(jax.random.key(0), w)
-  np.testing.assert_array_equal(theta['c2'], 0)
-  for name, fan_in in [('c1', 32), ('d1', 32), ('d2', rank)]:
-    leaf = np.asarray(theta[name], np.float64)
+  params, buffers = adapter.init(jax.random.key(0), w)
+  np.testing.assert_array_equal(params.c2, 0)
+  for leaf, fan_in in [(params.c1, 32), (params.d1, 32), (params.d2, rank)]:
+    leaf = np.asarray(leaf, np.float64)
     bound = 1 / np.sqrt(fan_in)
     assert np.all(np.abs(leaf) <= bound) and np.abs(leaf).max() > 0.95 * bound
-  full = lokr.lokr().init(jax.random.key(0), jnp.ones((D_IN, D_OUT)))
-  np.testing.assert_array_equal(full['c'], 0)
-  assert np.abs(np.asarray(full['d'])).max() <= 1 / np.sqrt(4)
-  np.testing.assert_array_equal(adapter.apply(w, theta), w)
+  full, _ = lokr.lokr().init(jax.random.key(0), jnp.ones((D_IN, D_OUT)))
+  np.testing.assert_array_equal(full.c, 0)
+  assert np.abs(np.asarray(full.d)).max() <= 1 / np.sqrt(4)
+  np.testing.assert_array_equal(adapter.apply(w, params, buffers), w)
 
 
 @pytest.mark.parametrize(

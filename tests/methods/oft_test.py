@@ -7,7 +7,9 @@ import pytest
 import scipy.linalg
 
 import peft_jax as pj
+from peft_jax._src import linalg
 from peft_jax.methods import oft
+from peft_jax.methods.oft import OftParams
 
 D_IN, D_OUT = 12, 5
 
@@ -26,13 +28,13 @@ def reference_blocks(q, b):
 
 def test_cayley_is_orthogonal_and_matches_the_formula():
   q = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
-  r = np.asarray(oft.cayley(jnp.asarray(q), 4), np.float64)
+  r = np.asarray(linalg.cayley(jnp.asarray(q), 4), np.float64)
   np.testing.assert_allclose(r, np.stack(reference_blocks(q, 4)), atol=1e-5)
   np.testing.assert_allclose(
     r @ r.transpose(0, 2, 1), np.broadcast_to(np.eye(4), r.shape), atol=1e-5
   )
   np.testing.assert_array_equal(
-    oft.cayley(jnp.zeros((2, 6)), 4), np.broadcast_to(np.eye(4), (2, 4, 4))
+    linalg.cayley(jnp.zeros((2, 6)), 4), np.broadcast_to(np.eye(4), (2, 4, 4))
   )
 
 
@@ -44,26 +46,28 @@ def test_apply_rotates_the_input_side_like_hf(block_size, block_share):
   rng = np.random.default_rng(1)
   w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
   k = 1 if block_share else D_IN // block_size
-  theta = {
-    'q': rng.normal(size=(k, block_size * (block_size - 1) // 2)).astype(np.float32)
-  }
-  blocks = reference_blocks(theta['q'], block_size)
+  params = OftParams(
+    q=rng.normal(size=(k, block_size * (block_size - 1) // 2)).astype(np.float32)
+  )
+  blocks = reference_blocks(params.q, block_size)
   R = scipy.linalg.block_diag(
     *(blocks * (D_IN // block_size) if block_share else blocks)
   )
   # PyTorch layout: W' = W Rᵀ (HF merge: Wᵀ ← R Wᵀ); the paper: (R W0)ᵀ x.
   expected = np.float64(w).T @ R.T
-  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
+  )
   # HF forward: x ↦ x R (blockwise), then the base layer.
   x = rng.normal(size=(2, 3, D_IN))
   np.testing.assert_allclose(
-    adapter.factored(x.astype(np.float32), w, theta),
+    adapter.linear.factored(x.astype(np.float32), w, params, None),
     (x @ R) @ np.float64(w),
     rtol=1e-5,
     atol=1e-5,
   )
   np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, theta), theta), w, atol=1e-5
+    adapter.unapply(adapter.apply(w, params, None), params, None), w, atol=1e-5
   )
 
 
@@ -71,8 +75,8 @@ def test_rotation_preserves_neuron_norms_and_angles():
   """Hyperspherical energy: w'ᵀw' = wᵀw (the neurons are w's columns)."""
   rng = np.random.default_rng(2)
   w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
-  theta = {'q': rng.normal(size=(3, 6)).astype(np.float32)}
-  merged = np.asarray(oft.oft(block_size=4).apply(w, theta), np.float64)
+  params = OftParams(q=rng.normal(size=(3, 6)).astype(np.float32))
+  merged = np.asarray(oft.oft(block_size=4).apply(w, params, None), np.float64)
   np.testing.assert_allclose(
     merged.T @ merged, np.float64(w).T @ w, rtol=1e-5, atol=1e-4
   )
@@ -86,14 +90,15 @@ def test_rotation_preserves_neuron_norms_and_angles():
 def test_zero_init_is_identity_and_count_is_free_skew_entries(kwargs, count):
   adapter = oft.oft(**kwargs)
   w = jax.random.normal(jax.random.key(0), (D_IN, D_OUT), jnp.bfloat16)
-  theta = adapter.init(jax.random.key(1), w)
-  np.testing.assert_array_equal(theta['q'], 0)
-  assert theta['q'].dtype == jnp.float32
-  merged = adapter.apply(w, theta)
+  params, buffers = adapter.init(jax.random.key(1), w)
+  assert isinstance(params, OftParams) and buffers is None
+  np.testing.assert_array_equal(params.q, 0)
+  assert params.q.dtype == jnp.float32
+  merged = adapter.apply(w, params, buffers)
   assert merged.dtype == jnp.bfloat16
   np.testing.assert_array_equal(merged, w)
   # d_in (b − 1)/2 free entries (b(b − 1)/2 for one shared block).
-  assert pj.count(theta) == adapter.num_params(w.shape) == count
+  assert pj.count(params) == adapter.num_params(w.shape) == count
 
 
 @pytest.mark.parametrize(

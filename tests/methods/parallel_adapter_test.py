@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.parallel_adapter import parallel_adapter
+from peft_jax.methods.parallel_adapter import ParallelAdapterParams, parallel_adapter
 
 D_IN, D_OUT = 9, 6
 ACTIVATIONS = {
@@ -17,36 +17,25 @@ ACTIVATIONS = {
 }
 
 
+def random_params(seed, rank):
+  rng = np.random.default_rng(seed)
+  return ParallelAdapterParams(
+    a=rng.normal(size=(D_IN, rank)).astype(np.float32),
+    b=rng.normal(size=(rank, D_OUT)).astype(np.float32),
+  )
+
+
 @pytest.mark.parametrize('activation', sorted(ACTIVATIONS))
 def test_factored_is_wx_plus_b_sigma_ax(activation):
   rng = np.random.default_rng(0)
   w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
-  theta = {
-    'a': rng.normal(size=(D_IN, 4)).astype(np.float32),
-    'b': rng.normal(size=(4, D_OUT)).astype(np.float32),
-  }
+  params = random_params(1, 4)
   x = rng.normal(size=(2, 5, D_IN))
   # Spec: h = W x + B·σ(A x), no scale; columns of x here are its rows.
-  W, A, B = (np.float64(m).T for m in (w, theta['a'], theta['b']))
+  W, A, B = (np.float64(m).T for m in (w, params.a, params.b))
   expected = x @ W.T + ACTIVATIONS[activation](x @ A.T) @ B.T
-  y = parallel_adapter(4, activation).factored(np.float32(x), w, theta)
+  y = parallel_adapter(4, activation).linear.factored(np.float32(x), w, params, None)
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_no_weight_space_form_apply_and_merge_refuse():
-  adapter = parallel_adapter(2)
-  w = jnp.ones((D_IN, D_OUT))
-  theta = adapter.init(jax.random.key(0), w)
-  assert not adapter.mergeable
-  with pytest.raises(pj.PeftError, match='parallel_adapter has no weight-space form'):
-    adapter.apply(w, theta)
-  with pytest.raises(pj.PeftError, match='not mergeable'):
-    pj.merge(adapter, w, theta)
-  tree = pj.by_rules([('dense', 'parallel_adapter(rank=2)')])
-  with pytest.raises(
-    pj.PeftError, match=r'dense: .*make_train_step\(\.\.\., factored=True\)'
-  ):
-    tree.apply({'dense': w}, {'dense': theta})
 
 
 def frozen_and_batch():
@@ -57,32 +46,46 @@ def frozen_and_batch():
   return frozen, batch
 
 
-def loss_fn(params, batch, rng):
+def test_no_weight_space_form_merge_refuses_but_adapted_runs_the_linear_form():
+  adapter = parallel_adapter(2)
+  assert adapter.apply is None and adapter.unapply is None
+  assert not adapter.mergeable
+  frozen, batch = frozen_and_batch()
+  tree = pj.by_rules([('dense/kernel', 'parallel_adapter(rank=2)')])
+  assert not tree.mergeable
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  assert buffers == {}
+  params = {'dense': {'kernel': random_params(2, 2)}}
+  with pytest.raises(pj.PeftError, match='not mergeable') as error:
+    pj.merge(tree, frozen, params, buffers)
+  assert '\n' not in str(error.value)
+  with pytest.raises(pj.PeftError, match=r'dense/kernel: .*no weight-space form'):
+    tree.apply(frozen, params, buffers)
+  # Both paths run the branch through its linear form: y = x@w + relu(x@a)@b.
+  p = params['dense']['kernel']
+  w, a, b = (np.float64(m) for m in (frozen['dense']['kernel'], p.a, p.b))
+  x = np.float64(batch['x'])
+  expected = x @ w + np.maximum(x @ a, 0) @ b
+  fn = lambda weights, x: x @ weights['dense']['kernel']
+  for factored in (False, True):
+    y = pj.adapted(tree, fn, factored=factored)(frozen, params, buffers, batch['x'])
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def loss_fn(weights, batch, rng):
   del rng
-  pred = jnp.tanh(batch['x'] @ params['dense']['kernel'])
+  pred = jnp.tanh(batch['x'] @ weights['dense']['kernel'])
   return jnp.mean((pred - batch['y']) ** 2), {}
 
 
-def test_trains_on_the_factored_path():
+@pytest.mark.parametrize('factored', [False, True])
+def test_trains_on_either_path(factored):
   frozen, batch = frozen_and_batch()
-  adapter = pj.by_rules([('dense/kernel', 'parallel_adapter(rank=3)')])
-  theta = adapter.init(jax.random.key(0), frozen)
-  # The factored transform computes the spec's branch inside any function.
-  W = np.float64(frozen['dense']['kernel']).T
-  A, B = (np.float64(theta['dense']['kernel'][k]).T for k in ('a', 'b'))
-  theta_moved = {'dense': {'kernel': {'a': A.T, 'b': np.ones_like(B.T)}}}
-  forward = pj.factored(adapter, lambda p, x: x @ p['dense']['kernel'])
-  x = np.float64(batch['x'])
-  expected = x @ W.T + np.maximum(x @ A.T, 0) @ np.ones_like(B).T
-  np.testing.assert_allclose(
-    forward(frozen, jax.tree.map(jnp.float32, theta_moved), batch['x']),
-    expected,
-    rtol=1e-4,
-    atol=1e-4,
-  )
+  tree = pj.by_rules([('dense/kernel', 'parallel_adapter(rank=3)')])
+  params, buffers = tree.init(jax.random.key(0), frozen)
   optimizer = optax.adam(0.05)
-  step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer, factored=True))
-  state = pj.TrainState.create(theta, optimizer, jax.random.key(1))
+  step = jax.jit(pj.make_train_step(loss_fn, tree, optimizer, factored=factored))
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(1))
   losses = []
   for _ in range(20):
     state, metrics = step(state, frozen, batch)
@@ -94,19 +97,23 @@ def test_init_kaiming_uniform_a_zero_b_so_identity():
   d_in, d_out, rank = 512, 64, 32
   adapter = parallel_adapter(rank)
   w = jax.random.normal(jax.random.key(1), (d_in, d_out))
-  theta = adapter.init(jax.random.key(0), w)
-  a, bound = np.float64(theta['a']), 1 / np.sqrt(d_in)
+  params, buffers = adapter.init(jax.random.key(0), w)
+  assert isinstance(params, ParallelAdapterParams) and buffers is None
+  a, bound = np.float64(params.a), 1 / np.sqrt(d_in)
   assert np.all(np.abs(a) <= bound) and np.abs(a).max() > 0.95 * bound
   np.testing.assert_allclose(a.var(), bound**2 / 3, rtol=0.05)
-  np.testing.assert_array_equal(theta['b'], np.zeros((rank, d_out)))
+  np.testing.assert_array_equal(params.b, np.zeros((rank, d_out)))
   x = jax.random.normal(jax.random.key(2), (4, d_in))
-  np.testing.assert_array_equal(adapter.factored(x, w, theta), x @ w)
+  np.testing.assert_array_equal(adapter.linear.factored(x, w, params, buffers), x @ w)
+  down, up = adapter.factors(params, buffers)
+  np.testing.assert_array_equal(down, params.a)
+  np.testing.assert_array_equal(up, params.b)
 
 
 def test_trainable_count_is_r_times_din_plus_dout():
   adapter = parallel_adapter(8)
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
-  assert pj.count(theta) == adapter.num_params((768, 3072)) == 8 * (768 + 3072)
+  params, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
+  assert pj.count(params) == adapter.num_params((768, 3072)) == 8 * (768 + 3072)
 
 
 @pytest.mark.parametrize(

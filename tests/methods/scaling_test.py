@@ -33,17 +33,20 @@ def test_dense_layer_matches_spec(method):
   l_in, l_out = rng.normal(size=D_IN), rng.normal(size=D_OUT)
   x = rng.normal(size=(3, D_IN))
   frozen = {'dense': {'kernel': jnp.float32(kernel), 'bias': jnp.float32(bias)}}
-  adapter = pj.by_rules([('dense/kernel', f'{method}()')])
-  theta = adapter.init(jax.random.key(0), frozen)
+  tree = pj.by_rules([('dense/kernel', f'{method}()')])
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  scales = params['dense']['kernel']
   given = {'l_in': l_in, 'l_out': l_out}
-  theta['dense']['kernel'] = {
-    k: jnp.float32(given[k]) for k in theta['dense']['kernel']
-  }
-  params = adapter.apply(frozen, theta)
-  h = x @ np.float64(params['dense']['kernel']) + np.float64(params['dense']['bias'])
-  np.testing.assert_allclose(
-    h, reference(method, x, kernel.T, bias, l_in, l_out), rtol=1e-5, atol=1e-5
+  params['dense']['kernel'] = scales._replace(
+    **{k: jnp.float32(given[k]) for k in scales._fields}
   )
+  expected = reference(method, x, kernel.T, bias, l_in, l_out)
+  weights = pj.merge(tree, frozen, params, buffers)
+  h = x @ np.float64(weights['dense']['kernel']) + np.float64(weights['dense']['bias'])
+  np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-5)
+  dense = lambda weights, x: x @ weights['dense']['kernel'] + weights['dense']['bias']
+  h = pj.adapted(tree, dense, factored=True)(frozen, params, buffers, jnp.float32(x))
+  np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -64,16 +67,18 @@ def test_roberta_base_budgets_on_key_value_ffn1(method, names, per_layer):
     'output': {'kernel': jax.ShapeDtypeStruct((3072, 768), jnp.float32)},
   }
   frozen = {f'layer_{i}': layer for i in range(12)}
-  adapter = pj.by_rules([('.*/(key|value|intermediate)/kernel', f'{method}()')])
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), frozen)
-  assert pj.count(theta) == 12 * per_layer
-  assert sorted(theta['layer_0']['key']['kernel']) == names
+  tree = pj.by_rules([('.*/(key|value|intermediate)/kernel', f'{method}()')])
+  params, buffers = jax.eval_shape(tree.init, jax.random.key(0), frozen)
+  assert pj.count(params) == 12 * per_layer
+  assert sorted(params['layer_0']['key']['kernel']._fields) == names
+  assert buffers == {}
 
 
 @pytest.mark.parametrize('method', ['ia3', 'ssl', 'ssb'])
 def test_scales_start_at_one(method):
-  theta = pj.get(method).init(jax.random.key(0), jnp.ones((D_IN, D_OUT)))
-  for leaf in jax.tree.leaves(theta):
+  params, buffers = pj.get(method).init(jax.random.key(0), jnp.ones((D_IN, D_OUT)))
+  assert buffers is None
+  for leaf in jax.tree.leaves(params):
     np.testing.assert_array_equal(leaf, 1)
 
 

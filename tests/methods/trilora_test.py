@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.trilora import trilora
+from peft_jax.methods.trilora import TriLoraParams, trilora
 
 D_IN, D_OUT = 9, 6
 
@@ -17,39 +17,54 @@ D_IN, D_OUT = 9, 6
 def test_apply_and_factored_are_w_plus_s_b_diag_e_a(rank, alpha, s):
   rng = np.random.default_rng(0)
   w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
-  theta = {
-    'a': rng.normal(size=(D_IN, rank)).astype(np.float32),
-    'b': rng.normal(size=(rank, D_OUT)).astype(np.float32),
-    'e': rng.normal(size=rank).astype(np.float32),
-  }
+  params = TriLoraParams(
+    a=rng.normal(size=(D_IN, rank)).astype(np.float32),
+    b=rng.normal(size=(rank, D_OUT)).astype(np.float32),
+    e=rng.normal(size=rank).astype(np.float32),
+  )
   # Spec: ΔW = B diag(e) A (loralib, no scale) or s·B diag(e) A, s = α/r (CR_MR).
-  W, A, B = (np.float64(x).T for x in (w, theta['a'], theta['b']))
-  expected = W + s * B @ np.diag(np.float64(theta['e'])) @ A
+  W, A, B = (np.float64(x).T for x in (w, params.a, params.b))
+  expected = W + s * B @ np.diag(np.float64(params.e)) @ A
   adapter = trilora(rank, alpha)
-  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
+  )
   x = rng.normal(size=(5, D_IN))
   np.testing.assert_allclose(
-    adapter.factored(np.float32(x), w, theta), x @ expected.T, rtol=1e-4, atol=1e-4
+    adapter.linear.factored(np.float32(x), w, params, None),
+    x @ expected.T,
+    rtol=1e-4,
+    atol=1e-4,
   )
+  np.testing.assert_allclose(
+    adapter.unapply(adapter.apply(w, params, None), params, None),
+    w,
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  down, up = adapter.factors(params, None)
+  np.testing.assert_array_equal(down, params.a)
+  np.testing.assert_array_equal(up, params.b)
 
 
 def test_init_kaiming_uniform_factors_and_zero_e_so_identity():
   d_in, d_out, rank = 512, 64, 32
   w = jax.random.normal(jax.random.key(1), (d_in, d_out))
   adapter = trilora(rank)
-  theta = adapter.init(jax.random.key(0), w)
+  params, buffers = adapter.init(jax.random.key(0), w)
+  assert isinstance(params, TriLoraParams) and buffers is None
   for name, fan_in in (('a', d_in), ('b', rank)):
-    leaf, bound = np.float64(theta[name]), 1 / np.sqrt(fan_in)
+    leaf, bound = np.float64(getattr(params, name)), 1 / np.sqrt(fan_in)
     assert np.all(np.abs(leaf) <= bound) and np.abs(leaf).max() > 0.9 * bound
     np.testing.assert_allclose(leaf.var(), bound**2 / 3, rtol=0.1)
-  np.testing.assert_array_equal(theta['e'], np.zeros(rank))
-  np.testing.assert_array_equal(adapter.apply(w, theta), w)
+  np.testing.assert_array_equal(params.e, np.zeros(rank))
+  np.testing.assert_array_equal(adapter.apply(w, params, buffers), w)
 
 
 def test_trainable_count_is_r_times_din_plus_dout_plus_one():
   adapter = trilora(8)
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
-  assert pj.count(theta) == adapter.num_params((768, 3072)) == 8 * (768 + 3072 + 1)
+  params, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
+  assert pj.count(params) == adapter.num_params((768, 3072)) == 8 * (768 + 3072 + 1)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
 """VeRA against its formula (PyTorch layout) and its shared, regenerated projections."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.vera import projections, vera
+from peft_jax.methods.vera import VeraParams, projections, vera
 
 D_IN, D_OUT = 9, 6
 
@@ -15,23 +17,31 @@ D_IN, D_OUT = 9, 6
 def test_apply_and_factored_are_w_plus_lambda_b_b_lambda_d_a(rank):
   rng = np.random.default_rng(0)
   w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
-  theta = {
-    'lambda_d': rng.normal(size=rank).astype(np.float32),
-    'lambda_b': rng.normal(size=D_OUT).astype(np.float32),
-  }
+  params = VeraParams(
+    lambda_d=rng.normal(size=rank).astype(np.float32),
+    lambda_b=rng.normal(size=D_OUT).astype(np.float32),
+  )
   a, b = projections(0, rank, D_IN, D_OUT)
   # Spec (HF PEFT): ΔW = diag(λ_b) B diag(λ_d) A, A = aᵀ: (r, d_in), B = bᵀ.
   W, A, B = (np.float64(m).T for m in (w, a, b))
-  L_d, L_b = (np.diag(np.float64(theta[k])) for k in ('lambda_d', 'lambda_b'))
+  L_d, L_b = (np.diag(np.float64(v)) for v in (params.lambda_d, params.lambda_b))
   expected = W + L_b @ B @ L_d @ A
   adapter = vera(rank)
-  np.testing.assert_allclose(adapter.apply(w, theta).T, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
+  )
   x = rng.normal(size=(2, 3, D_IN))
   np.testing.assert_allclose(
-    adapter.factored(np.float32(x), w, theta), x @ expected.T, rtol=1e-4, atol=1e-4
+    adapter.linear.factored(np.float32(x), w, params, None),
+    x @ expected.T,
+    rtol=1e-4,
+    atol=1e-4,
   )
   np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, theta), theta), w, rtol=1e-5, atol=1e-5
+    adapter.unapply(adapter.apply(w, params, None), params, None),
+    w,
+    rtol=1e-5,
+    atol=1e-5,
   )
 
 
@@ -59,13 +69,15 @@ def test_projections_are_deterministic_and_shared_by_equal_widths():
 
 def test_equal_shaped_leaves_share_matrices_and_nothing_is_stored():
   frozen = {'q': jnp.zeros((D_IN, D_OUT)), 'v': jnp.zeros((D_IN, D_OUT))}
-  adapter = pj.by_rules([('q|v', 'vera(rank=4, seed=7)')])
-  theta = adapter.init(jax.random.key(0), frozen)
-  assert all(sorted(t) == ['lambda_b', 'lambda_d'] for t in theta.values())
-  theta = jax.tree.map(jnp.ones_like, theta)
-  merged = jax.jit(adapter.apply)(frozen, theta)
+  tree = pj.by_rules([('q|v', 'vera(rank=4, seed=7)')])
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  assert buffers == {}
+  assert all(isinstance(p, VeraParams) for p in params.values())
+  assert pj.count(params) == 2 * (4 + D_OUT)
+  params = jax.tree.map(jnp.ones_like, params)
+  merged = jax.jit(functools.partial(pj.merge, tree))(frozen, params, buffers)
   np.testing.assert_array_equal(merged['q'], merged['v'])
-  np.testing.assert_array_equal(merged['q'], adapter.apply(frozen, theta)['q'])
+  np.testing.assert_array_equal(merged['q'], pj.merge(tree, frozen, params)['q'])
   a, b = projections(7, 4, D_IN, D_OUT)
   np.testing.assert_allclose(merged['q'], a @ b, rtol=1e-6)
 
@@ -73,16 +85,17 @@ def test_equal_shaped_leaves_share_matrices_and_nothing_is_stored():
 def test_init_is_d_init_and_zero_lambda_b_so_identity():
   w = jax.random.normal(jax.random.key(1), (D_IN, D_OUT))
   adapter = vera(8, d_init=0.25)
-  theta = adapter.init(jax.random.key(0), w)
-  np.testing.assert_array_equal(theta['lambda_d'], np.full(8, 0.25, np.float32))
-  np.testing.assert_array_equal(theta['lambda_b'], np.zeros(D_OUT))
-  np.testing.assert_array_equal(adapter.apply(w, theta), w)
+  params, buffers = adapter.init(jax.random.key(0), w)
+  assert buffers is None  # the projections are regenerated, not stored
+  np.testing.assert_array_equal(params.lambda_d, np.full(8, 0.25, np.float32))
+  np.testing.assert_array_equal(params.lambda_b, np.zeros(D_OUT))
+  np.testing.assert_array_equal(adapter.apply(w, params, buffers), w)
 
 
 def test_trainable_count_is_r_plus_dout():
   adapter = vera()
-  theta = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
-  assert pj.count(theta) == adapter.num_params((768, 3072)) == 256 + 3072
+  params, _ = jax.eval_shape(adapter.init, jax.random.key(0), jnp.zeros((768, 3072)))
+  assert pj.count(params) == adapter.num_params((768, 3072)) == 256 + 3072
 
 
 @pytest.mark.parametrize(

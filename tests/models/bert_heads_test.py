@@ -144,7 +144,7 @@ def _roberta_checkpoint(tmp_dir, pooler):
   directory = pathlib.Path(tmp_dir) / f'pooler_{pooler}'
   hc.save_pretrained(directory)
   safetensors_numpy.save_file(weights, directory / 'model.safetensors')
-  config, params = bert.load_hf_params(directory)
+  config, params = bert.load_hf(directory)
   return hc, weights, config, params
 
 
@@ -180,6 +180,7 @@ def test_roberta_position_ids_helper():
   np.testing.assert_array_equal(got, _roberta_positions(np.asarray(ids), PAD))
 
 
+@pytest.mark.slow
 def test_roberta_prompt_positions_continue_the_numbering(roberta_dir):
   # Prepending a prompt equal to the embeddings of tokens t must give what
   # the input [t, ids] gives: prompt positions are numbered like tokens.
@@ -190,16 +191,20 @@ def test_roberta_prompt_positions_continue_the_numbering(roberta_dir):
   model = bert.BertModel(config)
   table = params['embeddings']['word_embeddings']['embedding']
 
-  def prepend(name, value):
-    if not name.endswith('input_embeddings'):
-      return value
+  def prepend(value, prompt, buffers):
     x, m = value
-    prompt = jnp.broadcast_to(table[prompt_ids], (x.shape[0], 2, x.shape[-1]))
-    ones = jnp.ones((x.shape[0], 2), m.dtype)
-    return jnp.concatenate([prompt, x], 1), jnp.concatenate([ones, m], 1)
+    rows = jnp.broadcast_to(prompt, (x.shape[0], *prompt.shape))
+    ones = jnp.ones((x.shape[0], prompt.shape[0]), m.dtype)
+    return jnp.concatenate([rows, x], 1), jnp.concatenate([ones, m], 1)
 
-  with pj.hook_handler(prepend):
-    prompted = model.apply({'params': params}, ids, mask)
+  adapter = pj.ActivationAdapter(
+    init=lambda key, value: (table[prompt_ids], None), apply=prepend
+  )
+  tree = pj.by_rules([('embeddings/input_embeddings', adapter)])
+  hooks = pj.hook_points(model, ids, mask)
+  theta, buffers = tree.init(jax.random.key(0), params, hooks)
+  run = pj.adapted(tree, lambda w, i, m: model.apply({'params': w}, i, m))
+  prompted = run(params, theta, buffers, ids, mask)
   full_ids = np.concatenate([np.broadcast_to(prompt_ids, (3, 2)), ids], 1)
   full_mask = np.concatenate([np.ones((3, 2), mask.dtype), mask], 1)
   direct = model.apply({'params': params}, full_ids, full_mask)[:, 2:]
@@ -220,8 +225,10 @@ def test_partial_pooler_is_named(tmp_path):
   del weights['roberta.pooler.dense.bias']
   hc.save_pretrained(tmp_path)
   safetensors_numpy.save_file(weights, tmp_path / 'model.safetensors')
-  with pytest.raises(ValueError, match=r"missing tensor 'pooler\.dense\.bias'"):
-    bert.load_hf_params(tmp_path)
+  with pytest.raises(
+    ValueError, match=r"missing 1 tensor\(s\), e\.g\. \['pooler\.dense\.bias'\]"
+  ):
+    bert.load_hf(tmp_path)
 
 
 # ---------------------------------------------------------------------------
@@ -254,6 +261,7 @@ def token_classifier():
   return model, params, ids, mask
 
 
+@pytest.mark.slow
 def test_token_classifier_params_shapes_and_hand_computation(token_classifier):
   model, params, ids, mask = token_classifier
   assert set(params) == {'bert', 'classifier'}
@@ -269,6 +277,7 @@ def test_token_classifier_params_shapes_and_hand_computation(token_classifier):
   np.testing.assert_allclose(logits, hidden @ head['kernel'] + head['bias'], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_token_classifier_padding_keeps_real_token_logits(token_classifier):
   model, params, ids, mask = token_classifier
   logits = model.apply({'params': params}, ids, mask)
@@ -286,6 +295,7 @@ def test_token_classifier_padding_keeps_real_token_logits(token_classifier):
   )
 
 
+@pytest.mark.slow
 def test_token_classifier_dropout_only_when_not_deterministic(token_classifier):
   model, params, ids, mask = token_classifier
   apply = jax.jit(
@@ -308,6 +318,7 @@ def multiple_choice():
   return model, params, ids, mask
 
 
+@pytest.mark.slow
 def test_multiple_choice_params_shapes_and_hand_computation(multiple_choice):
   model, params, ids, mask = multiple_choice
   assert set(params) == {'bert', 'classifier'}
@@ -328,6 +339,7 @@ def test_multiple_choice_params_shapes_and_hand_computation(multiple_choice):
   np.testing.assert_allclose(logits, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_multiple_choice_padding_and_choice_order(multiple_choice):
   model, params, ids, mask = multiple_choice
   apply = lambda i, m: model.apply({'params': params}, i, m)
@@ -347,6 +359,7 @@ def test_multiple_choice_padding_and_choice_order(multiple_choice):
   assert np.all(np.isfinite(apply(ids, None)))
 
 
+@pytest.mark.slow
 def test_multiple_choice_rejects_bad_shapes(multiple_choice):
   model, params, ids, mask = multiple_choice
   with pytest.raises(ValueError, match=r'must be \(batch, num_choices, seq\)'):

@@ -90,11 +90,11 @@ def _jitted_forward(config):
 @pytest.fixture(scope='module')
 def minilm():
   model_dir = bert.minilm_dir()
-  config, params, tokenizer = bert.load_pretrained(model_dir)
+  config, params = bert.load_hf(model_dir)
   return {
     'config': config,
     'params': params,
-    'tokenizer': tokenizer,
+    'tokenizer': transformers.AutoTokenizer.from_pretrained(model_dir),
     'hf_config': transformers.AutoConfig.from_pretrained(model_dir),
     'torch_weights': safetensors_numpy.load_file(
       pathlib.Path(model_dir) / 'model.safetensors'
@@ -187,6 +187,7 @@ def _flat_shapes(tree):
 # Real MiniLM weights.
 
 
+@pytest.mark.slow
 def test_minilm_matches_float64_reference(minilm, minilm_batch):
   batch, hidden = minilm_batch
   want = _np_bert(
@@ -200,6 +201,7 @@ def test_minilm_matches_float64_reference(minilm, minilm_batch):
   assert np.abs(hidden - want).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_minilm_sentence_similarity_known_value(minilm_batch):
   batch, hidden = minilm_batch
   mask = batch['attention_mask'][..., None]
@@ -211,6 +213,7 @@ def test_minilm_sentence_similarity_known_value(minilm_batch):
   assert cos[0, 2] < 0.3
 
 
+@pytest.mark.slow
 def test_minilm_padding_does_not_change_real_tokens(minilm, minilm_batch):
   batch, hidden = minilm_batch
   alone = minilm['tokenizer']([SENTENCES[0]], return_tensors='np')['input_ids']
@@ -224,6 +227,7 @@ def test_minilm_padding_does_not_change_real_tokens(minilm, minilm_batch):
   np.testing.assert_allclose(alone_hidden[0], hidden[0, :n], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_minilm_params_have_documented_names(minilm):
   shapes = _flat_shapes(minilm['params'])
   assert len(shapes) == 103  # 104 tensors less embeddings.position_ids.
@@ -247,7 +251,7 @@ def test_minilm_params_have_documented_names(minilm):
 def test_tiny_checkpoint_matches_reference_including_pooler(tmp_path):
   hf_config = _tiny_hf_config()
   weights = _random_torch_weights(hf_config)
-  config, params = bert.load_hf_params(_write_checkpoint(tmp_path, hf_config, weights))
+  config, params = bert.load_hf(_write_checkpoint(tmp_path, hf_config, weights))
   ids, mask = _tiny_inputs()
   model = bert.BertModel(config)
   hidden = model.apply({'params': params}, ids, mask)
@@ -265,10 +269,8 @@ def test_prefixed_names_and_task_heads_are_accepted(tmp_path):
   prefixed = {f'bert.{k}': v for k, v in weights.items()}
   prefixed['classifier.weight'] = np.zeros((2, 16), np.float32)
   prefixed['cls.predictions.bias'] = np.zeros((50,), np.float32)
-  _, bare = bert.load_hf_params(_write_checkpoint(tmp_path / 'a', hf_config, weights))
-  _, params = bert.load_hf_params(
-    _write_checkpoint(tmp_path / 'b', hf_config, prefixed)
-  )
+  _, bare = bert.load_hf(_write_checkpoint(tmp_path / 'a', hf_config, weights))
+  _, params = bert.load_hf(_write_checkpoint(tmp_path / 'b', hf_config, prefixed))
   jax.tree.map(np.testing.assert_array_equal, params, bare)
 
 
@@ -276,16 +278,24 @@ def test_missing_tensor_is_named(tmp_path):
   hf_config = _tiny_hf_config()
   weights = _random_torch_weights(hf_config)
   del weights['encoder.layer.1.attention.self.key.bias']
-  with pytest.raises(ValueError, match=r"missing tensor 'encoder\.layer\.1\.attention"):
-    bert.load_hf_params(_write_checkpoint(tmp_path, hf_config, weights))
+  with pytest.raises(
+    ValueError,
+    match=(
+      r'missing 1 tensor\(s\), e\.g\. '
+      r"\['encoder\.layer\.1\.attention\.self\.key\.bias'\]"
+    ),
+  ):
+    bert.load_hf(_write_checkpoint(tmp_path, hf_config, weights))
 
 
 def test_unexpected_tensor_is_named(tmp_path):
   hf_config = _tiny_hf_config()
   weights = _random_torch_weights(hf_config)
   weights['encoder.layer.2.output.dense.bias'] = np.zeros((16,), np.float32)
-  with pytest.raises(ValueError, match=r"unexpected tensor 'encoder\.layer\.2\."):
-    bert.load_hf_params(_write_checkpoint(tmp_path, hf_config, weights))
+  with pytest.raises(
+    ValueError, match=r"1 unexpected tensor\(s\), e\.g\. \['encoder\.layer\.2\."
+  ):
+    bert.load_hf(_write_checkpoint(tmp_path, hf_config, weights))
 
 
 def test_shape_mismatch_is_named(tmp_path):
@@ -293,7 +303,7 @@ def test_shape_mismatch_is_named(tmp_path):
   weights = _random_torch_weights(hf_config)
   weights['embeddings.word_embeddings.weight'] = np.zeros((51, 16), np.float32)
   with pytest.raises(ValueError, match='embeddings/word_embeddings/embedding'):
-    bert.load_hf_params(_write_checkpoint(tmp_path, hf_config, weights))
+    bert.load_hf(_write_checkpoint(tmp_path, hf_config, weights))
 
 
 @pytest.mark.parametrize(
@@ -326,10 +336,11 @@ def tiny_classifier():
   config = _tiny_config()
   ids, mask = _tiny_inputs()
   model = bert.BertForSequenceClassification(config, num_labels=3)
-  params = model.init(jax.random.key(0), ids, mask)['params']
+  params = jax.jit(model.init)(jax.random.key(0), ids, mask)['params']
   return config, params, ids, mask
 
 
+@pytest.mark.slow
 def test_classifier_params_and_shape(tiny_classifier):
   config, params, ids, mask = tiny_classifier
   assert set(params) == {'bert', 'classifier'}
@@ -371,10 +382,16 @@ def test_mean_and_cls_pooling_differ(tiny_classifier):
   assert np.abs(logits['mean'] - logits['cls']).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_dropout_only_when_not_deterministic(tiny_classifier):
   config, params, ids, mask = tiny_classifier
   model = bert.BertForSequenceClassification(config, 3)
-  apply = lambda **kw: model.apply({'params': params}, ids, mask, **kw)
+  apply = jax.jit(
+    lambda deterministic=True, rngs=None: model.apply(
+      {'params': params}, ids, mask, deterministic=deterministic, rngs=rngs
+    ),
+    static_argnames='deterministic',
+  )
   rngs = lambda seed: {'dropout': jax.random.key(seed)}
   base = apply()
   np.testing.assert_array_equal(apply(rngs=rngs(0)), base)

@@ -226,7 +226,7 @@ def _flat(tree):
 def checkpoint(request, tmp_path_factory):
   hc = _hf_config(request.param)
   weights = _random_torch_weights(hc)
-  config, params = deberta.load_hf_params(
+  config, params = deberta.load_hf(
     _write(tmp_path_factory.mktemp(request.param), hc, weights)
   )
   return types.SimpleNamespace(hc=hc, weights=weights, config=config, params=params)
@@ -237,9 +237,7 @@ def v3(tmp_path_factory):
   """DeBERTa-v3 layout with separate position projections (both terms)."""
   hc = _hf_config('v3_separate_keys')
   weights = _random_torch_weights(hc, seed=5)
-  config, params = deberta.load_hf_params(
-    _write(tmp_path_factory.mktemp('v3'), hc, weights)
-  )
+  config, params = deberta.load_hf(_write(tmp_path_factory.mktemp('v3'), hc, weights))
   return types.SimpleNamespace(hc=hc, weights=weights, config=config, params=params)
 
 
@@ -332,7 +330,7 @@ def test_matches_huggingface_pytorch(tmp_path):
       for p in hf_model.parameters():
         p.add_(0.1 * torch.randn_like(p))
     hf_model.save_pretrained(tmp_path / variant)  # model.safetensors
-    config, params = deberta.load_hf_params(tmp_path / variant)
+    config, params = deberta.load_hf(tmp_path / variant)
     ids, mask = _inputs()
     with torch.no_grad():
       want = hf_model(
@@ -356,6 +354,7 @@ def test_padding_does_not_change_real_tokens(v3):
   np.testing.assert_allclose(alone[0], hidden[1, :n], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sequence_classifier_matches_reference(v3):
   ids, mask = _inputs()
   model = deberta.DebertaV2ForSequenceClassification(v3.config, num_labels=3)
@@ -386,16 +385,11 @@ def test_sequence_classifier_matches_reference(v3):
 def test_every_documented_hook_point_is_reached(v3):
   model = deberta.DebertaV2ForSequenceClassification(v3.config, num_labels=2)
   ids, mask = _inputs(batch=2, seq=5)
-  params = jax.eval_shape(model.init, jax.random.key(0), ids, mask)
-  seen = {}
-
-  def record(name, value):
-    seen[name] = jax.tree.map(jnp.shape, value)
-    return value
-
-  with pj.hook_handler(record):  # Handlers run at trace time.
-    jax.eval_shape(lambda p: model.apply(p, ids, mask), params)
-  assert seen == {
+  points = pj.hook_points(model, ids, mask)
+  shapes = {
+    name: jax.tree.map(lambda x: x.shape, point.value) for name, point in points.items()
+  }
+  assert shapes == {
     'deberta/embeddings/input_embeddings': ((2, 5, 32), (2, 5)),
     **{
       f'deberta/encoder/layer_{i}/{point}': shape
@@ -408,28 +402,63 @@ def test_every_documented_hook_point_is_reached(v3):
       )
     },
   }
+  assert all(point.stack == () for point in points.values())
 
 
+def _adapted(model, rules, params, ids, mask):
+  """``(run, theta, buffers)``: ``model`` with ``rules``' activation adapters."""
+  tree = pj.by_rules(rules)
+  theta, buffers = tree.init(jax.random.key(0), params, pj.hook_points(model, ids))
+  run = pj.adapted(tree, lambda w, i, m: model.apply({'params': w}, i, m))
+  return run, theta, buffers
+
+
+def test_every_hook_point_applies_its_adapter(v3):
+  # The points of the HF submodules (attention/output, intermediate, output)
+  # are named after, and run from, their parents: an adapter scaling the
+  # value by 3 at one of them changes the output.
+  model = deberta.DebertaV2Model(v3.config)
+  ids, mask = _inputs(batch=2, seq=5)
+  scale = pj.ActivationAdapter(
+    init=lambda key, value: (jnp.asarray(3.0), None),
+    apply=lambda value, s, buffers: value * s,
+  )
+  plain = model.apply({'params': v3.params}, ids, mask)
+  for point in ('attention/attention_output', 'ffn_intermediate', 'ffn_output'):
+    name = f'encoder/layer_1/{point}'
+    run, theta, buffers = _adapted(model, [(name, scale)], v3.params, ids, mask)
+    assert list(_flat(theta)) == [name]
+    assert np.abs(run(v3.params, theta, buffers, ids, mask) - plain).max() > 1e-3
+
+
+def _prefix_adapter(pk, pv):
+  """Prepends per-head prefix keys/values ``(h, p, d_h)`` at attention_kv."""
+
+  def apply(value, kv, buffers):
+    k, v, bias = value
+    b, p = k.shape[0], kv.shape[2]
+    expand = lambda t: jnp.broadcast_to(jnp.swapaxes(t, 0, 1), (b, p, *k.shape[2:]))
+    return (
+      jnp.concatenate([expand(kv[0]), k], 1),
+      jnp.concatenate([expand(kv[1]), v], 1),
+      jnp.concatenate([jnp.zeros((b, 1, 1, p), bias.dtype), bias], -1),
+    )
+
+  return pj.ActivationAdapter(
+    init=lambda key, value: (jnp.stack([pk, pv]), None), apply=apply
+  )
+
+
+@pytest.mark.slow
 def test_prefix_keys_get_the_content_score_only(v3):
   ids, mask = _inputs()
   rng = np.random.default_rng(3)
   pk, pv = (rng.normal(size=(4, 2, 8)).astype(np.float32) for _ in range(2))
-
-  def prefix(name, value):
-    if not name.endswith('attention_kv'):
-      return value
-    k, v, bias = value
-    b = k.shape[0]
-    expand = lambda t: jnp.broadcast_to(jnp.swapaxes(t, 0, 1), (b, 2, 4, 8))
-    return (
-      jnp.concatenate([expand(pk), k], 1),
-      jnp.concatenate([expand(pv), v], 1),
-      jnp.concatenate([jnp.zeros((b, 1, 1, 2), bias.dtype), bias], -1),
-    )
-
   model = deberta.DebertaV2Model(v3.config)
-  with pj.hook_handler(prefix):
-    hidden = model.apply({'params': v3.params}, ids, mask)
+  run, theta, buffers = _adapted(
+    model, [(r'.*/attention_kv', _prefix_adapter(pk, pv))], v3.params, ids, mask
+  )
+  hidden = run(v3.params, theta, buffers, ids, mask)
   want = _np_deberta(v3.weights, v3.hc, ids, mask, prefix_kv=(pk, pv))
   np.testing.assert_allclose(hidden, want, atol=1e-4, rtol=0)
 
@@ -439,40 +468,43 @@ def test_prompt_tuning_prepends_and_drops_positions(v3):
   model = deberta.DebertaV2Model(v3.config)
   d = v3.config.hidden_size
 
-  def run(prompt):
-    def prepend(name, value):
-      if not name.endswith('input_embeddings'):
-        return value
-      x, m = value
-      p = jnp.broadcast_to(prompt, (x.shape[0], *prompt.shape))
-      ones = jnp.ones((x.shape[0], prompt.shape[0]), m.dtype)
-      return jnp.concatenate([p, x], 1), jnp.concatenate([ones, m], 1)
-
-    with pj.hook_handler(prepend):
-      return model.apply({'params': v3.params}, ids, mask)
+  def prepend(value, prompt, buffers):
+    x, m = value
+    rows = jnp.broadcast_to(prompt, (x.shape[0], *prompt.shape))
+    ones = jnp.ones((x.shape[0], prompt.shape[0]), m.dtype)
+    return jnp.concatenate([rows, x], 1), jnp.concatenate([ones, m], 1)
 
   prompt = jnp.asarray(np.random.default_rng(0).normal(size=(3, d)), jnp.float32)
-  loss = lambda p: (jnp.sum(run(p) * mask[..., None]), run(p))
-  (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(prompt)
+  adapter = pj.ActivationAdapter(init=lambda key, value: (prompt, None), apply=prepend)
+  run, theta, buffers = _adapted(
+    model, [('embeddings/input_embeddings', adapter)], v3.params, ids, mask
+  )
+
+  def loss(theta):
+    out = run(v3.params, theta, buffers, ids, mask)
+    return jnp.sum(out * mask[..., None]), out
+
+  (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(theta)
   assert out.shape == (3, SEQ, d)
   plain = jax.jit(lambda p: model.apply({'params': p}, ids, mask))(v3.params)
   assert np.abs(out - plain).max() > 1e-3
+  grad = grad['embeddings']['input_embeddings']
+  assert grad.shape == (3, d)
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
 
 
-def test_handler_removing_keys_is_rejected(v3):
+def test_adapter_removing_keys_is_rejected(v3):
   model = deberta.DebertaV2Model(v3.config)
   ids, mask = _inputs(batch=1, seq=4)
-  drop = lambda name, value: (
-    tuple(t[:, 1:] if t.ndim == 4 and t.shape[1] == 4 else t for t in value)
-    if name.endswith('attention_kv')
-    else value
+  drop = pj.ActivationAdapter(
+    init=lambda key, value: (jnp.zeros(()), None),
+    apply=lambda value, p, buffers: (value[0][:, 1:], value[1][:, 1:], value[2]),
   )
-  with (
-    pj.hook_handler(drop),
-    pytest.raises(ValueError, match='returned 3 keys for a sequence of 4'),
-  ):
-    jax.eval_shape(lambda p: model.apply({'params': p}, ids, mask), v3.params)
+  run, theta, buffers = _adapted(
+    model, [(r'.*/attention_kv', drop)], v3.params, ids, mask
+  )
+  with pytest.raises(ValueError, match='returned 3 keys for a sequence of 4'):
+    jax.eval_shape(run, v3.params, theta, buffers, ids, mask)
 
 
 # ---------------------------------------------------------------------------
@@ -490,8 +522,8 @@ def test_prefixed_names_heads_and_ignored_tensors_load(tmp_path):
   prefixed['lm_predictions.lm_head.dense.weight'] = np.zeros((32, 32), np.float32)
   prefixed['mask_predictions.classifier.weight'] = np.zeros((1, 32), np.float32)
   prefixed['pooler.dense.weight'] = np.zeros((32, 32), np.float32)
-  _, bare = deberta.load_hf_params(_write(tmp_path / 'a', hc, weights))
-  _, params = deberta.load_hf_params(_write(tmp_path / 'b', hc, prefixed))
+  _, bare = deberta.load_hf(_write(tmp_path / 'a', hc, weights))
+  _, params = deberta.load_hf(_write(tmp_path / 'b', hc, prefixed))
   jax.tree.map(np.testing.assert_array_equal, params, bare)
 
 
@@ -500,18 +532,20 @@ def test_missing_tensor_is_named(tmp_path):
   weights = _random_torch_weights(hc)
   del weights['encoder.rel_embeddings.weight']
   with pytest.raises(
-    ValueError, match=r"missing tensor 'encoder\.rel_embeddings\.weight'"
+    ValueError,
+    match=r"missing 1 tensor\(s\), e\.g\. \['encoder\.rel_embeddings\.weight'\]",
   ):
-    deberta.load_hf_params(_write(tmp_path, hc, weights))
+    deberta.load_hf(_write(tmp_path, hc, weights))
 
 
 def test_unexpected_tensor_is_named(tmp_path):
   hc = _hf_config('v3_shared_keys')
   weights = _random_torch_weights(_hf_config('v3_separate_keys'))
   with pytest.raises(
-    ValueError, match=r"unexpected tensor 'encoder\.layer\.0\.attention\.self\.pos_"
+    ValueError,
+    match=r"unexpected tensor\(s\), e\.g\. \['encoder\.layer\.0\.attention\.self\.pos_",
   ):
-    deberta.load_hf_params(_write(tmp_path, hc, weights))
+    deberta.load_hf(_write(tmp_path, hc, weights))
 
 
 def test_shape_mismatch_is_named(tmp_path):
@@ -519,15 +553,15 @@ def test_shape_mismatch_is_named(tmp_path):
   weights = _random_torch_weights(hc)
   weights['encoder.layer.1.intermediate.dense.weight'] = np.zeros((40, 32), np.float32)
   with pytest.raises(ValueError, match='encoder/layer_1/intermediate/dense/kernel'):
-    deberta.load_hf_params(_write(tmp_path, hc, weights))
+    deberta.load_hf(_write(tmp_path, hc, weights))
 
 
 def test_missing_files_are_named(tmp_path):
   with pytest.raises(ValueError, match=r"No config\.json in '.*'"):
-    deberta.load_hf_params(tmp_path)
+    deberta.load_hf(tmp_path)
   _hf_config().save_pretrained(tmp_path)
   with pytest.raises(ValueError, match=r'No model\.safetensors.*only safetensors'):
-    deberta.load_hf_params(tmp_path)
+    deberta.load_hf(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -583,6 +617,7 @@ def test_bad_config_values_are_rejected():
     )
 
 
+@pytest.mark.slow
 def test_factored_lora_matches_weight_space_with_shared_keys():
   # query_proj/key_proj also project the relative embeddings (share_att_key):
   # both uses must stay factored (any fallback warning fails the suite).
@@ -590,12 +625,12 @@ def test_factored_lora_matches_weight_space_with_shared_keys():
   model = deberta.DebertaV2Model(config)
   ids, mask = _inputs(seq=10)
   frozen = jax.jit(model.init)(jax.random.key(0), ids)['params']
-  adapter = pj.by_rules(
+  tree = pj.by_rules(
     [(r'.*/(query_proj|key_proj|value_proj)/kernel', 'lora(rank=2, b_init="normal")')]
   )
-  theta = adapter.init(jax.random.key(1), frozen)
-  fn = lambda p: model.apply({'params': p}, ids, mask)
-  fast = jax.jit(pj.factored(adapter, fn))(frozen, theta)
-  slow = jax.jit(lambda t: fn(adapter.apply(frozen, t)))(theta)
+  params, buffers = tree.init(jax.random.key(1), frozen)
+  fn = lambda w: model.apply({'params': w}, ids, mask)
+  fast = jax.jit(pj.adapted(tree, fn, factored=True))(frozen, params, buffers)
+  slow = jax.jit(lambda p, b: fn(tree.apply(frozen, p, b)))(params, buffers)
   np.testing.assert_allclose(fast, slow, atol=1e-5)
   assert np.abs(slow - jax.jit(fn)(frozen)).max() > 1e-3

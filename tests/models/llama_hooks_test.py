@@ -1,20 +1,25 @@
-"""Hook points of the Llama decoder, and factored == weight space on it.
+"""Activation adapters on the Llama decoder, unrolled and under ``nn.scan``.
 
-Prompt and prefix tuning are checked against an independent computation:
-prompt vectors equal to the embeddings of some tokens must give the logits
-of those tokens fed as a prefix of the input, and prefix keys/values captured
-from a run over those tokens must give the same logits again.
+Each is checked against an independent computation: a prompt equal to the
+embeddings of some tokens gives the logits of those tokens fed in front; a
+prefix equal to keys/values captured from a run over some tokens gives the
+logits of those tokens fed in front, layer by layer (so per-layer parameters
+under ``nn.scan`` must be sliced right); Houlsby adapters equal a hand-written
+formula added to the projections' outputs by Flax method interception.
 """
 
 import functools
 import warnings
+from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import peft_jax as pj
+from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import llama
 
 B, T, P = 2, 6, 3  # batch, tokens, prompt/prefix length
@@ -33,6 +38,7 @@ LAYOUTS = {
   'scan': dict(scan_layers=True),
   'scan_remat': dict(scan_layers=True, remat=True),
 }
+HOULSBY = 'houlsby(reduction_factor=4)'
 
 
 @functools.cache
@@ -48,103 +54,89 @@ def tiny(layout='unrolled'):
 
 
 def ids(shape=(B, T), seed=0):
-  return (
-    np.random.default_rng(seed).integers(0, CONFIG.vocab_size, shape).astype(np.int32)
-  )
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, CONFIG.vocab_size, shape).astype(np.int32)
 
 
-def run(model, params, input_ids, handler=None, **kwargs):
-  """``model.apply`` under ``handler`` (traced afresh each call)."""
-  fn = lambda p, i: model.apply({'params': p}, i, **kwargs)
-  if handler is None:
-    return jax.jit(fn)(params, input_ids)
-  with pj.hook_handler(handler):
-    return jax.jit(fn)(params, input_ids)
+def logits(model, **kwargs):
+  return lambda w, tokens: model.apply({'params': w}, tokens, **kwargs)
 
 
-def shapes(value):
-  return jax.tree.map(
-    lambda x: None if x is None else tuple(x.shape), value, is_leaf=lambda x: x is None
-  )
+def layer_names(layout):
+  return ['layers'] if LAYOUTS[layout] else ['layers_0', 'layers_1']
+
+
+def stack_entries(per_layer: list, layout: str, point: str) -> dict:
+  """Per-layer parameters as by_rules lays them out for ``layout``."""
+  if not LAYOUTS[layout]:
+    return {f'layers_{i}/{point}': p for i, p in enumerate(per_layer)}
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return {f'layers/{point}': stacked}
+
+
+def nest(entries: dict) -> dict:
+  out = {}
+  for name, value in entries.items():
+    *parents, last = name.split('/')
+    node = out
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = value
+  return out
 
 
 # ---------------------------------------------------------------------------
-# Points, names, shapes.
+# Discovery.
 
 
 @pytest.mark.parametrize('layout', sorted(LAYOUTS))
-def test_identity_handler_gives_identical_logits(layout):
-  model, params = tiny(layout)
-  mask = np.ones((B, T), np.int32)
-  mask[1, -2:] = 0
-  for kwargs in ({}, {'attention_mask': mask}):
-    np.testing.assert_array_equal(
-      run(model, params, ids(), lambda name, value: value, **kwargs),
-      run(model, params, ids(), **kwargs),
-    )
-
-
-@pytest.mark.parametrize('layout', sorted(LAYOUTS))
-def test_every_point_is_reached_with_its_documented_shapes(layout):
-  model, params = tiny(layout)
-  seen = {}
-
-  def handler(name, value):
-    seen.setdefault(name, shapes(value))
-    return value
-
-  with pj.hook_handler(handler):
-    jax.eval_shape(
-      lambda p: model.apply({'params': p}, ids(), attention_mask=np.ones((B, T))),
-      params,
-    )
-  layers = ['layers'] if model.config.scan_layers else ['layers_0', 'layers_1']
-  want = {'input_embeddings': ((B, T, D), (B, T))}
-  for layer in layers:
-    want[f'{layer}/self_attn/attention_kv'] = ((B, T, KV, HD), (B, T, KV, HD))
-    want[f'{layer}/self_attn/attention_output'] = (B, T, D)
-    want[f'{layer}/mlp/ffn_intermediate'] = (B, T, FFN)
-    want[f'{layer}/mlp/ffn_output'] = (B, T, D)
-  assert seen == want
-
-  seen.clear()
-  with pj.hook_handler(handler):
-    jax.eval_shape(lambda p: model.apply({'params': p}, ids()), params)
-  assert seen['input_embeddings'] == ((B, T, D), None)
+def test_hook_points_names_shapes_and_layer_stacks(layout):
+  model, _ = tiny(layout)
+  hooks = pj.hook_points(model, ids(), attention_mask=np.ones((B, T)))
+  stack = (2,) if LAYOUTS[layout] else ()
+  want = {
+    'input_embeddings': (((B, T, D), (B, T)), ()),
+  }
+  for layer in layer_names(layout):
+    want[f'{layer}/self_attn/attention_kv'] = (((B, T, KV, HD), (B, T, KV, HD)), stack)
+    want[f'{layer}/self_attn/attention_output'] = ((B, T, D), stack)
+    want[f'{layer}/mlp/ffn_intermediate'] = ((B, T, FFN), stack)
+    want[f'{layer}/mlp/ffn_output'] = ((B, T, D), stack)
+  got = {
+    name: (jax.tree.map(lambda x: x.shape, point.value), point.stack)
+    for name, point in hooks.items()
+  }
+  assert got == want
 
 
 # ---------------------------------------------------------------------------
 # Prompt tuning at input_embeddings.
 
 
-def prompt_handler(prompt):
-  """Prepends ``prompt: (p, d)`` to every row (and ones to the mask)."""
-
-  def handler(name, value):
-    if name != 'input_embeddings':
-      return value
-    x, mask = value
-    front = jnp.broadcast_to(prompt, (x.shape[0], *prompt.shape))
-    if mask is not None:
-      mask = jnp.concatenate([jnp.ones((x.shape[0], len(prompt)), mask.dtype), mask], 1)
-    return jnp.concatenate([front, x], axis=1), mask
-
-  return handler
+def prompted(layout, prompt):
+  model, frozen = tiny(layout)
+  hooks = pj.hook_points(model, ids())
+  tree = pj.by_rules([('input_embeddings', f'prompt_tuning(length={P})')])
+  params, buffers = tree.init(jax.random.key(1), frozen, hooks)
+  if prompt is not None:
+    params = {'input_embeddings': PromptParams(prompt)}
+  return model, frozen, tree, params, buffers
 
 
 @pytest.mark.parametrize('layout', ['unrolled', 'scan'])
 def test_prompt_of_token_embeddings_equals_feeding_those_tokens(layout):
-  model, params = tiny(layout)
   prefix = ids((P,), seed=5)
-  prompt = params['embed_tokens']['embedding'][prefix]
+  _, frozen = tiny(layout)
+  prompt = frozen['embed_tokens']['embedding'][prefix]
+  model, frozen, tree, params, buffers = prompted(layout, prompt)
   tokens = ids()
   full = np.concatenate([np.broadcast_to(prefix, (B, P)), tokens], axis=1)
-  np.testing.assert_allclose(
-    run(model, params, tokens, prompt_handler(prompt)),
-    run(model, params, full)[:, P:],
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  want = logits(model)(frozen, full)[:, P:]
+  for factored in (False, True):
+    got = pj.adapted(tree, logits(model), factored=factored)(
+      frozen, params, buffers, tokens
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
   # Left padding with explicit positions: the prompt goes in front of the
   # pads, the given positions are shifted behind it.
@@ -155,174 +147,244 @@ def test_prompt_of_token_embeddings_equals_feeding_those_tokens(layout):
   full_positions = np.concatenate(
     [np.broadcast_to(np.arange(P), (B, P)), positions + P], axis=1
   )
-  got = run(
-    model,
-    params,
-    tokens,
-    prompt_handler(prompt),
-    attention_mask=mask,
-    positions=positions,
+  fn = lambda w, t: model.apply(
+    {'params': w}, t, attention_mask=mask, positions=positions
   )
-  want = run(model, params, full, attention_mask=full_mask, positions=full_positions)
+  got = pj.adapted(tree, fn)(frozen, params, buffers, tokens)
+  want = model.apply(
+    {'params': frozen}, full, attention_mask=full_mask, positions=full_positions
+  )
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], want[:, P:][real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('layout', ['unrolled', 'scan_remat'])
 def test_trainable_prompt_is_differentiable_and_changes_the_logits(layout):
-  model, params = tiny(layout)
-  prompt = jax.random.normal(jax.random.key(1), (P, D))
+  model, frozen, tree, params, buffers = prompted(layout, None)
+  run = pj.adapted(tree, logits(model), factored=True)
 
-  def loss(prompt):
-    with pj.hook_handler(prompt_handler(prompt)):
-      logits = model.apply({'params': params}, ids())
-    return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
+  def loss(p):
+    out = run(frozen, p, buffers, ids())
+    return jnp.mean(jax.nn.logsumexp(out, -1)), out
 
-  (value, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(prompt)
-  assert logits.shape == (B, T, CONFIG.vocab_size)
-  assert grad.shape == (P, D) and np.isfinite(value)
-  assert np.all(np.isfinite(grad)) and np.abs(grad).min() > 0
-  plain = run(model, params, ids())
-  assert np.abs(logits - plain).max() > 1e-3
+  (value, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert out.shape == (B, T, CONFIG.vocab_size) and np.isfinite(value)
+  g = grad['input_embeddings'].prompt
+  assert g.shape == (P, D) and np.all(np.isfinite(g)) and np.abs(g).min() > 0
+  assert np.abs(out - logits(model)(frozen, ids())).max() > 1e-3
 
 
-def test_length_changes_with_a_cache_or_bad_masks_raise():
-  model, params = tiny()
+def test_length_changes_with_a_cache_are_clear_errors():
+  model, frozen, tree, params, buffers = prompted('unrolled', None)
   cache = llama.init_cache(CONFIG, B, T)
-  prompt = jnp.zeros((P, D))
-  with (
-    pj.hook_handler(prompt_handler(prompt)),
-    pytest.raises(pj.PeftError, match='prepended 3 positions, but a KV cache'),
-  ):
-    model.apply({'params': params}, ids(), cache=cache)
-
-  bad_mask = lambda name, v: (v[0], v[1][:, 1:]) if name == 'input_embeddings' else v
-  with (
-    pj.hook_handler(bad_mask),
-    pytest.raises(pj.PeftError, match=r'attention_mask \(2, 5\) does not match'),
-  ):
-    model.apply({'params': params}, ids(), attention_mask=np.ones((B, T)))
-
-  with (
-    pj.hook_handler(prefix_handler(zero_prefix(P))),
-    pytest.raises(pj.PeftError, match='attention_kv handler prepended 3 positions'),
-  ):
-    model.apply({'params': params}, ids(), cache=cache)
-
-  drop = lambda name, v: (v[0][:, 1:], v[1][:, 1:]) if 'attention_kv' in name else v
-  with pj.hook_handler(drop), pytest.raises(pj.PeftError, match='expected equal'):
-    model.apply({'params': params}, ids())
-
-  # Handlers that keep the length work with a cache.
-  logits, _ = run(model, params, ids(), lambda n, v: v, cache=cache)
-  np.testing.assert_allclose(logits, run(model, params, ids()), atol=1e-5)
+  with pytest.raises(pj.PeftError, match='prepended 3 positions, but a KV cache'):
+    pj.adapted(tree, logits(model, cache=cache))(frozen, params, buffers, ids())
+  prefix = pj.by_rules([('.*attention_kv', prefix_adapter())])
+  hooks = pj.hook_points(model, ids())
+  params, buffers = prefix.init(jax.random.key(0), frozen, hooks)
+  with pytest.raises(pj.PeftError, match='attention_kv adapter prepended 3 positions'):
+    pj.adapted(prefix, logits(model, cache=cache))(frozen, params, buffers, ids())
 
 
 # ---------------------------------------------------------------------------
-# Prefix tuning at attention_kv.
+# Prefix tuning at attention_kv (a hand-built activation adapter: the method
+# itself belongs to the additive family).
 
 
-def zero_prefix(p):
-  return lambda name: (jnp.zeros((p, KV, HD)), jnp.zeros((p, KV, HD)))
+class PrefixParams(NamedTuple):
+  keys: jax.Array  # (p, kv_heads, hd)
+  values: jax.Array
 
 
-def prefix_handler(prefixes):
-  """Prepends ``prefixes(name) = (k, v)``, each ``(p, kv_heads, hd)``."""
+def prefix_adapter(length=P):
+  def init(key, value):
+    k, _ = value
+    shape = (length, *k.shape[2:])
+    return PrefixParams(jnp.zeros(shape), jnp.zeros(shape)), None
 
-  def handler(name, value):
-    if not name.endswith('attention_kv'):
-      return value
+  def apply(value, params, buffers):
+    del buffers
     k, v = value
-    pk, pv = (jnp.broadcast_to(x, (k.shape[0], *x.shape)) for x in prefixes(name))
-    return jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+    front = lambda p: jnp.broadcast_to(p, (k.shape[0], *p.shape)).astype(k.dtype)
+    return (
+      jnp.concatenate([front(params.keys), k], axis=1),
+      jnp.concatenate([front(params.values), v], axis=1),
+    )
 
-  return handler
-
-
-@pytest.mark.parametrize('layout', ['unrolled', 'scan'])
-def test_zero_length_prefix_equals_no_handler(layout):
-  model, params = tiny(layout)
-  mask = np.ones((B, T), np.int32)
-  mask[0, -1] = 0
-  np.testing.assert_array_equal(
-    run(model, params, ids(), prefix_handler(zero_prefix(0)), attention_mask=mask),
-    run(model, params, ids(), attention_mask=mask),
-  )
+  return pj.ActivationAdapter(init=init, apply=apply)
 
 
-def test_prefix_of_captured_keys_values_equals_feeding_those_tokens():
-  model, params = tiny()
-  prefix = ids((1, P), seed=7)
-  captured = {}
+class LayerIndex(NamedTuple):
+  index: jax.Array
 
-  def capture(name, value):
-    if name.endswith('attention_kv'):
-      captured[name] = jax.tree.map(lambda x: x[0], value)  # (P, kv, hd)
+
+def captured_keys_values(tokens) -> list[PrefixParams]:
+  """The keys and values every layer computes for ``tokens: (1, p)``, read
+  eagerly by an identity adapter whose buffers name its layer."""
+  model, frozen = tiny('unrolled')
+  seen = {}
+
+  def apply(value, params, buffers):
+    seen[int(buffers.index)] = PrefixParams(*(x[0] for x in value))
     return value
 
-  with pj.hook_handler(capture):
-    model.apply({'params': params}, prefix)  # eager: keeps concrete values
-  assert sorted(captured) == [f'layers_{i}/self_attn/attention_kv' for i in (0, 1)]
+  recorder = pj.ActivationAdapter(init=lambda key, value: ((), None), apply=apply)
+  tree = pj.by_rules([('.*attention_kv', recorder)])
+  hooks = pj.hook_points(model, tokens)
+  params, _ = tree.init(jax.random.key(0), frozen, hooks)
+  buffers = nest(
+    {f'layers_{i}/self_attn/attention_kv': LayerIndex(jnp.array(i)) for i in (0, 1)}
+  )
+  pj.adapted(tree, logits(model))(frozen, params, buffers, tokens)
+  return [seen[0], seen[1]]
+
+
+@pytest.mark.parametrize('layout', ['unrolled', 'scan', 'scan_remat'])
+def test_prefix_of_captured_keys_values_equals_feeding_those_tokens(layout):
+  prefix = ids((1, P), seed=7)
+  per_layer = captured_keys_values(prefix)
+  assert not np.allclose(per_layer[0].keys, per_layer[1].keys)
+  model, frozen = tiny(layout)
+  tree = pj.by_rules([('.*attention_kv', prefix_adapter())])
+  hooks = pj.hook_points(model, ids())
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+    jnp.shape, nest(stack_entries(per_layer, layout, 'self_attn/attention_kv'))
+  )
+  params = nest(stack_entries(per_layer, layout, 'self_attn/attention_kv'))
 
   tokens = ids()
   mask = np.ones((B, T), np.int32)
   mask[1, -2:] = 0  # right padding: masks tokens, never the prefix
-  got = run(
-    model,
-    params,
-    tokens,
-    prefix_handler(captured.__getitem__),
-    attention_mask=mask,
-    positions=np.arange(P, P + T),  # the tokens sit behind the prefix
+  fn = lambda w, t: model.apply(
+    {'params': w}, t, attention_mask=mask, positions=np.arange(P, P + T)
   )
   full = np.concatenate([np.repeat(prefix, B, axis=0), tokens], axis=1)
   full_mask = np.concatenate([np.ones((B, P), np.int32), mask], axis=1)
-  want = run(model, params, full, attention_mask=full_mask)[:, P:]
+  want = model.apply({'params': frozen}, full, attention_mask=full_mask)[:, P:]
   real = mask.astype(bool)
-  np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+  for factored in (False, True):
+    got = jax.jit(pj.adapted(tree, fn, factored=factored))(
+      frozen, params, buffers, tokens
+    )
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
 
-  def loss(kv):
-    with pj.hook_handler(prefix_handler(lambda name: kv)):
-      return jnp.sum(jnp.sin(model.apply({'params': params}, tokens)))
-
-  kv = (jnp.ones((P, KV, HD)), jnp.ones((P, KV, HD)))
-  grads = jax.grad(loss)(kv)
-  assert all(np.abs(g).max() > 0 for g in grads)
+  loss = lambda p: jnp.sum(jnp.sin(pj.adapted(tree, fn)(frozen, p, buffers, tokens)))
+  grads = jax.jit(jax.grad(loss))(params)
+  assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
 # ---------------------------------------------------------------------------
-# The factored path equals the weight-space path on the decoder.
+# Houlsby adapters at attention_output and ffn_output.
+
+
+def houlsby_reference(y, p):
+  f64 = lambda t: np.asarray(t, np.float64)
+  pre = f64(y) @ f64(p.down) + f64(p.down_bias)
+  return f64(y) + (pre / (1 + np.exp(-pre))) @ f64(p.up) + f64(p.up_bias)
+
+
+def intercepting(adapters: dict[tuple, object]):
+  """Adds the hand-written adapter to the outputs of the Dense modules at the
+  given paths, by Flax method interception (eager: NumPy inside)."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    path = tuple(context.module.path)
+    if context.method_name == '__call__' and path in adapters:
+      return jnp.asarray(houlsby_reference(y, adapters[path]), y.dtype)
+    return y
+
+  return nn.intercept_methods(interceptor)
+
+
+def random_houlsby(seed):
+  adapter = pj.get(HOULSBY)
+  params, _ = adapter.init(
+    jax.random.key(seed), jax.ShapeDtypeStruct((1, D), jnp.float32)
+  )
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  return treedef.unflatten(
+    [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+  )
+
+
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_houlsby_adapters_equal_a_hand_written_interception(layout):
+  sites = {
+    'self_attn/attention_output': 'self_attn/o_proj',
+    'mlp/ffn_output': 'mlp/down_proj',
+  }
+  per_site = {
+    point: [random_houlsby(10 * i + j) for i in range(2)]
+    for j, point in enumerate(sites)
+  }
+  model_unrolled, frozen_unrolled = tiny('unrolled')
+  dense_adapters = {
+    ('layers_' + str(i), *dense.split('/')): per_site[point][i]
+    for point, dense in sites.items()
+    for i in range(2)
+  }
+  with intercepting(dense_adapters):
+    want = model_unrolled.apply({'params': frozen_unrolled}, ids())
+
+  model, frozen = tiny(layout)
+  hooks = pj.hook_points(model, ids())
+  tree = pj.by_rules([('.*(attention_output|ffn_output)', HOULSBY)])
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  entries = {}
+  for point, layers in per_site.items():
+    entries.update(stack_entries(layers, layout, point))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nest(entries))
+  params = nest(entries)
+  for factored in (False, True):
+    got = jax.jit(pj.adapted(tree, logits(model), factored=factored))(
+      frozen, params, buffers, ids()
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Weight-space and activation adapters together: factored == weight space.
 
 SEVEN = r'(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
 LORA = 'lora(rank=2, alpha=4, b_init="normal")'
 
 
 @pytest.mark.parametrize(
-  'layout, rules',
+  'layout, lora_rule',
   [
-    ('unrolled', [(f'layers_\\d+/{SEVEN}', LORA)]),
-    ('scan', [(f'layers/{SEVEN}', f'stacked({LORA!r})')]),
-    ('scan_remat', [(f'layers/{SEVEN}', f'stacked({LORA!r})')]),
+    ('unrolled', (f'layers_\\d+/{SEVEN}', LORA)),
+    ('scan', (f'layers/{SEVEN}', f'stacked({LORA!r})')),
+    ('scan_remat', (f'layers/{SEVEN}', f'stacked({LORA!r})')),
   ],
 )
-def test_factored_equals_weight_space_outputs_and_gradients(layout, rules):
+def test_factored_equals_weight_space_outputs_and_gradients(layout, lora_rule):
   model, frozen = tiny(layout)
-  adapter = pj.by_rules(rules)
-  theta = adapter.init(jax.random.key(3), frozen)
+  rules = [
+    lora_rule,
+    ('input_embeddings', f'prompt_tuning(length={P})'),
+    ('.*mlp/ffn_output', HOULSBY),
+  ]
+  hooks = pj.hook_points(model, ids())
+  tree = pj.by_rules(rules)
+  params, buffers = tree.init(jax.random.key(3), frozen, hooks)
   tokens, mask = ids(), np.ones((B, T), np.int32)
   mask[1, -1] = 0
-  fn = lambda p, x: model.apply({'params': p}, x, attention_mask=mask)
-  loss = lambda logits: jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask)
-  weight_space = lambda t: fn(adapter.apply(frozen, t), tokens)
-  fast = lambda t: pj.factored(adapter, fn)(frozen, t, tokens)
+  fn = lambda w, x: model.apply({'params': w}, x, attention_mask=mask)
+  loss = lambda out: jnp.sum(jax.nn.log_softmax(out)[..., 0] * mask)
+  weight_space = lambda p: pj.adapted(tree, fn)(frozen, p, buffers, tokens)
+  fast = lambda p: pj.adapted(tree, fn, factored=True)(frozen, p, buffers, tokens)
   with warnings.catch_warnings():
     warnings.simplefilter('error', pj.FactoredFallbackWarning)
-    logits = jax.jit(fast)(theta)
-    fast_grad = jax.jit(jax.grad(lambda t: loss(fast(t))))(theta)
-  np.testing.assert_allclose(logits, jax.jit(weight_space)(theta), rtol=1e-5, atol=1e-5)
-  slow_grad = jax.jit(jax.grad(lambda t: loss(weight_space(t))))(theta)
+    out = jax.jit(fast)(params)
+    fast_grad = jax.jit(jax.grad(lambda p: loss(fast(p))))(params)
+  np.testing.assert_allclose(out, jax.jit(weight_space)(params), rtol=1e-5, atol=1e-5)
+  slow_grad = jax.jit(jax.grad(lambda p: loss(weight_space(p))))(params)
   assert jax.tree.structure(fast_grad) == jax.tree.structure(slow_grad)
-  assert len(jax.tree.leaves(fast_grad)) == 7 * 2 * (1 if 'scan' in layout else 2)
+  n_layers = 1 if LAYOUTS[layout] else 2
+  assert len(jax.tree.leaves(fast_grad)) == 7 * 2 * n_layers + 1 + 4 * n_layers
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
     fast_grad,

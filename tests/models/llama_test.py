@@ -20,7 +20,7 @@ from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
-from peft_jax.models import llama
+from peft_jax.models import checkpoints, llama
 
 BASE = dict(
   vocab_size=97,
@@ -265,6 +265,7 @@ def test_bfloat16_compute_is_close(tiny):
 # Layouts: scan_layers and remat.
 
 
+@pytest.mark.slow
 def test_scan_and_remat_match_unrolled_logits_and_gradients(tiny):
   _, _, config, params = tiny
   ids = token_ids((2, 6), seed=3)
@@ -314,6 +315,7 @@ def test_stack_unstack_layers_round_trip_and_names(tiny):
 # KV cache and generation.
 
 
+@pytest.mark.slow
 def test_cached_chunks_match_full_forward(tiny):
   _, _, config, params = tiny
   ids = token_ids((2, 7), seed=4)
@@ -351,23 +353,26 @@ def greedy(tiny):
   return model, prompt, np.asarray(llama.generate(model, params, prompt, 8))
 
 
+@pytest.mark.slow
 def test_generate_greedy_matches_recompute_and_compiles_once(tiny, greedy):
   _, _, config, params = tiny
   model, prompt, got = greedy
   np.testing.assert_array_equal(got, greedy_by_recompute(model, params, prompt, 8))
-  compiled = llama._generate._cache_size()
+  compiled = llama.generation._generate._cache_size()
   other = token_ids((2, 5), seed=6)
   np.testing.assert_array_equal(
     llama.generate(model, params, other, 8),
     greedy_by_recompute(model, params, other, 8),
   )
-  assert llama._generate._cache_size() == compiled  # same shapes: no recompile
+  # Same shapes: no recompile.
+  assert llama.generation._generate._cache_size() == compiled
   scanned = llama.LlamaForCausalLM(config.replace(scan_layers=True))
   np.testing.assert_array_equal(
     llama.generate(scanned, llama.stack_layers(params), prompt, 8), got
   )
 
 
+@pytest.mark.slow
 def test_generate_eos_and_sampling(tiny, greedy):
   params = tiny[3]
   model, prompt, tokens = greedy
@@ -432,7 +437,9 @@ def test_load_sharded_checkpoint_and_ignored_tensors(tiny, tmp_path):
   extra = dict(weights)
   extra['model.layers.0.self_attn.rotary_emb.inv_freq'] = np.ones(8, np.float32)
   jax.tree.map(
-    np.testing.assert_array_equal, llama.convert_hf_weights(extra, config), params
+    np.testing.assert_array_equal,
+    checkpoints.convert(extra, llama.hf_layout(config)),
+    params,
   )
 
 
@@ -442,13 +449,13 @@ def test_missing_and_unexpected_tensors_are_named(tiny):
   with pytest.raises(
     pj.PeftError, match=r'missing 1 .*layers\.1\.mlp\.up_proj\.weight'
   ):
-    llama.convert_hf_weights(missing, config)
+    checkpoints.convert(missing, llama.hf_layout(config))
   extra = {**weights, 'model.layers.2.mlp.up_proj.weight': np.zeros((96, 64))}
   with pytest.raises(pj.PeftError, match=r'unexpected .*layers\.2\.mlp\.up_proj'):
-    llama.convert_hf_weights(extra, config)
+    checkpoints.convert(extra, llama.hf_layout(config))
   wrong = {**weights, 'model.norm.weight': np.ones(63, np.float32)}
   with pytest.raises(pj.PeftError, match="'norm/scale' has shape"):
-    llama.convert_hf_weights(wrong, config)
+    checkpoints.convert(wrong, llama.hf_layout(config))
 
 
 def test_unsupported_configs_raise_clear_errors(tmp_path):
@@ -473,34 +480,40 @@ def test_unsupported_configs_raise_clear_errors(tmp_path):
 # Library integration.
 
 
+@pytest.mark.slow
 def test_factored_lora_equals_weight_space(tiny):
-  _, _, config, params = tiny
+  _, _, config, frozen = tiny
   model = llama.LlamaForCausalLM(config)
-  adapter = pj.by_rules([(r'.*self_attn/(q|v)_proj/kernel', 'lora(rank=2, alpha=4)')])
-  theta = jax.tree.map(
-    lambda t: t + 0.1, adapter.init(jax.random.key(0), params)
-  )  # nonzero b
+  tree = pj.by_rules([(r'.*self_attn/(q|v)_proj/kernel', 'lora(rank=2, alpha=4)')])
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  params = jax.tree.map(lambda t: t + 0.1, params)  # nonzero b
   ids = token_ids((1, 6), seed=9)
-  fn = lambda p, ids: model.apply({'params': p}, ids)
-  fast = jax.jit(pj.factored(adapter, fn))(params, theta, ids)
-  slow = jax.jit(lambda t: fn(adapter.apply(params, t), ids))(theta)
+  fn = lambda w, ids: model.apply({'params': w}, ids)
+  fast = jax.jit(pj.adapted(tree, fn, factored=True))(frozen, params, buffers, ids)
+  slow = jax.jit(lambda p, b: fn(tree.apply(frozen, p, b), ids))(params, buffers)
   np.testing.assert_allclose(fast, slow, atol=1e-5)
+  assert np.abs(slow - apply(model, frozen, ids)).max() > 1e-3
 
 
 def test_hook_points_are_named_per_layer(tiny):
-  _, _, config, params = tiny
-  seen = []
-
-  def handler(name, value):
-    seen.append(name)
-    return value
-
-  model = llama.LlamaForCausalLM(config)
-  with pj.hook_handler(handler):  # eval_shape always traces: the handler runs.
-    jax.eval_shape(lambda p: model.apply({'params': p}, token_ids((1, 3))), params)
-  assert 'layers_1/self_attn/attention_output' in seen
-  assert 'layers_0/mlp/ffn_intermediate' in seen
-  assert 'layers_0/mlp/ffn_output' in seen
+  _, _, config, _ = tiny
+  ids = token_ids((1, 3))
+  points = pj.hook_points(llama.LlamaForCausalLM(config), ids)
+  per_layer = (
+    'self_attn/attention_kv',
+    'self_attn/attention_output',
+    'mlp/ffn_intermediate',
+    'mlp/ffn_output',
+  )
+  assert list(points) == [
+    'input_embeddings',
+    *(f'layers_{i}/{p}' for i in range(2) for p in per_layer),
+  ]
+  scanned = pj.hook_points(
+    llama.LlamaForCausalLM(config.replace(scan_layers=True)), ids
+  )
+  assert list(scanned) == ['input_embeddings', *(f'layers/{p}' for p in per_layer)]
+  assert scanned['layers/mlp/ffn_output'].stack == (2,)
 
 
 # ---------------------------------------------------------------------------
@@ -516,7 +529,7 @@ def test_matches_hf_pytorch_when_torch_is_installed():
   reference = transformers.LlamaForCausalLM(hf).eval()
   weights = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
   config = llama.LlamaConfig.from_hf(hf)
-  params = llama.convert_hf_weights(weights, config)
+  params = checkpoints.convert(weights, llama.hf_layout(config))
   ids = token_ids((2, 9))
   with torch.no_grad():
     want = reference(torch.tensor(ids, dtype=torch.long)).logits.numpy()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from peft_jax.models import gguf_loading, llama
+from peft_jax.models import checkpoints, gguf_loading, llama
 
 TINY = dict(
   vocab_size=97,
@@ -141,7 +141,9 @@ def test_tiny_gguf_loads_to_the_hf_layout(tied, tmp_path):
   config, params, tokenizer = gguf_loading.load_gguf(path)
   assert config == want_config
   jax.tree.map(
-    np.testing.assert_array_equal, params, llama.convert_hf_weights(hf, config)
+    np.testing.assert_array_equal,
+    params,
+    checkpoints.convert(hf, llama.hf_layout(config)),
   )
   scan_config, scanned, _ = gguf_loading.load_gguf(path, scan_layers=True)
   assert scan_config.scan_layers
@@ -193,6 +195,7 @@ def smollm2_or_skip():
     pytest.skip(str(e))
 
 
+@pytest.mark.slow
 def test_smollm2_metadata_and_tokenizer():
   path = smollm2_or_skip()
   reader = gguf.GGUFReader(path)

@@ -7,8 +7,14 @@ import optax
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.adalora import adalora
-from peft_jax.schedules.adalora import adalora_schedule, budget, triplet_scores
+from peft_jax.methods.adalora import AdaLoraParams, adalora
+from peft_jax.methods.adalora_schedule import (
+  AdaLoraScheduleState,
+  adalora_schedule,
+  budget,
+  triplet_scores,
+)
+from tests.schedules.wrapping import KINDS, wrapped
 
 ADALORA = adalora(rank=3, alpha=3)
 SHAPES = {'m1': (4, 5), 'm2': (6, 3)}
@@ -41,28 +47,36 @@ def leaf(tree, name):
 def test_scores_after_two_updates_match_hand_computation():
   adapter, frozen = tiny_problem()
   schedule = adalora_schedule(adapter, **KWARGS, target_rank=1)
-  theta0 = adapter.init(jax.random.key(0), frozen)
-  thetas = [random_like(theta0, 1), random_like(theta0, 2)]
-  grads = [random_like(theta0, 3), random_like(theta0, 4)]
-  state = schedule.init(frozen, theta0)
+  params0, buffers = adapter.init(jax.random.key(0), frozen)
+  thetas = [random_like(params0, 1), random_like(params0, 2)]
+  grads = [random_like(params0, 3), random_like(params0, 4)]
+  state = schedule.init(frozen, params0, buffers)
+  assert isinstance(state, AdaLoraScheduleState)
   for step, (theta, grad) in enumerate(zip(thetas, grads, strict=True), start=1):
-    out, _, state = schedule.update(state, frozen, theta, grad, (), step)
+    out, out_buffers, opt_state, state = schedule.update(
+      state, frozen, theta, buffers, grad, (), step
+    )
     jax.tree.map(np.testing.assert_array_equal, out, theta)  # t <= t_i: no mask.
-  assert 'other' not in state['avg']
+    assert out_buffers == buffers and opt_state == ()
+  assert 'other' not in state.avg
   for name in SHAPES:
+    assert isinstance(leaf(state.avg, name), AdaLoraParams)
     for k in 'abe':
       # Spec §3.1: I = |w·g|, Ī ← .85 Ī + .15 I, Ū ← .85 Ū + .15 |I − Ī| (new Ī).
       avg = unc = 0.0
       for theta, grad in zip(thetas, grads, strict=True):
         sens = np.abs(
-          np.float64(leaf(theta, name)[k]) * np.float64(leaf(grad, name)[k])
+          np.float64(getattr(leaf(theta, name), k))
+          * np.float64(getattr(leaf(grad, name), k))
         )
         avg = 0.85 * avg + 0.15 * sens
         unc = 0.85 * unc + 0.15 * np.abs(sens - avg)
-      np.testing.assert_allclose(leaf(state['avg'], name)[k], avg, rtol=1e-5)
-      np.testing.assert_allclose(leaf(state['unc'], name)[k], unc, rtol=1e-5)
-    avg, unc = leaf(state['avg'], name), leaf(state['unc'], name)
-    score = {k: np.float64(avg[k]) * np.float64(unc[k]) for k in 'abe'}
+      np.testing.assert_allclose(getattr(leaf(state.avg, name), k), avg, rtol=1e-5)
+      np.testing.assert_allclose(getattr(leaf(state.unc, name), k), unc, rtol=1e-5)
+    avg, unc = leaf(state.avg, name), leaf(state.unc, name)
+    score = {
+      k: np.float64(getattr(avg, k)) * np.float64(getattr(unc, k)) for k in 'abe'
+    }
     # PyTorch layout: mean over row i of A = aᵀ and over column i of B = bᵀ.
     expected = score['e'] + score['a'].T.mean(axis=1) + score['b'].T.mean(axis=0)
     np.testing.assert_allclose(triplet_scores(avg, unc), expected, rtol=1e-5)
@@ -102,26 +116,25 @@ def hand_state_and_theta(adapter, frozen):
     'm1': ([4.0, 1.0, 2.0], [0.5, 0.0, 0.5], [0.5, 0.0, 0.5]),
     'm2': ([0.5, 3.0, 1.0], [0.0, 0.5, 0.5], [0.0, 0.5, 0.5]),
   }
-  theta = random_like(adapter.init(jax.random.key(0), frozen), 7)
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  theta = random_like(params, 7)
   avg = {}
   for name, (e, a, b) in parts.items():
     d_in, d_out = SHAPES[name]
     avg[name] = {
-      'kernel': {
-        'e': jnp.array(e),
-        'a': jnp.tile(jnp.array(a), (d_in, 1)),
-        'b': jnp.tile(jnp.array(b)[:, None], (1, d_out)),
-      }
+      'kernel': AdaLoraParams(
+        e=jnp.array(e),
+        a=jnp.tile(jnp.array(a), (d_in, 1)),
+        b=jnp.tile(jnp.array(b)[:, None], (1, d_out)),
+      )
     }
-  state = {'avg': avg, 'unc': jax.tree.map(jnp.ones_like, avg)}
+  state = AdaLoraScheduleState(avg=avg, unc=jax.tree.map(jnp.ones_like, avg))
   # Gradients with |θ·g| = Ī: the EMA keeps Ī and scales Ū by 0.85, so a
   # middle-phase update keeps the order of the triplet scores.
   grads = jax.tree.map(jnp.zeros_like, theta)
   for name in SHAPES:
-    leaf(grads, name).update(
-      {k: leaf(avg, name)[k] / leaf(theta, name)[k] for k in 'abe'}
-    )
-  return theta, grads, state
+    grads[name]['kernel'] = jax.tree.map(jnp.divide, leaf(avg, name), leaf(theta, name))
+  return theta, buffers, grads, state
 
 
 @pytest.mark.parametrize(
@@ -137,30 +150,29 @@ def hand_state_and_theta(adapter, frozen):
 def test_masks_the_lowest_scoring_triplets(step, masked_m1, masked_m2, frozen_scores):
   adapter, frozen = tiny_problem()
   schedule = adalora_schedule(adapter, **KWARGS, target_rank=1)
-  theta, grads, state = hand_state_and_theta(adapter, frozen)
-  out, _, new_state = schedule.update(state, frozen, theta, grads, (), step)
+  theta, buffers, grads, state = hand_state_and_theta(adapter, frozen)
+  out, _, _, new_state = schedule.update(state, frozen, theta, buffers, grads, (), step)
   for name, masked in (('m1', masked_m1), ('m2', masked_m2)):
-    expected = np.array(leaf(theta, name)['e'])
+    expected = np.array(leaf(theta, name).e)
     expected[masked] = 0
-    np.testing.assert_array_equal(leaf(out, name)['e'], expected)
-    np.testing.assert_array_equal(leaf(out, name)['a'], leaf(theta, name)['a'])
-  np.testing.assert_array_equal(
-    out['other']['kernel']['a'], theta['other']['kernel']['a']
-  )
+    np.testing.assert_array_equal(leaf(out, name).e, expected)
+    np.testing.assert_array_equal(leaf(out, name).a, leaf(theta, name).a)
+    np.testing.assert_array_equal(leaf(out, name).b, leaf(theta, name).b)
+  jax.tree.map(np.testing.assert_array_equal, out['other'], theta['other'])
   unc_scale = 1.0 if frozen_scores else 0.85  # Scores stop updating after T − t_f.
   jax.tree.map(
     lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
     new_state,
-    {'avg': state['avg'], 'unc': jax.tree.map(lambda u: unc_scale * u, state['unc'])},
+    state._replace(unc=jax.tree.map(lambda u: unc_scale * u, state.unc)),
   )
 
 
 def test_target_total_rank_sets_the_final_budget():
   adapter, frozen = tiny_problem()
   schedule = adalora_schedule(adapter, **KWARGS, target_total_rank=3)
-  theta, grads, state = hand_state_and_theta(adapter, frozen)
-  out, _, _ = schedule.update(state, frozen, theta, grads, (), 15)
-  kept = [int(jnp.sum(leaf(out, name)['e'] != 0)) for name in SHAPES]
+  theta, buffers, grads, state = hand_state_and_theta(adapter, frozen)
+  out, _, _, _ = schedule.update(state, frozen, theta, buffers, grads, (), 15)
+  kept = [int(jnp.sum(leaf(out, name).e != 0)) for name in SHAPES]
   assert kept == [2, 1]  # S = 5, 3 (m1) and 4 (m2) survive.
 
 
@@ -207,7 +219,7 @@ def test_training_ends_with_the_target_number_of_non_zero_e():
   )
   optimizer = optax.adam(1e-2)
   state = pj.TrainState.create(
-    adapter.init(jax.random.key(1), frozen),
+    *adapter.init(jax.random.key(1), frozen),
     optimizer,
     jax.random.key(2),
     schedule=schedule,
@@ -217,7 +229,7 @@ def test_training_ends_with_the_target_number_of_non_zero_e():
   non_zero = {}
   for t in range(1, 25):
     state, _ = step(state, frozen, batch(t))
-    e = jnp.concatenate([state.params[n]['kernel']['e'] for n in ('body', 'head')])
+    e = jnp.concatenate([state.params[n]['kernel'].e for n in ('body', 'head')])
     non_zero[t] = np.asarray(e != 0)
   assert non_zero[4].sum() == 6  # Warm-up: nothing masked.
   assert non_zero[24].sum() == 2  # b_T = target_rank × 2 leaves.
@@ -248,14 +260,66 @@ def test_bad_hyperparameters_are_clear_errors(kwargs, message):
 
 def test_bad_adapters_and_targets_are_clear_errors():
   adapter, frozen = tiny_problem()
-  theta = adapter.init(jax.random.key(0), frozen)
+  params, buffers = adapter.init(jax.random.key(0), frozen)
   with pytest.raises(pj.PeftError, match='target total rank 8 exceeds the initial'):
-    adalora_schedule(adapter, **KWARGS, target_rank=4).init(frozen, theta)
-  lora_only = pj.by_rules([('.*/kernel', 'lora(rank=2)')])
-  with pytest.raises(pj.PeftError, match=r'uses adalora\(\.\.\.\)'):
-    adalora_schedule(lora_only, **KWARGS, target_rank=1).init(
-      frozen, lora_only.init(jax.random.key(0), frozen)
-    )
+    adalora_schedule(adapter, **KWARGS, target_rank=4).init(frozen, params, buffers)
   per_leaf = ADALORA
   with pytest.raises(pj.PeftError, match='needs a tree-level adapter'):
-    adalora_schedule(per_leaf, **KWARGS, target_rank=1).init(frozen, theta)
+    adalora_schedule(per_leaf, **KWARGS, target_rank=1).init(frozen, params, buffers)
+
+
+@pytest.mark.parametrize(
+  'spec',
+  ['lora(rank=2)', 'flexlora(rank=2)', "stacked('lora(rank=2)')"],
+)
+def test_a_tree_without_adalora_leaves_is_a_one_line_error(spec):
+  frozen = {'m': {'kernel': jnp.ones((2, 6, 5))}}
+  if not spec.startswith('stacked'):
+    frozen = {'m': {'kernel': jnp.ones((6, 5))}}
+  others = pj.by_rules([('m/kernel', spec)])
+  schedule = adalora_schedule(others, **KWARGS, target_rank=1)
+  with pytest.raises(pj.PeftError, match=r'no leaf of .* has AdaLoraParams') as error:
+    schedule.init(frozen, *others.init(jax.random.key(0), frozen))
+  assert '\n' not in str(error.value)
+
+
+GOVERNED = ('w0', 'w1', 'w2')
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_wrapped_adalora_is_governed_like_plain_leaves(kind):
+  """mpc, a hand-built copy, matrix_view and stacked (3 layers = 3 matrices)."""
+  spec = 'adalora(rank=3, alpha=3)'
+  frozen = {name: {'kernel': jnp.ones((4, 5))} for name in GOVERNED}
+  frozen['other'] = {'kernel': jnp.ones((5, 4))}
+  others = [('other/kernel', 'lora(rank=2)')]
+  plain = pj.by_rules([('(w0|w1|w2)/kernel', spec), *others])
+  wrap = wrapped(kind, spec, frozen, GOVERNED, others)
+  params0, buffers = plain.init(jax.random.key(0), frozen)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_array_equal(x.shape, y.shape),
+    wrap.adapter.init(jax.random.key(0), wrap.frozen)[0],
+    wrap.to(params0),
+  )
+  schedules = [
+    adalora_schedule(a, **KWARGS, target_rank=1) for a in (plain, wrap.adapter)
+  ]
+  plain_state = schedules[0].init(frozen, params0, buffers)
+  state = schedules[1].init(wrap.frozen, wrap.to(params0), buffers)
+  plain_update, update = (jax.jit(s.update) for s in schedules)
+  for step in range(1, 17):
+    theta, grads = random_like(params0, step), random_like(params0, 100 + step)
+    expected, _, _, plain_state = plain_update(
+      plain_state, frozen, theta, buffers, grads, (), step
+    )
+    out, _, _, state = update(
+      state, wrap.frozen, wrap.to(theta), buffers, wrap.to(grads), (), step
+    )
+    jax.tree.map(np.testing.assert_array_equal, wrap.back(out), expected)
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+      AdaLoraScheduleState(*map(wrap.back, state)),
+      plain_state,
+    )
+  # Final phase: b_T = target_rank × 3 matrices triplets survive.
+  assert sum(int(jnp.sum(expected[n]['kernel'].e != 0)) for n in GOVERNED) == 3

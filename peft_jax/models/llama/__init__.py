@@ -1,0 +1,115 @@
+"""A Llama-family decoder in Flax Linen that loads Hugging Face checkpoints.
+
+One module covers Llama 2/3 (incl. Llama 3.1 ``llama3`` RoPE scaling),
+Mistral (without sliding window), Qwen2 (``q/k/v`` biases), TinyLlama and
+SmolLM2: pre-RMSNorm layers, rotary position embeddings in Hugging Face's
+``rotate_half`` convention, grouped-query attention through
+``jax.nn.dot_product_attention`` (cuDNN on GPU with
+``attention_impl='cudnn'``) and a SwiGLU MLP. Every linear layer is a plain
+``flax.linen.Dense``, so the factored path of peft_jax intercepts them.
+
+Parameter names (``/``-joined key paths of the ``params`` collection), which
+target rules match against; with ``scan_layers=False``::
+
+  embed_tokens/embedding                               (vocab, d)
+  layers_{i}/self_attn/q_proj/{kernel,bias}            (d, heads*hd), (heads*hd,)
+  layers_{i}/self_attn/{k_proj,v_proj}/{kernel,bias}   (d, kv_heads*hd), (kv_heads*hd,)
+  layers_{i}/self_attn/o_proj/{kernel,bias}            (heads*hd, d), (d,)
+  layers_{i}/mlp/{gate_proj,up_proj}/kernel            (d, ffn)
+  layers_{i}/mlp/down_proj/kernel                      (ffn, d)
+  layers_{i}/{input_layernorm,post_attention_layernorm}/scale  (d,)
+  norm/scale                                           (d,)
+  lm_head/kernel                                       (d, vocab)
+
+``q/k/v`` biases exist iff ``attention_bias``, the ``o_proj`` bias iff
+``attention_out_bias``; ``lm_head`` is absent when ``tie_word_embeddings``.
+
+With ``scan_layers=True`` the ``layers_{i}`` subtrees are replaced by one
+``nn.scan`` module named ``layers`` whose leaves carry a leading
+``num_layers`` axis (``layers/self_attn/q_proj/kernel: (L, d, heads*hd)``);
+``stack_layers`` / ``unstack_layers`` convert between the two layouts.
+Kernels use the Flax layout ``(d_in, d_out)``, the transpose of a PyTorch
+``Linear.weight``.
+
+Hook points (``peft_jax.hook_point``; names are module paths plus the point;
+under ``scan_layers`` every layer is ``layers/...``)::
+
+  input_embeddings                        (embeddings (b, s, d),
+                                           attention_mask (b, s) or None)
+  layers_{i}/self_attn/attention_kv       (k, v), each (b, s, kv_heads, hd),
+                                          keys after RoPE
+  layers_{i}/self_attn/attention_output   (b, s, d) after o_proj, before residual
+  layers_{i}/mlp/ffn_intermediate         (b, s, ffn) silu(gate) * up
+  layers_{i}/mlp/ffn_output               (b, s, d) after down_proj, before residual
+
+Prompt tuning: an activation adapter at ``input_embeddings`` may return ``p`` more
+positions at the front (and the mask with ``p`` more entries, or None). They
+take RoPE positions ``0..p-1`` and the tokens are shifted by ``p`` (given
+``positions`` are shifted by ``p`` and the prompts numbered ``0..p-1`` in
+front of them); they are causal like tokens, and the ``p`` positions are
+dropped from the returned logits (``(b, s, vocab)`` as without an adapter).
+
+Prefix tuning: an adapter at ``attention_kv`` may return ``p`` more keys and
+values at the front (``kv_heads`` heads; RoPE is not applied to them, the
+queries keep their positions). Every query attends to all of them, and
+causally to the tokens; ``attention_mask`` masks only the tokens.
+
+Both only without a KV cache: an adapter that changes the length while a cache
+is used raises ``PeftError`` (a length-preserving adapter is fine).
+
+Modules: ``model`` (config, RoPE, ``LlamaForCausalLM``), ``generation``
+(``init_cache``, ``generate``), ``conversion`` (``load_hf``, ``hf_layout``,
+``stack_layers``); their public names are importable from this package.
+
+Example::
+
+  config, params = load_hf('path/to/TinyLlama', dtype=jnp.bfloat16)
+  model = LlamaForCausalLM(config)
+  logits = model.apply({'params': params}, input_ids)        # (b, t, vocab)
+  new_ids = generate(model, params, input_ids, max_new_tokens=32)
+"""
+
+from peft_jax.models.llama.conversion import (
+  abstract_params,
+  hf_layout,
+  load_hf,
+  stack_layers,
+  unstack_layers,
+)
+from peft_jax.models.llama.generation import generate, init_cache
+from peft_jax.models.llama.model import (
+  ROPE_TYPES,
+  RUNTIME_OPTIONS,
+  LlamaAttention,
+  LlamaConfig,
+  LlamaDecoderLayer,
+  LlamaForCausalLM,
+  LlamaMLP,
+  RMSNorm,
+  apply_rope,
+  check_runtime_options,
+  rope_cos_sin,
+  rope_inv_freq,
+)
+
+__all__ = [
+  'ROPE_TYPES',
+  'RUNTIME_OPTIONS',
+  'LlamaAttention',
+  'LlamaConfig',
+  'LlamaDecoderLayer',
+  'LlamaForCausalLM',
+  'LlamaMLP',
+  'RMSNorm',
+  'abstract_params',
+  'apply_rope',
+  'check_runtime_options',
+  'generate',
+  'hf_layout',
+  'init_cache',
+  'load_hf',
+  'rope_cos_sin',
+  'rope_inv_freq',
+  'stack_layers',
+  'unstack_layers',
+]
