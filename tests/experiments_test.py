@@ -157,7 +157,9 @@ def test_run_writes_everything_and_refuses_a_different_config(
   lines = metric_lines(tmp_path)
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3]
   assert all(np.isfinite(m['loss']) for m in lines if 'loss' in m)
-  assert 'lora(rank=8' in (tmp_path / 'describe.txt').read_text()
+  described = (tmp_path / 'describe.txt').read_text().splitlines()
+  query = next(line for line in described if 'layer_1/attention/query/kernel' in line)
+  assert 'lora(' in query and query.split()[-1] == f'{2 * d * 8}'
 
   # A finished run is reported, not redone.
   assert train.train_and_evaluate(config, str(tmp_path)) == row

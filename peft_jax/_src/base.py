@@ -35,7 +35,6 @@ Params = Any  # A pytree of arrays: frozen weights, or a perturbed copy.
 AdapterParams = Any  # Trainable parameters (a typed NamedTuple, or a tree of them).
 Buffers = Any  # Non-trainable adapter state, any dtype (or None).
 Shape = tuple[int, ...]
-BUFFERS = 'buffers'  # TEMPORARY: removed once every method is ported to v2.
 
 LeafInitFn = Callable[[Array, Array], tuple[AdapterParams, Buffers]]
 LeafApplyFn = Callable[[Array, AdapterParams, Buffers], Array]

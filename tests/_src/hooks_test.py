@@ -1,7 +1,6 @@
 """Hook points and activation adapters end to end on BERT: discovery, prompt
 tuning and Houlsby adapters against independent computations, jit safety."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,7 @@ import peft_jax as pj
 from peft_jax.methods.houlsby import BottleneckParams
 from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import bert
+from tests import references
 
 CONFIG = bert.BertConfig(
   vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
@@ -31,15 +31,6 @@ def setup():
 
 def logits_fn(model):
   return lambda w, ids, mask: model.apply({'params': w}, ids, mask)
-
-
-def perturb(tree, seed):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  moved = [
-    x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)
-  ]
-  return treedef.unflatten(moved)
 
 
 def test_hook_points_are_discovered_with_their_shapes():
@@ -100,42 +91,20 @@ def test_prompt_of_token_embeddings_equals_feeding_those_tokens():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def houlsby_reference(y, p: BottleneckParams):
-  """``y + silu(y @ down + b_d) @ up + b_u`` in float64 numpy."""
-  f64 = lambda t: np.asarray(t, np.float64)
-  pre = f64(y) @ f64(p.down) + f64(p.down_bias)
-  return f64(y) + (pre / (1 + np.exp(-pre))) @ f64(p.up) + f64(p.up_bias)
-
-
-def intercepting(adapters: dict[tuple, BottleneckParams]):
-  """A Flax method interceptor adding a hand-written Houlsby adapter to the
-  output of the Dense modules at the given paths (an independent mechanism;
-  eager only: it computes in NumPy)."""
-
-  def interceptor(next_fun, args, kwargs, context):
-    y = next_fun(*args, **kwargs)
-    path = tuple(context.module.path)
-    if context.method_name == '__call__' and path in adapters:
-      return jnp.asarray(houlsby_reference(y, adapters[path]), y.dtype)
-    return y
-
-  return nn.intercept_methods(interceptor)
-
-
 def test_houlsby_adapters_equal_a_hand_written_interception():
   model, frozen, ids, mask = setup()
   hooks = pj.hook_points(model, ids, mask)
   tree = pj.by_rules([HOULSBY_RULE])
   params, buffers = tree.init(jax.random.key(3), frozen, hooks)
   assert buffers == {}
-  params = perturb(params, 4)
+  params = references.perturb(params, 4)
   by_dense = {}
   for i in range(CONFIG.num_layers):
     layer = params['bert']['encoder'][f'layer_{i}']
     prefix = ('bert', 'encoder', f'layer_{i}')
     by_dense[(*prefix, 'attention', 'output')] = layer['attention']['attention_output']
     by_dense[(*prefix, 'output')] = layer['ffn_output']
-  with intercepting(by_dense):
+  with references.intercepting_houlsby(by_dense):
     want = model.apply({'params': frozen}, ids, mask)
   for factored in (False, True):
     got = jax.jit(pj.adapted(tree, logits_fn(model), factored=factored))(
@@ -153,7 +122,7 @@ def test_a_cached_jit_trace_cannot_drop_the_adapter():
   plain = jitted(frozen, ids, mask)  # traced and cached without any adapter
   tree = pj.by_rules([HOULSBY_RULE])
   params, buffers = tree.init(jax.random.key(3), frozen, hooks)
-  params = perturb(params, 5)
+  params = references.perturb(params, 5)
   eager = pj.adapted(tree, logits_fn(model))(frozen, params, buffers, ids, mask)
   cached = pj.adapted(tree, jitted)(frozen, params, buffers, ids, mask)
   np.testing.assert_allclose(cached, eager, rtol=1e-5, atol=1e-6)

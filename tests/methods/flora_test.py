@@ -7,6 +7,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods.flora import FloraParams, flora
+from tests.methods.spec_checks import assert_factored_and_inverse
 
 D_IN, D_OUT = 9, 6
 
@@ -40,18 +41,7 @@ def test_apply_and_factored_are_w_plus_s_bga(style, rank, alpha, s):
     adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
   )
   x = np.random.default_rng(3).normal(size=(2, 5, D_IN))
-  np.testing.assert_allclose(
-    adapter.linear.factored(np.float32(x), w, params, None),
-    x @ expected.T,
-    rtol=1e-4,
-    atol=1e-4,
-  )
-  np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, params, None), params, None),
-    w,
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert_factored_and_inverse(adapter, w, params, expected, x)
 
 
 def test_cr_mr_init_is_kaiming_uniform_and_zero_core():

@@ -7,6 +7,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods.moslora import MosLoraParams, moslora
+from tests.methods.spec_checks import assert_factored_and_inverse
 
 D_IN, D_OUT = 9, 6
 
@@ -29,18 +30,7 @@ def test_apply_and_factored_are_w_plus_s_bma(rank, alpha):
     adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
   )
   x = rng.normal(size=(5, D_IN))
-  np.testing.assert_allclose(
-    adapter.linear.factored(np.float32(x), w, params, None),
-    x @ expected.T,
-    rtol=1e-4,
-    atol=1e-4,
-  )
-  np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, params, None), params, None),
-    w,
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert_factored_and_inverse(adapter, w, params, expected, x)
 
 
 def test_default_init_normal_a_and_mixer_zero_b_so_identity():

@@ -7,6 +7,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods.trilora import TriLoraParams, trilora
+from tests.methods.spec_checks import assert_factored_and_inverse
 
 D_IN, D_OUT = 9, 6
 
@@ -30,18 +31,7 @@ def test_apply_and_factored_are_w_plus_s_b_diag_e_a(rank, alpha, s):
     adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
   )
   x = rng.normal(size=(5, D_IN))
-  np.testing.assert_allclose(
-    adapter.linear.factored(np.float32(x), w, params, None),
-    x @ expected.T,
-    rtol=1e-4,
-    atol=1e-4,
-  )
-  np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, params, None), params, None),
-    w,
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert_factored_and_inverse(adapter, w, params, expected, x)
   down, up = adapter.factors(params, None)
   np.testing.assert_array_equal(down, params.a)
   np.testing.assert_array_equal(up, params.b)

@@ -9,6 +9,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods.vera import VeraParams, projections, vera
+from tests.methods.spec_checks import assert_factored_and_inverse
 
 D_IN, D_OUT = 9, 6
 
@@ -31,18 +32,7 @@ def test_apply_and_factored_are_w_plus_lambda_b_b_lambda_d_a(rank):
     adapter.apply(w, params, None).T, expected, rtol=1e-5, atol=1e-5
   )
   x = rng.normal(size=(2, 3, D_IN))
-  np.testing.assert_allclose(
-    adapter.linear.factored(np.float32(x), w, params, None),
-    x @ expected.T,
-    rtol=1e-4,
-    atol=1e-4,
-  )
-  np.testing.assert_allclose(
-    adapter.unapply(adapter.apply(w, params, None), params, None),
-    w,
-    rtol=1e-5,
-    atol=1e-5,
-  )
+  assert_factored_and_inverse(adapter, w, params, expected, x)
 
 
 def test_projections_are_hf_kaiming_uniform():

@@ -12,7 +12,6 @@ import functools
 import warnings
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 import peft_jax as pj
 from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import llama
+from tests import references
 
 B, T, P = 2, 6, 3  # batch, tokens, prompt/prefix length
 CONFIG = llama.LlamaConfig(
@@ -278,36 +278,11 @@ def test_prefix_of_captured_keys_values_equals_feeding_those_tokens(layout):
 # Houlsby adapters at attention_output and ffn_output.
 
 
-def houlsby_reference(y, p):
-  f64 = lambda t: np.asarray(t, np.float64)
-  pre = f64(y) @ f64(p.down) + f64(p.down_bias)
-  return f64(y) + (pre / (1 + np.exp(-pre))) @ f64(p.up) + f64(p.up_bias)
-
-
-def intercepting(adapters: dict[tuple, object]):
-  """Adds the hand-written adapter to the outputs of the Dense modules at the
-  given paths, by Flax method interception (eager: NumPy inside)."""
-
-  def interceptor(next_fun, args, kwargs, context):
-    y = next_fun(*args, **kwargs)
-    path = tuple(context.module.path)
-    if context.method_name == '__call__' and path in adapters:
-      return jnp.asarray(houlsby_reference(y, adapters[path]), y.dtype)
-    return y
-
-  return nn.intercept_methods(interceptor)
-
-
 def random_houlsby(seed):
   adapter = pj.get(HOULSBY)
-  params, _ = adapter.init(
-    jax.random.key(seed), jax.ShapeDtypeStruct((1, D), jnp.float32)
-  )
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  return treedef.unflatten(
-    [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-  )
+  value = jax.ShapeDtypeStruct((1, D), jnp.float32)
+  params, _ = adapter.init(jax.random.key(seed), value)
+  return references.perturb(params, seed + 100, scale=0.2)
 
 
 @pytest.mark.parametrize('layout', sorted(LAYOUTS))
@@ -326,7 +301,7 @@ def test_houlsby_adapters_equal_a_hand_written_interception(layout):
     for point, dense in sites.items()
     for i in range(2)
   }
-  with intercepting(dense_adapters):
+  with references.intercepting_houlsby(dense_adapters):
     want = model_unrolled.apply({'params': frozen_unrolled}, ids())
 
   model, frozen = tiny(layout)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
+from tests import references
 
 METHODS = ['lora(rank=2, b_init="normal")', 'adalora(rank=2)']
 MPC = dict(kind='d', gamma=0.3, form='mean')
@@ -39,15 +40,6 @@ PAIRS = [
   for inner in ('stacked', 'matrix_view', 'mpc')
   if outer != inner
 ]
-
-
-def perturb(tree, seed):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  moved = [
-    x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)
-  ]
-  return treedef.unflatten(moved)
 
 
 def reference(method, kinds, w, params, buffers):
@@ -91,7 +83,7 @@ def test_both_orders_are_the_same_adapter_and_equal_the_plain_method(
   params_other, buffers_other = other.init(jax.random.key(1), w)
   jax.tree.map(np.testing.assert_array_equal, params, params_other)
   jax.tree.map(np.testing.assert_array_equal, buffers, buffers_other)
-  params = perturb(params, 2)
+  params = references.perturb(params, 2)
 
   merged, terms = reference(method, {outer, inner}, w, params, buffers)
   for adapter in (one, other):
@@ -163,7 +155,7 @@ def test_wrapped_kernels_under_nn_scan_stay_factored(method):
   ]
   tree = pj.by_rules(rules)
   params, buffers = tree.init(jax.random.key(2), frozen)
-  params = perturb(params, 4)
+  params = references.perturb(params, 4)
   fn = lambda w, x: model.apply({'params': w}, x)
   weight_space = pj.adapted(tree, fn)(frozen, params, buffers, x)
   with warnings.catch_warnings():
