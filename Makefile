@@ -30,10 +30,10 @@ sweep: install
 	  --only lora,ia3,ssl,ssb,bitfit,full
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 test-fast: install
-	$(BIN)/python -m pytest -m 'not slow'
+	$(BIN)/python -m pytest -n auto -m 'not slow'
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

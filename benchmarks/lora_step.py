@@ -81,15 +81,16 @@ def time_steps(step, warmup: int, steps: int) -> float:
   return statistics.median(times)
 
 
-def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
+def jax_model(setting: str, shape: Shape):
+  """The bfloat16 Llama of ``shape`` with scanned layers.
+
+  Rematerialised per layer for ``jax_lora_remat``; cuDNN attention on GPU.
+  """
   import jax
   import jax.numpy as jnp
-  import optax
 
-  import peft_jax as pj
   from peft_jax.models import llama
 
-  on_gpu = jax.default_backend() == 'gpu'
   config = llama.LlamaConfig(
     vocab_size=shape.vocab_size,
     hidden_size=shape.hidden_size,
@@ -101,21 +102,33 @@ def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
     param_dtype=jnp.bfloat16,
     scan_layers=True,
     remat=setting == 'jax_lora_remat',
-    attention_impl='cudnn' if on_gpu else None,
+    attention_impl='cudnn' if jax.default_backend() == 'gpu' else None,
   )
-  model = llama.LlamaForCausalLM(config)
+  return llama.LlamaForCausalLM(config)
+
+
+def jax_rules(setting: str) -> list:
+  """``full()`` on every leaf for ``jax_full``, else stacked LoRA on ``TARGETS``."""
+  if setting == 'jax_full':
+    return [('.*', 'full()')]
+  lora = f'stacked("lora(rank={RANK}, alpha={ALPHA})")'
+  return [(f'layers/(self_attn|mlp)/({"|".join(TARGETS)})/kernel', lora)]
+
+
+def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
+  import jax
+  import optax
+
+  import peft_jax as pj
+
+  model = jax_model(setting, shape)
   # seq + 1 tokens: the model reads seq of them (cuDNN flash attention wants
   # aligned lengths) and predicts the next token at each.
   ids = jax.random.randint(
     jax.random.key(0), (shape.batch, shape.seq + 1), 0, shape.vocab_size
   )
   frozen = jax.jit(model.init)(jax.random.key(1), ids[:, :8])['params']
-  if setting == 'jax_full':
-    rules = [('.*', 'full()')]
-  else:
-    lora = f'stacked("lora(rank={RANK}, alpha={ALPHA})")'
-    rules = [(f'layers/(self_attn|mlp)/({"|".join(TARGETS)})/kernel', lora)]
-  tree = pj.by_rules(rules)
+  tree = pj.by_rules(jax_rules(setting))
 
   def loss_fn(weights, batch, rng):
     del rng

@@ -9,6 +9,7 @@ real offline SmolLM2 GGUF, and the slow tests run it for 3 steps.
 import functools
 import json
 
+import gguf
 import jax
 import ml_collections
 import numpy as np
@@ -44,10 +45,18 @@ def smollm2_or_skip():
     pytest.skip(str(e))
 
 
+@functools.cache
+def smollm2_reader() -> gguf.GGUFReader:
+  """The SmolLM2 GGUF, parsed once (seconds: ~50k tokenizer entries) for
+  every test that reads its config or tokenizer."""
+  return gguf.GGUFReader(smollm2_or_skip())
+
+
 @pytest.fixture(scope='module')
 def tiny():
   model = llama.LlamaForCausalLM(TINY)
-  params = model.init(jax.random.key(0), np.zeros((1, 1), np.int32))['params']
+  init = jax.jit(model.init)
+  params = init(jax.random.key(0), np.zeros((1, 1), np.int32))['params']
   return model, params
 
 
@@ -63,14 +72,25 @@ def houlsby(tiny):
   return tree, params, buffers
 
 
+@functools.cache
+def compiled_forward(model, tree=None):
+  """``(frozen, params, buffers, ids) -> logits`` of ``model`` (with the
+  adapters of ``tree``), jitted once for all tests: one compile per shape."""
+  apply = lambda weights, ids: model.apply({'params': weights}, ids)
+  if tree is None:
+    return jax.jit(lambda frozen, params, buffers, ids: apply(frozen, ids))
+  return jax.jit(pj.adapted(tree, apply))
+
+
 def plain_forward(model, params):
   """``ids -> logits`` of one unpadded sequence, the model as it is."""
-  return lambda ids: model.apply({'params': params}, np.array([ids]))[0]
+  run = compiled_forward(model)
+  return lambda ids: run(params, None, None, np.array([ids]))[0]
 
 
 def adapted_forward(model, frozen, tree, params, buffers):
   """``ids -> logits`` of one unpadded sequence, with the adapters."""
-  run = pj.adapted(tree, lambda weights, x: model.apply({'params': weights}, x))
+  run = compiled_forward(model, tree)
   return lambda ids: run(frozen, params, buffers, np.array([ids]))[0]
 
 
@@ -119,8 +139,8 @@ def test_answer_only_loss_equals_direct_computation(tiny):
   model, params = tiny
   # max_length 9: the longest row ends exactly at the edge.
   batch = lm_choice.training_arrays(PROMPTS, LABELS, CHOICES, 9, PAD)
-  loss_fn = lm_choice.make_loss_fn(model, answer_width=3)
-  loss, metrics = jax.jit(loss_fn)(params, batch, None)
+  loss_fn = jax.jit(lm_choice.make_loss_fn(model, answer_width=3))
+  loss, metrics = loss_fn(params, batch, None)
 
   nll, count = 0.0, 0
   for prompt, label in zip(PROMPTS, LABELS, strict=True):
@@ -139,9 +159,10 @@ def test_apply_at_equals_the_full_logits_at_those_positions(tiny):
   model, params = tiny
   ids = np.array([[1, 5, 6, 7], [1, 9, 4, 3]])
   index = np.array([[3, 0], [1, 2]])
-  full = model.apply({'params': params}, ids)
+  full = compiled_forward(model)(params, None, None, ids)
+  apply_at = jax.jit(functools.partial(lm_choice.apply_at, model))
   np.testing.assert_allclose(
-    lm_choice.apply_at(model, params, ids, index),
+    apply_at(params, ids, index),
     np.take_along_axis(np.asarray(full), index[..., None], axis=1),
     rtol=1e-6,
     atol=1e-6,
@@ -238,7 +259,10 @@ def test_generations_are_the_greedy_answers(tiny, houlsby, capsys, adapted):
     config, TINY, frozen, DigitTokenizer(), 2, data
   )
   show(tree, params, buffers)
-  forward = adapted_forward(model, frozen, tree, params, buffers)
+  if adapted:
+    forward = adapted_forward(model, frozen, tree, params, buffers)
+  else:
+    forward = plain_forward(model, frozen)
   out = capsys.readouterr().out.splitlines()
   assert out == [
     'greedy generations:',
@@ -252,9 +276,8 @@ def test_generations_are_the_greedy_answers(tiny, houlsby, capsys, adapted):
 
 
 def test_prompts_follow_the_chat_template_and_truncate_the_text():
-  path = smollm2_or_skip()
-  info = gguf_loading.read_tokenizer_info(path)
-  tokenizer = gguf_loading.read_tokenizer(path)
+  info = gguf_loading.read_tokenizer_info(smollm2_reader())
+  tokenizer = gguf_loading.read_tokenizer(smollm2_reader())
   config = common.load_config(CONFIG)
   system, user = config.model.system, config.model.user
   render = lambda text: lm_choice.render_prompt(
@@ -281,9 +304,10 @@ def test_prompts_follow_the_chat_template_and_truncate_the_text():
     lm_choice.encode_prompts(tokenizer, info.chat_template, system, user, [short], 20)
 
 
+@functools.cache
 def smollm2_shapes():
   """SmolLM2's config, parameter shapes and hook points, abstractly."""
-  model_config = gguf_loading.read_config(smollm2_or_skip())
+  model_config = gguf_loading.read_config(smollm2_reader())
   model = llama.LlamaForCausalLM(model_config)
   hooks = pj.hook_points(model, np.zeros((1, 8), np.int32))
   return model_config, llama.abstract_params(model_config), hooks

@@ -29,6 +29,10 @@ TINY = bert.BertConfig(
   num_heads=2,
   intermediate_size=32,
   max_position_embeddings=32,
+  # Dropout on the embeddings, sub-layer outputs and head keeps the training
+  # step random (the resumed run must restore the RNG); dropout on the
+  # attention probabilities would only double the step's compile time.
+  attention_dropout=0.0,
 )
 SEQ = 12
 HEAD = TINY.hidden_size * 2 + 2  # classifier kernel (d, 2) and bias (2,)
@@ -62,6 +66,17 @@ def build_tiny(config) -> tasks.Task:
 @pytest.fixture
 def tiny_task(monkeypatch):
   monkeypatch.setattr(tasks, 'build', build_tiny)
+
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory):
+  """``(workdir, row)`` of one finished LoRA run on the tiny task, shared by
+  the tests that only read it (each run compiles its own training step)."""
+  workdir = tmp_path_factory.mktemp('lora_run')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tasks, 'build', build_tiny)
+    row = train.train_and_evaluate(local_config('lora'), str(workdir))
+  return workdir, row
 
 
 def local_config(method: str = 'lora'):
@@ -141,45 +156,47 @@ def test_activation_methods_sit_at_minilm_hook_points():
 
 
 def test_run_writes_everything_and_refuses_a_different_config(
-  tmp_path, capsys, tiny_task
+  lora_run, capsys, tiny_task
 ):
   config = local_config('lora')
-  row = train.train_and_evaluate(config, str(tmp_path))
+  workdir, row = lora_run
   for name in ('config.json', 'describe.txt', 'metrics.jsonl', 'adapter.safetensors'):
-    assert (tmp_path / name).exists(), name
-  assert json.loads((tmp_path / 'results.json').read_text()) == row
+    assert (workdir / name).exists(), name
+  assert json.loads((workdir / 'results.json').read_text()) == row
   # Head, then LoRA rank 8 on query and value (a (d, 8), b (8, d)) of 2 layers.
   d = TINY.hidden_size
   assert row['trainable_params'] == HEAD + 2 * 2 * (d * 8 + 8 * d)
   total = sum(x.size for x in jax.tree.leaves(build_tiny(config).frozen))
   assert row['total_params'] == total
   assert 0 <= row['after_test_accuracy'] <= 1 and 'device' in row and 'date' in row
-  lines = metric_lines(tmp_path)
+  lines = metric_lines(workdir)
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3]
   assert all(np.isfinite(m['loss']) for m in lines if 'loss' in m)
-  described = (tmp_path / 'describe.txt').read_text().splitlines()
+  described = (workdir / 'describe.txt').read_text().splitlines()
   query = next(line for line in described if 'layer_1/attention/query/kernel' in line)
   assert 'lora(' in query and query.split()[-1] == f'{2 * d * 8}'
 
   # A finished run is reported, not redone.
-  assert train.train_and_evaluate(config, str(tmp_path)) == row
+  assert train.train_and_evaluate(config, str(workdir)) == row
   # A different config never overwrites a run.
   other = local_config('bitfit')
   with pytest.raises(pj.PeftError, match='holds a run with a different config'):
-    train.train_and_evaluate(other, str(tmp_path))
-  assert json.loads((tmp_path / 'results.json').read_text()) == row
+    train.train_and_evaluate(other, str(workdir))
+  assert json.loads((workdir / 'results.json').read_text()) == row
   assert (
     train.main(
-      ['--config', f'{CONFIG}:runlocal,method=bitfit', '--workdir', str(tmp_path)]
+      ['--config', f'{CONFIG}:runlocal,method=bitfit', '--workdir', str(workdir)]
     )
     == 2
   )
   assert 'error: ' in capsys.readouterr().err
 
 
-def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_task):
+def test_interrupted_run_resumes_to_the_same_adapter(
+  lora_run, tmp_path, monkeypatch, tiny_task
+):
   config = local_config('lora')
-  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  straight_dir, _ = lora_run
 
   def build_then_crash_at_step_2(config):
     task = build_tiny(config)
@@ -198,7 +215,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny
   monkeypatch.setattr(tasks, 'build', build_tiny)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
 
-  straight = safetensors_numpy.load_file(str(tmp_path / 'straight/adapter.safetensors'))
+  straight = safetensors_numpy.load_file(str(straight_dir / 'adapter.safetensors'))
   resumed = safetensors_numpy.load_file(str(tmp_path / 'resumed/adapter.safetensors'))
   assert straight.keys() == resumed.keys()
   for name in straight:

@@ -145,107 +145,18 @@ def by_rules(
   chosen = [rule.adapter for rule in compiled if rule.adapter is not None]
   leaf_methods = [a for a in chosen if isinstance(a, Adapter)]
   has_hooks = any(isinstance(a, ActivationAdapter) for a in chosen)
-
-  def weight_adapters(frozen) -> dict[str, Adapter]:
-    weights, _ = assign(compiled, frozen, strict=False)
-    return {n: r.adapter for n, r in weights.items() if r.adapter is not None}
-
-  def init_weights(key, frozen, chosen: Mapping[str, Adapter]):
-    flat = paths.flatten(frozen)
-    out = {}
-    for name, adapter in chosen.items():
-      out[name] = with_name(name, adapter.init, leaf_key(key, name), flat[name])
-      _check_typed(name, adapter, out[name][0])
-    return out
-
-  def init(key: Array, frozen: Params, hooks: Mapping[str, HookPoint] | None = None):
-    weights, points = assign(compiled, frozen, hooks, strict=strict)
-    pick = lambda rules: {n: r.adapter for n, r in rules.items() if r.adapter}
-    made = init_weights(key, frozen, pick(weights))
-    for name, adapter in pick(points).items():
-      point = hooks[name]
-      made[name] = with_name(
-        name, _init_stacked, adapter.init, leaf_key(key, name), point.value, point.stack
-      )
-      _check_typed(name, adapter, made[name][0])
-    _check_disjoint(frozen, made)
-    params = paths.nest({n: p for n, (p, _) in made.items()})
-    buffers = paths.nest({n: b for n, (_, b) in made.items() if jax.tree.leaves(b)})
-    return params, buffers
-
-  def plan(frozen: Params, params: AdapterParams, buffers: Buffers) -> Plan:
-    weights = weight_adapters(frozen)
-    given_params, given_buffers = entries(params), entries(buffers)
-    hook_names = {n: None for n in given_params if n not in weights}
-    points = assign(compiled, frozen, hook_names, strict=False)[1]
-    expected = jax.eval_shape(
-      lambda key: init_weights(key, frozen, weights), jax.random.key(0)
-    )
-    subset = lambda tree: {n: tree[n] for n in tree if n in weights}
-    _check_fits(
-      'parameters', {n: p for n, (p, _) in expected.items()}, subset(given_params)
-    )
-    _check_fits(
-      'buffers',
-      {n: b for n, (_, b) in expected.items() if jax.tree.leaves(b)},
-      subset(given_buffers),
-    )
-    hook_plan = {}
-    for name in hook_names:
-      rule = points.get(name)
-      if rule is None or rule.adapter is None:
-        raise PeftError(
-          f'adapter parameters hold an entry at {name!r}, which is neither an '
-          'adapted leaf of this frozen tree nor a hook point these rules select'
-        )
-      hook_plan[name] = Entry(rule.adapter, given_params[name], given_buffers.get(name))
-    weight_plan = {
-      name: Entry(adapter, given_params[name], given_buffers.get(name))
-      for name, adapter in weights.items()
-    }
-    return Plan(weight_plan, hook_plan)
-
-  def map_weights(fn: Callable, frozen: Params, params, buffers) -> Params:
-    chosen = plan(frozen, params, buffers).weights
-
-    def visit(name, w):
-      if name not in chosen:
-        return w
-      return with_name(name, fn, chosen[name], w)
-
-    return paths.map_named(visit, frozen)
-
-  def apply_entry(entry: Entry, w):
-    if entry.adapter.apply is None:
-      raise PeftError(
-        f'{entry.adapter.name or "this method"} has no weight-space form; run '
-        'the model through peft_jax.adapted(adapter, fn)'
-      )
-    return entry.adapter.apply(w, entry.params, entry.buffers)
-
-  def unapply_entry(entry: Entry, w):
-    return entry.adapter.unapply(w, entry.params, entry.buffers)
-
-  def regularize(frozen: Params, params, buffers) -> Array:
-    flat = paths.flatten(frozen)
-    terms = [
-      jnp.ravel(e.adapter.regularizer(flat[name], e.params, e.buffers))
-      for name, e in plan(frozen, params, buffers).weights.items()
-      if e.adapter.regularizer is not None
-    ]
-    total = functools.reduce(jnp.add, [jnp.sum(t) for t in terms], jnp.zeros(()))
-    if regularizer == 'sum':
-      return total
-    return total / max(sum(t.size for t in terms), 1)
-
+  plan = functools.partial(_plan, compiled)
   invertible = all(a.unapply is not None for a in leaf_methods) and not has_hooks
+  regularized = any(a.regularizer is not None for a in leaf_methods)
   return TreeAdapter(
-    init=init,
-    apply=functools.partial(map_weights, apply_entry),
-    unapply=functools.partial(map_weights, unapply_entry) if invertible else None,
-    regularizer=(
-      regularize if any(a.regularizer is not None for a in leaf_methods) else None
-    ),
+    init=functools.partial(_init, compiled, strict),
+    apply=functools.partial(_map_weights, plan, _apply_entry),
+    unapply=functools.partial(_map_weights, plan, _unapply_entry)
+    if invertible
+    else None,
+    regularizer=functools.partial(_regularize, plan, regularizer)
+    if regularized
+    else None,
     plan=plan,
     mergeable=all(a.mergeable for a in leaf_methods) and not has_hooks,
     name='by_rules([{}])'.format(
@@ -254,6 +165,115 @@ def by_rules(
       )
     ),
   )
+
+
+def _weight_adapters(compiled, frozen: Params) -> dict[str, Adapter]:
+  """``{leaf name: adapter}`` of the adapted leaves of ``frozen``."""
+  weights, _ = assign(compiled, frozen, strict=False)
+  return {n: r.adapter for n, r in weights.items() if r.adapter is not None}
+
+
+def _init_weights(key: Array, frozen: Params, chosen: Mapping[str, Adapter]) -> dict:
+  """``{leaf name: (params, buffers)}`` of the chosen leaves."""
+  flat = paths.flatten(frozen)
+  out = {}
+  for name, adapter in chosen.items():
+    out[name] = with_name(name, adapter.init, leaf_key(key, name), flat[name])
+    _check_typed(name, adapter, out[name][0])
+  return out
+
+
+def _init(
+  compiled, strict: bool, key: Array, frozen: Params, hooks: Mapping | None = None
+) -> tuple[AdapterParams, Buffers]:
+  """``TreeAdapter.init``: every matched leaf and hook point, in sparse trees."""
+  weights, points = assign(compiled, frozen, hooks, strict=strict)
+  pick = lambda rules: {n: r.adapter for n, r in rules.items() if r.adapter}
+  made = _init_weights(key, frozen, pick(weights))
+  for name, adapter in pick(points).items():
+    point = hooks[name]
+    made[name] = with_name(
+      name, _init_stacked, adapter.init, leaf_key(key, name), point.value, point.stack
+    )
+    _check_typed(name, adapter, made[name][0])
+  _check_disjoint(frozen, made)
+  params = paths.nest({n: p for n, (p, _) in made.items()})
+  buffers = paths.nest({n: b for n, (_, b) in made.items() if jax.tree.leaves(b)})
+  return params, buffers
+
+
+def _plan(compiled, frozen: Params, params: AdapterParams, buffers: Buffers) -> Plan:
+  """``TreeAdapter.plan``: the weight entries checked against ``frozen``, then
+  every other entry as a hook point the rules select."""
+  weights = _weight_adapters(compiled, frozen)
+  given_params, given_buffers = entries(params), entries(buffers)
+  expected = jax.eval_shape(
+    lambda key: _init_weights(key, frozen, weights), jax.random.key(0)
+  )
+  subset = lambda tree: {n: tree[n] for n in tree if n in weights}
+  _check_fits(
+    'parameters', {n: p for n, (p, _) in expected.items()}, subset(given_params)
+  )
+  _check_fits(
+    'buffers',
+    {n: b for n, (_, b) in expected.items() if jax.tree.leaves(b)},
+    subset(given_buffers),
+  )
+  weight_plan = {
+    name: Entry(adapter, given_params[name], given_buffers.get(name))
+    for name, adapter in weights.items()
+  }
+  hook_names = {n: None for n in given_params if n not in weights}
+  points = assign(compiled, frozen, hook_names, strict=False)[1]
+  hook_plan = {}
+  for name in hook_names:
+    rule = points.get(name)
+    if rule is None or rule.adapter is None:
+      raise PeftError(
+        f'adapter parameters hold an entry at {name!r}, which is neither an '
+        'adapted leaf of this frozen tree nor a hook point these rules select'
+      )
+    hook_plan[name] = Entry(rule.adapter, given_params[name], given_buffers.get(name))
+  return Plan(weight_plan, hook_plan)
+
+
+def _map_weights(plan: Callable, fn: Callable, frozen: Params, params, buffers):
+  """``frozen`` with ``fn(entry, w)`` at every adapted leaf."""
+  chosen = plan(frozen, params, buffers).weights
+
+  def visit(name, w):
+    if name not in chosen:
+      return w
+    return with_name(name, fn, chosen[name], w)
+
+  return paths.map_named(visit, frozen)
+
+
+def _apply_entry(entry: Entry, w):
+  if entry.adapter.apply is None:
+    raise PeftError(
+      f'{entry.adapter.name or "this method"} has no weight-space form; run '
+      'the model through peft_jax.adapted(adapter, fn)'
+    )
+  return entry.adapter.apply(w, entry.params, entry.buffers)
+
+
+def _unapply_entry(entry: Entry, w):
+  return entry.adapter.unapply(w, entry.params, entry.buffers)
+
+
+def _regularize(plan: Callable, reduction: str, frozen: Params, params, buffers):
+  """The sum, or the mean, of the penalty terms of every adapted matrix."""
+  flat = paths.flatten(frozen)
+  terms = [
+    jnp.ravel(e.adapter.regularizer(flat[name], e.params, e.buffers))
+    for name, e in plan(frozen, params, buffers).weights.items()
+    if e.adapter.regularizer is not None
+  ]
+  total = functools.reduce(jnp.add, [jnp.sum(t) for t in terms], jnp.zeros(()))
+  if reduction == 'sum':
+    return total
+  return total / max(sum(t.size for t in terms), 1)
 
 
 def _check_disjoint(frozen: Params, made: Mapping[str, object]) -> None:

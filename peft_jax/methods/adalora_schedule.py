@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax._src import checks, paths
-from peft_jax._src.base import Array, PeftError, Schedule, TreeAdapter
+from peft_jax._src.base import Array, Entry, PeftError, Schedule, TreeAdapter
 from peft_jax._src.schedules import governed, phases
 from peft_jax.methods.adalora import AdaLoraParams
 
@@ -92,6 +92,102 @@ def triplet_scores(avg: AdaLoraParams, unc: AdaLoraParams) -> Array:
   return score.e + score.a.mean(axis=-2) + score.b.mean(axis=-1)
 
 
+def _one_target(target_rank, target_total_rank) -> tuple[int | None, int | None]:
+  """The two target arguments, exactly one of them a positive int."""
+  name = 'adalora_schedule'
+  if (target_rank is None) == (target_total_rank is None):
+    raise PeftError(f'{name}: give exactly one of target_rank and target_total_rank')
+  if target_rank is not None:
+    return checks.positive_int(name, 'target_rank', target_rank), None
+  return None, checks.positive_int(name, 'target_total_rank', target_total_rank)
+
+
+def budget_ends(
+  chosen: dict[str, Entry], target_rank: int | None, target_total_rank: int | None
+) -> tuple[int, int]:
+  """``(b0, b_T)`` of the governed leaves ``chosen``.
+
+  ``b0 = Σ size(e)`` over the leaves (each ``e: (..., r)`` holds one rank-``r``
+  matrix per leading index); ``b_T = target_total_rank``, or
+  ``target_rank × #matrices``.
+
+  Raises:
+    PeftError: if ``b_T > b0``.
+  """
+  initial = sum(entry.params.e.size for entry in chosen.values())
+  matrices = sum(
+    entry.params.e.size // entry.params.e.shape[-1] for entry in chosen.values()
+  )
+  target = target_total_rank or target_rank * matrices
+  if target > initial:
+    raise PeftError(
+      f'adalora_schedule: the target total rank {target} exceeds the initial '
+      f'total rank {initial} of the {matrices} adalora matrices'
+    )
+  return initial, target
+
+
+def zero_scores(chosen: dict[str, Entry]) -> dict:
+  """A nested tree with float32 zeros shaped like each governed leaf's params.
+
+  Fresh arrays per call: donation must not see one buffer twice.
+  """
+  return paths.nest(
+    {
+      leaf: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), entry.params)
+      for leaf, entry in chosen.items()
+    }
+  )
+
+
+def smoothed_scores(
+  state: AdaLoraScheduleState,
+  chosen: dict[str, Entry],
+  grads: dict,
+  refresh: Array,
+  beta1: float,
+  beta2: float,
+) -> tuple[dict, dict, dict]:
+  """``(avg, unc, scores)`` per governed leaf, each ``{leaf name: ...}``.
+
+  ``avg``/``unc`` are ``sensitivity_update`` of the state's EMAs with the
+  leaf's parameters and ``grads`` where ``refresh`` (a bool scalar), else the
+  state's EMAs unchanged; ``scores: (..., r)`` are their ``triplet_scores``.
+  """
+  avg, unc, scores = {}, {}, {}
+  for leaf, entry in chosen.items():
+    old = paths.subtree(state.avg, leaf), paths.subtree(state.unc, leaf)
+    new = sensitivity_update(
+      *old, entry.params, paths.subtree(grads, leaf), beta1, beta2
+    )
+    avg[leaf], unc[leaf] = (
+      jax.tree.map(lambda n, o: jnp.where(refresh, n, o), n_tree, o_tree)
+      for n_tree, o_tree in zip(new, old, strict=True)
+    )
+    scores[leaf] = triplet_scores(avg[leaf], unc[leaf])
+  return avg, unc, scores
+
+
+def mask_lowest(
+  chosen: dict[str, Entry], scores: dict, n_masked: Array, masking: Array
+) -> dict[str, AdaLoraParams]:
+  """Each governed leaf's params with ``e_i ← 0`` wherever ``S_i <= τ``.
+
+  ``τ`` is the ``n_masked``-th smallest of all leaves' ``scores`` (each
+  ``(..., r)``, like the leaf's ``e``); nothing is masked unless ``masking``
+  (a bool scalar) and ``n_masked > 0``. Ties at ``τ`` are all masked.
+  """
+  ranked = jnp.sort(jnp.concatenate([jnp.ravel(s) for s in scores.values()]))
+  threshold = ranked[jnp.maximum(n_masked - 1, 0)]
+  masking = masking & (n_masked > 0)
+  masked = {}
+  for leaf, entry in chosen.items():
+    e = entry.params.e
+    cut = masking & (scores[leaf] <= threshold)
+    masked[leaf] = entry.params._replace(e=jnp.where(cut, jnp.zeros_like(e), e))
+  return masked
+
+
 def adalora_schedule(
   adapter: TreeAdapter,
   *,
@@ -152,14 +248,7 @@ def adalora_schedule(
   name = 'adalora_schedule'
   total, t_i, t_f = phases(name, total_steps, init_warmup, final_warmup)
   interval = checks.positive_int(name, 'mask_interval', mask_interval)
-  if (target_rank is None) == (target_total_rank is None):
-    raise PeftError(f'{name}: give exactly one of target_rank and target_total_rank')
-  if target_rank is not None:
-    target_rank = checks.positive_int(name, 'target_rank', target_rank)
-  else:
-    target_total_rank = checks.positive_int(
-      name, 'target_total_rank', target_total_rank
-    )
+  target_rank, target_total_rank = _one_target(target_rank, target_total_rank)
   for beta_name, beta in (('beta1', beta1), ('beta2', beta2)):
     if not 0 <= checks.real(name, beta_name, beta) < 1:
       raise PeftError(f'{name}: {beta_name}={beta} must be in [0, 1)')
@@ -167,45 +256,16 @@ def adalora_schedule(
   def leaves(frozen, params, buffers):
     """The governed leaves and the budget ends ``(b0, b_T)``."""
     chosen = governed(name, adapter, frozen, params, buffers, AdaLoraParams)
-    initial = sum(entry.params.e.size for entry in chosen.values())
-    matrices = sum(
-      entry.params.e.size // entry.params.e.shape[-1] for entry in chosen.values()
-    )
-    target = target_total_rank or target_rank * matrices
-    if target > initial:
-      raise PeftError(
-        f'{name}: the target total rank {target} exceeds the initial total '
-        f'rank {initial} of the {matrices} adalora matrices'
-      )
-    return chosen, initial, target
+    return chosen, *budget_ends(chosen, target_rank, target_total_rank)
 
   def init(frozen, params, buffers):
     chosen, _, _ = leaves(frozen, params, buffers)
-
-    def zeros():  # Fresh arrays per tree: donation must not see one buffer twice.
-      return paths.nest(
-        {
-          leaf: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), entry.params)
-          for leaf, entry in chosen.items()
-        }
-      )
-
-    return AdaLoraScheduleState(avg=zeros(), unc=zeros())
+    return AdaLoraScheduleState(avg=zero_scores(chosen), unc=zero_scores(chosen))
 
   def update(state, frozen, params, buffers, grads, opt_state, step):
     chosen, initial, target = leaves(frozen, params, buffers)
     refresh = step <= total - t_f
-    avg, unc, scores = {}, {}, {}
-    for leaf, entry in chosen.items():
-      old = paths.subtree(state.avg, leaf), paths.subtree(state.unc, leaf)
-      new = sensitivity_update(
-        *old, entry.params, paths.subtree(grads, leaf), beta1, beta2
-      )
-      avg[leaf], unc[leaf] = (
-        jax.tree.map(lambda n, o: jnp.where(refresh, n, o), n_tree, o_tree)
-        for n_tree, o_tree in zip(new, old, strict=True)
-      )
-      scores[leaf] = triplet_scores(avg[leaf], unc[leaf])
+    avg, unc, scores = smoothed_scores(state, chosen, grads, refresh, beta1, beta2)
     n_masked = initial - budget(
       step,
       initial=initial,
@@ -215,14 +275,7 @@ def adalora_schedule(
       final_warmup=t_f,
     )
     mask_step = (step > t_i) & ((step > total - t_f) | (step % interval == 0))
-    ranked = jnp.sort(jnp.concatenate([jnp.ravel(s) for s in scores.values()]))
-    threshold = ranked[jnp.maximum(n_masked - 1, 0)]
-    masking = mask_step & (n_masked > 0)
-    masked = {}
-    for leaf, entry in chosen.items():
-      e = entry.params.e
-      cut = masking & (scores[leaf] <= threshold)
-      masked[leaf] = entry.params._replace(e=jnp.where(cut, jnp.zeros_like(e), e))
+    masked = mask_lowest(chosen, scores, n_masked, mask_step)
     state = AdaLoraScheduleState(
       avg=paths.replace(state.avg, avg), unc=paths.replace(state.unc, unc)
     )

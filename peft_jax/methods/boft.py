@@ -34,6 +34,88 @@ def butterfly_perm(d: int, block_size: int, i: int) -> np.ndarray:
   return np.arange(d).reshape(-1, chunks, half)[:, order].reshape(d)
 
 
+def butterfly_perms(d_in: int, block_size: int, factors: int) -> list:
+  """``[None, (p_1, p_1⁻¹), ..., (p_{m−1}, p_{m−1}⁻¹)]`` for ``m = factors``.
+
+  ``p_i = butterfly_perm(d_in, block_size, i)``; ``None`` stands for the
+  identity ``p_0``.
+  """
+  perms = [None]
+  for i in range(1, factors):
+    p = butterfly_perm(d_in, block_size, i)
+    perms.append((p, np.argsort(p)))
+  return perms
+
+
+def check_shape(w, block_size: int, factors: int) -> tuple[int, int]:
+  """``(k, d_out)`` of ``w: (d_in, d_out)``, ``k = d_in / b`` blocks.
+
+  Raises:
+    PeftError: unless ``b`` and ``b · 2^(m−1)`` divide ``d_in``.
+  """
+  d_in, d_out = checks.matrix('boft', w)
+  blocks = check_blocks('boft', block_size, d_in)
+  span = block_size * 2 ** (factors - 1)
+  if d_in % span:
+    raise PeftError(
+      f'boft: d_in={d_in} is not a multiple of block_size·2^(m−1)={span} '
+      f'(block_size={block_size}, n_butterfly_factor={factors})'
+    )
+  return blocks, d_out
+
+
+def rotate_rows(w: Array, r: Array, perm) -> Array:
+  """``M @ w = P B Pᵀ @ w`` for ``w: (d_in, d_out)``.
+
+  ``r: (k, b, b)`` are the blocks of ``B = blockdiag(r_1, ..., r_k)``
+  (``k · b = d_in``); ``perm = (p, p⁻¹)`` gives ``P`` (``(Pᵀ v)[j] =
+  v[p⁻¹[j]]``), ``None`` for ``P = I``. Returns ``(d_in, d_out)``.
+  """
+  if perm is not None:
+    w = w[perm[1]]
+  w = jnp.einsum('kij,kjo->kio', r, w.reshape(-1, r.shape[-1], w.shape[1]))
+  w = w.reshape(-1, w.shape[-1])
+  return w if perm is None else w[perm[0]]
+
+
+def rotate_inputs(x: Array, r: Array, perm) -> Array:
+  """``x @ P B Pᵀ`` for ``x: (..., d_in)``; ``r``, ``perm`` as in ``rotate_rows``."""
+  if perm is not None:
+    x = x[..., perm[1]]
+  xb = x.reshape(*x.shape[:-1], -1, r.shape[-1])
+  x = jnp.einsum('...ki,kij->...kj', xb, r).reshape(x.shape)
+  return x if perm is None else x[..., perm[0]]
+
+
+def butterfly(w: Array, r: Array, perms: list) -> Array:
+  """``R @ w = M_{m−1} ⋯ M_0 @ w`` (``M_0`` first), ``w: (d_in, d_out)``.
+
+  ``r: (m, k, b, b)`` are the factors' blocks, ``perms`` from
+  ``butterfly_perms``. Returns ``(d_in, d_out)``.
+  """
+  for r_i, perm in zip(r, perms, strict=True):
+    w = rotate_rows(w, r_i, perm)
+  return w
+
+
+def butterfly_transposed(w: Array, r: Array, perms: list) -> Array:
+  """``Rᵀ @ w = M_0ᵀ ⋯ M_{m−1}ᵀ @ w`` for ``w: (d_in, d_out)``.
+
+  ``M_iᵀ = P_i B_iᵀ P_iᵀ``; ``r`` and ``perms`` as in ``butterfly``.
+  """
+  r_t = jnp.swapaxes(r, -1, -2)
+  for r_i, perm in reversed(list(zip(r_t, perms, strict=True))):
+    w = rotate_rows(w, r_i, perm)
+  return w
+
+
+def butterfly_inputs(x: Array, r: Array, perms: list) -> Array:
+  """``x R = x M_{m−1} ⋯ M_0`` (``M_{m−1}`` first) for ``x: (..., d_in)``."""
+  for r_i, perm in reversed(list(zip(r, perms, strict=True))):
+    x = rotate_inputs(x, r_i, perm)
+  return x
+
+
 @register('boft')
 def boft(
   block_size: int = 4,
@@ -93,75 +175,35 @@ def boft(
       f'{name}: block_size={block_size} must be even when n_butterfly_factor > 1'
     )
 
-  def check_shape(w):
-    d_in, d_out = checks.matrix(name, w)
-    blocks = check_blocks(name, block_size, d_in)
-    span = block_size * 2 ** (factors - 1)
-    if d_in % span:
-      raise PeftError(
-        f'{name}: d_in={d_in} is not a multiple of block_size·2^(m−1)={span} '
-        f'(block_size={block_size}, n_butterfly_factor={factors})'
-      )
-    return blocks, d_out
-
   def init(key, w):
     del key
-    blocks, d_out = check_shape(w)
+    blocks, d_out = check_shape(w, block_size, factors)
     params = BoftParams(
       q=jnp.zeros((factors, blocks, num_skew(block_size)), dtype),
       s=jnp.ones(d_out, dtype) if scale else None,
     )
     return params, None
 
-  def permutations(d_in):
-    """``[(p_i, p_i⁻¹)]`` for each factor; ``None`` for the identity ``p_0``."""
-    perms = [None]
-    for i in range(1, factors):
-      p = butterfly_perm(d_in, block_size, i)
-      perms.append((p, np.argsort(p)))
-    return perms
-
-  def rotate_rows(w, r, perm):
-    """``P r Pᵀ @ w`` with ``r`` the stacked blocks of a block diagonal."""
-    if perm is not None:
-      w = w[perm[1]]
-    w = jnp.einsum('kij,kjo->kio', r, w.reshape(-1, block_size, w.shape[1]))
-    w = w.reshape(-1, w.shape[-1])
-    return w if perm is None else w[perm[0]]
-
-  def rotate_inputs(x, r, perm):
-    """``x @ P r Pᵀ`` for ``x: (..., d_in)``."""
-    if perm is not None:
-      x = x[..., perm[1]]
-    xb = x.reshape(*x.shape[:-1], -1, block_size)
-    x = jnp.einsum('...ki,kij->...kj', xb, r).reshape(x.shape)
-    return x if perm is None else x[..., perm[0]]
+  def rotation(params, d_in):
+    """The factors' blocks ``(m, k, b, b)`` and permutations."""
+    return cayley(params.q, block_size), butterfly_perms(d_in, block_size, factors)
 
   def magnitude(params):
     return params.s if scale else 1.0
 
   def apply(w, params, buffers):
     del buffers
-    r = cayley(params.q, block_size)
-    rw = w
-    for i, perm in enumerate(permutations(w.shape[0])):
-      rw = rotate_rows(rw, r[i], perm)
+    rw = butterfly(w, *rotation(params, w.shape[0]))
     return (rw * magnitude(params)).astype(w.dtype)
 
   def unapply(w, params, buffers):
     del buffers
-    r_t = jnp.swapaxes(cayley(params.q, block_size), -1, -2)
-    u = w / magnitude(params)
-    for i, perm in reversed(list(enumerate(permutations(w.shape[0])))):
-      u = rotate_rows(u, r_t[i], perm)
+    u = butterfly_transposed(w / magnitude(params), *rotation(params, w.shape[0]))
     return u.astype(w.dtype)
 
   def factored(x, w, params, buffers):
     del buffers
-    r = cayley(params.q, block_size)
-    xr = x
-    for i, perm in reversed(list(enumerate(permutations(w.shape[0])))):
-      xr = rotate_inputs(xr, r[i], perm)
+    xr = butterfly_inputs(x, *rotation(params, w.shape[0]))
     return ((xr @ w) * magnitude(params)).astype(jnp.result_type(x, w))
 
   def num_params(shape):

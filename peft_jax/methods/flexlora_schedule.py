@@ -111,6 +111,89 @@ def positions(keys: Array) -> Array:
   return jnp.argsort(jnp.argsort(keys))
 
 
+def event_budget(
+  step, budget: int, cubic: bool, timeline: tuple[int, int, int], interval: int
+) -> Array:
+  """``k_max`` at update ``t = step``: the event's budget, 0 when no event (int32).
+
+  ``b0 = budget`` (``cubic_budget`` with ``cubic``) when ``t_i < t < T − t_f``
+  and ``(t − t_i) mod Δ = 0``, 0 otherwise; ``timeline = (T, t_i, t_f)``,
+  ``Δ = interval``.
+  """
+  total, t_i, t_f = timeline
+  if cubic:
+    k_max = cubic_budget(
+      step, budget=budget, total_steps=total, init_warmup=t_i, final_warmup=t_f
+    )
+  else:
+    k_max = jnp.asarray(budget, jnp.int32)
+  on_event = (step > t_i) & (step < total - t_f) & ((step - t_i) % interval == 0)
+  return jnp.where(on_event, k_max, 0)
+
+
+def choose(
+  flat: dict[str, tuple[FlexLoraParams, Array]], k_max: Array
+) -> tuple[Array, Array]:
+  """``(prune, grow)``: ``(n,)`` bool masks over all ``n`` governed matrices.
+
+  ``flat`` maps each leaf to its ``matrices``, taken in order. With ``H``
+  the ``entropy``, ``r`` the active rank and ``R`` the slots of each matrix,
+  ``k = min(k_max, #{r > 1}, #{1 < r < R})``; ``prune`` marks the ``k``
+  matrices with ``r > 1`` and the lowest ``H``, ``grow`` the ``k`` with
+  ``1 < r < R`` and the highest ``H``, ties to the earlier matrix.
+  """
+  h = jnp.concatenate([jax.vmap(entropy)(p.e, m) for p, m in flat.values()])
+  r = jnp.concatenate([jnp.sum(m, axis=-1) for _, m in flat.values()])
+  capacity = jnp.concatenate(
+    [jnp.full(m.shape[0], m.shape[1]) for _, m in flat.values()]
+  )
+  prunable = r > 1
+  growable = prunable & (r < capacity)
+  k = jnp.minimum(k_max, jnp.minimum(jnp.sum(prunable), jnp.sum(growable)))
+  prune = prunable & (positions(jnp.where(prunable, h, jnp.inf)) < k)
+  grow = growable & (positions(jnp.where(growable, -h, jnp.inf)) < k)
+  return prune, grow
+
+
+def leaf_events(
+  chosen: dict[str, Entry],
+  flat: dict[str, tuple[FlexLoraParams, Array]],
+  prune: Array,
+  grow: Array,
+  key: Array,
+  prune_by: str,
+) -> tuple[dict, dict, dict]:
+  """``prune_and_grow`` on every governed matrix, back in each leaf's layout.
+
+  Matrix ``i`` (in the order of ``flat``, as ``prune``/``grow: (n,)``) draws
+  its grown values from ``fold_in(key, i)``. Returns ``(params, buffers,
+  touched)``: ``{leaf: FlexLoraParams}``, ``{leaf: FlexLoraBuffers}`` and
+  ``{'leaf/a' | 'leaf/b' | 'leaf/e': bool mask}`` of the dropped and grown
+  slots, broadcastable to ``a``, ``b``, ``e`` (for ``reset_moments``).
+  """
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(prune.size))
+  one_matrix = jax.vmap(functools.partial(prune_and_grow, prune_by=prune_by))
+  new_params, new_buffers, touched = {}, {}, {}
+  start = 0
+  for leaf, (leaf_params, leaf_active) in flat.items():
+    span = slice(start, start + leaf_active.shape[0])
+    start = span.stop
+    out, active, slots = one_matrix(
+      leaf_params, leaf_active, prune[span], grow[span], keys[span]
+    )
+    entry = chosen[leaf]
+    new_params[leaf] = jax.tree.map(
+      lambda x, like: jnp.reshape(x, like.shape), out, entry.params
+    )
+    shape = entry.buffers.active.shape
+    new_buffers[leaf] = FlexLoraBuffers(active=jnp.reshape(active, shape))
+    slots = jnp.reshape(slots, shape)
+    touched[f'{leaf}/a'] = slots[..., None, :]
+    touched[f'{leaf}/b'] = slots[..., :, None]
+    touched[f'{leaf}/e'] = slots
+  return new_params, new_buffers, touched
+
+
 def flexlora_schedule(
   adapter: TreeAdapter,
   *,
@@ -174,7 +257,7 @@ def flexlora_schedule(
     The ``Schedule`` (its state is ``()``).
   """
   name = 'flexlora_schedule'
-  total, t_i, t_f = phases(name, total_steps, init_warmup, final_warmup)
+  timeline = phases(name, total_steps, init_warmup, final_warmup)
   every = checks.positive_int(name, 'interval', interval)
   b0 = checks.positive_int(name, 'budget', budget)
   cubic = checks.flag(name, 'cubic', cubic)
@@ -192,54 +275,20 @@ def flexlora_schedule(
   def event(frozen, params, buffers, opt_state, step, k_max):
     chosen = leaves(frozen, params, buffers)
     flat = {leaf: matrices(entry) for leaf, entry in chosen.items()}
-    h = jnp.concatenate([jax.vmap(entropy)(p.e, m) for p, m in flat.values()])
-    r = jnp.concatenate([jnp.sum(m, axis=-1) for _, m in flat.values()])
-    capacity = jnp.concatenate(
-      [jnp.full(m.shape[0], m.shape[1]) for _, m in flat.values()]
-    )
-    prunable = r > 1
-    growable = prunable & (r < capacity)
-    k = jnp.minimum(k_max, jnp.minimum(jnp.sum(prunable), jnp.sum(growable)))
-    prune = prunable & (positions(jnp.where(prunable, h, jnp.inf)) < k)
-    grow = growable & (positions(jnp.where(growable, -h, jnp.inf)) < k)
+    prune, grow = choose(flat, k_max)
     key = jax.random.fold_in(jax.random.key(seed), step)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(r.size))
-    one_matrix = jax.vmap(functools.partial(prune_and_grow, prune_by=prune_by))
-    new_params, new_buffers, touched = {}, {}, {}
-    start = 0
-    for leaf, (leaf_params, leaf_active) in flat.items():
-      span = slice(start, start + leaf_active.shape[0])
-      start = span.stop
-      out, active, slots = one_matrix(
-        leaf_params, leaf_active, prune[span], grow[span], keys[span]
-      )
-      entry = chosen[leaf]
-      new_params[leaf] = jax.tree.map(
-        lambda x, like: jnp.reshape(x, like.shape), out, entry.params
-      )
-      shape = entry.buffers.active.shape
-      new_buffers[leaf] = FlexLoraBuffers(active=jnp.reshape(active, shape))
-      slots = jnp.reshape(slots, shape)
-      touched[f'{leaf}/a'] = slots[..., None, :]
-      touched[f'{leaf}/b'] = slots[..., :, None]
-      touched[f'{leaf}/e'] = slots
+    new_params, new_buffers, touched = leaf_events(
+      chosen, flat, prune, grow, key, prune_by
+    )
     params = paths.replace(params, new_params)
     buffers = paths.replace(buffers, new_buffers)
     return params, buffers, reset_moments(opt_state, params, touched)
 
   def update(state, frozen, params, buffers, grads, opt_state, step):
     del grads
-    if cubic:
-      k_max = cubic_budget(
-        step, budget=b0, total_steps=total, init_warmup=t_i, final_warmup=t_f
-      )
-    else:
-      k_max = jnp.asarray(b0, jnp.int32)
-    is_event = (
-      (step > t_i) & (step < total - t_f) & ((step - t_i) % every == 0) & (k_max > 0)
-    )
+    k_max = event_budget(step, b0, cubic, timeline, every)
     params, buffers, opt_state = jax.lax.cond(
-      is_event,
+      k_max > 0,
       lambda p, b, o: event(frozen, p, b, o, step, k_max),
       lambda p, b, o: (p, b, o),
       params,

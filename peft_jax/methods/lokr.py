@@ -59,6 +59,76 @@ def _factor_arg(method: str, factor) -> int:
   return factor
 
 
+def kron_shapes(shape, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``((a1, a2), (b1, b2))``, the shapes of ``c`` and ``d`` for ``w: shape``.
+
+  ``(a1, b1) = factorization(d_in, factor)`` and ``(a2, b2) =
+  factorization(d_out, factor)`` for ``shape = (d_in, d_out)``.
+  """
+  (a1, b1), (a2, b2) = (factorization(dim, factor) for dim in shape)
+  return (a1, a2), (b1, b2)
+
+
+def _low_rank_fits(which: str, shape: tuple[int, int], rank: int) -> None:
+  if rank > min(shape):
+    raise PeftError(
+      f'lokr: rank={rank} exceeds min{shape}={min(shape)} of the '
+      f'Kronecker factor {which}; lower the rank or change factor'
+    )
+
+
+def init_factors(
+  key, c_shape, d_shape, rank: int | None, decompose_both: bool, dtype
+) -> LokrParams:
+  """HF PEFT's init of ``c: (a1, a2)`` and ``d: (b1, b2)`` (or their factors).
+
+  ``c = 0`` (with ``decompose_both``, ``c1: (a1, r)`` Kaiming-uniform and
+  ``c2: (r, a2)`` zero); ``d`` Kaiming-uniform (with a rank, ``d1: (b1, r)``
+  and ``d2: (r, b2)``). Keys: ``split(key, 3)`` for ``c1``, ``d``/``d1``,
+  ``d2``.
+
+  Raises:
+    PeftError: if the rank exceeds a factor it decomposes.
+  """
+  uniform = initializers.kaiming_uniform
+  k_c, k_d1, k_d2 = jax.random.split(key, 3)
+  if decompose_both:
+    _low_rank_fits('c', c_shape, rank)
+    c = {
+      'c1': uniform(k_c, (c_shape[0], rank), dtype, rank),
+      'c2': jnp.zeros((rank, c_shape[1]), dtype),
+    }
+  else:
+    c = {'c': jnp.zeros(c_shape, dtype)}
+  if rank is None:
+    d = {'d': uniform(k_d1, d_shape, dtype, rank)}
+  else:
+    _low_rank_fits('d', d_shape, rank)
+    d = {
+      'd1': uniform(k_d1, (d_shape[0], rank), dtype, rank),
+      'd2': uniform(k_d2, (rank, d_shape[1]), dtype, rank),
+    }
+  return LokrParams(**c, **d)
+
+
+def kron_factors(params: LokrParams) -> tuple[Array, Array]:
+  """``(c, d)``: ``c = c1 @ c2`` when ``c`` is ``None``, ``d = d1 @ d2`` likewise."""
+  c = params.c1 @ params.c2 if params.c is None else params.c
+  d = params.d1 @ params.d2 if params.d is None else params.d
+  return c, d
+
+
+def kron_matmul(x: Array, c: Array, d: Array) -> Array:
+  """``x @ (c ⊗ d)`` for ``x: (..., a1·b1)``, never forming ``c ⊗ d``.
+
+  ``x`` as ``(..., a1, b1)``, ``einsum('...ik,ij,kl->...jl', x, c, d)`` with
+  ``c: (a1, a2)``, ``d: (b1, b2)``, reshaped to ``(..., a2·b2)``.
+  """
+  xr = x.reshape(*x.shape[:-1], c.shape[0], d.shape[0])
+  y = jnp.einsum('...ik,ij,kl->...jl', xr, c, d)
+  return y.reshape(*x.shape[:-1], c.shape[1] * d.shape[1])
+
+
 @register('lokr')
 def lokr(
   factor: int = -1,
@@ -122,58 +192,21 @@ def lokr(
     alpha = float(rank or 1)
   scale = checks.real(name, 'alpha', alpha) / (rank or 1)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
-  uniform = initializers.kaiming_uniform
-
-  def shapes(shape):
-    (a1, b1), (a2, b2) = (factorization(dim, factor) for dim in shape)
-    return (a1, a2), (b1, b2)
-
-  def low_rank_fits(which, shape):
-    if rank > min(shape):
-      raise PeftError(
-        f'{name}: rank={rank} exceeds min{shape}={min(shape)} of the '
-        f'Kronecker factor {which}; lower the rank or change factor'
-      )
 
   def init(key, w):
-    c_shape, d_shape = shapes(checks.matrix(name, w))
-    k_c, k_d1, k_d2 = jax.random.split(key, 3)
-    if decompose_both:
-      low_rank_fits('c', c_shape)
-      c = {
-        'c1': uniform(k_c, (c_shape[0], rank), dtype, rank),
-        'c2': jnp.zeros((rank, c_shape[1]), dtype),
-      }
-    else:
-      c = {'c': jnp.zeros(c_shape, dtype)}
-    if rank is None:
-      d = {'d': uniform(k_d1, d_shape, dtype, rank)}
-    else:
-      low_rank_fits('d', d_shape)
-      d = {
-        'd1': uniform(k_d1, (d_shape[0], rank), dtype, rank),
-        'd2': uniform(k_d2, (rank, d_shape[1]), dtype, rank),
-      }
-    return LokrParams(**c, **d), None
-
-  def kron_factors(params):
-    c = params.c1 @ params.c2 if decompose_both else params.c
-    d = params.d if rank is None else params.d1 @ params.d2
-    return c, d
+    c_shape, d_shape = kron_shapes(checks.matrix(name, w), factor)
+    return init_factors(key, c_shape, d_shape, rank, decompose_both, dtype), None
 
   def delta(w, params, buffers):
     del w, buffers
     return scale * jnp.kron(*kron_factors(params))
 
   def delta_product(x, w, params, buffers):
-    del buffers
-    c, d = kron_factors(params)
-    xr = x.reshape(*x.shape[:-1], c.shape[0], d.shape[0])
-    kron_y = jnp.einsum('...ik,ij,kl->...jl', xr, c, d)
-    return scale * kron_y.reshape(*x.shape[:-1], w.shape[1])
+    del w, buffers
+    return scale * kron_matmul(x, *kron_factors(params))
 
   def num_params(shape):
-    (a1, a2), (b1, b2) = shapes(shape)
+    (a1, a2), (b1, b2) = kron_shapes(shape, factor)
     c_count = rank * (a1 + a2) if decompose_both else a1 * a2
     return c_count + (b1 * b2 if rank is None else rank * (b1 + b2))
 

@@ -223,7 +223,7 @@ def test_factored_equals_merged_forward_and_gradients(name):
     rtol=1e-5,
     atol=1e-5,
   )
-  grad_merged = jax.grad(merged_loss, argnums=(0, 1))(s.params, x)
+  grad_merged = jax.jit(jax.grad(merged_loss, argnums=(0, 1)))(s.params, x)
   grad_factored = jax.jit(jax.grad(factored_loss, argnums=(0, 1)))(s.params, x)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
@@ -259,8 +259,8 @@ def test_gradient_reaches_every_trainable_leaf(name):
     out = lambda p: forward(s, x, p)
   else:
     out = lambda p: s.adapter.apply(s.w, p, s.buffers)
-  probe = jax.random.normal(jax.random.key(8), out(s.params).shape)
-  grads = jax.grad(lambda p: jnp.sum(jnp.sin(out(p)) * probe))(s.params)
+  probe = jax.random.normal(jax.random.key(8), jax.eval_shape(out, s.params).shape)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(out(p)) * probe)))(s.params)
   assert jax.tree.structure(grads) == jax.tree.structure(s.params)
   inert = INACTIVE_UNTIL_SCHEDULED.get(name, ())
   for path, leaf in jax.tree_util.tree_leaves_with_path(grads):

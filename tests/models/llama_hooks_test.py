@@ -89,7 +89,7 @@ def nest(entries: dict) -> dict:
 # Discovery.
 
 
-@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+@pytest.mark.parametrize('layout', ['unrolled', 'scan'])
 def test_hook_points_names_shapes_and_layer_stacks(layout):
   model, _ = tiny(layout)
   hooks = pj.hook_points(model, ids(), attention_mask=np.ones((B, T)))
@@ -123,7 +123,7 @@ def prompted(layout, prompt):
   return model, frozen, tree, params, buffers
 
 
-@pytest.mark.parametrize('layout', ['unrolled', 'scan'])
+@pytest.mark.parametrize('layout', ['scan'])  # The point is before the layers.
 def test_prompt_of_token_embeddings_equals_feeding_those_tokens(layout):
   prefix = ids((P,), seed=5)
   _, frozen = tiny(layout)
@@ -158,7 +158,7 @@ def test_prompt_of_token_embeddings_equals_feeding_those_tokens(layout):
   np.testing.assert_allclose(got[real], want[:, P:][real], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('layout', ['unrolled', 'scan_remat'])
+@pytest.mark.parametrize('layout', ['scan_remat'])
 def test_trainable_prompt_is_differentiable_and_changes_the_logits(layout):
   model, frozen, tree, params, buffers = prompted(layout, None)
   run = pj.adapted(tree, logits(model), factored=True)
@@ -239,7 +239,8 @@ def captured_keys_values(tokens) -> list[PrefixParams]:
   return [seen[0], seen[1]]
 
 
-@pytest.mark.parametrize('layout', ['unrolled', 'scan', 'scan_remat'])
+# scan_remat covers scan's per-layer slicing, inside remat as well.
+@pytest.mark.parametrize('layout', ['unrolled', 'scan_remat'])
 def test_prefix_of_captured_keys_values_equals_feeding_those_tokens(layout):
   prefix = ids((1, P), seed=7)
   per_layer = captured_keys_values(prefix)
@@ -285,7 +286,7 @@ def random_houlsby(seed):
   return references.perturb(params, seed + 100, scale=0.2)
 
 
-@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+@pytest.mark.parametrize('layout', ['unrolled', 'scan_remat'])
 def test_houlsby_adapters_equal_a_hand_written_interception(layout):
   sites = {
     'self_attn/attention_output': 'self_attn/o_proj',
@@ -331,7 +332,6 @@ LORA = 'lora(rank=2, alpha=4, b_init="normal")'
   'layout, lora_rule',
   [
     ('unrolled', (f'layers_\\d+/{SEVEN}', LORA)),
-    ('scan', (f'layers/{SEVEN}', f'stacked({LORA!r})')),
     ('scan_remat', (f'layers/{SEVEN}', f'stacked({LORA!r})')),
   ],
 )

@@ -75,7 +75,7 @@ def test_apply_and_factored_match_spec(rank, alpha, active):
 
 
 def test_init_is_normal_factors_zero_e_and_the_first_slots_active():
-  w = jax.random.normal(jax.random.key(1), (512, 256))
+  w = np.random.default_rng(1).normal(size=(512, 256)).astype(np.float32)
   adapter = flexlora(8, max_rank=12)
   params, buffers = adapter.init(jax.random.key(0), w)
   assert isinstance(params, FlexLoraParams) and isinstance(buffers, FlexLoraBuffers)
@@ -210,15 +210,14 @@ def jitted_update(budget, prune_by):
 
 def filled(opt_state, seed):
   """``opt_state`` with every float array replaced by random values."""
-  leaves, treedef = jax.tree.flatten(opt_state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return treedef.unflatten(
-    [
-      jax.random.normal(k, x.shape, x.dtype)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda x: (
+      rng.normal(size=x.shape).astype(x.dtype)
       if jnp.issubdtype(x.dtype, jnp.floating)
       else x
-      for k, x in zip(keys, leaves, strict=True)
-    ]
+    ),
+    opt_state,
   )
 
 
@@ -355,13 +354,10 @@ def test_reset_moments_zeroes_touched_entries_of_every_moment(optimizer, n_momen
 )
 def test_training_conserves_the_total_rank_and_compiles_once(kind, factored):
   adapter, frozen, params, buffers = four_leaves()
-  frozen = jax.tree.map(
-    lambda w: jax.random.normal(jax.random.key(w.size), w.shape) / 3, frozen
-  )
-  targets = {
-    name: jax.random.normal(jax.random.key(i), (8, w['kernel'].shape[1]))
-    for i, (name, w) in enumerate(frozen.items())
-  }
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  frozen = jax.tree.map(lambda w: normal(*w.shape) / 3, frozen)
+  targets = {name: normal(8, w['kernel'].shape[1]) for name, w in frozen.items()}
   same = lambda tree: tree
   to = back = same
   if kind == 'stacked':
@@ -388,7 +384,7 @@ def test_training_conserves_the_total_rank_and_compiles_once(kind, factored):
       loss_fn, adapter, optimizer, factored=factored, schedule=schedule
     )
   )
-  x = jax.random.normal(jax.random.key(4), (8, D_IN))
+  x = normal(8, D_IN)
   totals, fresh = [], []
   for t in range(1, 17):
     state, metrics = step(state, frozen, x)
