@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
+from peft_jax._src import paths
 from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import llama
 from tests import references
@@ -72,17 +73,6 @@ def stack_entries(per_layer: list, layout: str, point: str) -> dict:
     return {f'layers_{i}/{point}': p for i, p in enumerate(per_layer)}
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
   return {f'layers/{point}': stacked}
-
-
-def nest(entries: dict) -> dict:
-  out = {}
-  for name, value in entries.items():
-    *parents, last = name.split('/')
-    node = out
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = value
-  return out
 
 
 # ---------------------------------------------------------------------------
@@ -232,7 +222,7 @@ def captured_keys_values(tokens) -> list[PrefixParams]:
   tree = pj.by_rules([('.*attention_kv', recorder)])
   hooks = pj.hook_points(model, tokens)
   params, _ = tree.init(jax.random.key(0), frozen, hooks)
-  buffers = nest(
+  buffers = paths.nest(
     {f'layers_{i}/self_attn/attention_kv': LayerIndex(jnp.array(i)) for i in (0, 1)}
   )
   pj.adapted(tree, logits(model))(frozen, params, buffers, tokens)
@@ -250,9 +240,9 @@ def test_prefix_of_captured_keys_values_equals_feeding_those_tokens(layout):
   hooks = pj.hook_points(model, ids())
   params, buffers = tree.init(jax.random.key(0), frozen, hooks)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-    jnp.shape, nest(stack_entries(per_layer, layout, 'self_attn/attention_kv'))
+    jnp.shape, paths.nest(stack_entries(per_layer, layout, 'self_attn/attention_kv'))
   )
-  params = nest(stack_entries(per_layer, layout, 'self_attn/attention_kv'))
+  params = paths.nest(stack_entries(per_layer, layout, 'self_attn/attention_kv'))
 
   tokens = ids()
   mask = np.ones((B, T), np.int32)
@@ -312,8 +302,8 @@ def test_houlsby_adapters_equal_a_hand_written_interception(layout):
   entries = {}
   for point, layers in per_site.items():
     entries.update(stack_entries(layers, layout, point))
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nest(entries))
-  params = nest(entries)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, paths.nest(entries))
+  params = paths.nest(entries)
   for factored in (False, True):
     got = jax.jit(pj.adapted(tree, logits(model), factored=factored))(
       frozen, params, buffers, ids()
