@@ -3,7 +3,9 @@
   python -m experiments.compare runs/rt_sweep
 
 reads ``*/results.json`` under the directory and writes ``comparison.md``
-and ``comparison.png`` (test accuracy against trainable parameters) there.
+and ``comparison.png`` (test accuracy against trainable parameters) there;
+with several seeds per method also ``seeds.md``, ``stability.png`` and
+``sparsity.png`` (``experiments.seeds``).
 """
 
 import argparse
@@ -14,6 +16,8 @@ import matplotlib
 
 matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt
+
+from experiments import seeds
 
 COLUMNS = (
   ('method', 'method', '{}'),
@@ -82,7 +86,8 @@ def write_comparison(directory: pathlib.Path) -> str:
   table = markdown_table(rows)
   (directory / 'comparison.md').write_text(table)
   plot(rows, directory / 'comparison.png')
-  return table
+  summary = seeds.write_seed_summary(rows, directory)
+  return table if summary is None else f'{table}\n{summary}'
 
 
 def main(argv=None) -> None:

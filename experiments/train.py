@@ -32,7 +32,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 import peft_jax as pj
-from experiments import tasks
+from experiments import selection, tasks
 from experiments.configs import common
 
 
@@ -102,13 +102,25 @@ def environment() -> dict[str, str]:
   }
 
 
+def changed_count(run: 'Run', state: pj.TrainState) -> int | None:
+  """Entries of the frozen tree that the trained adapter changes (``None``
+  where the tree is not mergeable): ``‖θ − θ0‖₀``, measured."""
+  if not run.tree.mergeable:
+    return None
+  merged = pj.merge(run.tree, run.task.frozen, state.params, state.buffers)
+  pairs = zip(jax.tree.leaves(merged), jax.tree.leaves(run.task.frozen), strict=True)
+  return sum(int(jax.numpy.count_nonzero(a != b)) for a, b in pairs)
+
+
 def results_row(config, params, total, before, after, train_seconds, steps_run):
   """The one-line summary of a run that comparison tables are built from."""
   trainable = pj.count(params)
   return {
     'name': config.name,
     'method': config.method,
+    'group': config.get('group', config.method),
     'adapters': [list(rule) for rule in config.adapters],
+    'selection': config.get('selection') and config.selection.to_dict(),
     'trainable_params': trainable,
     'total_params': total,
     'trainable_percent': 100.0 * trainable / total,
@@ -138,21 +150,23 @@ class Run(NamedTuple):
 
   config: ml_collections.ConfigDict
   task: tasks.Task
+  rules: list  # config.adapters, after the selection's sparse rules if any
   tree: pj.TreeAdapter
   optimizer: optax.GradientTransformation
   schedule: pj.Schedule | None
 
 
 def setup(config, workdir: pathlib.Path) -> Run:
-  """Builds the task and the tree adapter; writes ``describe.txt``."""
+  """Builds the task, selects entries (selective runs), builds the tree
+  adapter; writes ``describe.txt``."""
   task = tasks.build(config)
   print(task.describe)
-  tree = pj.by_rules(config.adapters)
+  rules = selection.rules_for(config, task)
+  tree = pj.by_rules(rules)
   with open(workdir / 'describe.txt', 'w') as f:
-    pj.describe(
-      config.adapters, task.frozen, task.hooks, print_fn=lambda t: f.write(t + '\n')
-    )
-  return Run(config, task, tree, make_optimizer(config), make_schedule(config, tree))
+    pj.describe(rules, task.frozen, task.hooks, print_fn=lambda t: f.write(t + '\n'))
+  schedule = make_schedule(config, tree)
+  return Run(config, task, rules, tree, make_optimizer(config), schedule)
 
 
 def initial_state(run: Run) -> pj.TrainState:
@@ -236,12 +250,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     str(workdir / 'adapter.safetensors'),
     state.params,
     state.buffers,
-    {'adapters': [list(r) for r in config.adapters], 'name': config.name},
+    {'adapters': selection.rule_specs(run.rules), 'name': config.name},
   )
   total = sum(int(x.size) for x in jax.tree.leaves(run.task.frozen))
   row = results_row(
     config, state.params, total, before, after, train_seconds, config.steps - start
   )
+  row['changed_params'] = changed_count(run, state)
   results_path.write_text(json.dumps(row, indent=2))
   return row
 

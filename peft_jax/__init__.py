@@ -8,6 +8,7 @@ or an ``ActivationAdapter`` (at a hook point); ``by_rules`` lifts them to a
 
 from peft_jax import methods as methods  # registers every method
 from peft_jax import schedules as schedules
+from peft_jax import selection as selection
 from peft_jax import wrappers as wrappers  # registers the wrappers
 from peft_jax._src.base import (
   ActivationAdapter,
@@ -31,6 +32,7 @@ from peft_jax._src.checkpoint import (
 )
 from peft_jax._src.factored import FactoredFallbackWarning, adapted
 from peft_jax._src.hooks import HookPoint, hook_point, hook_points
+from peft_jax._src.noise import Noise
 from peft_jax._src.registry import (
   get,
   names,
@@ -44,7 +46,9 @@ from peft_jax._src.tree import by_rules, count, describe, merge, unmerge
 from peft_jax.methods.adalora import adalora
 from peft_jax.methods.bitfit import bitfit, is_bias
 from peft_jax.methods.boft import boft
+from peft_jax.methods.child_pruning import child_pruning
 from peft_jax.methods.compacter import compacter
+from peft_jax.methods.diff_pruning import diff_pruning
 from peft_jax.methods.dora import dora
 from peft_jax.methods.flexlora import flexlora
 from peft_jax.methods.flora import flora
@@ -59,12 +63,14 @@ from peft_jax.methods.lokr import lokr
 from peft_jax.methods.lora import lora
 from peft_jax.methods.lora_dash import lora_dash
 from peft_jax.methods.milora import milora
+from peft_jax.methods.mixout import mixout
 from peft_jax.methods.moslora import moslora
 from peft_jax.methods.oft import oft
 from peft_jax.methods.parallel_adapter import parallel_adapter
 from peft_jax.methods.pissa import pissa
 from peft_jax.methods.prompt_tuning import prompt_tuning
 from peft_jax.methods.sam_parser import sam_parser
+from peft_jax.methods.sparse import sparse, sparse_rules
 from peft_jax.methods.spectral_adapter import spectral_adapter
 from peft_jax.methods.ssb import ssb
 from peft_jax.methods.ssl import ssl
@@ -82,6 +88,7 @@ __all__ = [
   'FactoredFallbackWarning',
   'HookPoint',
   'Linear',
+  'Noise',
   'Params',
   'PeftError',
   'Plan',
@@ -95,9 +102,11 @@ __all__ = [
   'boft',
   'by_rules',
   'checkpoint_manager',
+  'child_pruning',
   'compacter',
   'count',
   'describe',
+  'diff_pruning',
   'dora',
   'flexlora',
   'flora',
@@ -121,6 +130,7 @@ __all__ = [
   'matrix_view',
   'merge',
   'milora',
+  'mixout',
   'moslora',
   'mpc',
   'names',
@@ -135,6 +145,9 @@ __all__ = [
   'save_adapter',
   'save_checkpoint',
   'schedules',
+  'selection',
+  'sparse',
+  'sparse_rules',
   'spectral_adapter',
   'ssb',
   'ssl',

@@ -174,7 +174,8 @@ def test_run_writes_everything_and_refuses_a_different_config(
   assert all(np.isfinite(m['loss']) for m in lines if 'loss' in m)
   described = (workdir / 'describe.txt').read_text().splitlines()
   query = next(line for line in described if 'layer_1/attention/query/kernel' in line)
-  assert 'lora(' in query and query.split()[-1] == f'{2 * d * 8}'
+  # trainable 2·d·r, changed d·d (every entry of w), rank r = 8.
+  assert 'lora(' in query and query.split()[-3:] == [f'{2 * d * 8}', f'{d * d}', '8']
 
   # A finished run is reported, not redone.
   assert train.train_and_evaluate(config, str(workdir)) == row
@@ -318,7 +319,7 @@ def test_real_minilm_trains_prompt_tuning_and_houlsby(tmp_path):
     task = tasks.build(config)
     tree = pj.by_rules(config.adapters)
     fresh = train.initial_state(
-      train.Run(config, task, tree, train.make_optimizer(config), None)
+      train.Run(config, task, config.adapters, tree, train.make_optimizer(config), None)
     )
     params, buffers, _ = pj.load_adapter(
       str(tmp_path / method / 'adapter.safetensors'), like=(fresh.params, fresh.buffers)

@@ -66,6 +66,12 @@ METHODS = {
   'flexlora': ([(QV, 'flexlora(rank=8, alpha=16)')], LOW_RANK_LR),
   'oft': ([(QV, 'oft(block_size=32)')], 5e-3),
   'boft': ([(QV, 'boft(block_size=4, n_butterfly_factor=2)')], 5e-3),
+  # The SAM paper's baselines (experiments/configs/sam.py runs
+  # its whole table); sparse on a random 0.5% of each encoder leaf.
+  'sparse': ([('bert/.*/kernel', 'sparse(k=737)')], 1e-3),
+  'diff_pruning': ([('bert/.*', 'diff_pruning()')], 1e-3),
+  'child_pruning': ([('bert/.*', 'child_pruning()')], 1e-4),
+  'mixout': ([('bert/.*', 'mixout(p=0.1)')], 1e-4),
   # Activation side: a soft prompt before the word embeddings (Lester et al.),
   # and bottleneck adapters with the LayerNorms trained, as Houlsby et al. do.
   'prompt_tuning': (
@@ -94,6 +100,10 @@ def schedule_for(method: str, steps: int):
     return 'flexlora_schedule', {**kwargs, 'interval': 10, 'budget': 2}
   if method == 'lora_dash':
     return 'lora_dash_schedule', {'warmup_steps': phase}
+  if method == 'diff_pruning':
+    return 'diff_pruning_schedule', {'burn_in_steps': phase}
+  if method == 'child_pruning':
+    return 'child_pruning_schedule', {'interval': phase, 'total_steps': steps}
   return None
 
 

@@ -50,6 +50,24 @@ def describe_selector(selector: Selector) -> str:
   return getattr(selector, '__name__', repr(selector))
 
 
+def compile_pattern(label: str, pattern: str) -> Callable[[str, Any], bool]:
+  """``(name, leaf) -> bool``: ``re.fullmatch`` of ``pattern`` on the name.
+
+  Errors read ``f'{label}{pattern!r} ...'`` (e.g. ``"rule 0: pattern '/x'
+  starts with ..."``).
+  """
+  if pattern.startswith(paths.SEPARATOR):
+    raise PeftError(
+      f'{label}{pattern!r} starts with "/"; names have no leading slash '
+      f'(e.g. {pattern.lstrip("/")!r})'
+    )
+  try:
+    compiled = re.compile(pattern)
+  except re.error as e:
+    raise PeftError(f'{label}{pattern!r} is not a regex: {e}') from None
+  return lambda name, leaf: compiled.fullmatch(name) is not None
+
+
 def _compile_selector(index: int, selector: Selector) -> Callable[[str, Any], bool]:
   if callable(selector):
     return lambda name, leaf: bool(selector(name, leaf))
@@ -58,16 +76,7 @@ def _compile_selector(index: int, selector: Selector) -> Callable[[str, Any], bo
       f'rule {index}: selector {selector!r} must be a regex string or a '
       'predicate (name, leaf) -> bool'
     )
-  if selector.startswith(paths.SEPARATOR):
-    raise PeftError(
-      f'rule {index}: pattern {selector!r} starts with "/"; names '
-      f'have no leading slash (e.g. {selector.lstrip("/")!r})'
-    )
-  try:
-    pattern = re.compile(selector)
-  except re.error as e:
-    raise PeftError(f'rule {index}: pattern {selector!r} is not a regex: {e}') from None
-  return lambda name, leaf: pattern.fullmatch(name) is not None
+  return compile_pattern(f'rule {index}: pattern ', selector)
 
 
 def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:

@@ -1,5 +1,7 @@
 """What the training-time schedules share: phases, governed leaves, moments."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,17 @@ def reset_moments(opt_state, params: AdapterParams, touched: dict[str, Array]):
     opt_state,
     is_leaf=per_parameter,
   )
+
+
+def top_k_mask(score: Array, k: Array) -> Array:
+  """A bool mask with exactly ``k`` entries set per slice: the largest ``score``.
+
+  ``score: (*lead, ...)`` with ``lead = k.shape`` (``()`` for a plain leaf,
+  ``(L,)`` under ``stacked``): slice ``i`` keeps its ``k[i]`` largest entries,
+  ties going to the lower flat (row-major) index. ``k`` may be traced.
+  """
+  n = math.prod(k.shape)
+  flat = jnp.reshape(score.astype(jnp.float32), (n, -1))
+  order = jnp.argsort(-flat, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  return jnp.reshape(rank < jnp.reshape(k, (n, 1)), score.shape)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peft_jax._src import noise
 from peft_jax._src.base import (
   AdapterParams,
   Array,
@@ -85,7 +86,9 @@ def make_train_step(
   ``state.params`` only: ``frozen`` and ``state.buffers`` are ordinary,
   non-differentiated inputs. The dropout key of step ``t`` is
   ``fold_in(state.rng, t)`` (also folded with the device index under an
-  ``axis_name``).
+  ``axis_name``); stochastic adapters sample from it too: every
+  ``peft_jax.Noise`` in the buffers is active inside the step only
+  (``state.buffers`` keep it inactive, the evaluation form).
 
   Args:
     loss_fn: ``(weights, batch, rng) -> (loss, metrics)``.
@@ -120,7 +123,7 @@ def make_train_step(
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     grads, metrics = jax.grad(objective, has_aux=True)(
-      state.params, state.buffers, frozen, batch, rng
+      state.params, noise.activate(state.buffers, rng), frozen, batch, rng
     )
     if axis_name is not None:
       grads, metrics = jax.lax.pmean((grads, metrics), axis_name)

@@ -328,10 +328,18 @@ def describe(
   strict: bool = True,
   print_fn: Callable[[str], None] = print,
 ) -> None:
-  """Prints a table of every leaf and hook point: name, shape, method, trainable.
+  """Prints a table of every leaf and hook point with the guide's three counts.
 
-  Methods are shown by their spec without default arguments
-  (``lora(rank=2)``); ``adapter.name`` holds the full canonical spec.
+  Columns: name, shape, method, ``trainable`` (the method's parameters),
+  ``changed`` (entries of the leaf its update can change) and ``rank`` (the
+  rank of that update, per layer for stacked leaves). ``changed`` and
+  ``rank`` are measured, not declared: the method is initialised on the
+  leaf, its parameters are replaced by random normal values and
+  ``Δ = apply(w, θ) − w`` is inspected (so LoRA shows ``d_in·d_out`` changed
+  at rank ``r``, ``sparse`` shows ``k`` changed). Activation adapters and
+  methods with no weight-space form show ``-``. Methods are shown by their
+  spec without default arguments (``lora(rank=2)``); ``adapter.name`` holds
+  the full canonical spec.
 
   Args:
     rules: as for ``by_rules``.
@@ -342,37 +350,70 @@ def describe(
   """
   compiled = compile_rules(rules)
   weights, points = assign(compiled, params, hooks, strict=strict)
-  rows, trainable, total = [], 0, 0
+  rows, trainable, changed, total = [], 0, 0, 0
   named = [(n, leaf, weights, None) for n, leaf in paths.named_leaves(params)]
   named += [(n, p.value, points, p) for n, p in (hooks or {}).items()]
   for name, value, assigned, point in named:
     rule = assigned.get(name)
     adapter = rule.adapter if rule else None
-    n = 0
-    if adapter is not None:
-      init = (
-        adapter.init
-        if point is None
-        else functools.partial(_init_stacked, adapter.init, stack=point.stack)
-      )
-      n = count(jax.eval_shape(init, jax.random.key(0), value)[0])
+    n, counts = 0, ('0', '-')
+    if adapter is not None and point is None:
+      n = count(jax.eval_shape(adapter.init, jax.random.key(0), value)[0])
+      counts = _update_counts(adapter, leaf_key(jax.random.key(0), name), value)
+    elif adapter is not None:
+      init = functools.partial(_init_stacked, adapter.init, stack=point.stack)
+      n, counts = count(jax.eval_shape(init, jax.random.key(0), value)[0]), ('-', '-')
     if point is None:
       total += int(np.size(value))
     trainable += n
+    changed += int(counts[0].replace(',', '')) if counts[0] != '-' else 0
     shape = tuple(np.shape(value)) if point is None else _point_shape(point)
     if adapter is not None:
       method = registry.brief(adapter.name) if adapter.name else 'hand-built'
     else:
       method = 'frozen (rule)' if rule else '-'
+    rows.append((name, str(shape), method, f'{n:,}', *counts))
+  print_fn(_table(rows, trainable, changed, total))
 
-    rows.append((name, str(shape), method, f'{n:,}'))
-  header = ('name', 'shape', 'method', 'trainable')
-  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+
+def _update_counts(adapter: Adapter, key: Array, w: Array) -> tuple[str, str]:
+  """``(changed, rank)`` of ``apply(w, θ) − w`` for random normal ``θ``."""
+  if adapter.apply is None:
+    return '-', '-'
+  params, buffers = with_name('describe', adapter.init, key, w)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.fold_in(key, 1), max(1, len(leaves)))
+  randomized = jax.tree.unflatten(
+    treedef,
+    [
+      jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=False)
+    ],
+  )
+  after = adapter.apply(w, randomized, buffers)
+  delta = np.asarray(after, np.float64) - np.asarray(w, np.float64)
+  if delta.ndim < 2:
+    return f'{np.count_nonzero(delta):,}', '-'
+  layers = 1 if adapter.linear is None or adapter.linear.per_layer is None else 2
+  in_axes = 1 if adapter.linear is None else adapter.linear.in_axes
+  lead = layers - 1
+  matrices = delta.reshape(
+    *delta.shape[:lead], int(np.prod(delta.shape[lead : lead + in_axes])), -1
+  )
+  rank = int(np.max(np.linalg.matrix_rank(matrices.astype(np.float32))))
+  return f'{np.count_nonzero(delta):,}', str(rank)
+
+
+def _table(rows: list, trainable: int, changed: int, total: int) -> str:
+  header = ('name', 'shape', 'method', 'trainable', 'changed', 'rank')
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
   line = lambda r: '  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True))
   lines = [line(header), line(['-' * w for w in widths]), *map(line, rows)]
-  share = 100.0 * trainable / max(total, 1)
-  lines.append(f'trainable {trainable:,} of {total:,} frozen ({share:.3f}%)')
-  print_fn('\n'.join(lines))
+  share = lambda n: 100.0 * n / max(total, 1)
+  lines.append(
+    f'trainable {trainable:,} of {total:,} frozen ({share(trainable):.3f}%); '
+    f'changed {changed:,} ({share(changed):.3f}%)'
+  )
+  return '\n'.join(lines)
 
 
 def _point_shape(point: HookPoint) -> str:

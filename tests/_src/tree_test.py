@@ -182,11 +182,17 @@ def test_count_and_describe():
   lines = []
   pj.describe(RULES, frozen, print_fn=lines.append)
   table = lines[0].splitlines()
-  assert table[0].split() == ['name', 'shape', 'method', 'trainable']
+  assert table[0].split() == ['name', 'shape', 'method', 'trainable', 'changed', 'rank']
   row = next(r for r in table if r.startswith('layer_0/kernel'))
-  assert row.split()[-1] == '16' and 'lora(rank=2' in row
+  # LoRA r=2 on (3, 5): 2·(3+5) trainable; a random θ changes all 15 entries
+  # of w, at rank 2.
+  assert row.split()[-3:] == ['16', '15', '2'] and 'lora(rank=2' in row
+  bias_row = next(r for r in table if r.startswith('layer_1/bias'))
+  assert bias_row.split()[-3:] == ['2', '2', '-']
   frozen_size = 3 * 5 + 5 + 5 * 2 + 2
-  assert table[-1] == f'trainable 37 of {frozen_size} frozen (115.625%)'
+  assert table[-1] == (
+    f'trainable 37 of {frozen_size} frozen (115.625%); changed 32 (100.000%)'
+  )
 
 
 def test_apply_is_jittable_and_differentiable_in_params_only():

@@ -40,6 +40,13 @@ CASES = {
   'spectral_adapter': ('spectral_adapter(rank=3, alpha=6)', (7, 5), True),
   'dora': ('dora(rank=3, alpha=6)', (7, 5), True),
   'ln_tuning': ('ln_tuning()', (5,), True),
+  # Selective (the SAM paper): k of the 35 entries.
+  'sparse': ('sparse(k=6)', (7, 5), True),
+  # Projection-based and random baselines of the SAM paper (alpha_init=0.8:
+  # at the default 5 the evaluation gate saturates and α gets no gradient).
+  'diff_pruning': ('diff_pruning(p=0.2, alpha_init=0.8)', (7, 5), True),
+  'child_pruning': ('child_pruning(p=0.2)', (7, 5), True),
+  'mixout': ('mixout(p=0.3)', (7, 5), True),
   # Extension: the low-rank family.
   'adalora': ('adalora(rank=3, alpha=6)', (7, 5), True),
   'flora': ('flora(rank=3, alpha=6)', (7, 5), True),

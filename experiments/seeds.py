@@ -1,0 +1,128 @@
+"""Several seeds per method: mean ± std table, stability and sparsity figures.
+
+Rows (``results.json``) are grouped by ``row['group']`` (the config's
+``group``; the method when absent). ``experiments.compare`` calls
+``write_seed_summary`` when some group has more than one run and writes
+``seeds.md`` (test and validation accuracy, mean ± sample std over seeds),
+``stability.png`` (the std per group, the paper's stability view) and, for
+groups that differ only in sparsity (``'sam p=0.005'``), ``sparsity.png``
+(mean ± std against ``p``, the paper's Figure 3).
+"""
+
+import pathlib
+import re
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import numpy as np
+
+SPARSITY_GROUP = re.compile(r'(?P<method>\S+) p=(?P<p>[0-9.e-]+)')
+
+
+def groups(rows: list[dict]) -> dict[str, list[dict]]:
+  """``{group: rows}`` in first-seen order."""
+  grouped = defaultdict(list)
+  for row in rows:
+    grouped[row.get('group', row['method'])].append(row)
+  return dict(grouped)
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (``ddof=1``; 0 for one value)."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def _cell(rows: list[dict], key: str) -> str:
+  mean, std = mean_std([100 * r[key] for r in rows])
+  return f'{mean:.2f} ± {std:.2f}'
+
+
+def _count(rows: list[dict], key: str) -> str:
+  values = {r.get(key) for r in rows}
+  if None in values:
+    return '–'
+  return f'{min(values):,}' if len(values) == 1 else f'{min(values):,}–{max(values):,}'
+
+
+def seed_table(grouped: dict[str, list[dict]]) -> str:
+  """Markdown: one row per group, accuracies as mean ± std (in %)."""
+  lines = [
+    '| method | seeds | trainable | changed | val acc (%) | test acc (%) | ms/step |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  for name, rows in grouped.items():
+    ms = np.median([r['ms_per_step'] for r in rows])
+    lines.append(
+      f'| {name} | {len(rows)} | {_count(rows, "trainable_params")} | '
+      f'{_count(rows, "changed_params")} | '
+      f'{_cell(rows, "after_validation_accuracy")} | '
+      f'{_cell(rows, "after_test_accuracy")} | {ms:.0f} |'
+    )
+  first = next(iter(grouped.values()))[0]
+  lines.append(
+    f'\nMean ± sample std over seeds; {first["steps"]} steps, batch '
+    f'{first["batch_size"]}; {first["device"]} ({first["cpu_count"]} CPUs), jax '
+    f'{first["jax"]}, {first["date"]}. "changed" is ‖θ − θ0‖₀ of the merged '
+    'model (head included), measured.'
+  )
+  return '\n'.join(lines) + '\n'
+
+
+def plot_stability(grouped: dict[str, list[dict]], path: pathlib.Path) -> None:
+  """Bars: mean test accuracy with ±std error bars, and the std alone."""
+  names = list(grouped)
+  stats = [
+    mean_std([100 * r['after_test_accuracy'] for r in grouped[n]]) for n in names
+  ]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+  x = np.arange(len(names))
+  left.bar(x, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3)
+  left.set_ylabel('test accuracy (%)')
+  left.set_ylim(min(m - s for m, s in stats) - 2, max(m + s for m, s in stats) + 1)
+  right.bar(x, [s for _, s in stats], color='tab:orange')
+  right.set_ylabel('std over seeds (points)')
+  for ax in (left, right):
+    ax.set_xticks(x, names, rotation=45, ha='right')
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_sparsity(grouped: dict[str, list[dict]], path: pathlib.Path) -> bool:
+  """Mean ± std test accuracy against ``p`` per method; False if no such group."""
+  curves = defaultdict(list)
+  for name, rows in grouped.items():
+    match = SPARSITY_GROUP.fullmatch(name)
+    if match:
+      accs = [100 * r['after_test_accuracy'] for r in rows]
+      curves[match['method']].append((float(match['p']), *mean_std(accs)))
+  if not curves:
+    return False
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for method, points in curves.items():
+    p, mean, std = np.array(sorted(points)).T
+    ax.errorbar(p, mean, yerr=std, marker='o', capsize=3, label=method)
+  ax.set_xscale('log')
+  ax.set_xlabel('p (share of encoder entries trained)')
+  ax.set_ylabel('test accuracy (%), mean ± std')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+def write_seed_summary(rows: list[dict], directory: pathlib.Path) -> str | None:
+  """Writes ``seeds.md`` and the figures when a group has several seeds."""
+  grouped = groups(rows)
+  if all(len(g) == 1 for g in grouped.values()):
+    return None
+  table = seed_table(grouped)
+  (directory / 'seeds.md').write_text(table)
+  plot_stability(grouped, directory / 'stability.png')
+  plot_sparsity(grouped, directory / 'sparsity.png')
+  return table

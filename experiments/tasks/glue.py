@@ -1,0 +1,155 @@
+"""The SAM paper's GLUE/SuperGLUE tasks on a BERT/RoBERTa encoder and a new head.
+
+``config.data.task`` names one of ``peft_jax.data.glue.TASKS``; its kind
+picks the model and the loss:
+
+* classification (CoLA, MRPC, RTE, CB, WSC): one text or a segment pair,
+  softmax cross-entropy;
+* regression (STS-B): one output, mean squared error against the 0..5 score;
+* multiple choice (COPA): each ``(prompt, choice)`` pair encoded on its own
+  and scored by one logit, softmax cross-entropy over the choices.
+
+The head is jiant's (and Hugging Face RoBERTa's): ``Dense(tanh(Dense(h_<s>)))``
+on the first token, i.e. the encoder's pooler plus a classifier. RoBERTa
+masked-LM checkpoints (``roberta-base``) ship no pooler, so a missing pooler
+is freshly initialised; the configs train it with the classifier.
+Evaluation reports jiant's metrics per split (``<split>_<metric>``, with
+``<split>_score`` the task's major metric).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import transformers
+
+import peft_jax as pj
+from experiments import tasks
+from peft_jax import PeftError
+from peft_jax.data import batching, glue
+from peft_jax.models import bert
+
+Arrays = dict[str, np.ndarray]
+INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
+
+
+def load_arrays(config, tokenizer) -> dict[str, Arrays]:
+  """The task's encoded splits; evaluation splits cut to ``data.eval_limit``."""
+  data = config.data
+  splits = glue.load(data.task, data.data_dir, data.heldout, seed=config.seed)
+  limit = data.eval_limit or None
+  return {
+    name: glue.encode(
+      data.task,
+      tokenizer,
+      examples if name == 'train' else examples[:limit],
+      config.model.max_length,
+    )
+    for name, examples in splits.items()
+  }
+
+
+def make_model(encoder_config: bert.BertConfig, task: glue.Task):
+  """The encoder with the task's head (see the module docstring)."""
+  if task.kind == glue.MULTIPLE_CHOICE:
+    return bert.BertForMultipleChoice(encoder_config)
+  return bert.BertForSequenceClassification(
+    encoder_config, num_labels=task.num_labels, pooling='cls'
+  )
+
+
+def init_frozen(model, encoder, sample, seed: int):
+  """The frozen tree: the pretrained encoder, plus a new head (and pooler,
+  where the checkpoint has none) from ``model.init``."""
+  params = jax.jit(model.init)(jax.random.key(seed), *sample)['params']
+  return {**params, 'bert': {**params['bert'], **encoder}}
+
+
+def make_loss_fn(logits, task: glue.Task):
+  """``loss_fn(weights, batch, rng) -> (loss, metrics)`` for the task's kind."""
+
+  def loss_fn(weights, batch, rng):
+    out = logits(weights, batch, rng)
+    if task.kind == glue.REGRESSION:
+      mse = jnp.mean((out[:, 0] - batch['label']) ** 2)
+      return mse, {'mse': mse}
+    loss = optax.softmax_cross_entropy_with_integer_labels(out, batch['label']).mean()
+    return loss, {'accuracy': jnp.mean(jnp.argmax(out, -1) == batch['label'])}
+
+  return loss_fn
+
+
+def make_evaluate(logits, frozen, arrays: dict[str, Arrays], config):
+  """``evaluate(tree, params, buffers)``: the task's metrics on every split
+  but train, through ``peft_jax.adapted(..., factored=True)`` (so methods
+  with no weight-space form and activation adapters work)."""
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def outputs(tree, frozen, params, buffers, batch):
+    return pj.adapted(tree, logits, factored=True)(frozen, params, buffers, batch)
+
+  def split_metrics(tree, params, buffers, split: Arrays) -> dict[str, float]:
+    chunks = [
+      np.asarray(outputs(tree, frozen, params, buffers, batch))[batch['weight'] > 0]
+      for batch in batching.eval_batches(split, config.eval_batch_size)
+    ]
+    return glue.metrics(config.data.task, np.concatenate(chunks), split['label'])
+
+  def evaluate(tree, params, buffers):
+    return {
+      f'{name}_{metric}': value
+      for name, split in arrays.items()
+      if name != 'train'
+      for metric, value in split_metrics(tree, params, buffers, split).items()
+    }
+
+  return evaluate
+
+
+def make_task(
+  config, encoder_config: bert.BertConfig, encoder, arrays: dict[str, Arrays], describe
+) -> tasks.Task:
+  """The task on a loaded encoder and encoded splits: the head, the hook
+  points, the loss, grain training batches and the evaluation."""
+  task = glue.get_task(config.data.task)
+  model = make_model(encoder_config, task)
+  sample = tuple(arrays['train'][k][:1] for k in INPUTS)
+  frozen = init_frozen(model, encoder, sample, config.seed)
+
+  def logits(weights, batch, rng=None):
+    return model.apply(
+      {'params': weights},
+      *(batch[k] for k in INPUTS),
+      deterministic=rng is None,
+      rngs=None if rng is None else {'dropout': rng},
+    )
+
+  batches = glue.train_batches(arrays['train'], config.batch_size, config.seed)
+  return tasks.Task(
+    frozen=frozen,
+    hooks=pj.hook_points(model, *sample),
+    loss_fn=make_loss_fn(logits, task),
+    train_batch=batches.__getitem__,
+    evaluate=make_evaluate(logits, frozen, arrays, config),
+    describe=describe,
+  )
+
+
+def build(config) -> tasks.Task:
+  """Loads the encoder and tokenizer from ``model.checkpoint_dir`` and the
+  task's data from ``data.data_dir``."""
+  model_dir = config.model.checkpoint_dir
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  except OSError as e:
+    raise PeftError(f'no tokenizer in checkpoint dir {model_dir!r} ({e})') from None
+  encoder_config, encoder = bert.load_hf(model_dir)
+  arrays = load_arrays(config, tokenizer)
+  sizes = {k: len(v['label']) for k, v in arrays.items()}
+  describe = (
+    f'{model_dir} on {config.data.task} '
+    f'({glue.get_task(config.data.task).tfds_name}) {sizes}'
+  )
+  return make_task(config, encoder_config, encoder, arrays, describe)

@@ -1,0 +1,1 @@
+"""Tests of ``peft_jax.data``."""

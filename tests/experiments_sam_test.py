@@ -1,0 +1,134 @@
+"""The SAM paper's protocol (experiments/configs/sam.py): selection in the
+trainer, seeds, the mean ± std table and its figures, on the tiny task."""
+
+import json
+
+import numpy as np
+import pytest
+
+import peft_jax as pj
+from experiments import seeds, sweep, tasks, train
+from experiments.configs import common, sam
+from tests.experiments_test import HEAD, build_tiny
+
+CONFIG = 'experiments/configs/sam.py'
+
+
+@pytest.fixture
+def tiny_task(monkeypatch):
+  monkeypatch.setattr(tasks, 'build', build_tiny)
+
+
+def encoder_budget(p: float) -> int:
+  """Σ ⌊p·size⌋ over the tiny BERT's embedding and encoder leaves (per_leaf)."""
+  task = build_tiny(common.load_config(f'{CONFIG}:runlocal'))
+  sizes = [
+    int(np.size(leaf))
+    for name, leaf in pj._src.paths.named_leaves(task.frozen['bert'])
+    if name.startswith(('embeddings/', 'encoder/'))
+  ]
+  return sum(int(np.floor(p * n + 1e-9)) for n in sizes)
+
+
+# The word embeddings are selected too (as in the released code); their
+# lookup is a gather, which the factored path computes in weight space.
+FALLBACK = 'ignore::peft_jax.FactoredFallbackWarning'
+
+
+@pytest.mark.filterwarnings(FALLBACK)
+def test_selective_runs_train_exactly_the_selected_entries(tmp_path, tiny_task):
+  table = sweep.run_sweep(
+    f'{CONFIG}:runlocal,p=0.1,seeds=2', str(tmp_path), only={'sam', 'random'}
+  )
+  budget = encoder_budget(0.1)
+  rows = [json.loads(p.read_text()) for p in tmp_path.glob('*/results.json')]
+  assert sorted((r['group'], r['trainable_params']) for r in rows) == sorted(
+    [(m, HEAD + budget) for m in ('sam', 'random') for _ in range(2)]
+  )
+  for row in rows:
+    # ‖θ − θ0‖₀ of the merged model: at most the selected entries and the head.
+    assert row['changed_params'] <= HEAD + budget
+    assert row['selection']['scorer'] == row['method']
+  assert (tmp_path / 'stability.png').stat().st_size > 10_000
+  summary = (tmp_path / 'seeds.md').read_text()
+  assert summary in table and '| sam | 2 |' in summary and '| random | 2 |' in summary
+  described = (tmp_path / 'sam_rotten_tomatoes_sam_p0.1_seed0/describe.txt').read_text()
+  assert 'sparse(k=' in described and 'changed' in described.splitlines()[0]
+  # Two seeds of random pick different entries; the adapter file records them.
+  files = [
+    tmp_path / f'sam_rotten_tomatoes_random_p0.1_seed{s}/adapter.safetensors'
+    for s in (0, 1)
+  ]
+  buffers = [pj.load_adapter(str(f))[1] for f in files]
+  gaps = [np.concatenate([np.ravel(x) for x in _leaves(b)]) for b in buffers]
+  assert not np.array_equal(gaps[0], gaps[1])
+
+
+def _leaves(tree):
+  return [leaf for _, leaf in pj._src.paths.named_leaves(tree)]
+
+
+@pytest.mark.filterwarnings(FALLBACK)
+def test_lt_sft_and_fisher_selection_run_through_the_trainer(tmp_path, tiny_task):
+  for method in ('lt_sft', 'fisher'):
+    config = common.load_config(f'{CONFIG}:runlocal,p=0.05,method={method}')
+    row = train.train_and_evaluate(config, str(tmp_path / method))
+    assert row['trainable_params'] == HEAD + encoder_budget(0.05)
+
+
+def test_sweep_entries_and_errors():
+  table = sam.sweep('seeds=2')
+  assert table == [f'method={m},seed={s}' for m in sam.TABLE for s in (0, 1)]
+  assert len(sam.TABLE) == 9 and 'sam' in sam.TABLE and 'mixout' in sam.TABLE
+  sparsity = sam.sweep('study=sparsity,seeds=3')
+  assert len(sparsity) == len(sam.SPARSITIES) * 3
+  assert sparsity[0] == 'method=sam,p=0.0005,seed=0'
+  with pytest.raises(pj.PeftError, match="study='tables'"):
+    sam.sweep('study=tables')
+  config = common.load_config(f'{CONFIG}:method=sam,study=sparsity,p=0.02,seed=3')
+  assert config.group == 'sam p=0.02' and config.name.endswith('p0.02_seed3')
+  with pytest.raises(pj.PeftError, match='checkpoint= is required'):
+    common.load_config(f'{CONFIG}:task=rte,method=sam')
+
+
+@pytest.mark.parametrize('method', sorted(sam.METHODS))
+def test_every_method_config_builds(method):
+  config = common.load_config(f'{CONFIG}:method={method},p=0.01')
+  pj.by_rules(config.adapters)  # Specs resolve; selective rules come later.
+  assert (config.selection is not None) == (method in sam.SELECTED)
+  assert config.adapters[0] == ('classifier/(kernel|bias)', 'full()')
+
+
+def row(group, acc, p=None):
+  return {
+    'method': group.split()[0],
+    'group': group,
+    'after_test_accuracy': acc,
+    'after_validation_accuracy': acc / 2,
+    'trainable_params': 10,
+    'changed_params': 7,
+    'ms_per_step': 5.0,
+    'steps': 3,
+    'batch_size': 8,
+    'device': 'cpu',
+    'cpu_count': '2',
+    'jax': 'x',
+    'date': 'd',
+  }
+
+
+def test_seed_table_is_mean_and_sample_std_in_percent(tmp_path):
+  accs = [0.8, 0.9, 0.7]
+  rows = [row('sam', a) for a in accs] + [row('full', 0.6)]
+  table = seeds.write_seed_summary(rows, tmp_path)
+  line = next(x for x in table.splitlines() if x.startswith('| sam |'))
+  mean, std = 100 * np.mean(accs), 100 * np.std(accs, ddof=1)  # 80.00, 10.00
+  assert f'| {mean:.2f} ± {std:.2f} |' in line and line.startswith(
+    '| sam | 3 | 10 | 7 |'
+  )
+  assert '| full | 1 | 10 | 7 | 30.00 ± 0.00 | 60.00 ± 0.00 |' in table
+  assert not (tmp_path / 'sparsity.png').exists()
+  sweep_rows = [row(f'sam p={p}', a) for p in (0.01, 0.1) for a in (0.7, 0.8)]
+  seeds.write_seed_summary(sweep_rows, tmp_path)
+  assert (tmp_path / 'sparsity.png').stat().st_size > 10_000
+  assert seeds.write_seed_summary([row('sam', 0.5)], tmp_path / 'none') is None
