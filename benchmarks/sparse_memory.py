@@ -8,9 +8,14 @@ its own), ``--repeats`` times, interleaved:
 
   full          full fine-tuning of the encoder and head (AdamW)
   sam           SAM's selection (``score_batches`` scoring batches) and then
-                ``sparse`` training of the selected p = 0.005 of the encoder
-  sparse_only   the same sparse training on a random mask of the same size
-                (no scoring phase: the training step's own footprint)
+                ``sparse`` training of the selected p = 0.005 of the encoder,
+                on the factored path (no weight-sized gradient)
+  sparse_factored  the same sparse training on a random mask of the same
+                size (no scoring phase), factored path
+  sparse_weight    the same in weight space (``w' = w + scatter``: the
+                dense weight gradient is formed, then read at the k entries)
+  dense_mask    the dense alternative: ``w + M ⊙ Δ`` with ``Δ`` leaf-sized
+                (Adam state for every entry of a selected leaf), weight space
 
 A process reports its peak resident memory (``ru_maxrss``) after building the
 task (``base``) and at the end (``peak``), the bytes of adapter parameters
@@ -27,10 +32,12 @@ import subprocess
 import sys
 import time
 
-SETTINGS = {
-  'full': 'method=full',
-  'sam': 'method=sam',
-  'sparse_only': 'method=random',
+SETTINGS = {  # setting -> (config argument, factored path)
+  'full': ('method=full', True),
+  'sam': ('method=sam', True),
+  'sparse_factored': ('method=random', True),
+  'sparse_weight': ('method=random', False),
+  'dense_mask': ('method=random', False),
 }
 OUT = pathlib.Path(__file__).parent / 'results' / 'sparse_memory.json'
 
@@ -48,13 +55,18 @@ def measure(setting: str, steps: int, score_batches: int) -> dict:
   from experiments import selection, tasks, train
   from experiments.configs import common
 
-  arg = f'{SETTINGS[setting]},score_batches={score_batches},steps={steps + 1}'
+  method, factored = SETTINGS[setting]
+  arg = f'{method},score_batches={score_batches},steps={steps + 1}'
   config = common.load_config(f'experiments/configs/sam.py:{arg}')
   task = tasks.build(config)
   base = peak_mib()
   t0 = time.perf_counter()
   rules = selection.rules_for(config, task)
   select_seconds = time.perf_counter() - t0
+  if setting == 'dense_mask':
+    rules = [
+      (s, dense_mask(a)) if isinstance(a, pj.Adapter) else (s, a) for s, a in rules
+    ]
   tree = pj.by_rules(rules)
   run = train.Run(config, task, rules, tree, train.make_optimizer(config), None)
   state = train.initial_state(run)
@@ -62,7 +74,7 @@ def measure(setting: str, steps: int, score_batches: int) -> dict:
     np.asarray(x).nbytes for x in jax.tree.leaves((state.params, state.opt_state))
   )
   step = jax.jit(
-    pj.make_train_step(task.loss_fn, tree, run.optimizer, factored=True),
+    pj.make_train_step(task.loss_fn, tree, run.optimizer, factored=factored),
     donate_argnums=0,
   )
   times = []
@@ -80,6 +92,25 @@ def measure(setting: str, steps: int, score_batches: int) -> dict:
     'select_seconds': select_seconds,
     'step_ms': 1000 * statistics.median(times[1:]),
   }
+
+
+def dense_mask(sparse_adapter):
+  """A hand-built ``w + M ⊙ Δ`` with a dense ``Δ`` and a bool mask buffer,
+  on the entries ``sparse_adapter`` selects (for comparison only)."""
+  import jax.numpy as jnp
+
+  import peft_jax as pj
+  from peft_jax.methods.sparse import flat_indices
+
+  def init(key, w):
+    _, buffers = sparse_adapter.init(key, w)
+    mask = jnp.zeros(w.size, bool).at[flat_indices(buffers)].set(True)
+    return jnp.zeros(w.shape, jnp.float32), mask.reshape(w.shape)
+
+  def apply(w, delta, mask):
+    return (w + jnp.where(mask, delta, 0)).astype(w.dtype)
+
+  return pj.Adapter(init=init, apply=apply)
 
 
 def run_all(steps: int, repeats: int, score_batches: int) -> list[dict]:
