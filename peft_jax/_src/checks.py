@@ -1,5 +1,6 @@
 """Validation of hyper-parameters and leaves, with one-line messages."""
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -79,3 +80,16 @@ def rank_fits(method: str, rank: int, w: Any) -> tuple[int, int]:
       f'of the kernel of shape {(d_in, d_out)}'
     )
   return d_in, d_out
+
+
+def probability(method: str, p) -> float:
+  """``p`` as a float if ``0 < p <= 1``."""
+  p = real(method, 'p', p)
+  if not 0 < p <= 1:
+    raise PeftError(f'{method}: p={p} must be in (0, 1]')
+  return p
+
+
+def budget(p: float, shape) -> int:
+  """``k = ⌊p · size⌋``, the SAM code's ``int(p · numel)``."""
+  return int(p * math.prod(shape))

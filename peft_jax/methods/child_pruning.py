@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from peft_jax._src import checks
 from peft_jax._src.additive import additive
 from peft_jax._src.base import Adapter, Array
+from peft_jax._src.checks import budget, probability
 from peft_jax._src.registry import register
-from peft_jax.methods.diff_pruning import budget, probability
 
 
 class ChildPruningParams(NamedTuple):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from peft_jax._src import checks, noise
 from peft_jax._src.additive import additive
 from peft_jax._src.base import Adapter, Array, PeftError
+from peft_jax._src.checks import budget, probability
 from peft_jax._src.noise import Noise
 from peft_jax._src.registry import register
 
@@ -42,19 +43,6 @@ class DiffPruningBuffers(NamedTuple):
   fixed: Array
   k: Array
   noise: Noise
-
-
-def probability(method: str, p) -> float:
-  """``p`` as a float if ``0 < p <= 1``."""
-  p = checks.real(method, 'p', p)
-  if not 0 < p <= 1:
-    raise PeftError(f'{method}: p={p} must be in (0, 1]')
-  return p
-
-
-def budget(p: float, shape) -> int:
-  """``k = ⌊p · size⌋``, the SAM code's ``int(p · numel)``."""
-  return int(p * math.prod(shape))
 
 
 def uniform(key: Array, shape) -> Array:
