@@ -115,3 +115,21 @@ def top_k_mask(score: Array, k: Array) -> Array:
   order = jnp.argsort(-flat, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1)
   return jnp.reshape(rank < jnp.reshape(k, (n, 1)), score.shape)
+
+
+def stateless_lookup(schedule: str, adapter: TreeAdapter, params_type: type):
+  """``(leaves, init)`` of a schedule with no state of its own.
+
+  ``leaves(frozen, params, buffers)`` is ``governed(...)`` for
+  ``params_type``; ``init`` checks that some leaf is governed and returns
+  the empty state ``()``.
+  """
+
+  def leaves(frozen, params, buffers) -> dict[str, Entry]:
+    return governed(schedule, adapter, frozen, params, buffers, params_type)
+
+  def init(frozen, params, buffers):
+    leaves(frozen, params, buffers)
+    return ()
+
+  return leaves, init

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import checks, paths, schedules
 from peft_jax._src.base import Array, Schedule, TreeAdapter
-from peft_jax._src.schedules import governed, top_k_mask
+from peft_jax._src.schedules import stateless_lookup, top_k_mask
 from peft_jax.methods.child_pruning import ChildPruningParams
 
 
@@ -74,13 +74,7 @@ def child_pruning_schedule(
   )
   reset = checks.flag(name, 'reset_moments', reset_moments)
 
-  def leaves(frozen, params, buffers):
-    """The governed leaves, ``{leaf name: Entry}``."""
-    return governed(name, adapter, frozen, params, buffers, ChildPruningParams)
-
-  def init(frozen, params, buffers):
-    leaves(frozen, params, buffers)
-    return ()
+  leaves, init = stateless_lookup(name, adapter, ChildPruningParams)
 
   def projection(frozen, params, buffers, opt_state):
     new_params, touched = {}, {}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import checks, paths
 from peft_jax._src.base import Array, Entry, Schedule, TreeAdapter
-from peft_jax._src.schedules import governed, top_k_mask
+from peft_jax._src.schedules import stateless_lookup, top_k_mask
 from peft_jax.methods.diff_pruning import DiffPruningBuffers, DiffPruningParams
 
 SCORES = ('alpha', 'diff')
@@ -88,13 +88,7 @@ def diff_pruning_schedule(
   burn_in = checks.positive_int(name, 'burn_in_steps', burn_in_steps)
   checks.choice(name, 'score', score, SCORES)
 
-  def leaves(frozen, params, buffers):
-    """The governed leaves, ``{leaf name: Entry}``."""
-    return governed(name, adapter, frozen, params, buffers, DiffPruningParams)
-
-  def init(frozen, params, buffers):
-    leaves(frozen, params, buffers)
-    return ()
+  leaves, init = stateless_lookup(name, adapter, DiffPruningParams)
 
   def fix(frozen, params, buffers):
     flat = paths.flatten(frozen)

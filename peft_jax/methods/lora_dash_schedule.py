@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from peft_jax._src import checks, paths
 from peft_jax._src.base import Array, Entry, Schedule, TreeAdapter
 from peft_jax._src.linalg import thin_svd
-from peft_jax._src.schedules import governed
+from peft_jax._src.schedules import stateless_lookup
 from peft_jax.methods.lora_dash import LoraDashBuffers, LoraDashParams
 
 
@@ -94,13 +94,7 @@ def lora_dash_schedule(adapter: TreeAdapter, *, warmup_steps: int = 100) -> Sche
   name = 'lora_dash_schedule'
   warmup = checks.positive_int(name, 'warmup_steps', warmup_steps)
 
-  def leaves(frozen, params, buffers):
-    """The governed leaves, ``{leaf name: Entry}``."""
-    return governed(name, adapter, frozen, params, buffers, LoraDashParams)
-
-  def init(frozen, params, buffers):
-    leaves(frozen, params, buffers)
-    return ()
+  leaves, init = stateless_lookup(name, adapter, LoraDashParams)
 
   def select(frozen, params, buffers):
     flat = paths.flatten(frozen)
