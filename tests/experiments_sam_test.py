@@ -3,11 +3,12 @@ trainer, seeds, the mean ± std table and its figures, on the tiny task."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 import peft_jax as pj
-from experiments import seeds, sweep, tasks, train
+from experiments import seeds, selection, sweep, tasks
 from experiments.configs import common, sam
 from tests.experiments_test import HEAD, build_tiny
 
@@ -36,44 +37,58 @@ FALLBACK = 'ignore::peft_jax.FactoredFallbackWarning'
 
 
 @pytest.mark.filterwarnings(FALLBACK)
-def test_selective_runs_train_exactly_the_selected_entries(tmp_path, tiny_task):
+def test_sam_runs_train_exactly_the_selected_entries(tmp_path, tiny_task):
   table = sweep.run_sweep(
-    f'{CONFIG}:runlocal,p=0.1,seeds=2', str(tmp_path), only={'sam', 'random'}
+    f'{CONFIG}:runlocal,p=0.1,seeds=2', str(tmp_path), only={'sam'}
   )
   budget = encoder_budget(0.1)
   rows = [json.loads(p.read_text()) for p in tmp_path.glob('*/results.json')]
-  assert sorted((r['group'], r['trainable_params']) for r in rows) == sorted(
-    [(m, HEAD + budget) for m in ('sam', 'random') for _ in range(2)]
-  )
+  assert [(r['group'], r['trainable_params']) for r in rows] == [
+    ('sam', HEAD + budget)
+  ] * 2
   for row in rows:
     # ‖θ − θ0‖₀ of the merged model: at most the selected entries and the head.
     assert row['changed_params'] <= HEAD + budget
-    assert row['selection']['scorer'] == row['method']
+    assert row['selection']['scorer'] == 'sam'
   assert (tmp_path / 'stability.png').stat().st_size > 10_000
   summary = (tmp_path / 'seeds.md').read_text()
-  assert summary in table and '| sam | 2 |' in summary and '| random | 2 |' in summary
+  assert summary in table and '| sam | 2 |' in summary
   described = (tmp_path / 'sam_rotten_tomatoes_sam_p0.1_seed0/describe.txt').read_text()
   assert 'sparse(k=' in described and 'changed' in described.splitlines()[0]
-  # Two seeds of random pick different entries; the adapter file records them.
-  files = [
-    tmp_path / f'sam_rotten_tomatoes_random_p0.1_seed{s}/adapter.safetensors'
-    for s in (0, 1)
+
+
+def selected_rules(arg: str):
+  config = common.load_config(f'{CONFIG}:runlocal,{arg}')
+  return selection.rules_for(config, build_tiny(config))
+
+
+def trainable(rules) -> int:
+  task = build_tiny(common.load_config(f'{CONFIG}:runlocal'))
+  params, _ = jax.eval_shape(pj.by_rules(rules).init, jax.random.key(0), task.frozen)
+  return pj.count(params)
+
+
+@pytest.mark.parametrize('method', ['random', 'magnitude', 'fisher', 'lt_sft'])
+def test_every_scorer_selects_the_per_leaf_budget(method):
+  rules = selected_rules(f'method={method},p=0.05')
+  assert trainable(rules) == HEAD + encoder_budget(0.05)
+  assert rules[-1] == ('classifier/(kernel|bias)', 'full()')  # The head stays dense.
+
+
+def test_random_masks_differ_by_seed_and_global_scope_takes_floor_p_m():
+  task = build_tiny(common.load_config(f'{CONFIG}:runlocal'))
+  gaps = [
+    jax.tree.leaves(pj.by_rules(rules).init(jax.random.key(0), task.frozen)[1])
+    for rules in (selected_rules(f'method=random,p=0.1,seed={s}') for s in (0, 1))
   ]
-  buffers = [pj.load_adapter(str(f))[1] for f in files]
-  gaps = [np.concatenate([np.ravel(x) for x in _leaves(b)]) for b in buffers]
-  assert not np.array_equal(gaps[0], gaps[1])
-
-
-def _leaves(tree):
-  return [leaf for _, leaf in pj._src.paths.named_leaves(tree)]
-
-
-@pytest.mark.filterwarnings(FALLBACK)
-def test_lt_sft_and_fisher_selection_run_through_the_trainer(tmp_path, tiny_task):
-  for method in ('lt_sft', 'fisher'):
-    config = common.load_config(f'{CONFIG}:runlocal,p=0.05,method={method}')
-    row = train.train_and_evaluate(config, str(tmp_path / method))
-    assert row['trainable_params'] == HEAD + encoder_budget(0.05)
+  assert not all(np.array_equal(a, b) for a, b in zip(*gaps, strict=True))
+  rules = selected_rules('method=sam,p=0.1,scope=global')
+  m = sum(
+    int(np.size(leaf))
+    for name, leaf in pj._src.paths.named_leaves(task.frozen['bert'])
+    if name.startswith(('embeddings/', 'encoder/'))
+  )
+  assert trainable(rules) == HEAD + int(np.floor(0.1 * m))
 
 
 def test_sweep_entries_and_errors():
