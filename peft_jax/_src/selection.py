@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from peft_jax._src import paths
+from peft_jax._src import checks, paths
 from peft_jax._src.base import Array, Params, PeftError
 from peft_jax._src.rules import compile_pattern
 
@@ -170,12 +170,6 @@ def clip_by_global_norm(tree: Any, max_norm: float) -> Any:
   return jax.tree.map(lambda g: g * scale.astype(g.dtype), tree)
 
 
-def check_positive_int(what: str, name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise PeftError(f'{what}: {name}={value!r} must be a positive int')
-  return int(value)
-
-
 def check_positive(what: str, name: str, value: Any) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
     raise PeftError(f'{what}: {name}={value!r} must be a positive number')
@@ -201,7 +195,7 @@ def run_batches(
   """
   total = None
   if num_batches is not None:
-    total = check_positive_int(what, 'num_batches', num_batches)
+    total = checks.positive_int(what, 'num_batches', num_batches)
     batches = itertools.islice(batches, total)
   elif isinstance(batches, Sequence):
     total = len(batches)

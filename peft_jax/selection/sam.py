@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peft_jax._src import selection
+from peft_jax._src import checks, selection
 from peft_jax._src.base import Array, Params, PeftError
 
 CURVATURES = (None, 'lambda_max', 'hutchinson')
@@ -95,8 +95,8 @@ def sam(
   what = 'sam'
   if curvature not in CURVATURES:
     raise PeftError(f'{what}: curvature={curvature!r} is not one of {CURVATURES}')
-  samples = selection.check_positive_int(what, 'hutchinson_samples', hutchinson_samples)
-  iterations = selection.check_positive_int(what, 'power_iterations', power_iterations)
+  samples = checks.positive_int(what, 'hutchinson_samples', hutchinson_samples)
+  iterations = checks.positive_int(what, 'power_iterations', power_iterations)
   if clip_norm is not None:
     clip_norm = selection.check_positive(what, 'clip_norm', clip_norm)
   eps = selection.check_positive(what, 'eps', eps)

@@ -238,7 +238,7 @@ def test_progress_bar_goes_to_stderr(capsys):
     (dict(where=lambda n, w: False), 'where=<lambda> matches no'),
     (dict(where=3), 'where=3 must be'),
     (dict(num_batches=5), 'ran out after 2 of num_batches=5'),
-    (dict(num_batches=0), 'num_batches=0 must be a positive int'),
+    (dict(num_batches=0), 'num_batches=0 must be > 0'),
     (dict(clip_norm=-1.0), 'clip_norm=-1.0 must be a positive number'),
     (dict(hutchinson_samples=0), 'hutchinson_samples=0'),
   ],
