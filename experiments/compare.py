@@ -17,34 +17,33 @@ import matplotlib
 matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt
 
-from experiments import seeds
+from experiments import headline, seeds
 
+# (title, the cell of a row); ``{m}`` in a title is the headline metric's name.
 COLUMNS = (
-  ('method', 'method', '{}'),
-  ('trainable', 'trainable_params', '{:,}'),
-  ('% of model', 'trainable_percent', '{:.3f}'),
-  ('val acc before', 'before_validation_accuracy', '{:.3f}'),
-  ('val acc after', 'after_validation_accuracy', '{:.3f}'),
-  ('test acc after', 'after_test_accuracy', '{:.3f}'),
-  ('ms/step', 'ms_per_step', '{:.0f}'),
+  ('method', lambda r: r['method']),
+  ('trainable', lambda r: f'{r["trainable_params"]:,}'),
+  ('% of model', lambda r: f'{r["trainable_percent"]:.3f}'),
+  ('val {m} before', lambda r: f'{headline.value(r, "validation", "before"):.3f}'),
+  ('val {m} after', lambda r: f'{headline.value(r, "validation"):.3f}'),
+  ('test {m} after', lambda r: f'{headline.value(r):.3f}'),
+  ('ms/step', lambda r: f'{r["ms_per_step"]:.0f}'),
 )
 
 
 def load_rows(directory: pathlib.Path) -> list[dict]:
   """Every ``results.json`` under ``directory``, fewest trainable params first."""
-  rows = [json.loads(p.read_text()) for p in sorted(directory.glob('*/results.json'))]
-  return sorted(rows, key=lambda r: r['trainable_params'])
+  found = [json.loads(p.read_text()) for p in sorted(directory.glob('*/results.json'))]
+  return sorted(found, key=lambda r: r['trainable_params'])
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(results: list[dict]) -> str:
   """One Markdown row per run, plus where and when it was measured."""
-  header = '| ' + ' | '.join(title for title, _, _ in COLUMNS) + ' |'
+  name = headline.label(results)
+  header = '| ' + ' | '.join(title.format(m=name) for title, _ in COLUMNS) + ' |'
   rule = '|' + '|'.join('---' for _ in COLUMNS) + '|'
-  body = [
-    '| ' + ' | '.join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + ' |'
-    for row in rows
-  ]
-  first = rows[0]
+  body = ['| ' + ' | '.join(cell(r) for _, cell in COLUMNS) + ' |' for r in results]
+  first = results[0]
   footer = (
     f'\n{first["steps"]} steps, batch {first["batch_size"]}; measured on '
     f'{first["device"]} ({first["cpu_count"]} CPUs), jax {first["jax"]}, '
@@ -53,25 +52,21 @@ def markdown_table(rows: list[dict]) -> str:
   return '\n'.join([header, rule, *body]) + '\n' + footer + '\n'
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-  """Test accuracy against trainable parameters (log scale), one point a run."""
+def plot(results: list[dict], path: pathlib.Path) -> None:
+  """Test metric against trainable parameters (log scale), one point a run."""
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-  for row in rows:
-    ax.scatter(row['trainable_params'], 100 * row['after_test_accuracy'])
-    ax.annotate(
-      row['method'],
-      (row['trainable_params'], 100 * row['after_test_accuracy']),
-      textcoords='offset points',
-      xytext=(5, 4),
-    )
-  before = 100 * rows[0]['before_test_accuracy']
+  for row in results:
+    point = (row['trainable_params'], 100 * headline.value(row))
+    ax.scatter(*point)
+    ax.annotate(row['method'], point, textcoords='offset points', xytext=(5, 4))
+  before = 100 * headline.value(results[0], when='before')
   ax.axhline(
     before, color='grey', linestyle=':', label=f'untrained head ({before:.1f}%)'
   )
   ax.set_xscale('log')
   ax.set_xlabel('trainable parameters')
-  ax.set_ylabel('test accuracy (%)')
-  ax.set_title(rows[0]['name'].rsplit('_', 1)[0])
+  ax.set_ylabel(f'test {headline.label(results)} (%)')
+  ax.set_title(results[0]['name'].rsplit('_', 1)[0])
   ax.legend(loc='lower right')
   fig.tight_layout()
   fig.savefig(path)
@@ -80,13 +75,13 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 def write_comparison(directory: pathlib.Path) -> str:
   """Writes ``comparison.md`` and ``comparison.png``; returns the table."""
-  rows = load_rows(directory)
-  if not rows:
+  results = load_rows(directory)
+  if not results:
     raise FileNotFoundError(f'no */results.json under {directory}')
-  table = markdown_table(rows)
+  table = markdown_table(results)
   (directory / 'comparison.md').write_text(table)
-  plot(rows, directory / 'comparison.png')
-  summary = seeds.write_seed_summary(rows, directory)
+  plot(results, directory / 'comparison.png')
+  summary = seeds.write_seed_summary(results, directory)
   return table if summary is None else f'{table}\n{summary}'
 
 

@@ -3,7 +3,8 @@
 Rows (``results.json``) are grouped by ``row['group']`` (the config's
 ``group``; the method when absent). ``experiments.compare`` calls
 ``write_seed_summary`` when some group has more than one run and writes
-``seeds.md`` (test and validation accuracy, mean ± sample std over seeds),
+``seeds.md`` (the test and validation headline metric, ``headline.value``:
+accuracy, or a GLUE task's score; mean ± sample std over seeds),
 ``stability.png`` (the std per group, the paper's stability view) and, for
 groups that differ only in sparsity (``'sam p=0.005'``), ``sparsity.png``
 (mean ± std against ``p``, the paper's Figure 3).
@@ -18,6 +19,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import numpy as np
+
+from experiments import headline
 
 SPARSITY_GROUP = re.compile(r'(?P<method>\S+) p=(?P<p>[0-9.e-]+)')
 
@@ -36,8 +39,16 @@ def mean_std(values) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
 
 
-def _cell(rows: list[dict], key: str) -> str:
-  mean, std = mean_std([100 * r[key] for r in rows])
+def _percent(rows: list[dict], split: str = 'test') -> list[float]:
+  return [100 * headline.value(r, split) for r in rows]
+
+
+def _label(grouped: dict[str, list[dict]]) -> str:
+  return headline.label([r for rows in grouped.values() for r in rows])
+
+
+def _cell(rows: list[dict], split: str) -> str:
+  mean, std = mean_std(_percent(rows, split))
   return f'{mean:.2f} ± {std:.2f}'
 
 
@@ -49,9 +60,11 @@ def _count(rows: list[dict], key: str) -> str:
 
 
 def seed_table(grouped: dict[str, list[dict]]) -> str:
-  """Markdown: one row per group, accuracies as mean ± std (in %)."""
+  """Markdown: one row per group, the headline metric as mean ± std (in %)."""
+  metric = _label(grouped)
   lines = [
-    '| method | seeds | trainable | changed | val acc (%) | test acc (%) | ms/step |',
+    f'| method | seeds | trainable | changed | val {metric} (%) | test {metric} (%) '
+    '| ms/step |',
     '|---|---|---|---|---|---|---|',
   ]
   for name, rows in grouped.items():
@@ -59,8 +72,7 @@ def seed_table(grouped: dict[str, list[dict]]) -> str:
     lines.append(
       f'| {name} | {len(rows)} | {_count(rows, "trainable_params")} | '
       f'{_count(rows, "changed_params")} | '
-      f'{_cell(rows, "after_validation_accuracy")} | '
-      f'{_cell(rows, "after_test_accuracy")} | {ms:.0f} |'
+      f'{_cell(rows, "validation")} | {_cell(rows, "test")} | {ms:.0f} |'
     )
   first = next(iter(grouped.values()))[0]
   lines.append(
@@ -73,15 +85,13 @@ def seed_table(grouped: dict[str, list[dict]]) -> str:
 
 
 def plot_stability(grouped: dict[str, list[dict]], path: pathlib.Path) -> None:
-  """Bars: mean test accuracy with ±std error bars, and the std alone."""
+  """Bars: the mean test metric with ±std error bars, and the std alone."""
   names = list(grouped)
-  stats = [
-    mean_std([100 * r['after_test_accuracy'] for r in grouped[n]]) for n in names
-  ]
+  stats = [mean_std(_percent(grouped[n])) for n in names]
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
   x = np.arange(len(names))
   left.bar(x, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3)
-  left.set_ylabel('test accuracy (%)')
+  left.set_ylabel(f'test {_label(grouped)} (%)')
   left.set_ylim(min(m - s for m, s in stats) - 2, max(m + s for m, s in stats) + 1)
   right.bar(x, [s for _, s in stats], color='tab:orange')
   right.set_ylabel('std over seeds (points)')
@@ -93,13 +103,12 @@ def plot_stability(grouped: dict[str, list[dict]], path: pathlib.Path) -> None:
 
 
 def plot_sparsity(grouped: dict[str, list[dict]], path: pathlib.Path) -> bool:
-  """Mean ± std test accuracy against ``p`` per method; False if no such group."""
+  """Mean ± std test metric against ``p`` per method; False if no such group."""
   curves = defaultdict(list)
   for name, rows in grouped.items():
     match = SPARSITY_GROUP.fullmatch(name)
     if match:
-      accs = [100 * r['after_test_accuracy'] for r in rows]
-      curves[match['method']].append((float(match['p']), *mean_std(accs)))
+      curves[match['method']].append((float(match['p']), *mean_std(_percent(rows))))
   if not curves:
     return False
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -108,7 +117,7 @@ def plot_sparsity(grouped: dict[str, list[dict]], path: pathlib.Path) -> bool:
     ax.errorbar(p, mean, yerr=std, marker='o', capsize=3, label=method)
   ax.set_xscale('log')
   ax.set_xlabel('p (share of encoder entries trained)')
-  ax.set_ylabel('test accuracy (%), mean ± std')
+  ax.set_ylabel(f'test {_label(grouped)} (%), mean ± std')
   ax.legend()
   fig.tight_layout()
   fig.savefig(path)

@@ -129,6 +129,7 @@ def results_row(config, params, total, before, after, train_seconds, steps_run):
     'lr': config.lr,
     **{f'before_{k}': v for k, v in before.items()},
     **{f'after_{k}': v for k, v in after.items()},
+    'metric': 'score' if 'test_score' in after else 'accuracy',
     'train_seconds': train_seconds,
     'ms_per_step': 1000.0 * train_seconds / max(steps_run, 1),
     **environment(),

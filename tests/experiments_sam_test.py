@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from experiments import seeds, selection, sweep, tasks
+from experiments import compare, seeds, selection, sweep, tasks
 from experiments.configs import common, sam
 from tests.experiments_test import HEAD, build_tiny
 
@@ -98,6 +98,7 @@ def test_sweep_entries_and_errors():
   sparsity = sam.sweep('study=sparsity,seeds=3')
   assert len(sparsity) == len(sam.SPARSITIES) * 3
   assert sparsity[0] == 'method=sam,p=0.0005,seed=0'
+  assert sparsity[len(sam.SPARSITIES)] == 'method=sam,p=0.0005,seed=1'  # seed-major
   with pytest.raises(pj.PeftError, match="study='tables'"):
     sam.sweep('study=tables')
   config = common.load_config(f'{CONFIG}:method=sam,study=sparsity,p=0.02,seed=3')
@@ -147,3 +148,29 @@ def test_seed_table_is_mean_and_sample_std_in_percent(tmp_path):
   seeds.write_seed_summary(sweep_rows, tmp_path)
   assert (tmp_path / 'sparsity.png').stat().st_size > 10_000
   assert seeds.write_seed_summary([row('sam', 0.5)], tmp_path / 'none') is None
+
+
+def test_score_rows_without_accuracy_are_tabled_by_their_score(tmp_path):
+  """STS-B rows carry a correlation ``score`` and no accuracy at all."""
+  stsb = []
+  for group, score in [('sam', 0.9), ('sam', 0.8), ('full', 0.5)]:
+    r = row(group, 0.0)
+    del r['after_test_accuracy'], r['after_validation_accuracy']
+    r.update(
+      metric='score',
+      name='sam_stsb_x',
+      after_test_score=score,
+      after_validation_score=score / 2,
+      before_validation_score=0.1,
+      before_test_score=0.1,
+      trainable_percent=1.0,
+    )
+    stsb.append(r)
+  table = seeds.write_seed_summary(stsb, tmp_path)
+  assert 'test score (%)' in table
+  assert '| sam | 2 | 10 | 7 | 42.50 ± 3.54 | 85.00 ± 7.07 |' in table
+  assert (tmp_path / 'stability.png').stat().st_size > 10_000
+  comparison = compare.markdown_table(stsb)
+  assert 'test score after' in comparison and '| 0.900 |' in comparison
+  compare.plot(stsb, tmp_path / 'comparison.png')
+  assert (tmp_path / 'comparison.png').stat().st_size > 10_000

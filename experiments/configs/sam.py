@@ -145,11 +145,12 @@ def get_config(arg=None):
 
 def sweep(arg=None):
   """``study=table``: every method of the paper's table × seeds;
-  ``study=sparsity``: SAM at every p of ``SPARSITIES`` × seeds."""
+  ``study=sparsity``: SAM at every p of ``SPARSITIES`` × seeds (seed-major,
+  so that an interrupted sweep has every p at its first seeds)."""
   arg = common.parse_arg(arg, **SHARED)
   seeds = range(arg.seeds)
   if arg.study == 'sparsity':
-    return [f'method=sam,p={p},seed={s}' for p in SPARSITIES for s in seeds]
+    return [f'method=sam,p={p},seed={s}' for s in seeds for p in SPARSITIES]
   if arg.study != 'table':
     raise PeftError(f"study={arg.study!r}; expected 'table' or 'sparsity'")
   return [f'method={m},seed={s}' for m in TABLE for s in seeds]

@@ -29,6 +29,14 @@ def real(method: str, name: str, value: Any) -> float:
   return float(value)
 
 
+def positive(method: str, name: str, value: Any) -> float:
+  """``value`` as a float if it is a real number > 0 (bools rejected)."""
+  value = real(method, name, value)
+  if not value > 0:
+    raise PeftError(f'{method}: {name}={value} must be > 0')
+  return value
+
+
 def flag(method: str, name: str, value: Any) -> bool:
   if not isinstance(value, bool):
     raise PeftError(f'{method}: {name}={value!r} must be True or False')

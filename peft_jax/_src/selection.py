@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 
 from peft_jax._src import checks, paths
@@ -157,25 +158,6 @@ def peak(tree: Any) -> Array:
   return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in leaves])
 
 
-def global_norm(tree: Any) -> Array:
-  """``‖tree‖₂`` over every entry of every leaf (float32 scalar)."""
-  leaves = jax.tree.leaves(to_f32(tree))
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
-
-
-def clip_by_global_norm(tree: Any, max_norm: float) -> Any:
-  """``g · min(1, c / ‖g‖₂)`` for every leaf ``g`` (``c = max_norm``)."""
-  norm = global_norm(tree)
-  scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
-  return jax.tree.map(lambda g: g * scale.astype(g.dtype), tree)
-
-
-def check_positive(what: str, name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-    raise PeftError(f'{what}: {name}={value!r} must be a positive number')
-  return float(value)
-
-
 def run_batches(
   what: str,
   step: Callable[[Any, Any, np.int32], Any],
@@ -273,7 +255,7 @@ def lambda_max(
   start = random_like(jax.random.normal, key, chosen)
 
   def normalize(v):
-    norm = jnp.maximum(global_norm(v), jnp.finfo(jnp.float32).tiny)
+    norm = jnp.maximum(optax.tree.norm(v), jnp.finfo(jnp.float32).tiny)
     return jax.tree.map(lambda x: x / norm, v)
 
   body = lambda _, v: normalize(_hvp(grad_fn, chosen, v))

@@ -69,9 +69,7 @@ def adalora(
   """
   name = 'adalora'
   scale = adalora_scale(name, rank, alpha)
-  std = checks.real(name, 'init_std', init_std)
-  if std <= 0:
-    raise PeftError(f'{name}: init_std={std} must be > 0')
+  std = checks.positive(name, 'init_std', init_std)
   coef = checks.real(name, 'reg_orth_coef', reg_orth_coef)
   if coef < 0:
     raise PeftError(f'{name}: reg_orth_coef={coef} must be >= 0')

@@ -151,9 +151,7 @@ def diff_pruning(
     raise PeftError(f'{name}: l={lo} must be < 0')
   if hi <= 1:
     raise PeftError(f'{name}: r={hi} must be > 1')
-  beta = checks.real(name, 'beta', beta)
-  if beta <= 0:
-    raise PeftError(f'{name}: beta={beta} must be > 0')
+  beta = checks.positive(name, 'beta', beta)
   alpha_init = checks.real(name, 'alpha_init', alpha_init)
   coef = checks.real(name, 'l0_coef', l0_coef)
   if coef < 0:

@@ -131,9 +131,7 @@ def flexlora(
   scale = adalora_scale(name, rank, alpha)
   if max_rank is not None and checks.positive_int(name, 'max_rank', max_rank) < rank:
     raise PeftError(f'{name}: max_rank={max_rank} must be >= rank={rank}')
-  std = checks.real(name, 'init_std', init_std)
-  if std <= 0:
-    raise PeftError(f'{name}: init_std={std} must be > 0')
+  std = checks.positive(name, 'init_std', init_std)
   coef = checks.real(name, 'reg_orth_coef', reg_orth_coef)
   if coef < 0:
     raise PeftError(f'{name}: reg_orth_coef={coef} must be >= 0')

@@ -67,9 +67,7 @@ def houlsby(
   name = 'houlsby'
   factor = checks.positive_int(name, 'reduction_factor', reduction_factor)
   act = nonlinearities.get(name, 'activation', activation)
-  std = checks.real(name, 'init_std', init_std)
-  if std <= 0:
-    raise PeftError(f'{name}: init_std={std} must be > 0')
+  std = checks.positive(name, 'init_std', init_std)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def bottleneck(value) -> tuple[int, int]:

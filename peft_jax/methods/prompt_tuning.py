@@ -68,9 +68,7 @@ def prompt_tuning(
   name = 'prompt_tuning'
   length = checks.positive_int(name, 'length', length)
   checks.choice(name, 'init', init, INITS)
-  scale = checks.real(name, 'init_scale', init_scale)
-  if scale <= 0:
-    raise PeftError(f'{name}: init_scale={scale} must be > 0')
+  scale = checks.positive(name, 'init_scale', init_scale)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def init_fn(key, value):

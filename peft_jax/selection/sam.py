@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from peft_jax._src import checks, selection
 from peft_jax._src.base import Array, Params, PeftError
@@ -98,8 +99,8 @@ def sam(
   samples = checks.positive_int(what, 'hutchinson_samples', hutchinson_samples)
   iterations = checks.positive_int(what, 'power_iterations', power_iterations)
   if clip_norm is not None:
-    clip_norm = selection.check_positive(what, 'clip_norm', clip_norm)
-  eps = selection.check_positive(what, 'eps', eps)
+    clip_norm = checks.positive(what, 'clip_norm', clip_norm)
+  eps = checks.positive(what, 'eps', eps)
   names = list(selection.choose(what, frozen, where))
   frozen = jax.device_put(frozen)  # Host arrays: copy once, not every batch.
   rng = jax.random.key(0) if rng is None else rng
@@ -110,7 +111,7 @@ def sam(
     chosen = selection.pick(frozen, names)
     g = selection.to_f32(grad(chosen, frozen, batch, key))
     if clip_norm is not None:
-      g = selection.clip_by_global_norm(g, clip_norm)
+      g, _ = optax.clip_by_global_norm(clip_norm).update(g, optax.EmptyState())
     total = jax.tree.map(jnp.add, sums.grad, g)
     if sums.curvature is None:
       return SamSums(total, None)

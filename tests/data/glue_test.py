@@ -479,6 +479,7 @@ def test_trainer_runs_a_glue_task_end_to_end(checkpoint_dir, data_dir, tmp_path)
   for split in ('validation', 'test'):
     assert 0 <= row[f'after_{split}_accuracy'] <= 1
     assert row[f'after_{split}_score'] == row[f'after_{split}_accuracy']
+  assert row['metric'] == 'score'  # what the comparison tables read
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   losses = [json.loads(line)['loss'] for line in lines if 'loss' in line]
   assert len(losses) == 3 and np.all(np.isfinite(losses))

@@ -239,7 +239,8 @@ def test_progress_bar_goes_to_stderr(capsys):
     (dict(where=3), 'where=3 must be'),
     (dict(num_batches=5), 'ran out after 2 of num_batches=5'),
     (dict(num_batches=0), 'num_batches=0 must be > 0'),
-    (dict(clip_norm=-1.0), 'clip_norm=-1.0 must be a positive number'),
+    (dict(clip_norm=-1.0), 'clip_norm=-1.0 must be > 0'),
+    (dict(eps='x'), "eps='x' must be a number"),
     (dict(hutchinson_samples=0), 'hutchinson_samples=0'),
   ],
 )

@@ -1,0 +1,27 @@
+"""The headline metric of a results row, whatever the task.
+
+Rotten Tomatoes and the decoder task report accuracy; the GLUE/SuperGLUE
+tasks report their major metric as ``score`` (CoLA's Matthews correlation,
+STS-B's mean of Pearson and Spearman, MRPC's and CB's accuracy/F1 means) and
+STS-B has no accuracy at all. ``train.results_row`` records which one a run
+has as ``row['metric']``; rows written before that field existed are
+accuracy rows.
+"""
+
+
+def metric(row: dict) -> str:
+  """``'score'`` or ``'accuracy'``: the key suffix of the row's headline metric."""
+  return row.get('metric', 'accuracy')
+
+
+def value(row: dict, split: str = 'test', when: str = 'after') -> float:
+  """The headline metric of ``split`` (``test``/``validation``) ``when``
+  (``before``/``after`` training), a fraction in [0, 1] (correlations in
+  [-1, 1])."""
+  return row[f'{when}_{split}_{metric(row)}']
+
+
+def label(rows: list[dict]) -> str:
+  """A short axis/column name for the rows' headline metric."""
+  names = {metric(r) for r in rows}
+  return 'acc' if names == {'accuracy'} else 'score'
