@@ -21,6 +21,7 @@ from peft_jax._src.base import (
   PeftError,
   Plan,
   Schedule,
+  Shared,
   TreeAdapter,
 )
 from peft_jax._src.checkpoint import (
@@ -55,6 +56,7 @@ from peft_jax.methods.flora import flora
 from peft_jax.methods.full import full
 from peft_jax.methods.houlsby import houlsby
 from peft_jax.methods.ia3 import ia3
+from peft_jax.methods.ia3_activations import ia3_activations
 from peft_jax.methods.intrinsic_said import intrinsic_said
 from peft_jax.methods.liera import liera
 from peft_jax.methods.ln_tuning import is_layer_norm, ln_tuning
@@ -67,9 +69,12 @@ from peft_jax.methods.mixout import mixout
 from peft_jax.methods.moslora import moslora
 from peft_jax.methods.oft import oft
 from peft_jax.methods.parallel_adapter import parallel_adapter
+from peft_jax.methods.pfeiffer import pfeiffer
 from peft_jax.methods.pissa import pissa
+from peft_jax.methods.prefix_tuning import prefix_tuning
 from peft_jax.methods.prompt_tuning import prompt_tuning
 from peft_jax.methods.sam_parser import sam_parser
+from peft_jax.methods.scaled_parallel import scaled_parallel
 from peft_jax.methods.sparse import sparse, sparse_rules
 from peft_jax.methods.spectral_adapter import spectral_adapter
 from peft_jax.methods.ssb import ssb
@@ -94,6 +99,7 @@ __all__ = [
   'Plan',
   'Rule',
   'Schedule',
+  'Shared',
   'TrainState',
   'TreeAdapter',
   'adalora',
@@ -116,6 +122,7 @@ __all__ = [
   'hook_points',
   'houlsby',
   'ia3',
+  'ia3_activations',
   'intrinsic_said',
   'is_bias',
   'is_layer_norm',
@@ -136,7 +143,9 @@ __all__ = [
   'names',
   'oft',
   'parallel_adapter',
+  'pfeiffer',
   'pissa',
+  'prefix_tuning',
   'prompt_tuning',
   'register',
   'register_wrapper',
@@ -144,6 +153,7 @@ __all__ = [
   'sam_parser',
   'save_adapter',
   'save_checkpoint',
+  'scaled_parallel',
   'schedules',
   'selection',
   'sparse',

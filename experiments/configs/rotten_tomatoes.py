@@ -85,6 +85,17 @@ METHODS = {
     ],
     1e-3,
   ),
+  # The guide's additive family (learning rates untuned guesses): Pfeiffer's
+  # one adapter after the FFN, He et al.'s scaled parallel FFN adapter,
+  # prefix tuning at MAM's GLUE length (16) through its shared MLP, and
+  # (IA)³ on the keys, values and FFN activations.
+  'pfeiffer': ([('.*/ffn_output', 'pfeiffer(reduction_factor=16)')], 1e-3),
+  'scaled_parallel': ([('.*/ffn_block', 'scaled_parallel(rank=16, scale=2.0)')], 1e-3),
+  'prefix_tuning': ([('.*/attention/attention_kv', 'prefix_tuning(length=16)')], 1e-3),
+  'ia3_activations': (
+    [('.*/(attention/attention_kv|ffn_intermediate)', 'ia3_activations()')],
+    1e-2,
+  ),
 }
 CORE = ('lora', 'ia3', 'ssl', 'ssb', 'bitfit', 'full')
 

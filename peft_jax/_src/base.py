@@ -117,6 +117,29 @@ class Adapter(NamedTuple):
     return self.apply is not None
 
 
+class Shared(NamedTuple):
+  """Parameters that every hook point of one rule shares (one copy in θ).
+
+  Prefix tuning's reparametrisation MLP and Compacter's PHM rule matrices
+  are shared across layers. ``by_rules`` keeps one copy per rule at
+  ``params['@shared'][<method name>]`` and, each time the model runs,
+  hands every point ``derive(shared, own)`` as its parameters, computed
+  outside any ``nn.scan``, so gradients from all layers reach the one copy.
+
+  Attributes:
+    init: ``(key, value) -> shared params``, from one point's value (every
+      point of the rule must show the same shapes).
+    derive: ``(shared, own) -> params`` that ``ActivationAdapter.apply``
+      receives; ``own`` (what ``ActivationAdapter.init`` made) may carry
+      leading layer axes (``nn.scan``), which ``derive`` must broadcast over.
+    num_params: ``value -> int``, the trainable count of ``init``'s result.
+  """
+
+  init: Callable[[Array, Any], AdapterParams]
+  derive: Callable[[AdapterParams, AdapterParams], AdapterParams]
+  num_params: Callable[[Any], int] | None = None
+
+
 class ActivationAdapter(NamedTuple):
   """An activation-side method at one hook point, as pure functions.
 
@@ -130,15 +153,19 @@ class ActivationAdapter(NamedTuple):
       ``jax.ShapeDtypeStruct``s of one call (batch and sequence sizes are
       those of the example inputs: use only feature sizes).
     apply: ``(value, params, buffers) -> value'``; may change sequence
-      lengths (prompts) where the model's hook point allows it.
-    num_params: ``value -> int``, the trainable count for that value.
+      lengths (prompts) where the model's hook point allows it. With
+      ``shared``, ``params`` is ``shared.derive(shared params, own params)``.
+    num_params: ``value -> int``, the trainable count of one point's own
+      parameters for that value.
     name: the canonical spec string, set by the registry.
+    shared: parameters shared by all points of a rule, or None.
   """
 
   init: Callable[[Array, Any], tuple[AdapterParams, Buffers]]
   apply: Callable[[Any, AdapterParams, Buffers], Any]
   num_params: Callable[[Any], int] | None = None
   name: str = ''
+  shared: Shared | None = None
 
 
 class TreeAdapter(NamedTuple):

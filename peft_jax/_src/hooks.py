@@ -40,7 +40,14 @@ Standard points (the shipped models document theirs):
   the Llama decoder passes ``(keys, values)`` after RoPE,
   ``(b, s, kv_heads, d_h)``, and makes prepended keys visible to every query.
 * ``attention_output`` / ``ffn_output``: the sub-layer output ``(b, s, d)``
-  before the residual; bottleneck (Houlsby/Pfeiffer) adapters.
+  before the residual; sequential bottleneck adapters (``houlsby``,
+  ``pfeiffer``).
+* ``attention_block`` / ``ffn_block``: ``(x, h)``, the sub-layer's input ``x``
+  (for the FFN, the hidden state after the attention block's LayerNorm or the
+  pre-FFN norm) and its output ``h`` after the ``*_output`` point, each
+  ``(b, s, d)``; the adapter returns ``(x, h')`` and the model continues with
+  ``h'``: parallel adapters (``scaled_parallel``). Named in the same module
+  as the ``*_output`` point.
 * ``ffn_intermediate``: the activation after the FFN non-linearity
   ``(b, s, d_ff)``; (IA)³'s ``l_ff``.
 """

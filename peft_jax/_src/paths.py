@@ -8,6 +8,7 @@ fields of typed adapter parameters (NamedTuples) are named by attribute:
 ``dense/kernel/a``.
 """
 
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -17,6 +18,11 @@ from flax import nnx
 from peft_jax._src.base import Params
 
 SEPARATOR = '/'
+
+
+def leaf_key(key: jax.Array, name: str) -> jax.Array:
+  """The PRNG key of one named entry: depends on its name, not on tree order."""
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def _is_variable(x: Any) -> bool:

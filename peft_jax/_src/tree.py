@@ -11,14 +11,13 @@ adapters act when the model runs through ``peft_jax.adapted``.
 """
 
 import functools
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax._src import paths, registry
+from peft_jax._src import paths, registry, shared
 from peft_jax._src.base import (
   ActivationAdapter,
   Adapter,
@@ -32,14 +31,10 @@ from peft_jax._src.base import (
   TreeAdapter,
 )
 from peft_jax._src.hooks import HookPoint
+from peft_jax._src.paths import leaf_key
 from peft_jax._src.rules import Rule, assign, compile_rules
 
 REDUCTIONS = ('sum', 'mean')
-
-
-def leaf_key(key: Array, name: str) -> Array:
-  """The PRNG key of one entry: depends on its name, not on tree order."""
-  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def with_name(name: str, fn: Callable, *args):
@@ -197,6 +192,9 @@ def _init(
     )
     _check_typed(name, adapter, made[name][0])
   _check_disjoint(frozen, made)
+  values = {name: hooks[name].value for name in points}
+  for name, params in shared.init(key, compiled, points, values).items():
+    made[name] = (params, None)
   params = paths.nest({n: p for n, (p, _) in made.items()})
   buffers = paths.nest({n: b for n, (_, b) in made.items() if jax.tree.leaves(b)})
   return params, buffers
@@ -223,7 +221,10 @@ def _plan(compiled, frozen: Params, params: AdapterParams, buffers: Buffers) -> 
     name: Entry(adapter, given_params[name], given_buffers.get(name))
     for name, adapter in weights.items()
   }
-  hook_names = {n: None for n in given_params if n not in weights}
+  shared.check_used(given_params, compiled)
+  hook_names = {
+    n: None for n in given_params if n not in weights and not shared.is_shared(n)
+  }
   points = assign(compiled, frozen, hook_names, strict=False)[1]
   hook_plan = {}
   for name in hook_names:
@@ -233,7 +234,8 @@ def _plan(compiled, frozen: Params, params: AdapterParams, buffers: Buffers) -> 
         f'adapter parameters hold an entry at {name!r}, which is neither an '
         'adapted leaf of this frozen tree nor a hook point these rules select'
       )
-    hook_plan[name] = Entry(rule.adapter, given_params[name], given_buffers.get(name))
+    params = shared.derived(rule, name, given_params[name], given_params, compiled)
+    hook_plan[name] = Entry(rule.adapter, params, given_buffers.get(name))
   return Plan(weight_plan, hook_plan)
 
 
@@ -373,6 +375,16 @@ def describe(
     else:
       method = 'frozen (rule)' if rule else '-'
     rows.append((name, str(shape), method, f'{n:,}', *counts))
+  values = {name: hooks[name].value for name in points}
+  copies = jax.eval_shape(
+    lambda key: shared.init(key, compiled, points, values), jax.random.key(0)
+  )
+  by_key = {v: compiled[i] for i, v in shared.keys(compiled).items()}
+  for name, params in copies.items():
+    adapter = by_key[name.split(paths.SEPARATOR, 1)[1]].adapter
+    method = registry.brief(adapter.name) if adapter.name else 'hand-built'
+    rows.append((name, '(shared)', method, f'{count(params):,}', '-', '-'))
+    trainable += count(params)
   print_fn(_table(rows, trainable, changed, total))
 
 

@@ -1,4 +1,5 @@
-"""(IA)³ in weight-space form (Liu et al., 2022): scale a kernel's outputs."""
+"""(IA)³ in weight-space form (Liu et al., 2022): scale a kernel's outputs or,
+in HF PEFT's feed-forward form, its inputs."""
 
 from typing import NamedTuple
 
@@ -15,25 +16,53 @@ class Ia3Params(NamedTuple):
   l_out: Array
 
 
-@register('ia3')
-def ia3(*, param_dtype: str = 'float32') -> Adapter:
-  """Learned output scaling: ``w' = w · diag(l_out)``.
+class Ia3InputParams(NamedTuple):
+  """(IA)³'s input scales (the feed-forward form): ``l_in: (d_in,)``."""
 
-  Shapes: ``w: (d_in, d_out)``, ``l_out: (d_out,)`` initialised to 1. In the
-  spec's layout ``W' = diag(l) W``, i.e. ``h = l ⊙ (W x) + b``: the bias is
-  not scaled (it is a separate leaf). Factored form ``y = (x @ w) ⊙ l_out``.
-  Trainable count ``d_out`` (``Ia3Params``); no buffers. Identity at init;
-  mergeable; ``unapply`` divides by ``l_out`` (defined while no entry of
-  ``l_out`` is 0).
+  l_in: Array
+
+
+@register('ia3')
+def ia3(*, feedforward: bool = False, param_dtype: str = 'float32') -> Adapter:
+  """Learned output scaling ``w' = w · diag(l_out)``, or input scaling
+  ``w' = diag(l_in) · w`` with ``feedforward=True``.
+
+  Shapes: ``w: (d_in, d_out)``, scales initialised to 1; the bias (a
+  separate leaf) is never scaled.
+
+  * ``feedforward=False``: ``l_out: (d_out,)`` (``Ia3Params``). In the
+    spec's layout ``W' = diag(l) W``, i.e. ``h = l ⊙ (W x) + b``. Factored
+    form ``y = (x @ w) ⊙ l_out``. Trainable count ``d_out``.
+  * ``feedforward=True``: ``l_in: (d_in,)`` (``Ia3InputParams``), i.e.
+    ``h = W (l ⊙ x) + b``. Factored form ``y = (x ⊙ l_in) @ w``. Trainable
+    count ``d_in``. The same map as ``ssl``.
+
+  Hugging Face's ``IA3Model`` uses the input form for the modules listed in
+  ``feedforward_modules`` (its ``ia3_l`` has shape ``(1, in_features)``
+  there) and the output form elsewhere (``ia3_l: (out_features, 1)``), so an
+  HF (IA)³ adapter is two rule sets: ``ia3(feedforward=True)`` on its
+  feed-forward kernels (the paper's ``l_ff`` on ``W_2``), ``ia3()`` on the
+  others (``l_k``, ``l_v``). HF's output form also scales the bias, which
+  ``ia3()`` does not: the two agree on kernels without a bias.
+
+  No buffers. Identity at init; mergeable; ``unapply`` divides by the scales
+  (defined while none is 0).
 
   Args:
-    param_dtype: dtype of ``l_out``; ``w'`` keeps ``w``'s dtype.
+    feedforward: scale the input (``l_in``) instead of the output.
+    param_dtype: dtype of the scales; ``w'`` keeps ``w``'s dtype.
 
   Returns:
     The (IA)³ ``Adapter``.
   """
   name = 'ia3'
+  feedforward = checks.flag(name, 'feedforward', feedforward)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+  return _scale_inputs(name, dtype) if feedforward else _scale_outputs(name, dtype)
+
+
+def _scale_outputs(name: str, dtype: jnp.dtype) -> Adapter:
+  """``w' = w · diag(l_out)``."""
 
   def init(key, w):
     del key
@@ -57,4 +86,32 @@ def ia3(*, param_dtype: str = 'float32') -> Adapter:
     unapply=unapply,
     linear=Linear(factored),
     num_params=lambda shape: shape[1],
+  )
+
+
+def _scale_inputs(name: str, dtype: jnp.dtype) -> Adapter:
+  """``w' = diag(l_in) · w``."""
+
+  def init(key, w):
+    del key
+    return Ia3InputParams(l_in=jnp.ones(checks.matrix(name, w)[0], dtype)), None
+
+  def apply(w, params, buffers):
+    del buffers
+    return (w * params.l_in[:, None]).astype(w.dtype)
+
+  def unapply(w, params, buffers):
+    del buffers
+    return (w / params.l_in[:, None]).astype(w.dtype)
+
+  def factored(x, w, params, buffers):
+    del buffers
+    return ((x * params.l_in) @ w).astype(jnp.result_type(x, w))
+
+  return Adapter(
+    init=init,
+    apply=apply,
+    unapply=unapply,
+    linear=Linear(factored),
+    num_params=lambda shape: shape[0],
   )

@@ -36,12 +36,18 @@ Hook points (``peft_jax.hook_point``; names are module paths plus the point)::
   bert/embeddings/input_embeddings            (word embeddings, attention_mask)
   bert/encoder/layer_{i}/attention/attention_kv   (keys, values, mask_bias)
   bert/encoder/layer_{i}/attention/attention_output  (b, s, d) before residual
+  bert/encoder/layer_{i}/attention/attention_block   (x, h), each (b, s, d)
   bert/encoder/layer_{i}/ffn_intermediate     (b, s, d_ff) after GELU
   bert/encoder/layer_{i}/ffn_output           (b, s, d) before residual
+  bert/encoder/layer_{i}/ffn_block            (x, h), each (b, s, d)
 
 (without the ``bert/`` prefix for a bare ``BertModel``). Positions an
 activation adapter prepends at ``input_embeddings`` are dropped from the
-returned hidden states.
+returned hidden states. The ``*_block`` points are for parallel adapters:
+``x`` is the sub-layer's input (for the FFN, the post-attention-LayerNorm
+hidden state that enters ``intermediate``), ``h`` its output after the
+``*_output`` point, before dropout and the residual; the model continues
+with the ``h`` the adapter returns.
 
 Example::
 
@@ -281,6 +287,7 @@ class BertAttention(nn.Module):
     context = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
     y = nn.Dense(cfg.hidden_size, name='output')(context)
     y = hook_point(self, 'attention_output', y)
+    _, y = hook_point(self, 'attention_block', (x, y))
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x + y)
 
@@ -313,6 +320,7 @@ class BertLayer(nn.Module):
     )
     h = hook_point(self, 'ffn_intermediate', h)
     h = hook_point(self, 'ffn_output', nn.Dense(cfg.hidden_size, name='output')(h))
+    _, h = hook_point(self, 'ffn_block', (x, h))
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='output_layer_norm')(x + h)
 

@@ -55,8 +55,10 @@ Hook points (``peft_jax.hook_point``; the same names as BERT's)::
   deberta/embeddings/input_embeddings              (word embeddings, attention_mask)
   deberta/encoder/layer_{i}/attention/attention_kv     (keys, values, mask_bias)
   deberta/encoder/layer_{i}/attention/attention_output (b, s, d) before residual
+  deberta/encoder/layer_{i}/attention/attention_block  (x, h), each (b, s, d)
   deberta/encoder/layer_{i}/ffn_intermediate       (b, s, d_ff) after GELU
   deberta/encoder/layer_{i}/ffn_output             (b, s, d) before residual
+  deberta/encoder/layer_{i}/ffn_block              (x, h), each (b, s, d)
 
 (without the ``deberta/`` prefix for a bare ``DebertaV2Model``). The
 points of the Hugging Face submodules ``attention/self``,
@@ -73,7 +75,10 @@ adapter, for the last ``s`` keys (the sequence's own; an adapter that changes
 them changes the p2c term too); ``p`` keys an adapter prepends (prefix
 tuning) carry no relative position, so their score is the content term alone.
 Positions prepended at ``input_embeddings`` are dropped from the returned
-hidden states.
+hidden states. As BERT's, a ``*_block`` point passes the sub-layer's input
+``x`` (for the FFN, the attention block's LayerNorm output) and its output
+``h`` after the ``*_output`` point, before dropout and the residual; the
+model continues with the returned ``h`` (for parallel adapters).
 
 Padding follows Hugging Face: the embeddings of padded tokens are zeroed and
 a padded query attends uniformly to all keys, so every output position, not
@@ -573,22 +578,27 @@ def _disentangled_scores(
 
 
 class DebertaV2SelfOutput(nn.Module):
-  """Output dense, dropout, residual and LayerNorm of the attention block.
+  """Output dense, dropout, residual and LayerNorm of a sub-layer.
 
   Attributes:
     config: the model's hyper-parameters.
-    point: the hook point on the dense output, in the parent module.
+    sublayer: ``'attention'`` or ``'ffn'``; names the hook points
+      ``<sublayer>_output`` and ``<sublayer>_block``, in the parent module.
   """
 
   config: DebertaV2Config
-  point: str
+  sublayer: str
 
   @nn.compact
   def __call__(self, h: Array, residual: Array, *, deterministic: bool) -> Array:
-    """Returns ``LayerNorm(residual + dropout(hook(dense(h))))``."""
+    """Returns ``LayerNorm(residual + dropout(hook(dense(h))))``.
+
+    ``residual`` is the sub-layer's input: the ``x`` of its ``_block`` point.
+    """
     cfg = self.config
     y = _dense(cfg.hidden_size, 'dense')(h)
-    y = hook_point(self.parent, self.point, y)
+    y = hook_point(self.parent, f'{self.sublayer}_output', y)
+    _, y = hook_point(self.parent, f'{self.sublayer}_block', (residual, y))
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='LayerNorm')(residual + y)
 
@@ -642,7 +652,7 @@ class DebertaV2Attention(nn.Module):
       relative_pos,
       deterministic=deterministic,
     )
-    return DebertaV2SelfOutput(cfg, 'attention_output', name='output')(
+    return DebertaV2SelfOutput(cfg, 'attention', name='output')(
       context, x, deterministic=deterministic
     )
 
@@ -679,7 +689,7 @@ class DebertaV2Layer(nn.Module):
       deterministic=deterministic,
     )
     h = DebertaV2Intermediate(cfg, name='intermediate')(x)
-    return DebertaV2SelfOutput(cfg, 'ffn_output', name='output')(
+    return DebertaV2SelfOutput(cfg, 'ffn', name='output')(
       h, x, deterministic=deterministic
     )
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from peft_jax._src import selection
 from peft_jax._src.base import Array, Params
-from peft_jax._src.tree import leaf_key
+from peft_jax._src.paths import leaf_key
 
 
 def random(key: Array, frozen: Params, *, where: selection.Where = None):

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.houlsby import BottleneckParams
+from peft_jax._src.bottleneck import BottleneckParams
 from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import bert
 from tests import references
@@ -52,8 +52,10 @@ def test_hook_points_are_discovered_with_their_shapes():
   assert shapes(f'{layer}/attention/attention_output') == (B, T, D)
   assert shapes(f'{layer}/ffn_intermediate') == (B, T, 32)
   assert shapes(f'{layer}/ffn_output') == (B, T, D)
+  assert shapes(f'{layer}/attention/attention_block') == ((B, T, D), (B, T, D))
+  assert shapes(f'{layer}/ffn_block') == ((B, T, D), (B, T, D))
   assert all(point.stack == () for point in hooks.values())
-  assert len(hooks) == 1 + 2 * 4
+  assert len(hooks) == 1 + 2 * 6
 
 
 def test_without_activation_adapters_hooks_change_nothing():

@@ -28,6 +28,8 @@ from peft_jax._src import registry
 CASES = {
   'lora': ('lora(rank=3, alpha=6)', (7, 5), True),
   'ia3': ('ia3()', (7, 5), True),
+  # A second form of a registered method: the key is not a registry name.
+  'ia3/feedforward': ('ia3(feedforward=True)', (7, 5), True),
   'ssl': ('ssl()', (7, 5), True),
   'ssb': ('ssb()', (7, 5), True),
   'full': ('full()', (7, 5), True),
@@ -72,10 +74,26 @@ EMBEDDINGS = (
   jax.ShapeDtypeStruct((2, 5), jnp.int32),
 )
 HIDDEN = jax.ShapeDtypeStruct((2, 5, 12), jnp.float32)
+# An attention_kv value: keys, values (b, s, h, d_h) and a mask bias (b, 1, 1, s).
+KV = (
+  jax.ShapeDtypeStruct((2, 5, 3, 4), jnp.float32),
+  jax.ShapeDtypeStruct((2, 5, 3, 4), jnp.float32),
+  jax.ShapeDtypeStruct((2, 1, 1, 5), jnp.float32),
+)
+KV_OUT = ((2, 8, 3, 4), (2, 8, 3, 4), (2, 1, 1, 8))
 # name -> (spec, value at the hook point, output shapes for that value)
 ACTIVATION_CASES = {
   'prompt_tuning': ('prompt_tuning(length=3)', EMBEDDINGS, ((2, 8, 12), (2, 8))),
   'houlsby': ('houlsby(reduction_factor=4)', HIDDEN, (2, 5, 12)),
+  'ia3_activations': ('ia3_activations()', HIDDEN, (2, 5, 12)),
+  'pfeiffer': ('pfeiffer(reduction_factor=4)', HIDDEN, (2, 5, 12)),
+  'scaled_parallel': (
+    'scaled_parallel(reduction_factor=4, learned_scale=True)',
+    (HIDDEN, HIDDEN),
+    ((2, 5, 12), (2, 5, 12)),
+  ),
+  # The reparametrised prefix: per-point heads plus one shared MLP.
+  'prefix_tuning': ('prefix_tuning(length=3, bottleneck=5)', KV, KV_OUT),
 }
 
 # Trainable leaves that are inert until a schedule acts: LoRA-Dash's d gets
@@ -137,19 +155,24 @@ def is_typed(params) -> bool:
   return isinstance(params, (tuple, jax.Array)) and not isinstance(params, dict)
 
 
+def method_name(case: str) -> str:
+  """The registry name of a case's method (from its spec)."""
+  return registry._parse((CASES.get(case) or ACTIVATION_CASES[case])[0])[0]
+
+
 def test_every_method_has_a_case():
-  assert sorted([*CASES, *ACTIVATION_CASES]) == pj.names()
+  assert sorted({method_name(n) for n in [*CASES, *ACTIVATION_CASES]}) == pj.names()
 
 
 @pytest.mark.parametrize('name', sorted([*CASES, *ACTIVATION_CASES]))
 def test_registry_and_factory_give_the_same_adapter_and_names_round_trip(name):
   spec = (CASES.get(name) or ACTIVATION_CASES[name])[0]
-  _, args, kwargs = registry._parse(spec)
+  method, args, kwargs = registry._parse(spec)
   adapter = pj.get(spec)
-  assert getattr(pj, name)(*args, **kwargs) is adapter
-  assert adapter.name.startswith(f'{name}(')
+  assert getattr(pj, method)(*args, **kwargs) is adapter
+  assert adapter.name.startswith(f'{method}(')
   assert pj.get(adapter.name) is adapter
-  rebuilt = registry._METHODS[name](*args, **kwargs)
+  rebuilt = registry._METHODS[method](*args, **kwargs)
   assert rebuilt.name == adapter.name
 
 
@@ -386,9 +409,14 @@ def test_sharded_jit_equals_one_device(name):
 
 
 def activation_setup(name, seed=0):
+  """``(adapter, value, params0, buffers, params)``; for a method with
+  shared parameters, ``params`` are ``(own, shared)`` pairs (``run`` derives
+  what ``apply`` takes)."""
   spec, value, _ = ACTIVATION_CASES[name]
   adapter = pj.get(spec)
   params0, buffers = adapter.init(jax.random.key(seed), value)
+  if adapter.shared is not None:
+    params0 = (params0, adapter.shared.init(jax.random.key(seed + 3), value))
   params = perturbed(params0, jax.random.key(seed + 1))
   concrete = jax.tree.map(
     lambda v: (
@@ -401,13 +429,26 @@ def activation_setup(name, seed=0):
   return adapter, concrete, params0, buffers, params
 
 
+def run(adapter, value, params, buffers):
+  """``apply`` at one point, deriving the parameters from ``(own, shared)``."""
+  if adapter.shared is not None:
+    own, shared = params
+    params = adapter.shared.derive(shared, own)
+  return adapter.apply(value, params, buffers)
+
+
+def declared_count(adapter, value) -> int:
+  shared = adapter.shared.num_params(value) if adapter.shared else 0
+  return adapter.num_params(value) + shared
+
+
 @pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
 def test_activation_apply_shapes_dtype_count_and_jit(name):
   adapter, value, params0, buffers, params = activation_setup(name)
   assert is_typed(params0)
-  assert pj.count(params0) == adapter.num_params(ACTIVATION_CASES[name][1])
-  out = adapter.apply(value, params, buffers)
-  jitted = jax.jit(adapter.apply)(value, params, buffers)
+  assert pj.count(params0) == declared_count(adapter, ACTIVATION_CASES[name][1])
+  out = run(adapter, value, params, buffers)
+  jitted = jax.jit(run, static_argnums=0)(adapter, value, params, buffers)
   want = ACTIVATION_CASES[name][2]
   assert jax.tree.map(jnp.shape, out) == want
   assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(lambda x: x.dtype, value)
@@ -423,9 +464,9 @@ def test_activation_gradient_reaches_every_parameter_without_retrace(name):
 
   def loss(p):
     traces.append(None)
-    out = adapter.apply(value, p, buffers)
-    first = jax.tree.leaves(out)[0]
-    return jnp.sum(jnp.sin(first))
+    out = run(adapter, value, p, buffers)
+    floats = [x for x in jax.tree.leaves(out) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum(jnp.sum(jnp.sin(x)) for x in floats)
 
   grad = jax.jit(jax.grad(loss))
   g0, g1 = grad(params0), grad(params)
@@ -438,12 +479,20 @@ def test_activation_gradient_reaches_every_parameter_without_retrace(name):
 class HookedBlock(nn.Module):
   @nn.compact
   def __call__(self, h, _):
-    y = nn.Dense(12, name='dense')(h)
-    return h + pj.hook_point(self, 'output', y), None
+    y = pj.hook_point(self, 'output', nn.Dense(12, name='dense')(h))
+    _, y = pj.hook_point(self, 'block', (h, y))
+    kv = h.reshape(*h.shape[:2], 3, 4)
+    k, v, _ = pj.hook_point(
+      self, 'kv', (kv, kv, jnp.zeros((h.shape[0], 1, 1, h.shape[1])))
+    )
+    y += jnp.mean(k * v, axis=1).reshape(h.shape[0], 1, 12)  # keys may be prepended
+    return h + y, None
 
 
 class HookedModel(nn.Module):
-  """Embeddings with a hook, then two scanned layers with one hook each."""
+  """Embeddings with a hook, then two scanned layers with three hooks each:
+  ``output`` (the sub-layer output), ``block`` (its input and output) and
+  ``kv`` (keys, values and a mask bias, as ``attention_kv``)."""
 
   @nn.compact
   def __call__(self, ids):
@@ -458,10 +507,19 @@ class HookedModel(nn.Module):
     return jnp.sum(x * mask[..., None], axis=1)
 
 
+# The hook point of HookedModel each activation method acts at, if not
+# 'layers/output'.
+POINTS = {
+  'prompt_tuning': 'input_embeddings',
+  'scaled_parallel': 'layers/block',
+  'prefix_tuning': 'layers/kv',
+}
+
+
 @pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
 def test_activation_methods_run_through_by_rules_on_a_scanned_model(name):
   spec = ACTIVATION_CASES[name][0]
-  point = 'input_embeddings' if name == 'prompt_tuning' else 'layers/output'
+  point = POINTS.get(name, 'layers/output')
   model = HookedModel()
   ids = jnp.arange(10).reshape(2, 5)
   frozen = model.init(jax.random.key(0), ids)['params']
@@ -470,12 +528,18 @@ def test_activation_methods_run_through_by_rules_on_a_scanned_model(name):
   tree = pj.by_rules([(point, spec)])
   params, buffers = tree.init(jax.random.key(1), frozen, hooks)
   stack = hooks[point].stack
+  adapter = pj.get(spec)
+  own = {k: v for k, v in params.items() if k != '@shared'}
   for leaf, one in zip(
-    jax.tree.leaves(params),
-    jax.tree.leaves(pj.get(spec).init(jax.random.key(0), hooks[point].value)[0]),
+    jax.tree.leaves(own),
+    jax.tree.leaves(adapter.init(jax.random.key(0), hooks[point].value)[0]),
     strict=True,
   ):
     assert leaf.shape == (*stack, *one.shape)
+  if adapter.shared is not None:  # One copy, no layer axis.
+    (copy,) = params['@shared'].values()
+    one = adapter.shared.init(jax.random.key(0), hooks[point].value)
+    assert jax.tree.map(jnp.shape, copy) == jax.tree.map(jnp.shape, one)
   fn = lambda w, ids: model.apply({'params': w}, ids)
   for factored in (False, True):
     out = jax.jit(pj.adapted(tree, fn, factored=factored))(frozen, params, buffers, ids)

@@ -397,8 +397,10 @@ def test_every_documented_hook_point_is_reached(v3):
       for point, shape in (
         ('attention/attention_kv', ((2, 5, 4, 8), (2, 5, 4, 8), (2, 1, 1, 5))),
         ('attention/attention_output', (2, 5, 32)),
+        ('attention/attention_block', ((2, 5, 32), (2, 5, 32))),
         ('ffn_intermediate', (2, 5, 48)),
         ('ffn_output', (2, 5, 32)),
+        ('ffn_block', ((2, 5, 32), (2, 5, 32))),
       )
     },
   }
@@ -423,10 +425,21 @@ def test_every_hook_point_applies_its_adapter(v3):
     init=lambda key, value: (jnp.asarray(3.0), None),
     apply=lambda value, s, buffers: value * s,
   )
+  # At a block point (x, h): scales h, the output the model continues with.
+  scale_output = pj.ActivationAdapter(
+    init=lambda key, value: (jnp.asarray(3.0), None),
+    apply=lambda value, s, buffers: (value[0], value[1] * s),
+  )
   plain = model.apply({'params': v3.params}, ids, mask)
-  for point in ('attention/attention_output', 'ffn_intermediate', 'ffn_output'):
+  for point, adapter in (
+    ('attention/attention_output', scale),
+    ('attention/attention_block', scale_output),
+    ('ffn_intermediate', scale),
+    ('ffn_output', scale),
+    ('ffn_block', scale_output),
+  ):
     name = f'encoder/layer_1/{point}'
-    run, theta, buffers = _adapted(model, [(name, scale)], v3.params, ids, mask)
+    run, theta, buffers = _adapted(model, [(name, adapter)], v3.params, ids, mask)
     assert list(_flat(theta)) == [name]
     assert np.abs(run(v3.params, theta, buffers, ids, mask) - plain).max() > 1e-3
 

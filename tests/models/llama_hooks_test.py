@@ -90,8 +90,10 @@ def test_hook_points_names_shapes_and_layer_stacks(layout):
   for layer in layer_names(layout):
     want[f'{layer}/self_attn/attention_kv'] = (((B, T, KV, HD), (B, T, KV, HD)), stack)
     want[f'{layer}/self_attn/attention_output'] = ((B, T, D), stack)
+    want[f'{layer}/self_attn/attention_block'] = (((B, T, D), (B, T, D)), stack)
     want[f'{layer}/mlp/ffn_intermediate'] = ((B, T, FFN), stack)
     want[f'{layer}/mlp/ffn_output'] = ((B, T, D), stack)
+    want[f'{layer}/mlp/ffn_block'] = (((B, T, D), (B, T, D)), stack)
   got = {
     name: (jax.tree.map(lambda x: x.shape, point.value), point.stack)
     for name, point in hooks.items()

@@ -502,8 +502,10 @@ def test_hook_points_are_named_per_layer(tiny):
   per_layer = (
     'self_attn/attention_kv',
     'self_attn/attention_output',
+    'self_attn/attention_block',
     'mlp/ffn_intermediate',
     'mlp/ffn_output',
+    'mlp/ffn_block',
   )
   assert list(points) == [
     'input_embeddings',

@@ -39,8 +39,16 @@ under ``scan_layers`` every layer is ``layers/...``)::
   layers_{i}/self_attn/attention_kv       (k, v), each (b, s, kv_heads, hd),
                                           keys after RoPE
   layers_{i}/self_attn/attention_output   (b, s, d) after o_proj, before residual
+  layers_{i}/self_attn/attention_block    (x, h), each (b, s, d): x the
+                                          input_layernorm output, h as above
   layers_{i}/mlp/ffn_intermediate         (b, s, ffn) silu(gate) * up
   layers_{i}/mlp/ffn_output               (b, s, d) after down_proj, before residual
+  layers_{i}/mlp/ffn_block                (x, h), each (b, s, d): x the
+                                          post_attention_layernorm output
+                                          (gate/up's input), h as above
+
+A ``*_block`` point is for parallel adapters: the model continues with the
+``h`` the adapter returns (after any adapter at the ``*_output`` point).
 
 Prompt tuning: an activation adapter at ``input_embeddings`` may return ``p`` more
 positions at the front (and the mask with ``p`` more entries, or None). They

@@ -404,6 +404,9 @@ class LlamaAttention(nn.Module):
     Hook point ``attention_kv``: ``(k, v)``, each ``(batch, seq, kv_heads,
     head_dim)``, keys after RoPE, before the cache update. Without a cache an
     adapter may prepend prefix keys/values that every query attends to.
+    Then ``attention_output``: the ``o_proj`` output ``(batch, seq, d)``;
+    and ``attention_block``: ``(x, that output)``, the output replaced by
+    what the adapter returns (parallel adapters).
     """
     cfg = self.config
     b, t, _ = x.shape
@@ -432,7 +435,9 @@ class LlamaAttention(nn.Module):
     y = _dense(cfg, cfg.hidden_size, cfg.attention_out_bias, 'o_proj')(
       y.reshape(b, t, nh * hd)
     )
-    return hook_point(self, 'attention_output', y), layer_cache
+    y = hook_point(self, 'attention_output', y)
+    _, y = hook_point(self, 'attention_block', (x, y))
+    return y, layer_cache
 
 
 def _check_kv(
@@ -502,14 +507,21 @@ class LlamaMLP(nn.Module):
 
     Returns:
       ``(batch, seq, d)`` output.
+
+    Hook points: ``ffn_intermediate`` ``silu(gate) · up`` ``(batch, seq,
+    ffn)``, ``ffn_output`` the ``down_proj`` output ``(batch, seq, d)``, then
+    ``ffn_block`` ``(x, that output)``, the output replaced by what the
+    adapter returns (parallel adapters).
     """
     cfg = self.config
     gate = _dense(cfg, cfg.intermediate_size, False, 'gate_proj')(x)
     up = _dense(cfg, cfg.intermediate_size, False, 'up_proj')(x)
     h = hook_point(self, 'ffn_intermediate', nn.silu(gate) * up)
-    return hook_point(
+    h = hook_point(
       self, 'ffn_output', _dense(cfg, cfg.hidden_size, False, 'down_proj')(h)
     )
+    _, h = hook_point(self, 'ffn_block', (x, h))
+    return h
 
 
 class LlamaDecoderLayer(nn.Module):

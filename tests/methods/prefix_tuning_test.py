@@ -1,0 +1,260 @@
+"""Prefix tuning, flat and through its shared MLP, against a float64 NumPy
+BERT (tests/bert_reference.py) with the prefix written from the formula; the
+shared copy's gradient against the chain rule through a hand-written MLP;
+per-layer slicing under ``nn.scan`` on the Llama decoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import peft_jax as pj
+from peft_jax.methods.prefix_tuning import PrefixHead, PrefixMlp, PrefixParams
+from peft_jax.models import bert
+from tests import bert_reference, references
+from tests.models import llama_hooks_test as tiny_llama
+
+CONFIG = bert.BertConfig(
+  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
+)
+B, T, L, H, DH, HIDDEN = 2, 5, 3, 2, 8, 6
+KV = '.*/attention_kv'
+
+
+def setup():
+  model = bert.BertModel(CONFIG)
+  ids = jax.random.randint(jax.random.key(0), (B, T), 1, 50)
+  mask = jnp.ones_like(ids).at[1, -2:].set(0)
+  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  hooks = pj.hook_points(model, ids, mask)
+  hidden = lambda w, ids, mask: model.apply({'params': w}, ids, mask)
+  return frozen, hooks, hidden, ids, mask
+
+
+def layer(params, i):
+  return params['encoder'][f'layer_{i}']['attention']['attention_kv']
+
+
+def mlp_prefix_np(shared: PrefixMlp, head: PrefixHead):
+  """``tanh(E W_1 + b_1) W_2 + b_2`` in float64, split keys | values."""
+  f = lambda x: np.asarray(x, np.float64)
+  hid = np.tanh(f(shared.embedding) @ f(shared.hidden) + f(shared.hidden_bias))
+  out = hid @ f(head.out) + f(head.out_bias)
+  width = out.shape[-1] // 2
+  return (out[:, :width].reshape(L, H, DH), out[:, width:].reshape(L, H, DH))
+
+
+@pytest.mark.parametrize('factored', [False, True])
+def test_flat_prefix_equals_the_numpy_encoder(factored):
+  frozen, hooks, hidden, ids, mask = setup()
+  tree = pj.by_rules([(KV, f'prefix_tuning(length={L}, bottleneck=None)')])
+  params, buffers = tree.init(jax.random.key(2), frozen, hooks)
+  assert layer(params, 0).keys.shape == (L, H, DH) and '@shared' not in params
+  assert pj.count(params) == CONFIG.num_layers * 2 * L * H * DH
+  edits = bert_reference.Edits(prefix=lambda i: tuple(layer(params, i)))
+  want = bert_reference.encoder(frozen, ids, mask, CONFIG, edits)
+  got = jax.jit(pj.adapted(tree, hidden, factored=factored))(
+    frozen, params, buffers, ids, mask
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # The prefix matters: without it the output differs.
+  plain = bert_reference.encoder(frozen, ids, mask, CONFIG)
+  assert np.abs(plain - want).max() > 1e-2
+
+
+def test_mlp_prefix_equals_the_formula_and_keeps_one_shared_copy():
+  frozen, hooks, hidden, ids, mask = setup()
+  spec = f'prefix_tuning(length={L}, bottleneck={HIDDEN})'
+  tree = pj.by_rules([(KV, spec)])
+  params, buffers = tree.init(jax.random.key(3), frozen, hooks)
+  params = references.perturb(params, 4)
+  shared = params['@shared']['prefix_tuning']
+  assert isinstance(shared, PrefixMlp) and shared.embedding.shape == (L, H * DH)
+  assert isinstance(layer(params, 1), PrefixHead)
+  width = 2 * H * DH
+  per_layer = width * (HIDDEN + 1)
+  assert pj.count(params) == 2 * per_layer + L * H * DH + H * DH * HIDDEN + HIDDEN
+  edits = bert_reference.Edits(prefix=lambda i: mlp_prefix_np(shared, layer(params, i)))
+  want = bert_reference.encoder(frozen, ids, mask, CONFIG, edits)
+  got = jax.jit(pj.adapted(tree, hidden))(frozen, params, buffers, ids, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # The plan hands each layer its flat prefix: the MLP can be dropped.
+  plan = tree.plan(frozen, params, buffers).hooks
+  flat = plan['encoder/layer_1/attention/attention_kv'].params
+  assert isinstance(flat, PrefixParams)
+  np.testing.assert_allclose(
+    np.reshape(flat.keys, (L, H, DH)),
+    mlp_prefix_np(shared, layer(params, 1))[0],
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def test_shared_gradient_is_the_chain_rule_through_every_layer():
+  """The MLP's gradient equals the flat prefix's gradient pulled back
+  through a hand-written MLP (sum over layers: one copy serves all)."""
+  frozen, hooks, hidden, ids, mask = setup()
+  mlp = pj.by_rules([(KV, f'prefix_tuning(length={L}, bottleneck={HIDDEN})')])
+  flat = pj.by_rules([(KV, f'prefix_tuning(length={L}, bottleneck=None)')])
+  params, _ = mlp.init(jax.random.key(5), frozen, hooks)
+  params = references.perturb(params, 6)
+  loss = lambda tree: (
+    lambda p: jnp.sum(pj.adapted(tree, hidden)(frozen, p, None, ids, mask) ** 2)
+  )
+
+  def by_hand(shared, heads):
+    hid = jnp.tanh(shared.embedding @ shared.hidden + shared.hidden_bias)
+    out = [hid @ h.out + h.out_bias for h in heads]
+    return [
+      PrefixParams(*(x.reshape(L, H, DH) for x in jnp.split(o, 2, -1))) for o in out
+    ]
+
+  heads = [layer(params, i) for i in range(CONFIG.num_layers)]
+  prefixes, pullback = jax.vjp(by_hand, params['@shared']['prefix_tuning'], heads)
+  flat_params = {
+    'encoder': {
+      f'layer_{i}': {'attention': {'attention_kv': p}} for i, p in enumerate(prefixes)
+    }
+  }
+  flat_grads = jax.grad(loss(flat))(flat_params)
+  want_shared, want_heads = pullback(
+    [layer(flat_grads, i) for i in range(CONFIG.num_layers)]
+  )
+  got = jax.grad(loss(mlp))(params)
+  for g, w in zip(
+    jax.tree.leaves(got['@shared']['prefix_tuning']),
+    jax.tree.leaves(want_shared),
+    strict=True,
+  ):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  for i in range(CONFIG.num_layers):
+    for g, w in zip(
+      jax.tree.leaves(layer(got, i)), jax.tree.leaves(want_heads[i]), strict=True
+    ):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'spec', ['prefix_tuning(length=3)', 'prefix_tuning(length=3, bottleneck=None)']
+)
+def test_scanned_llama_slices_each_layer_and_shares_one_mlp(spec):
+  """Under ``nn.scan`` the per-layer parameters carry the layer axis and the
+  shared copy does not; the logits equal the unrolled model's with the same
+  parameters layer by layer."""
+  tokens = tiny_llama.ids()
+  rules = [('.*/attention_kv', spec)]
+  runs = {}
+  for layout in ('unrolled', 'scan_remat'):
+    model, frozen = tiny_llama.tiny(layout)
+    hooks = pj.hook_points(model, tokens)
+    tree = pj.by_rules(rules)
+    params, buffers = tree.init(jax.random.key(7), frozen, hooks)
+    runs[layout] = (tree, model, frozen, params, buffers)
+  tree, model, frozen, params, _ = runs['unrolled']
+  params = references.perturb(params, 8)
+  per_layer = [params[f'layers_{i}']['self_attn']['attention_kv'] for i in range(2)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  scan_params = {'layers': {'self_attn': {'attention_kv': stacked}}}
+  if '@shared' in params:
+    scan_params['@shared'] = params['@shared']
+  s_tree, s_model, s_frozen, s_init, _ = runs['scan_remat']
+  assert jax.tree.map(jnp.shape, s_init) == jax.tree.map(jnp.shape, scan_params)
+  want = pj.adapted(tree, tiny_llama.logits(model))(frozen, params, None, tokens)
+  got = jax.jit(pj.adapted(s_tree, tiny_llama.logits(s_model)))(
+    s_frozen, scan_params, None, tokens
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  swapped = jax.tree.map(lambda x: x[::-1], stacked)  # layer 1's prefix in layer 0
+  other = pj.adapted(s_tree, tiny_llama.logits(s_model))(
+    s_frozen,
+    {**scan_params, 'layers': {'self_attn': {'attention_kv': swapped}}},
+    None,
+    tokens,
+  )
+  assert np.abs(other - want).max() > 1e-3
+
+
+def test_describe_lists_the_shared_copy_and_counts_it():
+  frozen, hooks, *_ = setup()
+  rules = [(KV, f'prefix_tuning(length={L}, bottleneck={HIDDEN})')]
+  lines = []
+  pj.describe(rules, frozen, hooks, print_fn=lines.append)
+  table = lines[0]
+  shared_count = L * H * DH + H * DH * HIDDEN + HIDDEN
+  row = next(r for r in table.splitlines() if '@shared/prefix_tuning' in r)
+  assert f'{shared_count:,}' in row
+  params, _ = pj.by_rules(rules).init(jax.random.key(0), frozen, hooks)
+  assert (
+    f'{pj.count(params):,}' in table.splitlines()[-1]
+    or f'{pj.count(params):,}' in table
+  )
+
+
+@pytest.mark.parametrize(
+  ('change', 'match'),
+  [
+    (
+      lambda p: {k: v for k, v in p.items() if k != '@shared'},
+      "hold nothing at '@shared/prefix_tuning'",
+    ),
+    (
+      lambda p: {**p, '@shared': {**p['@shared'], 'lora': jnp.ones(2)}},
+      "hold '@shared/lora'",
+    ),
+  ],
+)
+def test_missing_or_foreign_shared_entries_are_one_line_errors(change, match):
+  frozen, hooks, hidden, ids, mask = setup()
+  tree = pj.by_rules([(KV, f'prefix_tuning(length={L}, bottleneck={HIDDEN})')])
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  with pytest.raises(pj.PeftError, match=match) as error:
+    pj.adapted(tree, hidden)(frozen, change(params), buffers, ids, mask)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize(
+  ('rules', 'match'),
+  [
+    ([('.*/ffn_output', 'prefix_tuning()')], 'acts at an attention_kv hook point'),
+    ([(KV, 'prefix_tuning(length=0)')], 'length=0 must be > 0'),
+    ([(KV, 'prefix_tuning(bottleneck=0)')], 'bottleneck=0 must be > 0'),
+    ([(KV, "prefix_tuning(bottleneck='x')")], "bottleneck='x' must be an int"),
+  ],
+)
+def test_bad_specs_and_points_are_one_line_errors(rules, match):
+  frozen, hooks, *_ = setup()
+  with pytest.raises(pj.PeftError, match=match) as error:
+    pj.by_rules(rules).init(jax.random.key(0), frozen, hooks)
+  assert '\n' not in str(error.value)
+
+
+def test_shared_points_must_agree_in_shape():
+  """One MLP cannot serve points of different head sizes."""
+  frozen, hooks, *_ = setup()
+  name = 'encoder/layer_1/attention/attention_kv'
+  k, _, bias = hooks[name].value
+  wider = jax.ShapeDtypeStruct((*k.shape[:2], 4, 8), k.dtype)
+  hooks = {**hooks, name: pj.HookPoint((wider, wider, bias))}
+  with pytest.raises(pj.PeftError, match='must show the same shapes'):
+    pj.by_rules([(KV, 'prefix_tuning(length=2, bottleneck=4)')]).init(
+      jax.random.key(0), frozen, hooks
+    )
+
+
+def test_shared_copy_round_trips_through_the_adapter_file(tmp_path):
+  frozen, hooks, hidden, ids, mask = setup()
+  tree = pj.by_rules([(KV, f'prefix_tuning(length={L}, bottleneck={HIDDEN})')])
+  params, buffers = tree.init(jax.random.key(9), frozen, hooks)
+  params = references.perturb(params, 10)
+  path = str(tmp_path / 'prefix.safetensors')
+  pj.save_adapter(path, params, buffers, {'rules': 'prefix'})
+  like = jax.eval_shape(lambda k: tree.init(k, frozen, hooks), jax.random.key(0))
+  loaded, loaded_buffers, _ = pj.load_adapter(path, like)
+  assert isinstance(loaded['@shared']['prefix_tuning'], PrefixMlp)
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(got, want)  # bit-exact
+  run = jax.jit(pj.adapted(tree, hidden))
+  np.testing.assert_array_equal(
+    run(frozen, loaded, loaded_buffers, ids, mask),
+    run(frozen, params, buffers, ids, mask),
+  )
