@@ -28,6 +28,11 @@ COLUMNS = (
   ('val {m} after', lambda r: f'{headline.value(r, "validation"):.3f}'),
   ('test {m} after', lambda r: f'{headline.value(r):.3f}'),
   ('ms/step', lambda r: f'{r["ms_per_step"]:.0f}'),
+  # XLA's memory of one train step (train.step_memory_mib); older rows lack it.
+  (
+    'step MiB',
+    lambda r: f'{r["step_memory_mib"]:.0f}' if 'step_memory_mib' in r else '–',
+  ),
 )
 
 

@@ -166,8 +166,13 @@ def test_run_writes_everything_and_refuses_a_different_config(
   # Head, then LoRA rank 8 on query and value (a (d, 8), b (8, d)) of 2 layers.
   d = TINY.hidden_size
   assert row['trainable_params'] == HEAD + 2 * 2 * (d * 8 + 8 * d)
-  total = sum(x.size for x in jax.tree.leaves(build_tiny(config).frozen))
+  frozen = jax.tree.leaves(build_tiny(config).frozen)
+  total = sum(x.size for x in frozen)
   assert row['total_params'] == total
+  # The step holds at least the frozen weights and LoRA's params with Adam's
+  # two moments (float32), plus the activations it keeps for the gradient.
+  held = sum(x.nbytes for x in frozen) + 3 * 4 * row['trainable_params']
+  assert held < row['step_memory_mib'] * 2**20 < 50 * held
   assert 0 <= row['after_test_accuracy'] <= 1 and 'device' in row and 'date' in row
   lines = metric_lines(workdir)
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3]

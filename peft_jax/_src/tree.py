@@ -301,10 +301,28 @@ def merge(adapter: TreeAdapter, frozen: Params, params, buffers=None) -> Params:
   """
   if not adapter.mergeable:
     raise PeftError(
-      f'{adapter.name} is not mergeable: some chosen method has no weight-space '
-      'form or acts on activations; run it through peft_jax.adapted'
+      f'not mergeable: {_modules(adapter.plan(frozen, params, buffers))} stay as '
+      'modules; run the model through peft_jax.adapted'
     )
   return adapter.apply(frozen, params, buffers)
+
+
+def _modules(plan: Plan) -> str:
+  """What ``merge`` cannot fold, by method: ``'prefix_tuning at 2 hook points
+  (a, b); parallel_adapter at 1 leaf (c)'``."""
+  found: dict[tuple[str, str], list[str]] = {}
+  for kind, chosen in (('hook point', plan.hooks), ('leaf', plan.weights)):
+    for name, entry in chosen.items():
+      if kind == 'leaf' and entry.adapter.mergeable:
+        continue
+      method = (entry.adapter.name or 'a hand-built adapter').split('(')[0]
+      found.setdefault((method, kind), []).append(name)
+  parts = []
+  for (method, kind), names in found.items():
+    shown = ', '.join(names[:2]) + (', ...' if len(names) > 2 else '')
+    label = kind if len(names) == 1 else {'leaf': 'leaves'}.get(kind, kind + 's')
+    parts.append(f'{method} at {len(names)} {label} ({shown})')
+  return '; '.join(parts)
 
 
 def unmerge(adapter: TreeAdapter, merged: Params, params, buffers=None) -> Params:

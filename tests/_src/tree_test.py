@@ -85,8 +85,11 @@ def test_merge_refuses_methods_without_a_weight_space_form():
   adapter = pj.by_rules([('.*/kernel', 'parallel_adapter(rank=2)')])
   params, buffers = adapter.init(jax.random.key(0), mlp())
   assert not adapter.mergeable
-  with pytest.raises(pj.PeftError, match='is not mergeable'):
+  with pytest.raises(
+    pj.PeftError, match=r'not mergeable: parallel_adapter at 2 leaves \('
+  ) as error:
     pj.merge(adapter, mlp(), params, buffers)
+  assert 'stay as modules' in str(error.value) and '\n' not in str(error.value)
   with pytest.raises(pj.PeftError, match='has no weight-space form; run'):
     adapter.apply(mlp(), params, buffers)
 
