@@ -3,10 +3,8 @@ in HF PEFT's feed-forward form, its inputs."""
 
 from typing import NamedTuple
 
-import jax.numpy as jnp
-
-from peft_jax._src import checks
-from peft_jax._src.base import Adapter, Array, Linear
+from peft_jax._src import checks, scaling
+from peft_jax._src.base import Adapter, Array
 from peft_jax._src.registry import register
 
 
@@ -58,60 +56,6 @@ def ia3(*, feedforward: bool = False, param_dtype: str = 'float32') -> Adapter:
   name = 'ia3'
   feedforward = checks.flag(name, 'feedforward', feedforward)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
-  return _scale_inputs(name, dtype) if feedforward else _scale_outputs(name, dtype)
-
-
-def _scale_outputs(name: str, dtype: jnp.dtype) -> Adapter:
-  """``w' = w · diag(l_out)``."""
-
-  def init(key, w):
-    del key
-    return Ia3Params(l_out=jnp.ones(checks.matrix(name, w)[1], dtype)), None
-
-  def apply(w, params, buffers):
-    del buffers
-    return (w * params.l_out).astype(w.dtype)
-
-  def unapply(w, params, buffers):
-    del buffers
-    return (w / params.l_out).astype(w.dtype)
-
-  def factored(x, w, params, buffers):
-    del buffers
-    return ((x @ w) * params.l_out).astype(jnp.result_type(x, w))
-
-  return Adapter(
-    init=init,
-    apply=apply,
-    unapply=unapply,
-    linear=Linear(factored),
-    num_params=lambda shape: shape[1],
-  )
-
-
-def _scale_inputs(name: str, dtype: jnp.dtype) -> Adapter:
-  """``w' = diag(l_in) · w``."""
-
-  def init(key, w):
-    del key
-    return Ia3InputParams(l_in=jnp.ones(checks.matrix(name, w)[0], dtype)), None
-
-  def apply(w, params, buffers):
-    del buffers
-    return (w * params.l_in[:, None]).astype(w.dtype)
-
-  def unapply(w, params, buffers):
-    del buffers
-    return (w / params.l_in[:, None]).astype(w.dtype)
-
-  def factored(x, w, params, buffers):
-    del buffers
-    return ((x * params.l_in) @ w).astype(jnp.result_type(x, w))
-
-  return Adapter(
-    init=init,
-    apply=apply,
-    unapply=unapply,
-    linear=Linear(factored),
-    num_params=lambda shape: shape[0],
-  )
+  if feedforward:
+    return scaling.input_scaling(name, dtype, Ia3InputParams)
+  return scaling.output_scaling(name, dtype, Ia3Params)

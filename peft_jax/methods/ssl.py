@@ -2,10 +2,8 @@
 
 from typing import NamedTuple
 
-import jax.numpy as jnp
-
-from peft_jax._src import checks
-from peft_jax._src.base import Adapter, Array, Linear
+from peft_jax._src import checks, scaling
+from peft_jax._src.base import Adapter, Array
 from peft_jax._src.registry import register
 
 
@@ -34,27 +32,4 @@ def ssl(*, param_dtype: str = 'float32') -> Adapter:
   """
   name = 'ssl'
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
-
-  def init(key, w):
-    del key
-    return SslParams(l_in=jnp.ones(checks.matrix(name, w)[0], dtype)), None
-
-  def apply(w, params, buffers):
-    del buffers
-    return (params.l_in[:, None] * w).astype(w.dtype)
-
-  def unapply(w, params, buffers):
-    del buffers
-    return (w / params.l_in[:, None]).astype(w.dtype)
-
-  def factored(x, w, params, buffers):
-    del buffers
-    return ((x * params.l_in) @ w).astype(jnp.result_type(x, w))
-
-  return Adapter(
-    init=init,
-    apply=apply,
-    unapply=unapply,
-    linear=Linear(factored),
-    num_params=lambda shape: shape[0],
-  )
+  return scaling.input_scaling(name, dtype, SslParams)

@@ -16,6 +16,7 @@ import peft_jax as pj
 from peft_jax.methods.ia3_activations import Ia3FfnParams, Ia3KvParams
 from peft_jax.models import bert, llama
 from tests import references
+from tests.models import llama_hooks_test as tiny_llama
 
 KV_RULE = ('.*/attention_kv', 'ia3_activations()')
 FFN_RULE = ('.*/ffn_intermediate', 'ia3_activations()')
@@ -166,16 +167,7 @@ def test_bert_logits_equal_the_model_on_scaled_kernels():
 # ---------------------------------------------------------------------------
 # Llama under nn.scan: keys after RoPE, no biases, GQA, SwiGLU.
 
-LLAMA_CONFIG = llama.LlamaConfig(
-  vocab_size=53,
-  hidden_size=32,
-  intermediate_size=48,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  rope_theta=500.0,
-  scan_layers=True,
-)
+LLAMA_CONFIG = tiny_llama.CONFIG.replace(scan_layers=True)
 L, KV, LHD, LFF = 2, 2, 8, 48
 
 

@@ -13,8 +13,6 @@ the two agree shows the points pass the right ``x`` and that the model uses
 the returned ``h'`` in the right place.
 """
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ import peft_jax as pj
 from peft_jax._src import paths
 from peft_jax.models import bert, deberta, llama
 from tests import references
+from tests.models import llama_hooks_test as tiny_llama
 
 SPEC = 'scaled_parallel(reduction_factor=4, scale=2.0)'
 LEARNED = 'scaled_parallel(reduction_factor=4, learned_scale=True)'
@@ -139,41 +138,11 @@ def test_scaled_parallel_at_encoder_blocks_equals_an_interception(name):
 # ---------------------------------------------------------------------------
 # Llama: unrolled, scanned, scanned with remat; and with a KV cache.
 
-B, T = 2, 6
-LLAMA = llama.LlamaConfig(
-  vocab_size=53,
-  hidden_size=32,
-  intermediate_size=48,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  rope_theta=500.0,
-)
-LAYOUTS = {
-  'unrolled': {},
-  'scan': dict(scan_layers=True),
-  'scan_remat': dict(scan_layers=True, remat=True),
-}
 # point -> (reader, writer) within a layer
 LLAMA_POINTS = {
   'self_attn/attention_block': ('self_attn/q_proj', 'self_attn/o_proj'),
   'mlp/ffn_block': ('mlp/gate_proj', 'mlp/down_proj'),
 }
-
-
-@functools.cache
-def tiny(layout):
-  params = llama.LlamaForCausalLM(LLAMA).init(
-    jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
-  )['params']
-  config = LLAMA.replace(**LAYOUTS[layout])
-  if config.scan_layers:
-    params = llama.stack_layers(params)
-  return llama.LlamaForCausalLM(config), params
-
-
-def tokens(shape=(B, T)):
-  return np.random.default_rng(0).integers(0, LLAMA.vocab_size, shape).astype(np.int32)
 
 
 def per_layer_params(seed):
@@ -191,7 +160,7 @@ def per_layer_params(seed):
 
 def laid_out(per_point: dict, layout: str) -> dict:
   """By_rules' sparse params for ``layout``: per layer, or stacked on axis 0."""
-  if not LAYOUTS[layout]:
+  if not tiny_llama.LAYOUTS[layout]:
     flat = {
       f'layers_{i}/{point}': layers[i]
       for point, layers in per_point.items()
@@ -205,7 +174,7 @@ def laid_out(per_point: dict, layout: str) -> dict:
   return paths.nest(flat)
 
 
-@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+@pytest.mark.parametrize('layout', sorted(tiny_llama.LAYOUTS))
 def test_scaled_parallel_at_llama_blocks_equals_an_interception(layout):
   per_point = per_layer_params(20)
   sites = {
@@ -216,31 +185,33 @@ def test_scaled_parallel_at_llama_blocks_equals_an_interception(layout):
     for point, (reader, writer) in LLAMA_POINTS.items()
     for i in range(2)
   }
-  unrolled, frozen_unrolled = tiny('unrolled')
+  unrolled, frozen_unrolled = tiny_llama.tiny('unrolled')
   with intercepting_parallel(sites, scale=None):
-    want = unrolled.apply({'params': frozen_unrolled}, tokens())
+    want = unrolled.apply({'params': frozen_unrolled}, tiny_llama.ids())
 
-  model, frozen = tiny(layout)
+  model, frozen = tiny_llama.tiny(layout)
   tree = pj.by_rules([(BLOCKS, LEARNED)])
   params, buffers = tree.init(
-    jax.random.key(0), frozen, pj.hook_points(model, tokens())
+    jax.random.key(0), frozen, pj.hook_points(model, tiny_llama.ids())
   )
   params_shapes = jax.tree.map(jnp.shape, params)
   assert params_shapes == jax.tree.map(jnp.shape, laid_out(per_point, layout))
-  if LAYOUTS[layout]:  # One entry per point, with the layer axis in front.
+  if tiny_llama.LAYOUTS[layout]:  # One entry per point, with the layer axis in front.
     block = params_shapes['layers']['mlp']['ffn_block']
     assert block.down == (2, 32, 8) and block.scale == (2,)
   params = laid_out(per_point, layout)
   run = lambda w, ids: model.apply({'params': w}, ids)
   for factored in (False, True):
     got = jax.jit(pj.adapted(tree, run, factored=factored))(
-      frozen, params, buffers, tokens()
+      frozen, params, buffers, tiny_llama.ids()
     )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
   # Layer 1 gets its own parameters: layer 0's in both layers differ.
   layer_0 = {point: [layers[0]] * 2 for point, layers in per_point.items()}
-  same = pj.adapted(tree, run)(frozen, laid_out(layer_0, layout), buffers, tokens())
+  same = pj.adapted(tree, run)(
+    frozen, laid_out(layer_0, layout), buffers, tiny_llama.ids()
+  )
   assert np.abs(np.asarray(same - got)).max() > 1e-3
 
 
@@ -248,8 +219,8 @@ def test_scaled_parallel_at_llama_blocks_equals_an_interception(layout):
 def test_llama_blocks_with_a_kv_cache_equal_the_full_sequence(layout):
   """Token-by-token decoding through the cache, with parallel adapters at
   both blocks, gives the logits of one pass over the whole sequence."""
-  model, frozen = tiny(layout)
-  ids = tokens()
+  model, frozen = tiny_llama.tiny(layout)
+  ids = tiny_llama.ids()
   tree = pj.by_rules([(BLOCKS, LEARNED)])
   params, buffers = tree.init(jax.random.key(0), frozen, pj.hook_points(model, ids))
   params = references.perturb(params, 4)
@@ -259,8 +230,8 @@ def test_llama_blocks_with_a_kv_cache_equal_the_full_sequence(layout):
   step = jax.jit(
     pj.adapted(tree, lambda w, t, cache: model.apply({'params': w}, t, cache=cache))
   )
-  cache = llama.init_cache(LLAMA, B, T)
-  for t in range(T):
+  cache = llama.init_cache(tiny_llama.CONFIG, tiny_llama.B, tiny_llama.T)
+  for t in range(tiny_llama.T):
     logits, cache = step(frozen, params, buffers, ids[:, t : t + 1], cache)
     np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
   plain = model.apply({'params': frozen}, ids)
