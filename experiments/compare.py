@@ -52,7 +52,7 @@ def markdown_table(results: list[dict]) -> str:
   footer = (
     f'\n{first["steps"]} steps, batch {first["batch_size"]}; measured on '
     f'{first["device"]} ({first["cpu_count"]} CPUs), jax {first["jax"]}, '
-    f'{first["date"]}.'
+    f'{headline.dates(results)}.'
   )
   return '\n'.join([header, rule, *body]) + '\n' + footer + '\n'
 

@@ -25,3 +25,9 @@ def label(rows: list[dict]) -> str:
   """A short axis/column name for the rows' headline metric."""
   names = {metric(r) for r in rows}
   return 'acc' if names == {'accuracy'} else 'score'
+
+
+def dates(rows: list[dict]) -> str:
+  """When the rows were measured: one date, or the first to the last."""
+  found = sorted({r['date'] for r in rows})
+  return found[0] if len(found) == 1 else f'{found[0]} to {found[-1]}'

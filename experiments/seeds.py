@@ -75,10 +75,12 @@ def seed_table(grouped: dict[str, list[dict]]) -> str:
       f'{_cell(rows, "validation")} | {_cell(rows, "test")} | {ms:.0f} |'
     )
   first = next(iter(grouped.values()))[0]
+  when = headline.dates([r for rows in grouped.values() for r in rows])
   lines.append(
     f'\nMean ± sample std over seeds; {first["steps"]} steps, batch '
     f'{first["batch_size"]}; {first["device"]} ({first["cpu_count"]} CPUs), jax '
-    f'{first["jax"]}, {first["date"]}. "changed" is ‖θ − θ0‖₀ of the merged '
+    f'{first["jax"]}, {when}. '
+    '"changed" is ‖θ − θ0‖₀ of the merged '
     'model (head included), measured.'
   )
   return '\n'.join(lines) + '\n'

@@ -7,6 +7,7 @@ or an ``ActivationAdapter`` (at a hook point); ``by_rules`` lifts them to a
 """
 
 from peft_jax import methods as methods  # registers every method
+from peft_jax import recipes as recipes
 from peft_jax import schedules as schedules
 from peft_jax import selection as selection
 from peft_jax import wrappers as wrappers  # registers the wrappers
@@ -32,7 +33,7 @@ from peft_jax._src.checkpoint import (
   save_checkpoint,
 )
 from peft_jax._src.factored import FactoredFallbackWarning, adapted
-from peft_jax._src.hooks import HookPoint, hook_point, hook_points
+from peft_jax._src.hooks import AttentionKV, HookPoint, hook_point, hook_points
 from peft_jax._src.noise import Noise
 from peft_jax._src.registry import (
   get,
@@ -45,15 +46,18 @@ from peft_jax._src.rules import Rule
 from peft_jax._src.step import TrainState, make_train_step
 from peft_jax._src.tree import by_rules, count, describe, merge, unmerge
 from peft_jax.methods.adalora import adalora
+from peft_jax.methods.adaption_prompt import adaption_prompt
 from peft_jax.methods.bitfit import bitfit, is_bias
 from peft_jax.methods.boft import boft
 from peft_jax.methods.child_pruning import child_pruning
 from peft_jax.methods.compacter import compacter
+from peft_jax.methods.compacter_adapter import compacter_adapter
 from peft_jax.methods.diff_pruning import diff_pruning
 from peft_jax.methods.dora import dora
 from peft_jax.methods.flexlora import flexlora
 from peft_jax.methods.flora import flora
 from peft_jax.methods.full import full
+from peft_jax.methods.gated_lora import gated_lora
 from peft_jax.methods.houlsby import houlsby
 from peft_jax.methods.ia3 import ia3
 from peft_jax.methods.ia3_activations import ia3_activations
@@ -68,11 +72,16 @@ from peft_jax.methods.milora import milora
 from peft_jax.methods.mixout import mixout
 from peft_jax.methods.moslora import moslora
 from peft_jax.methods.oft import oft
+from peft_jax.methods.p_tuning import p_tuning
 from peft_jax.methods.parallel_adapter import parallel_adapter
 from peft_jax.methods.pfeiffer import pfeiffer
 from peft_jax.methods.pissa import pissa
 from peft_jax.methods.prefix_tuning import prefix_tuning
-from peft_jax.methods.prompt_tuning import prompt_tuning
+from peft_jax.methods.prompt_tuning import (
+  prompt_from_text,
+  prompt_from_vocabulary,
+  prompt_tuning,
+)
 from peft_jax.methods.sam_parser import sam_parser
 from peft_jax.methods.scaled_parallel import scaled_parallel
 from peft_jax.methods.sparse import sparse, sparse_rules
@@ -88,6 +97,7 @@ __all__ = [
   'ActivationAdapter',
   'Adapter',
   'AdapterParams',
+  'AttentionKV',
   'Buffers',
   'Entry',
   'FactoredFallbackWarning',
@@ -104,12 +114,14 @@ __all__ = [
   'TreeAdapter',
   'adalora',
   'adapted',
+  'adaption_prompt',
   'bitfit',
   'boft',
   'by_rules',
   'checkpoint_manager',
   'child_pruning',
   'compacter',
+  'compacter_adapter',
   'count',
   'describe',
   'diff_pruning',
@@ -117,6 +129,7 @@ __all__ = [
   'flexlora',
   'flora',
   'full',
+  'gated_lora',
   'get',
   'hook_point',
   'hook_points',
@@ -142,10 +155,13 @@ __all__ = [
   'mpc',
   'names',
   'oft',
+  'p_tuning',
   'parallel_adapter',
   'pfeiffer',
   'pissa',
   'prefix_tuning',
+  'prompt_from_text',
+  'prompt_from_vocabulary',
   'prompt_tuning',
   'register',
   'register_wrapper',

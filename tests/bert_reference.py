@@ -14,13 +14,17 @@ class Edits(NamedTuple):
   """What an activation method does in layer ``i`` (None: nothing).
 
   prefix: ``i -> (P_k, P_v)``, each ``(l, h, d_h)``, prepended to the keys
-    and values, visible to every query.
+    and values, visible to every query; or ``i -> f(x) -> (P_k, P_v)`` each
+    ``(b, l, h, d_h)``, per example from the attention's input ``x``.
   ffn: ``i -> f(x, h) -> h'``: the FFN output ``h`` (before the residual)
     given the FFN input ``x``.
+  projection: ``(i, name) -> f(x, y) -> y'`` for the ``query``/``key``/
+    ``value`` projection ``y = x W + b`` of layer ``i`` (or None to keep it).
   """
 
-  prefix: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
+  prefix: Callable[[int], object] | None = None
   ffn: Callable[[int], Callable[[np.ndarray, np.ndarray], np.ndarray]] | None = None
+  projection: Callable[[int, str], Callable] | None = None
 
 
 def _f64(tree):
@@ -49,15 +53,25 @@ def softmax(z):
   return e / e.sum(-1, keepdims=True)
 
 
-def attention(x, p, keep, heads, prefix):
-  """Self-attention of ``x: (b, s, d)`` with an optional ``(P_k, P_v)``."""
+def attention(x, p, keep, heads, prefix, projection=None):
+  """Self-attention of ``x: (b, s, d)`` with an optional ``(P_k, P_v)`` and
+  projection edits ``name -> f(x, y) -> y'``."""
   b, s, d = x.shape
   dh = d // heads
   split = lambda y: y.reshape(b, -1, heads, dh)
-  q, k, v = (split(dense(x, p[n])) for n in ('query', 'key', 'value'))
+
+  def project(name):
+    y = dense(x, p[name])
+    edit = projection(name) if projection else None
+    return split(y if edit is None else edit(x, y))
+
+  q, k, v = (project(n) for n in ('query', 'key', 'value'))
   visible = keep
   if prefix is not None:
-    pk, pv = (np.broadcast_to(t, (b, *t.shape)) for t in prefix)
+    if callable(prefix):
+      pk, pv = prefix(x)
+    else:
+      pk, pv = (np.broadcast_to(t, (b, *t.shape)) for t in prefix)
     k, v = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
     visible = np.concatenate([np.ones((b, pk.shape[1]), bool), keep], 1)
   scores = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(dh)
@@ -83,7 +97,10 @@ def encoder(frozen_bert, ids, mask, config, edits: Edits | None = None) -> np.nd
   for i in range(config.num_layers):
     p = w['encoder'][f'layer_{i}']
     prefix = edits.prefix(i) if edits.prefix else None
-    y = attention(x, p['attention'], keep, config.num_heads, prefix)
+    projection = (
+      (lambda name, i=i: edits.projection(i, name)) if edits.projection else None
+    )
+    y = attention(x, p['attention'], keep, config.num_heads, prefix, projection)
     x = layer_norm(x + y, p['attention']['layer_norm'], eps)
     h = dense(gelu(dense(x, p['intermediate'])), p['output'])
     if edits.ffn:

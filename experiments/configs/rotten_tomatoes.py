@@ -11,9 +11,9 @@ encoder output. Real weights and real data, both offline.
       --config experiments/configs/rotten_tomatoes.py:method=lora,steps=600 \
       --workdir runs/rt_lora
 
-Arguments (after ``:``): method (any of METHODS: every registered method,
-with its default placement and learning rate; ``prompt_tuning`` and
-``houlsby`` act at the encoder's hook points), steps,
+Arguments (after ``:``): method (any of METHODS: every registered method
+but the DECODER_ONLY ones, with its default placement and learning rate;
+``prompt_tuning`` and ``houlsby`` act at the encoder's hook points), steps,
 batch_size, lr (0 = the method's default below), seed, runlocal (a few steps
 on a few examples, for smoke tests). The sweep over all methods:
 
@@ -58,6 +58,8 @@ METHODS = {
   'lokr': ([(QV, 'lokr(rank=8, alpha=8)')], LOW_RANK_LR),
   'intrinsic_said': ([(QV, 'intrinsic_said(dim=256)')], 1e-2),
   'parallel_adapter': ([(QV, 'parallel_adapter(rank=8)')], LOW_RANK_LR),
+  # UniPELT's gated LoRA (no α/r: the gate scales the branch).
+  'gated_lora': ([(QV, 'gated_lora(rank=8)')], LOW_RANK_LR),
   'compacter': ([('.*/output/kernel', 'compacter()')], LOW_RANK_LR),
   'mpc': ([(QV, "mpc('lora(rank=8, alpha=16)', kind='o', gamma=0.01)")], LOW_RANK_LR),
   'dora': ([(QV, 'dora(rank=8, alpha=16)')], LOW_RANK_LR),
@@ -78,6 +80,7 @@ METHODS = {
     [('bert/embeddings/input_embeddings', 'prompt_tuning(length=10)')],
     1e-2,
   ),
+  'p_tuning': ([('bert/embeddings/input_embeddings', 'p_tuning(length=10)')], 1e-3),
   'houlsby': (
     [
       (SUB_LAYER_OUTPUTS, 'houlsby(reduction_factor=16)'),
@@ -96,8 +99,14 @@ METHODS = {
     [('.*/(attention/attention_kv|ffn_intermediate)', 'ia3_activations()')],
     1e-2,
   ),
+  # Compacter++: one LPHM adapter after the FFN, its A shared by all layers.
+  'compacter_adapter': ([('.*/ffn_output', 'compacter_adapter()')], 1e-3),
 }
 CORE = ('lora', 'ia3', 'ssl', 'ssb', 'bitfit', 'full')
+# Registered methods with no row: they act at a hook point MiniLM (BERT) does
+# not have. LLaMA-Adapter needs a decoder attention's adaption_prompt point;
+# its row is in smollm2_rotten_tomatoes.py.
+DECODER_ONLY = ('adaption_prompt',)
 
 
 def schedule_for(method: str, steps: int):

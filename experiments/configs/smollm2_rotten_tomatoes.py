@@ -26,9 +26,10 @@ before and after.
       --workdir runs/smollm2_rt_lora
 
 Arguments (after ``:``): method (any of METHODS: the weight-space ones on
-the same seven kernels, and ``houlsby`` at every layer's attention and MLP
-outputs with the RMSNorms trained; only lora is measured, the others'
-learning rates are untuned guesses), steps,
+the same seven kernels, ``houlsby`` at every layer's attention and MLP
+outputs with the RMSNorms trained, and ``adaption_prompt`` in every layer's
+attention; only lora is measured, the others' learning rates are untuned
+guesses), steps,
 batch_size, lr (0 = the method's default), seed, eval_limit (examples per
 evaluation split, 0 = all 1,000), runlocal (3 steps on 8 evaluation
 examples, for tests).
@@ -69,6 +70,7 @@ SEVEN = r'layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
 # residual; and the RMSNorm scales (two a layer and the final one).
 SUB_LAYER_OUTPUTS = r'layers_\d+/(self_attn/attention_output|mlp/ffn_output)'
 RMS_NORMS = r'(layers_\d+/(input|post_attention)_layernorm|norm)/scale'
+ADAPTION_PROMPTS = r'layers_\d+/self_attn/adaption_prompt'
 
 # method -> (rules, default learning rate).
 METHODS = {
@@ -87,6 +89,14 @@ METHODS = {
     ],
     1e-3,
   ),
+  # LLaMA-Adapter (Zhang et al.): 10 adaption prompts with zero-init gates in
+  # every layer's attention (HF PEFT's adapter_layers = all 30); the learning
+  # rate is an untuned guess. The paper adapts the top L layers only, a rule
+  # such as 'layers_(2[2-9])/self_attn/adaption_prompt' for the top 8; here
+  # the greedy generations run the scanned model (lm_choice's
+  # make_show_generations stacks the adapted layers), which needs the same
+  # adapters in every layer.
+  'adaption_prompt': ([(ADAPTION_PROMPTS, 'adaption_prompt(length=10)')], 9e-3),
 }
 
 

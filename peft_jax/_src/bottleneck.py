@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax._src import gating
 from peft_jax._src.base import ActivationAdapter, Array, PeftError
 
 # (key, shape, dtype) -> array: how ``down`` and ``up`` are drawn.
@@ -26,6 +27,17 @@ class BottleneckParams(NamedTuple):
   down_bias: Array
   up: Array
   up_bias: Array
+
+
+class GatedBottleneckParams(NamedTuple):
+  """``BottleneckParams`` plus UniPELT's gate: ``gate: (d, 1)``, ``gate_bias: (1,)``."""
+
+  down: Array
+  down_bias: Array
+  up: Array
+  up_bias: Array
+  gate: Array
+  gate_bias: Array
 
 
 def hidden_size(name: str, value) -> int:
@@ -66,17 +78,32 @@ def init_params(key, d: int, r: int, dtype, sample: Sampler) -> BottleneckParams
   )
 
 
+def init_gated(key, d: int, r: int, dtype, sample: Sampler) -> GatedBottleneckParams:
+  """``init_params`` plus a gate as adapter-transformers' ``init_weights='bert'``:
+  ``gate ~ N(0, 0.02²)``, ``gate_bias = 0``."""
+  key, key_gate = jax.random.split(key)
+  return GatedBottleneckParams(
+    *init_params(key, d, r, dtype, sample),
+    gate=normal(0.02)(key_gate, (d, 1), dtype),
+    gate_bias=jnp.zeros(1, dtype),
+  )
+
+
 def sequential(
   name: str,
   reduction_factor: int,
   activation: Callable[[Array], Array],
   sample: Sampler,
   dtype,
+  gated: bool = False,
 ) -> ActivationAdapter:
   """``h' = h + f(h @ down + b_d) @ up + b_u`` at a ``(..., d)`` point.
 
   ``r = reduced(d, reduction_factor)``; trainable count ``2dr + r + d``;
-  computed in the activation's dtype.
+  computed in the activation's dtype. With ``gated``, UniPELT's form:
+  ``h' = h + g · (f(h @ down + b_d) @ up + b_u)``, ``g = mean_s σ(h @ w_g +
+  b_g): (..., 1, 1)`` from the adapter's input ``h`` (``gating``), and
+  ``d + 1`` more parameters (``GatedBottleneckParams``).
   """
 
   def sizes(value) -> tuple[int, int]:
@@ -84,16 +111,21 @@ def sequential(
     return d, reduced(d, reduction_factor)
 
   def init(key, value):
-    return init_params(key, *sizes(value), dtype, sample), None
+    make = init_gated if gated else init_params
+    return make(key, *sizes(value), dtype, sample), None
 
   def apply(value, params, buffers):
     del buffers
     hidden_size(name, value)
     p = jax.tree.map(lambda t: t.astype(value.dtype), params)
-    return value + activation(value @ p.down + p.down_bias) @ p.up + p.up_bias
+    branch = activation(value @ p.down + p.down_bias) @ p.up
+    if gated:
+      g = gating.sequence_gate(name, value, p.gate, p.gate_bias)
+      return value + g * (branch + p.up_bias)
+    return value + branch + p.up_bias
 
   def num_params(value):
     d, r = sizes(value)
-    return 2 * d * r + r + d
+    return 2 * d * r + r + d + gated * (d + 1)
 
   return ActivationAdapter(init=init, apply=apply, num_params=num_params)

@@ -34,11 +34,12 @@ Standard points (the shipped models document theirs):
 
 * ``input_embeddings``: ``(embeddings (b, s, d), attention_mask (b, s))``;
   prompt tuning returns both with a prompt prepended.
-* ``attention_kv``: the keys and values of one attention layer, for prefix
-  tuning to prepend to. BERT and DeBERTa pass ``(keys (b, s, h, d_h),
-  values (b, s, h, d_h), mask_bias (b, 1, 1, s))`` (prepend to all three);
-  the Llama decoder passes ``(keys, values)`` after RoPE,
-  ``(b, s, kv_heads, d_h)``, and makes prepended keys visible to every query.
+* ``attention_kv``: an ``AttentionKV(keys, values, mask_bias, inputs)`` of
+  one attention layer, for prefix tuning to prepend to: keys and values
+  ``(b, s, h, d_h)`` (Llama: after RoPE, ``h`` = key/value heads),
+  BERT/DeBERTa's ``mask_bias (b, 1, 1, s)`` (prepend to it too; ``None`` on
+  the Llama decoder, which makes prepended keys visible to every query) and
+  the attention's input hidden states ``(b, s, d)`` (read-only).
 * ``attention_output`` / ``ffn_output``: the sub-layer output ``(b, s, d)``
   before the residual; sequential bottleneck adapters (``houlsby``,
   ``pfeiffer``).
@@ -73,6 +74,29 @@ from peft_jax._src.base import (
 )
 
 PREFIX = '@'  # Key of a hook point's entry inside its module's params.
+
+
+class AttentionKV(NamedTuple):
+  """The value of an ``attention_kv`` hook point (one attention layer).
+
+  Attributes:
+    keys: ``(b, s, h, d_h)`` (Llama: ``h`` = key/value heads, after RoPE).
+    values: ``(b, s, h, d_h)``.
+    mask_bias: BERT/DeBERTa's additive key bias ``(b, 1, 1, s)``; ``None``
+      on the Llama decoder, which makes prepended keys visible itself.
+    inputs: ``(b, s, d)``, the hidden states the attention reads (its
+      ``q``/``k``/``v`` projections' input), for adapters that depend on
+      them (UniPELT's prefix gate); read-only: the model ignores what an
+      adapter returns here.
+
+  An adapter returns an ``AttentionKV`` (or a tuple in this order); it may
+  prepend positions to ``keys``, ``values`` and ``mask_bias``.
+  """
+
+  keys: Any
+  values: Any
+  mask_bias: Any
+  inputs: Any
 
 
 class HookPoint(NamedTuple):

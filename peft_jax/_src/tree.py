@@ -448,6 +448,8 @@ def _table(rows: list, trainable: int, changed: int, total: int) -> str:
 
 def _point_shape(point: HookPoint) -> str:
   """``'hook ×12 ((2, 5, 16), (2, 5))'``: layers sharing it, value shapes."""
-  shapes = jax.tree.map(lambda x: tuple(x.shape), point.value)
+  leaves, _ = jax.tree.flatten(point.value)  # A NamedTuple value prints as a tuple.
+  shapes = [tuple(x.shape) for x in leaves]
+  shapes = shapes[0] if not isinstance(point.value, tuple) else tuple(shapes)
   layers = 'x'.join(map(str, point.stack))
   return f'hook {"×" + layers + " " if layers else ""}{shapes}'

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peft_jax._src import checks
+from peft_jax._src import checks, phm
 from peft_jax._src.base import Adapter, Array, Linear, PeftError
 from peft_jax._src.registry import register
 
@@ -25,19 +25,6 @@ class CompacterParams(NamedTuple):
   up_s: Array
   up_t: Array
   b_up: Array
-
-
-def lphm_weight(rule, s, t):
-  """``Σ_i rule_i ⊗ (s_i @ t_i)``: ``(n, n, n), (n, p, r), (n, r, q) -> (n·p, n·q)``."""
-  n, p, q = rule.shape[0], s.shape[1], t.shape[2]
-  blocks = jnp.einsum('ijk,iar,irb->jakb', rule, s, t)
-  return blocks.reshape(n * p, n * q)
-
-
-def glorot_uniform(key, shape, dtype):
-  """``U(±√(6 / (fan_in + fan_out)))`` for each ``shape[-2:]`` matrix of the stack."""
-  bound = (6.0 / (shape[-2] + shape[-1])) ** 0.5
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 @register('compacter')
@@ -69,6 +56,8 @@ def compacter(
   ``A_i`` across all layers. Per-leaf adapters cannot share parameters across
   leaves, so each adapted leaf has its own ``A_i`` (``n³`` more parameters
   per leaf), shared by that leaf's down and up projections.
+  ``compacter_adapter`` is the paper's form: a sequential adapter at hook
+  points with one ``A`` shared by all of them.
 
   Init as AdapterHub's ``CompacterConfig`` (``phm_c_init='normal'``,
   Glorot-uniform ``S_i``, ``T_i``, zero biases), except ``up_t = 0`` so that
@@ -124,10 +113,10 @@ def compacter(
     k_a, k_ds, k_dt, k_us = jax.random.split(key, 4)
     params = CompacterParams(
       a=init_std * jax.random.normal(k_a, (n, n, n), dtype),
-      down_s=glorot_uniform(k_ds, (n, p_in, rank), dtype),
-      down_t=glorot_uniform(k_dt, (n, rank, p_mid), dtype),
+      down_s=phm.glorot_uniform(k_ds, (n, p_in, rank), dtype),
+      down_t=phm.glorot_uniform(k_dt, (n, rank, p_mid), dtype),
       b_down=jnp.zeros(n * p_mid, dtype),
-      up_s=glorot_uniform(k_us, (n, p_mid, rank), dtype),
+      up_s=phm.glorot_uniform(k_us, (n, p_mid, rank), dtype),
       up_t=jnp.zeros((n, rank, p_out), dtype),
       b_up=jnp.zeros(n * p_out, dtype),
     )
@@ -135,8 +124,8 @@ def compacter(
 
   def factored(x, w, params, buffers):
     del buffers
-    w_down = lphm_weight(params.a, params.down_s, params.down_t)
-    w_up = lphm_weight(params.a, params.up_s, params.up_t)
+    w_down = phm.lphm_weight(params.a, params.down_s, params.down_t)
+    w_up = phm.lphm_weight(params.a, params.up_s, params.up_t)
     h = jax.nn.gelu(x @ w_down + params.b_down, approximate=False)
     y = x @ w + (h @ w_up + params.b_up)
     return y.astype(jnp.result_type(x, w))

@@ -11,6 +11,7 @@ def houlsby(
   *,
   activation: str = 'swish',
   init_std: float = 1e-2,
+  gated: bool = False,
   param_dtype: str = 'float32',
 ) -> ActivationAdapter:
   """A sequential bottleneck adapter: ``h' = h + f(h @ down + b_d) @ up + b_u``.
@@ -29,11 +30,19 @@ def houlsby(
   ``2dr + r + d`` (``BottleneckParams``); computed in the activation's dtype.
   Not mergeable (the branch is nonlinear).
 
+  ``gated=True`` scales each branch by UniPELT's gate, as ``pfeiffer``:
+  ``h' = h + g · (f(h @ down + b_d) @ up + b_u)``,
+  ``g = mean_s σ(h @ w_g + b_g)``, ``w_g ~ N(0, 0.02²)``, ``b_g = 0``
+  (``GatedBottleneckParams``, ``d + 1`` more parameters). With
+  ``init_weights='houlsby'`` adapter-transformers leaves its gate at torch's
+  default ``nn.Linear`` init; here the gate is always drawn as above.
+
   Args:
     reduction_factor: d / r, an int > 0.
     activation: ``'swish'``/``'silu'`` (default), ``'relu'``, ``'gelu'`` or
       ``'tanh'``.
     init_std: σ > 0 of the truncated-normal init.
+    gated: scale the branch by UniPELT's gate.
     param_dtype: dtype of the parameters.
 
   Returns:
@@ -46,4 +55,5 @@ def houlsby(
     nonlinearities.get(name, 'activation', activation),
     bottleneck.truncated_normal(checks.positive(name, 'init_std', init_std)),
     checks.float_dtype(name, 'param_dtype', param_dtype),
+    checks.flag(name, 'gated', gated),
   )

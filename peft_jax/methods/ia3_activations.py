@@ -10,6 +10,7 @@ import numpy as np
 
 from peft_jax._src import checks
 from peft_jax._src.base import ActivationAdapter, Array, PeftError
+from peft_jax._src.hooks import AttentionKV
 from peft_jax._src.registry import register
 
 
@@ -27,11 +28,10 @@ class Ia3FfnParams(NamedTuple):
 
 
 def _is_kv(value) -> bool:
-  """Whether ``value`` is ``(keys (b, s, h, d_h), values (b, s, h, d_h), ...)``."""
+  """Whether ``value`` is an ``AttentionKV`` with 4-D keys and values."""
   return (
-    isinstance(value, tuple)
-    and len(value) >= 2
-    and len(np.shape(value[0])) == len(np.shape(value[1])) == 4
+    isinstance(value, AttentionKV)
+    and len(np.shape(value.keys)) == len(np.shape(value.values)) == 4
   )
 
 
@@ -43,8 +43,8 @@ def _check(name: str, value) -> bool:
   if not isinstance(value, tuple) and len(np.shape(value)) == 3:
     return False
   raise PeftError(
-    f'{name} acts at an attention_kv hook point, (keys (batch, seq, heads, '
-    'head_dim), values (batch, seq, heads, head_dim), ...), or an '
+    f'{name} acts at an attention_kv hook point, AttentionKV(keys (batch, seq, '
+    'heads, head_dim), values (batch, seq, heads, head_dim), ...), or an '
     'ffn_intermediate one, (batch, seq, d_ff); got '
     f'{jax.tree.map(np.shape, value)}'
   )
@@ -58,8 +58,9 @@ def ia3_activations(*, param_dtype: str = 'float32') -> ActivationAdapter:
   ``FFN = (l_ff ⊙ f(x W_1)) W_2``, at two kinds of hook point, told apart by
   the value's structure:
 
-  * ``attention_kv``, value ``(k, v, *rest)`` with ``k, v: (b, s, h, d_h)``
-    (``h`` = key/value heads): returns ``(k ⊙ l_k, v ⊙ l_v, *rest)`` with
+  * ``attention_kv``, value ``AttentionKV(k, v, mask_bias, x)`` with
+    ``k, v: (b, s, h, d_h)`` (``h`` = key/value heads): returns it with
+    ``k ⊙ l_k``, ``v ⊙ l_v``,
     ``l_k, l_v: (h, d_h)`` broadcast over batch and sequence
     (``Ia3KvParams``). Count ``2 h d_h`` (``2 d_kv``).
   * ``ffn_intermediate``, value ``h: (b, s, d_ff)`` (after the
@@ -89,19 +90,21 @@ def ia3_activations(*, param_dtype: str = 'float32') -> ActivationAdapter:
     del key
     ones = lambda x: jnp.ones(x.shape[2:], dtype)  # Feature axes of (b, s, ...).
     if _check(name, value):
-      return Ia3KvParams(ones(value[0]), ones(value[1])), None
+      return Ia3KvParams(ones(value.keys), ones(value.values)), None
     return Ia3FfnParams(ones(value)), None
 
   def apply(value, params, buffers):
     del buffers
     if _check(name, value):
-      k, v, *rest = value
-      return (k * params.l_k.astype(k.dtype), v * params.l_v.astype(v.dtype), *rest)
+      k, v = value.keys, value.values
+      return value._replace(
+        keys=k * params.l_k.astype(k.dtype), values=v * params.l_v.astype(v.dtype)
+      )
     return value * params.l_ff.astype(value.dtype)
 
   def num_params(value):
     if _check(name, value):
-      return sum(math.prod(x.shape[2:]) for x in value[:2])
+      return sum(math.prod(x.shape[2:]) for x in (value.keys, value.values))
     return value.shape[2]
 
   return ActivationAdapter(init=init, apply=apply, num_params=num_params)

@@ -16,6 +16,7 @@ def pfeiffer(
   *,
   activation: str = 'relu',
   init: str = 'bert',
+  gated: bool = False,
   param_dtype: str = 'float32',
 ) -> ActivationAdapter:
   """A sequential bottleneck after the FFN: ``h' = h + f(h @ down + b_d) @ up + b_u``.
@@ -38,11 +39,20 @@ def pfeiffer(
   ``LayerNorm(x + h)`` with residual ``h``; here the adapter reads ``h``, as
   in the guide's formula and ``houlsby``.
 
+  ``gated=True`` is UniPELT's adapter (``SeqBnConfig(use_gating=True)``):
+  ``h' = h + g · (f(h @ down + b_d) @ up + b_u)`` with
+  ``g = mean_s σ(h @ w_g + b_g): (b, 1, 1)``, ``w_g: (d, 1)`` from
+  ``N(0, 0.02²)``, ``b_g = 0``: the gate reads the adapter's input, as
+  adapter-transformers' ``Adapter.forward`` computes it from ``x``, not
+  from the residual. Count ``2dr + r + 2d + 1``
+  (``GatedBottleneckParams``).
+
   Args:
     reduction_factor: d / r, an int > 0.
     activation: ``'relu'`` (default), ``'swish'``/``'silu'``, ``'gelu'`` or
       ``'tanh'``.
     init: ``'bert'`` (default) or ``'houlsby'``.
+    gated: scale the branch by UniPELT's gate.
     param_dtype: dtype of the parameters.
 
   Returns:
@@ -55,4 +65,5 @@ def pfeiffer(
     nonlinearities.get(name, 'activation', activation),
     INITS[checks.choice(name, 'init', init, tuple(INITS))],
     checks.float_dtype(name, 'param_dtype', param_dtype),
+    checks.flag(name, 'gated', gated),
   )

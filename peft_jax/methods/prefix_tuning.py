@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax._src import checks, initializers
+from peft_jax._src import checks, gating, initializers
 from peft_jax._src.base import ActivationAdapter, Array, PeftError, Shared
+from peft_jax._src.hooks import AttentionKV
 from peft_jax._src.registry import register
 
 
@@ -36,42 +37,46 @@ class PrefixHead(NamedTuple):
   out_bias: Array
 
 
-def _keys_values(name: str, value) -> tuple:
-  """``(k, v, *rest)`` of an ``attention_kv`` point, or a one-line error."""
+def _keys_values(name: str, value) -> AttentionKV:
+  """The ``AttentionKV`` of an ``attention_kv`` point, or a one-line error."""
   ok = (
-    isinstance(value, tuple)
-    and len(value) in (2, 3)
-    and len(np.shape(value[0])) == 4
-    and np.shape(value[0]) == np.shape(value[1])
+    isinstance(value, AttentionKV)
+    and len(np.shape(value.keys)) == 4
+    and np.shape(value.keys) == np.shape(value.values)
   )
   if not ok:
     raise PeftError(
-      f'{name} acts at an attention_kv hook point, whose value is (keys, values'
-      '[, mask_bias]) with keys and values (batch, seq, heads, head_dim); got '
-      f'{jax.tree.map(lambda x: tuple(x.shape), value)}'
+      f'{name} acts at an attention_kv hook point, whose value is '
+      'AttentionKV(keys, values, mask_bias, inputs) with keys and values '
+      f'(batch, seq, heads, head_dim); got {jax.tree.map(np.shape, value)}'
     )
   return value
 
 
 def _heads(name: str, value) -> tuple[int, int]:
   """``(h, d_h)``: the key/value heads and head size at the point."""
-  return tuple(_keys_values(name, value)[0].shape[2:])
+  return tuple(_keys_values(name, value).keys.shape[2:])
 
 
-def prepend(value, prefix: PrefixParams):
-  """``(concat(P_k, k), concat(P_v, v)[, concat(0_l, mask_bias)])`` along the
-  sequence: every query attends to the ``l`` prefix positions."""
-  k, v, *rest = value
+def prepend(value: AttentionKV, prefix: PrefixParams, gate=None) -> AttentionKV:
+  """``keys = concat(g·P_k, k)``, ``values = concat(g·P_v, v)`` along the
+  sequence, and ``mask_bias`` (if any) with ``l`` zeros in front: every
+  query attends to the ``l`` prefix positions. ``gate``: ``g: (b, 1, 1)``
+  per example, or None (``g = 1``)."""
+  k, v, bias = value.keys, value.values, value.mask_bias
   batch, length = k.shape[0], prefix.keys.shape[0]
   shape = (batch, length, *k.shape[2:])
-  expand = lambda p, x: jnp.broadcast_to(p.reshape(shape[1:]).astype(x.dtype), shape)
+
+  def expand(p, x):
+    p = jnp.broadcast_to(p.reshape(shape[1:]).astype(x.dtype), shape)
+    return p if gate is None else p * gate[..., None].astype(x.dtype)
+
   k = jnp.concatenate([expand(prefix.keys, k), k], axis=1)
   v = jnp.concatenate([expand(prefix.values, v), v], axis=1)
-  if not rest:
-    return k, v
-  (bias,) = rest
-  visible = jnp.zeros((*bias.shape[:-1], length), bias.dtype)
-  return k, v, jnp.concatenate([visible, bias], axis=-1)
+  if bias is not None:
+    visible = jnp.zeros((*bias.shape[:-1], length), bias.dtype)
+    bias = jnp.concatenate([visible, bias], axis=-1)
+  return value._replace(keys=k, values=v, mask_bias=bias)
 
 
 @register('prefix_tuning')
@@ -79,6 +84,7 @@ def prefix_tuning(
   length: int = 30,
   *,
   bottleneck: int | None = 512,
+  gated: bool = False,
   param_dtype: str = 'float32',
 ) -> ActivationAdapter:
   """Prepends ``l`` trained key and value vectors in every attention layer.
@@ -107,9 +113,18 @@ def prefix_tuning(
   PEFT's default, ``prefix_projection=False``), init ``N(0, 1)`` as theirs;
   ``2·l·h·d_h`` per layer. Not mergeable: there is no weight-space form.
 
+  ``gated=True``: UniPELT's gated prefix (Mao et al.; adapter-hub/adapters
+  ``PrefixTuningLayer`` with ``use_gating`` and its default
+  ``shared_gating``): ``P_k``, ``P_v`` of each example scaled by
+  ``g = mean_s σ(x W_g + b_g)``, ``x: (b, s, d)`` the attention's input
+  (``AttentionKV.inputs``), ``W_g: (d, 1)`` ``~ N(0, 0.02²)``,
+  ``b_g ~ U(±1/√d)``, per layer; the parameters are ``Gated(inner, gate)``
+  (``d + 1`` more per layer).
+
   Args:
     length: l > 0, the number of prefix positions.
     bottleneck: b > 0, the MLP's hidden size, or None for the flat prefix.
+    gated: scale the prefix by UniPELT's per-example gate.
     param_dtype: dtype of the parameters; the keys keep the model's dtype.
 
   Returns:
@@ -119,35 +134,49 @@ def prefix_tuning(
   length = checks.positive_int(name, 'length', length)
   if bottleneck is not None:
     bottleneck = checks.positive_int(name, 'bottleneck', bottleneck)
+  gated = checks.flag(name, 'gated', gated)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
+
+  def with_gate(key, value, params):
+    """``params``, or ``Gated(params, gate)`` for the attention input's width."""
+    if not gated:
+      return params
+    return gating.Gated(params, gating.init_gate(key, value.inputs.shape[-1], dtype))
+
+  def gate_count(value) -> int:
+    return value.inputs.shape[-1] + 1 if gated else 0
 
   def apply(value, params, buffers):
     del buffers
     _keys_values(name, value)
-    return prepend(value, params)
+    if not gated:
+      return prepend(value, params)
+    gate = gating.sequence_gate(name, value.inputs, *params.gate)
+    return prepend(value, params.inner, gate)
 
   if bottleneck is None:
 
     def init_flat(key, value):
       h, d_h = _heads(name, value)
-      key_k, key_v = jax.random.split(key)
+      key_k, key_v, key_g = jax.random.split(key, 3)
       normal = lambda k: jax.random.normal(k, (length, h, d_h), dtype)
-      return PrefixParams(normal(key_k), normal(key_v)), None
+      return with_gate(key_g, value, PrefixParams(normal(key_k), normal(key_v))), None
 
     return ActivationAdapter(
       init=init_flat,
       apply=apply,
-      num_params=lambda value: 2 * length * int(np.prod(_heads(name, value))),
+      num_params=lambda value: (
+        2 * length * int(np.prod(_heads(name, value))) + gate_count(value)
+      ),
     )
 
   def init_head(key, value):
     width = 2 * int(np.prod(_heads(name, value)))
-    key_w, key_b = jax.random.split(key)
+    key_w, key_b, key_g = jax.random.split(key, 3)
     out = initializers.kaiming_uniform(key_w, (bottleneck, width), dtype, 0)
     bound = 1.0 / np.sqrt(bottleneck)
-    return PrefixHead(
-      out, jax.random.uniform(key_b, (width,), dtype, -bound, bound)
-    ), None
+    head = PrefixHead(out, jax.random.uniform(key_b, (width,), dtype, -bound, bound))
+    return with_gate(key_g, value, head), None
 
   def init_shared(key, value):
     width = int(np.prod(_heads(name, value)))
@@ -159,18 +188,23 @@ def prefix_tuning(
       hidden_bias=jax.random.uniform(key_b, (bottleneck,), dtype, -bound, bound),
     )
 
-  def derive(shared: PrefixMlp, head: PrefixHead) -> PrefixParams:
+  def derive(shared: PrefixMlp, own) -> PrefixParams:
     """``tanh(E W_1 + b_1) W_2 + b_2``: ``(..., l, 2·h·d_h)``, each layer's
     keys then its values (the layout of Hugging Face PEFT and
-    adapter-transformers), leading layer axes of ``head`` broadcast."""
+    adapter-transformers), leading layer axes of ``head`` broadcast; a gate
+    passes through."""
+    head = own.inner if gated else own
     hidden = jnp.tanh(shared.embedding @ shared.hidden + shared.hidden_bias)
     out = hidden @ head.out + head.out_bias[..., None, :]
-    return PrefixParams(*jnp.split(out, 2, axis=-1))
+    prefix = PrefixParams(*jnp.split(out, 2, axis=-1))
+    return own._replace(inner=prefix) if gated else prefix
 
   return ActivationAdapter(
     init=init_head,
     apply=apply,
-    num_params=lambda value: 2 * int(np.prod(_heads(name, value))) * (bottleneck + 1),
+    num_params=lambda value: (
+      2 * int(np.prod(_heads(name, value))) * (bottleneck + 1) + gate_count(value)
+    ),
     shared=Shared(
       init=init_shared,
       derive=derive,

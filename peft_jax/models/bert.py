@@ -34,7 +34,7 @@ Kernels use the Flax layout ``(d_in, d_out)``, the transpose of a PyTorch
 Hook points (``peft_jax.hook_point``; names are module paths plus the point)::
 
   bert/embeddings/input_embeddings            (word embeddings, attention_mask)
-  bert/encoder/layer_{i}/attention/attention_kv   (keys, values, mask_bias)
+  bert/encoder/layer_{i}/attention/attention_kv   AttentionKV(k, v, mask_bias, x)
   bert/encoder/layer_{i}/attention/attention_output  (b, s, d) before residual
   bert/encoder/layer_{i}/attention/attention_block   (x, h), each (b, s, d)
   bert/encoder/layer_{i}/ffn_intermediate     (b, s, d_ff) after GELU
@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax._src.base import PeftError
-from peft_jax._src.hooks import hook_point
+from peft_jax._src.hooks import AttentionKV, hook_point
 from peft_jax.models import checkpoints
 
 Array = jax.Array
@@ -280,7 +280,9 @@ class BertAttention(nn.Module):
       heads(nn.Dense(cfg.hidden_size, name=name)(x))
       for name in ('query', 'key', 'value')
     )
-    k, v, mask_bias = hook_point(self, 'attention_kv', (k, v, mask_bias))
+    k, v, mask_bias, _ = hook_point(
+      self, 'attention_kv', AttentionKV(k, v, mask_bias, x)
+    )
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(cfg.head_dim)
     probs = jax.nn.softmax(scores + mask_bias, axis=-1)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)

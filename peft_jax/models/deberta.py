@@ -53,7 +53,7 @@ Kernels use the Flax layout ``(d_in, d_out)``, the transpose of a PyTorch
 Hook points (``peft_jax.hook_point``; the same names as BERT's)::
 
   deberta/embeddings/input_embeddings              (word embeddings, attention_mask)
-  deberta/encoder/layer_{i}/attention/attention_kv     (keys, values, mask_bias)
+  deberta/encoder/layer_{i}/attention/attention_kv     AttentionKV(k, v, bias, x)
   deberta/encoder/layer_{i}/attention/attention_output (b, s, d) before residual
   deberta/encoder/layer_{i}/attention/attention_block  (x, h), each (b, s, d)
   deberta/encoder/layer_{i}/ffn_intermediate       (b, s, d_ff) after GELU
@@ -104,7 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax._src.base import PeftError
-from peft_jax._src.hooks import hook_point
+from peft_jax._src.hooks import AttentionKV, hook_point
 from peft_jax.models import checkpoints
 
 Array = jax.Array
@@ -498,7 +498,9 @@ class DisentangledSelfAttention(nn.Module):
     q = heads(query_proj(x))
     k = heads(key_proj(x))
     v = heads(_dense(cfg.hidden_size, 'value_proj')(x))
-    k, v, mask_bias = hook_point(self.parent, 'attention_kv', (k, v, mask_bias))
+    k, v, mask_bias, _ = hook_point(
+      self.parent, 'attention_kv', AttentionKV(k, v, mask_bias, x)
+    )
     prefix = k.shape[1] - s
     if prefix < 0:
       raise PeftError(

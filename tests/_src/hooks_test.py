@@ -44,10 +44,8 @@ def test_hook_points_are_discovered_with_their_shapes():
     )
   )
   shapes = lambda name: jax.tree.map(lambda x: x.shape, hooks[name].value)
-  assert shapes(f'{layer}/attention/attention_kv') == (
-    (B, T, 2, 8),
-    (B, T, 2, 8),
-    (B, 1, 1, T),
+  assert shapes(f'{layer}/attention/attention_kv') == pj.AttentionKV(
+    keys=(B, T, 2, 8), values=(B, T, 2, 8), mask_bias=(B, 1, 1, T), inputs=(B, T, D)
   )
   assert shapes(f'{layer}/attention/attention_output') == (B, T, D)
   assert shapes(f'{layer}/ffn_intermediate') == (B, T, 32)

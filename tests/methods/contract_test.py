@@ -57,6 +57,8 @@ CASES = {
   'liera': ('liera(rank=3, alpha=3)', (7, 5), True),
   'vera': ('vera(rank=4)', (7, 5), True),
   'parallel_adapter': ('parallel_adapter(rank=3)', (7, 5), True),
+  # UniPELT's gated LoRA: linear form only, the gate reads x.
+  'gated_lora': ('gated_lora(rank=3)', (7, 5), True),
   'loha': ('loha(rank=2, alpha=4)', (7, 5), True),
   'lokr': ('lokr(rank=2, alpha=4)', (12, 8), True),
   'compacter': ('compacter(reduction_factor=2, n=2)', (8, 6), True),
@@ -75,18 +77,31 @@ EMBEDDINGS = (
 )
 HIDDEN = jax.ShapeDtypeStruct((2, 5, 12), jnp.float32)
 # An attention_kv value: keys, values (b, s, h, d_h) and a mask bias (b, 1, 1, s).
-KV = (
-  jax.ShapeDtypeStruct((2, 5, 3, 4), jnp.float32),
-  jax.ShapeDtypeStruct((2, 5, 3, 4), jnp.float32),
-  jax.ShapeDtypeStruct((2, 1, 1, 5), jnp.float32),
+KV = pj.AttentionKV(
+  keys=jax.ShapeDtypeStruct((2, 5, 3, 4), jnp.float32),
+  values=jax.ShapeDtypeStruct((2, 5, 3, 4), jnp.float32),
+  mask_bias=jax.ShapeDtypeStruct((2, 1, 1, 5), jnp.float32),
+  inputs=jax.ShapeDtypeStruct((2, 5, 12), jnp.float32),
 )
-KV_OUT = ((2, 8, 3, 4), (2, 8, 3, 4), (2, 1, 1, 8))
+KV_OUT = ((2, 8, 3, 4), (2, 8, 3, 4), (2, 1, 1, 8), (2, 5, 12))
+# An adaption_prompt value: the placeholder (prompt (0, d), gate ()).
+ADAPTION = (
+  jax.ShapeDtypeStruct((0, 12), jnp.float32),
+  jax.ShapeDtypeStruct((), jnp.float32),
+)
 # name -> (spec, value at the hook point, output shapes for that value)
 ACTIVATION_CASES = {
   'prompt_tuning': ('prompt_tuning(length=3)', EMBEDDINGS, ((2, 8, 12), (2, 8))),
+  'p_tuning': ('p_tuning(length=3, hidden=5)', EMBEDDINGS, ((2, 8, 12), (2, 8))),
+  'p_tuning/lstm': (
+    "p_tuning(length=3, encoder='lstm', hidden=5)",
+    EMBEDDINGS,
+    ((2, 8, 12), (2, 8)),
+  ),
   'houlsby': ('houlsby(reduction_factor=4)', HIDDEN, (2, 5, 12)),
   'ia3_activations': ('ia3_activations()', HIDDEN, (2, 5, 12)),
   'pfeiffer': ('pfeiffer(reduction_factor=4)', HIDDEN, (2, 5, 12)),
+  'pfeiffer/gated': ('pfeiffer(reduction_factor=4, gated=True)', HIDDEN, (2, 5, 12)),
   'scaled_parallel': (
     'scaled_parallel(reduction_factor=4, learned_scale=True)',
     (HIDDEN, HIDDEN),
@@ -94,6 +109,20 @@ ACTIVATION_CASES = {
   ),
   # The reparametrised prefix: per-point heads plus one shared MLP.
   'prefix_tuning': ('prefix_tuning(length=3, bottleneck=5)', KV, KV_OUT),
+  # UniPELT's gated flat prefix: the gate reads AttentionKV.inputs.
+  'prefix_tuning/gated': (
+    'prefix_tuning(length=3, bottleneck=None, gated=True)',
+    KV,
+    KV_OUT,
+  ),
+  # LLaMA-Adapter: the point returns (prompt (l, d), gate ()).
+  'adaption_prompt': ('adaption_prompt(length=3)', ADAPTION, ((3, 12), ())),
+  # LPHM bottleneck: per-point factors plus one shared rule tensor A.
+  'compacter_adapter': (
+    'compacter_adapter(reduction_factor=2, n=2)',
+    HIDDEN,
+    (2, 5, 12),
+  ),
 }
 
 # Trainable leaves that are inert until a schedule acts: LoRA-Dash's d gets
@@ -482,17 +511,22 @@ class HookedBlock(nn.Module):
     y = pj.hook_point(self, 'output', nn.Dense(12, name='dense')(h))
     _, y = pj.hook_point(self, 'block', (h, y))
     kv = h.reshape(*h.shape[:2], 3, 4)
-    k, v, _ = pj.hook_point(
-      self, 'kv', (kv, kv, jnp.zeros((h.shape[0], 1, 1, h.shape[1])))
+    k, v, _, _ = pj.hook_point(
+      self, 'kv', pj.AttentionKV(kv, kv, jnp.zeros((h.shape[0], 1, 1, h.shape[1])), h)
     )
     y += jnp.mean(k * v, axis=1).reshape(h.shape[0], 1, 12)  # keys may be prepended
+    prompt, gate = pj.hook_point(
+      self, 'adaption_prompt', (jnp.zeros((0, 12)), jnp.zeros(()))
+    )
+    y += gate * jnp.sum(prompt, axis=0)  # LLaMA-Adapter's branch, much simplified
     return h + y, None
 
 
 class HookedModel(nn.Module):
-  """Embeddings with a hook, then two scanned layers with three hooks each:
-  ``output`` (the sub-layer output), ``block`` (its input and output) and
-  ``kv`` (keys, values and a mask bias, as ``attention_kv``)."""
+  """Embeddings with a hook, then two scanned layers with four hooks each:
+  ``output`` (the sub-layer output), ``block`` (its input and output),
+  ``kv`` (keys, values and a mask bias, as ``attention_kv``) and
+  ``adaption_prompt`` (a zero-length prompt and a gate, as Llama's)."""
 
   @nn.compact
   def __call__(self, ids):
@@ -511,8 +545,12 @@ class HookedModel(nn.Module):
 # 'layers/output'.
 POINTS = {
   'prompt_tuning': 'input_embeddings',
+  'p_tuning': 'input_embeddings',
+  'p_tuning/lstm': 'input_embeddings',
   'scaled_parallel': 'layers/block',
   'prefix_tuning': 'layers/kv',
+  'prefix_tuning/gated': 'layers/kv',
+  'adaption_prompt': 'layers/adaption_prompt',
 }
 
 

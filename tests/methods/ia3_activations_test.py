@@ -34,8 +34,10 @@ def random_values(seed, *shapes):
 
 @pytest.mark.parametrize('with_mask', [True, False])  # BERT/DeBERTa, Llama
 def test_kv_form_scales_keys_and_values_per_head(with_mask):
-  k, v, mask_bias = random_values(0, (B, T, H, HD), (B, T, H, HD), (B, 1, 1, T))
-  value = (k, v, mask_bias) if with_mask else (k, v)
+  k, v, mask_bias, x = random_values(
+    0, (B, T, H, HD), (B, T, H, HD), (B, 1, 1, T), (B, T, H * HD)
+  )
+  value = pj.AttentionKV(k, v, mask_bias if with_mask else None, x)
   adapter = pj.ia3_activations()
   params, buffers = adapter.init(jax.random.key(0), value)
   assert isinstance(params, Ia3KvParams) and buffers is None
@@ -44,11 +46,14 @@ def test_kv_form_scales_keys_and_values_per_head(with_mask):
   assert adapter.num_params(value) == pj.count(params) == 2 * H * HD
   l_k, l_v = random_values(1, (H, HD), (H, HD))
   out = jax.jit(adapter.apply)(value, Ia3KvParams(l_k, l_v), None)
-  assert len(out) == len(value)
+  assert isinstance(out, pj.AttentionKV)
+  np.testing.assert_array_equal(out.inputs, x)
   np.testing.assert_allclose(f64(out[0]), f64(k) * f64(l_k)[None, None], rtol=1e-6)
   np.testing.assert_allclose(f64(out[1]), f64(v) * f64(l_v)[None, None], rtol=1e-6)
   if with_mask:
-    np.testing.assert_array_equal(out[2], mask_bias)
+    np.testing.assert_array_equal(out.mask_bias, mask_bias)
+  else:
+    assert out.mask_bias is None
 
 
 def test_ffn_form_scales_the_inner_activation():
@@ -90,7 +95,7 @@ def test_other_values_are_one_line_errors(shapes):
   is_shape = lambda s: isinstance(s, tuple) and all(isinstance(n, int) for n in s)
   value = jax.tree.map(jnp.zeros, shapes, is_leaf=is_shape)
   adapter = pj.ia3_activations()
-  expected = r'ia3_activations acts at an attention_kv hook point, \(keys'
+  expected = r'ia3_activations acts at an attention_kv hook point, AttentionKV\(keys'
   for call in (
     lambda: adapter.init(jax.random.key(0), value),
     lambda: adapter.apply(value, Ia3FfnParams(jnp.ones(FF)), None),

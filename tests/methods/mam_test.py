@@ -18,8 +18,7 @@ from tests.methods.prefix_tuning_test import CONFIG, DH, H, L, mlp_prefix_np, se
 RANK, ALPHA, HIDDEN, R, SCALE = 2, 4.0, 6, 4, 2.0
 RULES = [
   ('.*/attention/(query|value)/kernel', f'lora(rank={RANK}, alpha={ALPHA})'),
-  ('.*/attention/attention_kv', f'prefix_tuning(length={L}, bottleneck={HIDDEN})'),
-  ('.*/ffn_block', f'scaled_parallel(rank={R}, scale={SCALE})'),
+  *pj.recipes.mam(prefix_length=L, bottleneck=HIDDEN, rank=R, scale=SCALE),
 ]
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
+from peft_jax._src.gating import Gated
 from peft_jax.methods.prefix_tuning import PrefixHead, PrefixMlp, PrefixParams
 from peft_jax.models import bert
 from tests import bert_reference, references
@@ -33,6 +34,10 @@ def setup():
 
 def layer(params, i):
   return params['encoder'][f'layer_{i}']['attention']['attention_kv']
+
+
+def f64(x):
+  return np.asarray(x, np.float64)
 
 
 def mlp_prefix_np(shared: PrefixMlp, head: PrefixHead):
@@ -232,9 +237,9 @@ def test_shared_points_must_agree_in_shape():
   """One MLP cannot serve points of different head sizes."""
   frozen, hooks, *_ = setup()
   name = 'encoder/layer_1/attention/attention_kv'
-  k, _, bias = hooks[name].value
-  wider = jax.ShapeDtypeStruct((*k.shape[:2], 4, 8), k.dtype)
-  hooks = {**hooks, name: pj.HookPoint((wider, wider, bias))}
+  value = hooks[name].value
+  wider = jax.ShapeDtypeStruct((*value.keys.shape[:2], 4, 8), value.keys.dtype)
+  hooks = {**hooks, name: pj.HookPoint(value._replace(keys=wider, values=wider))}
   with pytest.raises(pj.PeftError, match='must show the same shapes'):
     pj.by_rules([(KV, 'prefix_tuning(length=2, bottleneck=4)')]).init(
       jax.random.key(0), frozen, hooks
@@ -258,3 +263,44 @@ def test_shared_copy_round_trips_through_the_adapter_file(tmp_path):
     run(frozen, loaded, loaded_buffers, ids, mask),
     run(frozen, params, buffers, ids, mask),
   )
+
+
+def sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+@pytest.mark.parametrize('bottleneck', [None, HIDDEN])
+def test_gated_prefix_scales_each_example_by_its_gate(bottleneck):
+  """UniPELT: ``P_k, P_v`` of example ``n`` times ``g_n = mean_s σ(x_n W_g +
+  b_g)``, ``x`` the attention's input, in the float64 NumPy encoder."""
+  frozen, hooks, hidden, ids, mask = setup()
+  spec = f'prefix_tuning(length={L}, bottleneck={bottleneck}, gated=True)'
+  tree = pj.by_rules([(KV, spec)])
+  params, buffers = tree.init(jax.random.key(11), frozen, hooks)
+  params = references.perturb(params, 12, scale=1.0)
+  d = CONFIG.hidden_size
+  own = layer(params, 0)
+  assert isinstance(own, Gated) and own.gate.weight.shape == (d, 1)
+  flat = tree.plan(frozen, params, buffers).hooks
+
+  def prefix(i):
+    entry = flat[f'encoder/layer_{i}/attention/attention_kv'].params
+    gate = entry.gate
+    if bottleneck is None:
+      pk, pv = (f64(t) for t in layer(params, i).inner)
+    else:
+      pk, pv = mlp_prefix_np(params['@shared']['prefix_tuning'], layer(params, i).inner)
+
+    def per_example(x):
+      g = sigmoid(x @ f64(gate.weight) + f64(gate.bias)).mean(axis=1)  # (b, 1)
+      scale = g[:, :, None, None]
+      return scale * pk[None], scale * pv[None]
+
+    return per_example
+
+  want = bert_reference.encoder(frozen, ids, mask, CONFIG, bert_reference.Edits(prefix))
+  got = jax.jit(pj.adapted(tree, hidden))(frozen, params, buffers, ids, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  per_layer = 2 * L * H * DH if bottleneck is None else 2 * H * DH * (HIDDEN + 1)
+  shared = 0 if bottleneck is None else L * H * DH + H * DH * HIDDEN + HIDDEN
+  assert pj.count(params) == CONFIG.num_layers * (per_layer + d + 1) + shared

@@ -395,7 +395,10 @@ def test_every_documented_hook_point_is_reached(v3):
       f'deberta/encoder/layer_{i}/{point}': shape
       for i in range(2)
       for point, shape in (
-        ('attention/attention_kv', ((2, 5, 4, 8), (2, 5, 4, 8), (2, 1, 1, 5))),
+        (
+          'attention/attention_kv',
+          ((2, 5, 4, 8), (2, 5, 4, 8), (2, 1, 1, 5), (2, 5, 32)),
+        ),
         ('attention/attention_output', (2, 5, 32)),
         ('attention/attention_block', ((2, 5, 32), (2, 5, 32))),
         ('ffn_intermediate', (2, 5, 48)),
@@ -448,13 +451,14 @@ def _prefix_adapter(pk, pv):
   """Prepends per-head prefix keys/values ``(h, p, d_h)`` at attention_kv."""
 
   def apply(value, kv, buffers):
-    k, v, bias = value
+    k, v, bias, x = value
     b, p = k.shape[0], kv.shape[2]
     expand = lambda t: jnp.broadcast_to(jnp.swapaxes(t, 0, 1), (b, p, *k.shape[2:]))
     return (
       jnp.concatenate([expand(kv[0]), k], 1),
       jnp.concatenate([expand(kv[1]), v], 1),
       jnp.concatenate([jnp.zeros((b, 1, 1, p), bias.dtype), bias], -1),
+      x,
     )
 
   return pj.ActivationAdapter(
@@ -511,7 +515,9 @@ def test_adapter_removing_keys_is_rejected(v3):
   ids, mask = _inputs(batch=1, seq=4)
   drop = pj.ActivationAdapter(
     init=lambda key, value: (jnp.zeros(()), None),
-    apply=lambda value, p, buffers: (value[0][:, 1:], value[1][:, 1:], value[2]),
+    apply=lambda value, p, buffers: value._replace(
+      keys=value.keys[:, 1:], values=value.values[:, 1:]
+    ),
   )
   run, theta, buffers = _adapted(
     model, [(r'.*/attention_kv', drop)], v3.params, ids, mask

@@ -88,7 +88,9 @@ def test_hook_points_names_shapes_and_layer_stacks(layout):
     'input_embeddings': (((B, T, D), (B, T)), ()),
   }
   for layer in layer_names(layout):
-    want[f'{layer}/self_attn/attention_kv'] = (((B, T, KV, HD), (B, T, KV, HD)), stack)
+    kv = ((B, T, KV, HD), (B, T, KV, HD), None, (B, T, D))  # AttentionKV
+    want[f'{layer}/self_attn/attention_kv'] = (kv, stack)
+    want[f'{layer}/self_attn/adaption_prompt'] = (((0, D), ()), stack)
     want[f'{layer}/self_attn/attention_output'] = ((B, T, D), stack)
     want[f'{layer}/self_attn/attention_block'] = (((B, T, D), (B, T, D)), stack)
     want[f'{layer}/mlp/ffn_intermediate'] = ((B, T, FFN), stack)
@@ -190,17 +192,16 @@ class PrefixParams(NamedTuple):
 
 def prefix_adapter(length=P):
   def init(key, value):
-    k, _ = value
-    shape = (length, *k.shape[2:])
+    shape = (length, *value.keys.shape[2:])
     return PrefixParams(jnp.zeros(shape), jnp.zeros(shape)), None
 
   def apply(value, params, buffers):
     del buffers
-    k, v = value
+    k, v = value.keys, value.values
     front = lambda p: jnp.broadcast_to(p, (k.shape[0], *p.shape)).astype(k.dtype)
-    return (
-      jnp.concatenate([front(params.keys), k], axis=1),
-      jnp.concatenate([front(params.values), v], axis=1),
+    return value._replace(
+      keys=jnp.concatenate([front(params.keys), k], axis=1),
+      values=jnp.concatenate([front(params.values), v], axis=1),
     )
 
   return pj.ActivationAdapter(init=init, apply=apply)
@@ -217,7 +218,7 @@ def captured_keys_values(tokens) -> list[PrefixParams]:
   seen = {}
 
   def apply(value, params, buffers):
-    seen[int(buffers.index)] = PrefixParams(*(x[0] for x in value))
+    seen[int(buffers.index)] = PrefixParams(value.keys[0], value.values[0])
     return value
 
   recorder = pj.ActivationAdapter(init=lambda key, value: ((), None), apply=apply)

@@ -501,6 +501,7 @@ def test_hook_points_are_named_per_layer(tiny):
   points = pj.hook_points(llama.LlamaForCausalLM(config), ids)
   per_layer = (
     'self_attn/attention_kv',
+    'self_attn/adaption_prompt',
     'self_attn/attention_output',
     'self_attn/attention_block',
     'mlp/ffn_intermediate',

@@ -36,9 +36,13 @@ under ``scan_layers`` every layer is ``layers/...``)::
 
   input_embeddings                        (embeddings (b, s, d),
                                            attention_mask (b, s) or None)
-  layers_{i}/self_attn/attention_kv       (k, v), each (b, s, kv_heads, hd),
-                                          keys after RoPE
-  layers_{i}/self_attn/attention_output   (b, s, d) after o_proj, before residual
+  layers_{i}/self_attn/attention_kv       AttentionKV(k, v, None, x): k, v each
+                                          (b, s, kv_heads, hd), keys after RoPE;
+                                          x (b, s, d) the normalised input
+  layers_{i}/self_attn/adaption_prompt    (prompt (0, d), gate ()): a zero-length
+                                          placeholder; see LLaMA-Adapter below
+  layers_{i}/self_attn/attention_output   (b, s, d) after o_proj (and any
+                                          adaption branch), before residual
   layers_{i}/self_attn/attention_block    (x, h), each (b, s, d): x the
                                           input_layernorm output, h as above
   layers_{i}/mlp/ffn_intermediate         (b, s, ffn) silu(gate) * up
@@ -64,6 +68,18 @@ causally to the tokens; ``attention_mask`` masks only the tokens.
 
 Both only without a KV cache: an adapter that changes the length while a cache
 is used raises ``PeftError`` (a length-preserving adapter is fine).
+
+LLaMA-Adapter (``adaption_prompt``): an adapter at ``adaption_prompt`` returns
+``(P (l, d), g ())``; the attention then adds ``o_proj(g · softmax(q Kᵀ/√hd)
+V)`` to its ``o_proj`` output, ``q`` the layer's queries after RoPE, ``K``,
+``V`` the layer's own ``k_proj``/``v_proj`` of ``P`` (no RoPE, repeated for
+grouped-query attention), the float32 softmax over the ``l`` prompt positions
+only, as Hugging Face PEFT's ``AdaptedAttention`` (``model.adaption_branch``).
+Sequence lengths are unchanged and the prompt keys need no cache, so it works
+with the KV cache and ``generate`` (queries at the cache positions). With no
+adapter the placeholder has ``l = 0`` and the branch is not computed. As in
+HF, the branch's ``o_proj`` keeps its bias: with ``attention_out_bias`` that
+bias is added a second time, even at gate 0.
 
 Modules: ``model`` (config, RoPE, ``LlamaForCausalLM``), ``generation``
 (``init_cache``, ``generate``), ``conversion`` (``load_hf``, ``hf_layout``,

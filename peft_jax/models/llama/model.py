@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax._src.base import PeftError
-from peft_jax._src.hooks import hook_point
+from peft_jax._src.hooks import AttentionKV, hook_point
 
 Array = jax.Array
 Cache = dict[str, Array]
@@ -401,21 +401,29 @@ class LlamaAttention(nn.Module):
     Returns:
       ``((batch, seq, d) output, updated (k, v) cache or None)``.
 
-    Hook point ``attention_kv``: ``(k, v)``, each ``(batch, seq, kv_heads,
-    head_dim)``, keys after RoPE, before the cache update. Without a cache an
+    Hook point ``attention_kv``: ``AttentionKV(k, v, None, x)``, ``k`` and
+    ``v`` each ``(batch, seq, kv_heads, head_dim)``, keys after RoPE, before
+    the cache update, and ``x`` the normalised input. Without a cache an
     adapter may prepend prefix keys/values that every query attends to.
-    Then ``attention_output``: the ``o_proj`` output ``(batch, seq, d)``;
-    and ``attention_block``: ``(x, that output)``, the output replaced by
-    what the adapter returns (parallel adapters).
+    Hook point ``adaption_prompt``: ``(prompt (0, d), gate ())``, zeros, a
+    placeholder; an adapter returns ``(prompt (l, d), gate ())`` and, for
+    ``l > 0``, ``adaption_branch`` of them is added to the ``o_proj``
+    output (LLaMA-Adapter; with ``l = 0`` nothing is computed). Then
+    ``attention_output``: the ``o_proj`` output (plus that branch) ``(batch,
+    seq, d)``; and ``attention_block``: ``(x, that output)``, the output
+    replaced by what the adapter returns (parallel adapters).
     """
     cfg = self.config
     b, t, _ = x.shape
     nh, nk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    k_proj = _dense(cfg, nk * hd, cfg.attention_bias, 'k_proj')
+    v_proj = _dense(cfg, nk * hd, cfg.attention_bias, 'v_proj')
+    o_proj = _dense(cfg, cfg.hidden_size, cfg.attention_out_bias, 'o_proj')
     q = _dense(cfg, nh * hd, cfg.attention_bias, 'q_proj')(x).reshape(b, t, nh, hd)
-    k = _dense(cfg, nk * hd, cfg.attention_bias, 'k_proj')(x).reshape(b, t, nk, hd)
-    v = _dense(cfg, nk * hd, cfg.attention_bias, 'v_proj')(x).reshape(b, t, nk, hd)
+    k = k_proj(x).reshape(b, t, nk, hd)
+    v = v_proj(x).reshape(b, t, nk, hd)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k, v = hook_point(self, 'attention_kv', (k, v))
+    k, v, _, _ = hook_point(self, 'attention_kv', AttentionKV(k, v, None, x))
     prefix = _check_kv(k, v, (b, t, nk, hd), layer_cache)
     if prefix:
       mask = _prefix_mask(mask, t, prefix)
@@ -432,12 +440,58 @@ class LlamaAttention(nn.Module):
       is_causal=layer_cache is None and not prefix,
       implementation=cfg.attention_impl,
     )
-    y = _dense(cfg, cfg.hidden_size, cfg.attention_out_bias, 'o_proj')(
-      y.reshape(b, t, nh * hd)
+    y = o_proj(y.reshape(b, t, nh * hd))
+    prompt, gate = hook_point(
+      self,
+      'adaption_prompt',
+      (jnp.zeros((0, cfg.hidden_size), cfg.dtype), jnp.zeros((), cfg.dtype)),
     )
+    if _adaption_length(prompt, gate, cfg.hidden_size):
+      pk = k_proj(prompt).reshape(-1, nk, hd)
+      pv = v_proj(prompt).reshape(-1, nk, hd)
+      y = y + o_proj(adaption_branch(q, pk, pv, gate).reshape(b, t, nh * hd))
     y = hook_point(self, 'attention_output', y)
     _, y = hook_point(self, 'attention_block', (x, y))
     return y, layer_cache
+
+
+def adaption_branch(q: Array, pk: Array, pv: Array, gate: Array) -> Array:
+  """LLaMA-Adapter's attention of the queries to the adaption prompt.
+
+  ``g · softmax(q pkᵀ / √d_h) pv`` per head: the prompt's keys and values
+  ``pk, pv: (l, kv_heads, d_h)`` (its ``k_proj``/``v_proj`` outputs, no
+  RoPE) repeated for grouped-query attention (query head ``n`` reads
+  key/value head ``n // (heads / kv_heads)``), the softmax over the ``l``
+  prompt positions alone, in float32 and cast back to ``q``'s dtype, then
+  scaled by the gate ``g: ()`` (Hugging Face PEFT's ``AdaptedAttention``).
+
+  Args:
+    q: ``(b, t, heads, d_h)`` queries after RoPE.
+    pk: ``(l, kv_heads, d_h)`` prompt keys.
+    pv: ``(l, kv_heads, d_h)`` prompt values.
+    gate: ``()``, the gate ``g``.
+
+  Returns:
+    ``(b, t, heads, d_h)``, before ``o_proj``.
+  """
+  groups = q.shape[2] // pk.shape[1]
+  pk, pv = (jnp.repeat(p.astype(q.dtype), groups, axis=1) for p in (pk, pv))
+  scores = jnp.einsum('bthd,lhd->bhtl', q, pk) / math.sqrt(q.shape[-1])
+  weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return jnp.einsum('bhtl,lhd->bthd', gate.astype(q.dtype) * weights, pv)
+
+
+def _adaption_length(prompt: Array, gate: Array, d: int) -> int:
+  """``l``, the prompt length the ``adaption_prompt`` adapter returned.
+
+  Raises unless ``prompt`` is ``(l, d)`` and ``gate`` a scalar.
+  """
+  if jnp.ndim(prompt) != 2 or jnp.shape(prompt)[1] != d or jnp.ndim(gate) != 0:
+    raise PeftError(
+      f'The adaption_prompt adapter returned prompt {jnp.shape(prompt)} and gate '
+      f'{jnp.shape(gate)}; expected prompt (length, d={d}) and gate ().'
+    )
+  return jnp.shape(prompt)[0]
 
 
 def _check_kv(

@@ -1,0 +1,130 @@
+"""Prompt-tuning inits from the frozen embedding table (HF PEFT's
+``SAMPLE_VOCAB`` and ``TEXT``): rows against NumPy indexing, the
+repeat-and-truncate rule written out by hand, errors, and the docstring's
+recipe end to end on a tiny BERT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import peft_jax as pj
+from peft_jax.methods.prompt_tuning import PromptParams
+from peft_jax.models import bert
+
+V, D = 11, 4
+# Distinct rows, so a row names its token id.
+TABLE = np.random.default_rng(0).normal(size=(V, D))
+TEXT = [4, 2, 9]
+
+
+def row_ids(prompt) -> np.ndarray:
+  """The table row each prompt row equals (exactly, after the float32 cast)."""
+  rows = np.asarray(prompt)
+  matches = rows[:, None, :] == TABLE.astype(np.float32)[None, :, :]
+  hits = np.all(matches, axis=-1)
+  assert np.all(hits.sum(axis=1) == 1), 'a prompt row is not a table row'
+  return np.argmax(hits, axis=1)
+
+
+def test_vocabulary_rows_are_table_rows_drawn_with_replacement_over_all_ids():
+  params = pj.prompt_from_vocabulary(jax.random.key(0), TABLE, 200)
+  assert isinstance(params, PromptParams)
+  assert params.prompt.shape == (200, D) and params.prompt.dtype == jnp.float32
+  ids = row_ids(params.prompt)
+  np.testing.assert_array_equal(params.prompt, TABLE[ids].astype(np.float32))
+  # HF's rule: uniform over the whole vocabulary, with replacement.
+  assert set(ids.tolist()) == set(range(V))
+  counts = np.bincount(ids, minlength=V)
+  assert counts.min() > 200 / V / 3 and counts.max() < 3 * 200 / V
+
+
+def test_vocabulary_draw_is_a_function_of_the_key():
+  one = pj.prompt_from_vocabulary(jax.random.key(1), TABLE, 5)
+  again = pj.prompt_from_vocabulary(jax.random.key(1), jnp.asarray(TABLE), 5)
+  other = pj.prompt_from_vocabulary(jax.random.key(2), TABLE, 5)
+  np.testing.assert_array_equal(one.prompt, again.prompt)
+  # Fewer rows than the vocabulary: still table rows, other rows by key.
+  assert not np.array_equal(row_ids(one.prompt), row_ids(other.prompt))
+
+
+@pytest.mark.parametrize(
+  'length, ids',
+  [
+    (1, [4]),
+    (2, [4, 2]),  # truncated
+    (3, [4, 2, 9]),  # the text itself
+    (6, [4, 2, 9, 4, 2, 9]),  # repeated twice
+    (7, [4, 2, 9, 4, 2, 9, 4]),  # repeated ⌈7/3⌉ = 3 times, cut to 7
+  ],
+)
+def test_text_rows_repeat_and_truncate_the_text(length, ids):
+  for token_ids in (TEXT, np.array(TEXT), jnp.array(TEXT)):
+    params = pj.prompt_from_text(token_ids, TABLE, length)
+    assert params.prompt.dtype == jnp.float32
+    np.testing.assert_array_equal(params.prompt, TABLE[ids].astype(np.float32))
+
+
+def test_param_dtype_is_the_prompt_dtype():
+  params = pj.prompt_from_text(TEXT, TABLE, 2, param_dtype='bfloat16')
+  assert params.prompt.dtype == jnp.bfloat16
+  params = pj.prompt_from_vocabulary(jax.random.key(0), TABLE, 2, param_dtype='float16')
+  assert params.prompt.dtype == jnp.float16
+
+
+@pytest.mark.parametrize(
+  'call, match',
+  [
+    (lambda: pj.prompt_from_text([], TABLE, 3), r'token_ids of shape \(0,\)'),
+    (lambda: pj.prompt_from_text([[1, 2]], TABLE, 3), r'token_ids of shape \(1, 2\)'),
+    (lambda: pj.prompt_from_text([1.0, 2.0], TABLE, 3), 'dtype float64'),
+    (lambda: pj.prompt_from_text([3, V], TABLE, 3), rf'in \[0, {V}\).*max {V}'),
+    (lambda: pj.prompt_from_text([-1], TABLE, 3), 'min -1'),
+    (lambda: pj.prompt_from_text(TEXT, TABLE[0], 3), r'table of shape \(4,\)'),
+    (lambda: pj.prompt_from_text(TEXT, TABLE[None], 3), r'shape \(1, 11, 4\)'),
+    (lambda: pj.prompt_from_text(TEXT, TABLE, 0), 'length=0 must be > 0'),
+    (lambda: pj.prompt_from_text(TEXT, TABLE, 2.0), 'length=2.0 must be an int'),
+    (lambda: pj.prompt_from_text(TEXT, TABLE, 2, param_dtype='int32'), 'int32'),
+    (
+      lambda: pj.prompt_from_vocabulary(jax.random.key(0), TABLE, -1),
+      'prompt_from_vocabulary: length=-1 must be > 0',
+    ),
+    (
+      lambda: pj.prompt_from_vocabulary(jax.random.key(0), np.zeros((0, 4)), 2),
+      r'table of shape \(0, 4\)',
+    ),
+    (
+      lambda: pj.prompt_from_vocabulary(jax.random.key(0), TABLE[0], 2),
+      r'prompt_from_vocabulary: table of shape \(4,\) must be',
+    ),
+  ],
+)
+def test_bad_inputs_raise_one_line_errors(call, match):
+  with pytest.raises(pj.PeftError, match=match) as error:
+    call()
+  assert '\n' not in str(error.value)
+
+
+def test_text_prompt_equals_feeding_the_repeated_text_in_front():
+  """The docstring's recipe: replace the init's params by the text prompt."""
+  config = bert.BertConfig(
+    vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
+  )
+  model = bert.BertModel(config)
+  ids = jax.random.randint(jax.random.key(0), (2, 5), 1, 50)
+  mask = jnp.ones_like(ids).at[1, -2:].set(0)
+  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  hidden = lambda w, ids, mask: model.apply({'params': w}, ids, mask)
+  point = 'embeddings/input_embeddings'
+  tree = pj.by_rules([(point, 'prompt_tuning(length=5)')])
+  params, buffers = tree.init(
+    jax.random.key(2), frozen, pj.hook_points(model, ids, mask)
+  )
+  table = frozen['embeddings']['word_embeddings']['embedding']
+  params['embeddings']['input_embeddings'] = pj.prompt_from_text([7, 8], table, 5)
+  prefix = jnp.broadcast_to(jnp.array([7, 8, 7, 8, 7]), (2, 5))
+  full_ids = jnp.concatenate([prefix, ids], axis=1)
+  full_mask = jnp.concatenate([jnp.ones((2, 5), mask.dtype), mask], axis=1)
+  want = hidden(frozen, full_ids, full_mask)[:, 5:]
+  got = pj.adapted(tree, hidden)(frozen, params, buffers, ids, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
