@@ -173,11 +173,29 @@ def test_length_changes_with_a_cache_are_clear_errors():
   cache = llama.init_cache(CONFIG, B, T)
   with pytest.raises(pj.PeftError, match='prepended 3 positions, but a KV cache'):
     pj.adapted(tree, logits(model, cache=cache))(frozen, params, buffers, ids())
-  prefix = pj.by_rules([('.*attention_kv', prefix_adapter())])
-  hooks = pj.hook_points(model, ids())
-  params, buffers = prefix.init(jax.random.key(0), frozen, hooks)
-  with pytest.raises(pj.PeftError, match='attention_kv adapter prepended 3 positions'):
-    pj.adapted(prefix, logits(model, cache=cache))(frozen, params, buffers, ids())
+
+
+@pytest.mark.parametrize('layout', ['unrolled', 'scan'])
+def test_prefix_tuning_decodes_through_the_cache_as_the_full_pass(layout):
+  """The prefix stands before the cache slots at every step: a prefill of
+  2 tokens, then one token per step, gives the full pass's logits."""
+  model, frozen = tiny(layout)
+  tokens = ids()
+  tree = pj.by_rules([('.*/attention_kv', 'prefix_tuning(length=3, bottleneck=4)')])
+  params, buffers = tree.init(jax.random.key(5), frozen, pj.hook_points(model, tokens))
+  params = references.perturb(params, 6, scale=1.0)
+  full = pj.adapted(tree, logits(model))(frozen, params, buffers, tokens)
+  plain = logits(model)(frozen, tokens)
+  assert np.abs(np.asarray(full - plain)).max() > 1e-3  # the prefix matters
+  step = jax.jit(
+    pj.adapted(tree, lambda w, t, cache: model.apply({'params': w}, t, cache=cache))
+  )
+  cache = llama.init_cache(CONFIG, B, T)
+  out, cache = step(frozen, params, buffers, tokens[:, :2], cache)
+  np.testing.assert_allclose(out, full[:, :2], rtol=1e-4, atol=1e-4)
+  for t in range(2, T):
+    out, cache = step(frozen, params, buffers, tokens[:, t : t + 1], cache)
+    np.testing.assert_allclose(out[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------

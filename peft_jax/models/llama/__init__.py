@@ -64,10 +64,12 @@ dropped from the returned logits (``(b, s, vocab)`` as without an adapter).
 Prefix tuning: an adapter at ``attention_kv`` may return ``p`` more keys and
 values at the front (``kv_heads`` heads; RoPE is not applied to them, the
 queries keep their positions). Every query attends to all of them, and
-causally to the tokens; ``attention_mask`` masks only the tokens.
+causally to the tokens; ``attention_mask`` masks only the tokens. With a KV
+cache the prefix is not written to the cache: it stands before the cache
+slots at every step, so cached decoding and ``generate`` work with it.
 
-Both only without a KV cache: an adapter that changes the length while a cache
-is used raises ``PeftError`` (a length-preserving adapter is fine).
+Prompt tuning only without a KV cache: an adapter at ``input_embeddings`` that
+changes the length while a cache is used raises ``PeftError``.
 
 LLaMA-Adapter (``adaption_prompt``): an adapter at ``adaption_prompt`` returns
 ``(P (l, d), g ())``; the attention then adds ``o_proj(g · softmax(q Kᵀ/√hd)

@@ -403,8 +403,10 @@ class LlamaAttention(nn.Module):
 
     Hook point ``attention_kv``: ``AttentionKV(k, v, None, x)``, ``k`` and
     ``v`` each ``(batch, seq, kv_heads, head_dim)``, keys after RoPE, before
-    the cache update, and ``x`` the normalised input. Without a cache an
-    adapter may prepend prefix keys/values that every query attends to.
+    the cache update, and ``x`` the normalised input. An adapter may prepend
+    prefix keys/values that every query attends to; with a cache they are
+    not cached but put before the cache slots at every step (the prefix is
+    the same at every step), so ``generate`` works with prefix tuning.
     Hook point ``adaption_prompt``: ``(prompt (0, d), gate ())``, zeros, a
     placeholder; an adapter returns ``(prompt (l, d), gate ())`` and, for
     ``l > 0``, ``adaption_branch`` of them is added to the ``o_proj``
@@ -424,12 +426,20 @@ class LlamaAttention(nn.Module):
     v = v_proj(x).reshape(b, t, nk, hd)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k, v, _, _ = hook_point(self, 'attention_kv', AttentionKV(k, v, None, x))
-    prefix = _check_kv(k, v, (b, t, nk, hd), layer_cache)
-    if prefix:
-      mask = _prefix_mask(mask, t, prefix)
+    prefix = _check_kv(k, v, (b, t, nk, hd))
     if layer_cache is not None:
-      layer_cache = _write_cache(layer_cache, k, v, cache_end)
-      k, v = (c.astype(q.dtype) for c in layer_cache)
+      layer_cache = _write_cache(layer_cache, k[:, prefix:], v[:, prefix:], cache_end)
+      cached = [c.astype(q.dtype) for c in layer_cache]
+      if prefix:  # Prefix keys sit before the cache slots, seen by every query.
+        k, v = (
+          jnp.concatenate([new[:, :prefix], c], 1)
+          for new, c in zip((k, v), cached, strict=True)
+        )
+        mask = None if mask is None else _visible_first(mask, prefix)
+      else:
+        k, v = cached
+    elif prefix:
+      mask = _prefix_mask(mask, t, prefix)
     if mask is not None and cfg.attention_impl == 'cudnn':
       mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))  # cuDNN: no broadcasting.
     y = jax.nn.dot_product_attention(
@@ -494,16 +504,11 @@ def _adaption_length(prompt: Array, gate: Array, d: int) -> int:
   return jnp.shape(prompt)[0]
 
 
-def _check_kv(
-  k: Array,
-  v: Array,
-  shape: tuple[int, int, int, int],
-  layer_cache: tuple[Array, Array] | None,
-) -> int:
+def _check_kv(k: Array, v: Array, shape: tuple[int, int, int, int]) -> int:
   """The number of prefix keys the ``attention_kv`` adapter prepended.
 
   Raises unless ``k`` and ``v`` are ``(b, t + prefix, kv_heads, hd)`` for
-  ``shape = (b, t, kv_heads, hd)``, ``prefix >= 0``, and 0 with a cache.
+  ``shape = (b, t, kv_heads, hd)`` and ``prefix >= 0``.
   """
   b, t, nk, hd = shape
   prefix = k.shape[1] - t
@@ -513,12 +518,12 @@ def _check_kv(
       f'{tuple(v.shape)}; expected equal shapes (batch={b}, >= {t} positions, '
       f'kv_heads={nk}, head_dim={hd}).'
     )
-  if prefix and layer_cache is not None:
-    raise PeftError(
-      f'The attention_kv adapter prepended {prefix} positions, but a KV cache is '
-      'used; prefix adapters work only without a cache (cache=None).'
-    )
   return prefix
+
+
+def _visible_first(mask: Array, prefix: int) -> Array:
+  """``mask (..., keys)`` with ``prefix`` always-visible keys in front."""
+  return jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(prefix, 0)], constant_values=True)
 
 
 def _prefix_mask(mask: Array | None, t: int, prefix: int) -> Array:
@@ -527,8 +532,7 @@ def _prefix_mask(mask: Array | None, t: int, prefix: int) -> Array:
   causal = jnp.tril(jnp.ones((t, t), bool))
   keep = jnp.concatenate([jnp.ones((t, prefix), bool), causal], axis=1)
   if mask is not None:
-    pad = [(0, 0)] * (mask.ndim - 1) + [(prefix, 0)]
-    keep = jnp.pad(mask, pad, constant_values=True) & keep
+    keep = _visible_first(mask, prefix) & keep
   return keep[None, None] if keep.ndim == 2 else keep
 
 
