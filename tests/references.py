@@ -5,6 +5,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.models import bert
+
+# A 2-layer BERT small enough for exact checks (d = 16, 2 heads of 8, FFN 32).
+TINY_BERT = bert.BertConfig(
+  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
+)
+
+
+def tiny_bert_classifier(batch: int = 2, seq: int = 5):
+  """``(model, frozen, ids, mask)``: a random ``TINY_BERT`` classifier (CLS
+  pooling, 2 labels) and a batch whose example 1 ends in two padded tokens."""
+  model = bert.BertForSequenceClassification(TINY_BERT, num_labels=2, pooling='cls')
+  ids = jax.random.randint(jax.random.key(0), (batch, seq), 1, 50)
+  mask = jnp.ones_like(ids).at[1, -2:].set(0)
+  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  return model, frozen, ids, mask
+
 
 def perturb(tree, seed: int, scale: float = 0.3):
   """Every array of ``tree`` moved by ``scale · N(0, 1)`` noise (so checks are

@@ -13,20 +13,14 @@ from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import bert
 from tests import references
 
-CONFIG = bert.BertConfig(
-  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-)
+CONFIG = references.TINY_BERT
 B, T, P, D = 2, 5, 3, 16
 HOULSBY = 'houlsby(reduction_factor=4)'
 HOULSBY_RULE = ('.*/(attention_output|ffn_output)', HOULSBY)
 
 
 def setup():
-  model = bert.BertForSequenceClassification(CONFIG, num_labels=2, pooling='cls')
-  ids = jax.random.randint(jax.random.key(0), (B, T), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
-  return model, frozen, ids, mask
+  return references.tiny_bert_classifier(B, T)
 
 
 def logits_fn(model):

@@ -18,13 +18,10 @@ from peft_jax.methods.compacter_adapter import (
   CompacterFactors,
   CompacterRule,
 )
-from peft_jax.models import bert
 from tests import references
 from tests.models import llama_hooks_test as tiny_llama
 
-CONFIG = bert.BertConfig(
-  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-)
+CONFIG = references.TINY_BERT
 B, T, D, L = 2, 5, 16, 2
 N, REDUCTION = 4, 2
 M = D // REDUCTION
@@ -51,11 +48,7 @@ def compacter_np(h, a, own: CompacterFactors) -> np.ndarray:
 
 
 def setup():
-  model = bert.BertForSequenceClassification(CONFIG, num_labels=2, pooling='cls')
-  ids = jax.random.randint(jax.random.key(0), (B, T), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
-  return model, frozen, ids, mask
+  return references.tiny_bert_classifier(B, T)
 
 
 def logits_fn(model):

@@ -131,9 +131,7 @@ def test_keeps_the_activation_dtype():
 # ---------------------------------------------------------------------------
 # End to end: after BERT's FFN output Dense, against an interception.
 
-CONFIG = bert.BertConfig(
-  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-)
+CONFIG = references.TINY_BERT
 
 
 def intercepting_gated(adapters: dict[tuple, GatedBottleneckParams]):

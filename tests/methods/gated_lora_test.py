@@ -164,9 +164,7 @@ def test_bf16_input_keeps_its_dtype():
 # ---------------------------------------------------------------------------
 # End to end on a tiny BERT, against an independent interception.
 
-CONFIG = bert.BertConfig(
-  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-)
+CONFIG = references.TINY_BERT
 QV_RULE = ('.*/attention/(query|value)/kernel', 'gated_lora(rank=2)')
 
 

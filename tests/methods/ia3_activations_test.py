@@ -14,7 +14,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods.ia3_activations import Ia3FfnParams, Ia3KvParams
-from peft_jax.models import bert, llama
+from peft_jax.models import llama
 from tests import references
 from tests.models import llama_hooks_test as tiny_llama
 
@@ -114,17 +114,11 @@ def test_bad_param_dtype_is_a_one_line_error():
 # ---------------------------------------------------------------------------
 # BERT: keys and values with biases, FFN after GELU.
 
-BERT_CONFIG = bert.BertConfig(
-  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-)
+BERT_CONFIG = references.TINY_BERT
 
 
 def bert_setup():
-  model = bert.BertForSequenceClassification(BERT_CONFIG, num_labels=2, pooling='cls')
-  ids = jax.random.randint(jax.random.key(0), (B, T), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
-  return model, frozen, ids, mask
+  return references.tiny_bert_classifier(B, T)
 
 
 def bert_scaled_kernels(frozen, params):

@@ -139,9 +139,7 @@ def test_prompt_is_prepended_and_the_mask_extended(spec, dtype):
 def test_tiny_bert_equals_prompt_tuning_with_the_numpy_prompt(encoder):
   """The adapted BERT equals BERT with the NumPy encoder's output as a flat
   ``prompt_tuning`` prompt (tested against feeding tokens in hooks_test)."""
-  config = bert.BertConfig(
-    vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-  )
+  config = references.TINY_BERT
   model = bert.BertModel(config)
   ids = jax.random.randint(jax.random.key(0), (B, S), 1, 50)
   mask = jnp.ones_like(ids).at[1, -2:].set(0)

@@ -15,9 +15,7 @@ from peft_jax.models import bert
 from tests import bert_reference, references
 from tests.models import llama_hooks_test as tiny_llama
 
-CONFIG = bert.BertConfig(
-  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-)
+CONFIG = references.TINY_BERT
 B, T, L, H, DH, HIDDEN = 2, 5, 3, 2, 8, 6
 KV = '.*/attention_kv'
 

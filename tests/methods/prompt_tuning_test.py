@@ -11,6 +11,7 @@ import pytest
 import peft_jax as pj
 from peft_jax.methods.prompt_tuning import PromptParams
 from peft_jax.models import bert
+from tests import references
 
 V, D = 11, 4
 # Distinct rows, so a row names its token id.
@@ -107,9 +108,7 @@ def test_bad_inputs_raise_one_line_errors(call, match):
 
 def test_text_prompt_equals_feeding_the_repeated_text_in_front():
   """The docstring's recipe: replace the init's params by the text prompt."""
-  config = bert.BertConfig(
-    vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-  )
+  config = references.TINY_BERT
   model = bert.BertModel(config)
   ids = jax.random.randint(jax.random.key(0), (2, 5), 1, 50)
   mask = jnp.ones_like(ids).at[1, -2:].set(0)

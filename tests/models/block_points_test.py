@@ -63,9 +63,7 @@ def intercepting_parallel(sites: dict[tuple, tuple], scale: float | None):
 # ---------------------------------------------------------------------------
 # BERT and DeBERTa (unrolled post-LN encoders).
 
-BERT = bert.BertConfig(
-  vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
-)
+BERT = references.TINY_BERT
 DEBERTA = deberta.DebertaV2Config(
   vocab_size=50,
   hidden_size=16,
