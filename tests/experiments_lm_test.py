@@ -364,7 +364,9 @@ def test_houlsby_config_sits_at_smollm2_hook_points():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('method', ['lora', 'houlsby'])
+@pytest.mark.parametrize(
+  'method', ['lora', 'houlsby', 'prefix_tuning', 'adaption_prompt']
+)
 def test_runlocal_run_writes_before_and_after_accuracies(tmp_path, capsys, method):
   smollm2_or_skip()
   config = common.load_config(f'{CONFIG}:runlocal,method={method}')
@@ -373,7 +375,14 @@ def test_runlocal_run_writes_before_and_after_accuracies(tmp_path, capsys, metho
   for split in ('validation', 'test'):
     for when in ('before', 'after'):
       assert 0 <= row[f'{when}_{split}_accuracy'] <= 1
-  trainable = {'lora': 2_442_240, 'houlsby': houlsby_trainable(576, 30)}
+  kv = 3 * 64  # key/value heads × head_dim
+  trainable = {
+    'lora': 2_442_240,
+    'houlsby': houlsby_trainable(576, 30),
+    # Per layer W_2, b_2 (2·kv·(512 + 1)); once the shared E, W_1, b_1.
+    'prefix_tuning': 30 * 2 * kv * 513 + (10 * kv + kv * 512 + 512),
+    'adaption_prompt': 30 * (10 * 576 + 1),  # a prompt and a gate per layer
+  }
   assert row['trainable_params'] == trainable[method] and row['method'] == method
   lines = [
     json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()

@@ -71,6 +71,7 @@ SEVEN = r'layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
 SUB_LAYER_OUTPUTS = r'layers_\d+/(self_attn/attention_output|mlp/ffn_output)'
 RMS_NORMS = r'(layers_\d+/(input|post_attention)_layernorm|norm)/scale'
 ADAPTION_PROMPTS = r'layers_\d+/self_attn/adaption_prompt'
+KV_POINTS = r'layers_\d+/self_attn/attention_kv'
 
 # method -> (rules, default learning rate).
 METHODS = {
@@ -81,7 +82,8 @@ METHODS = {
   'ssb': ([(SEVEN, 'ssb()')], 3e-3),
   # Bottleneck adapters after every attention and MLP block, norms trained
   # (Houlsby et al.). Prompt tuning is not offered: the task scores answers
-  # and generates from a KV cache, which a length-changing hook cannot use.
+  # and generates from a KV cache, which a length-changing input hook cannot
+  # use; prefix tuning can (its keys stand before the cache slots).
   'houlsby': (
     [
       (SUB_LAYER_OUTPUTS, 'houlsby(reduction_factor=16)'),
@@ -97,6 +99,9 @@ METHODS = {
   # make_show_generations stacks the adapted layers), which needs the same
   # adapters in every layer.
   'adaption_prompt': ([(ADAPTION_PROMPTS, 'adaption_prompt(length=10)')], 9e-3),
+  # Prefix tuning (Li & Liang) in every layer through its shared MLP; the
+  # learning rate is an untuned guess.
+  'prefix_tuning': ([(KV_POINTS, 'prefix_tuning(length=10, bottleneck=512)')], 1e-3),
 }
 
 
