@@ -4,7 +4,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+import peft_jax as pj
 from peft_jax.models import bert
 
 # A 2-layer BERT small enough for exact checks (d = 16, 2 heads of 8, FFN 32).
@@ -55,3 +57,16 @@ def intercepting_houlsby(adapters: dict[tuple, object]):
     return y
 
   return nn.intercept_methods(interceptor)
+
+
+def train(loss_fn, tree, frozen, params, buffers, batch, *, steps, lr, factored=False):
+  """``(state, losses)`` after ``steps`` jitted Adam steps of
+  ``pj.make_train_step`` on one batch (``losses[i]`` before step ``i``'s update)."""
+  optimizer = optax.adam(lr)
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(1))
+  step = jax.jit(pj.make_train_step(loss_fn, tree, optimizer, factored=factored))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, frozen, batch)
+    losses.append(float(metrics['loss']))
+  return state, losses

@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import peft_jax as pj
 from peft_jax.methods.parallel_adapter import ParallelAdapterParams, parallel_adapter
+from tests import references
 
 D_IN, D_OUT = 9, 6
 ACTIVATIONS = {
@@ -83,13 +83,9 @@ def test_trains_on_either_path(factored):
   frozen, batch = frozen_and_batch()
   tree = pj.by_rules([('dense/kernel', 'parallel_adapter(rank=3)')])
   params, buffers = tree.init(jax.random.key(0), frozen)
-  optimizer = optax.adam(0.05)
-  step = jax.jit(pj.make_train_step(loss_fn, tree, optimizer, factored=factored))
-  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(1))
-  losses = []
-  for _ in range(20):
-    state, metrics = step(state, frozen, batch)
-    losses.append(float(metrics['loss']))
+  _, losses = references.train(
+    loss_fn, tree, frozen, params, buffers, batch, steps=20, lr=0.05, factored=factored
+  )
   assert losses[-1] < 0.5 * losses[0]
 
 
