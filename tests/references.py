@@ -1,13 +1,17 @@
 """Independent computations and helpers the tests share."""
 
+import json
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import peft_jax as pj
-from peft_jax.models import bert
+from peft_jax.models import bert, checkpoints, llama
 
 # A 2-layer BERT small enough for exact checks (d = 16, 2 heads of 8, FFN 32).
 TINY_BERT = bert.BertConfig(
@@ -70,3 +74,78 @@ def train(loss_fn, tree, frozen, params, buffers, batch, *, steps, lr, factored=
     state, metrics = step(state, frozen, batch)
     losses.append(float(metrics['loss']))
   return state, losses
+
+
+# ---------------------------------------------------------------------------
+# Fixtures that Hugging Face PEFT wrote (tests/fixtures/make_*_fixture.py):
+# tiny models built from a transformers config with seeded random weights.
+
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
+
+
+def hf_fixture(name: str) -> dict[str, np.ndarray]:
+  """The arrays of ``tests/fixtures/{name}_hf.npz``; skips the calling test
+  when that file has not been generated."""
+  path = FIXTURES / f'{name}_hf.npz'
+  if not path.exists():
+    pytest.skip(
+      f'{path.name} not generated: run tests/fixtures/make_{name}_fixture.py '
+      'where torch, transformers and peft are installed'
+    )
+  with np.load(path) as data:
+    return {k: data[k] for k in data.files}
+
+
+def _hf_base(arrays: dict, part: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """``(transformers config fields, base state dict)`` of fixture part
+  ``part`` (keys ``part/config`` and ``part/base/<torch name>``)."""
+  head = f'{part}/base/'
+  base = {k.removeprefix(head): v for k, v in arrays.items() if k.startswith(head)}
+  return json.loads(str(arrays[f'{part}/config'])), base
+
+
+def hf_llama(arrays: dict, part: str):
+  """``(model, frozen)``: our ``LlamaForCausalLM`` with the fixture's HF
+  ``LlamaForCausalLM`` weights (``llama.hf_layout``: kernels transposed)."""
+  hf, base = _hf_base(arrays, part)
+  config = llama.LlamaConfig(
+    vocab_size=hf['vocab_size'],
+    hidden_size=hf['hidden_size'],
+    intermediate_size=hf['intermediate_size'],
+    num_layers=hf['num_hidden_layers'],
+    num_heads=hf['num_attention_heads'],
+    num_kv_heads=hf['num_key_value_heads'],
+    rms_norm_eps=hf['rms_norm_eps'],
+    rope_theta=hf['rope_theta'],
+    tie_word_embeddings=hf['tie_word_embeddings'],
+  )
+  frozen = checkpoints.convert(base, llama.hf_layout(config))
+  return llama.LlamaForCausalLM(config), frozen
+
+
+def hf_bert_classifier(arrays: dict, part: str):
+  """``(model, frozen)``: our ``BertForSequenceClassification`` (CLS pooler,
+  as HF's) with the fixture's HF weights (``bert.hf_layout``, and the
+  classifier's ``weight`` transposed)."""
+  hf, base = _hf_base(arrays, part)
+  config = bert.BertConfig(
+    vocab_size=hf['vocab_size'],
+    hidden_size=hf['hidden_size'],
+    num_layers=hf['num_hidden_layers'],
+    num_heads=hf['num_attention_heads'],
+    intermediate_size=hf['intermediate_size'],
+    max_position_embeddings=hf['max_position_embeddings'],
+    type_vocab_size=hf['type_vocab_size'],
+    layer_norm_eps=hf['layer_norm_eps'],
+  )
+  frozen = {
+    'bert': checkpoints.convert(base, bert.hf_layout(config)),
+    'classifier': {
+      'kernel': jnp.asarray(base['classifier.weight'].T),
+      'bias': jnp.asarray(base['classifier.bias']),
+    },
+  }
+  model = bert.BertForSequenceClassification(
+    config, num_labels=hf['num_labels'], pooling='cls'
+  )
+  return model, frozen

@@ -10,9 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import peft_jax as pj
 from peft_jax.methods.ia3 import Ia3InputParams, Ia3Params
+from peft_jax.models import bert
+from tests import references
 
 D_IN, D_OUT = 7, 5
 
@@ -119,3 +122,115 @@ def test_non_matrix_leaf_is_a_one_line_error(feedforward):
   with pytest.raises(pj.PeftError, match=r'ia3 expects a 2-D kernel') as error:
     adapter.init(jax.random.key(0), jnp.ones((3,)))
   assert '\n' not in str(error.value)
+
+
+# ---------------------------------------------------------------------------
+# Parity with Hugging Face PEFT: tests/fixtures/ia3_hf.npz, written by
+# tests/fixtures/make_ia3_fixture.py with torch, transformers and peft (their
+# versions are in the file), every ``ia3_l`` moved away from 1.
+#
+# The mapping from PEFT's saved names (``get_peft_model_state_dict``) to our
+# parameter tree: ``base_model.model.<module>.ia3_l`` names the module whose
+# ``kernel`` we scale (``HF_IA3_MODULES``); an output-form scale ``ia3_l:
+# (out, 1)`` is ``Ia3Params(l_out=ia3_l[:, 0])``, a feed-forward one ``(1,
+# in)`` is ``Ia3InputParams(l_in=ia3_l[0])``. No transposes: a scale is a
+# vector.
+#
+# Tolerance 1e-5: float32 round-off between torch and XLA through 2 layers
+# (measured ≲ 4e-6 on outputs of order 1); one scale moved by 1e-2 gives
+# ≳ 1e-3.
+
+# PEFT's module names (under its ``base_model.model.`` prefix) -> our modules,
+# whose ``kernel`` the scale adapts.
+HF_IA3_MODULES = {
+  'llama': {
+    'model.layers.{i}.self_attn.k_proj': 'layers_{i}/self_attn/k_proj',
+    'model.layers.{i}.self_attn.v_proj': 'layers_{i}/self_attn/v_proj',
+    'model.layers.{i}.mlp.down_proj': 'layers_{i}/mlp/down_proj',
+  },
+  'bert': {
+    'bert.encoder.layer.{i}.attention.self.key': 'encoder/layer_{i}/attention/key',
+    'bert.encoder.layer.{i}.attention.self.value': 'encoder/layer_{i}/attention/value',
+    'bert.encoder.layer.{i}.output.dense': 'encoder/layer_{i}/output',
+  },
+}
+
+
+def hf_ia3_params(arrays, part: str, layers: int) -> dict:
+  """Our weight-space (IA)³ tree from PEFT's ``ia3_l`` tensors (see above):
+  ``(n, 1)`` -> ``Ia3Params``, ``(1, n)`` -> ``Ia3InputParams``; every
+  ``ia3_l`` of the fixture part is used."""
+  flat, used = {}, set()
+  for i in range(layers):
+    for theirs, ours in HF_IA3_MODULES[part].items():
+      name = f'{part}/base_model.model.{theirs.format(i=i)}.ia3_l'
+      scale = arrays[name]
+      used.add(name)
+      kernel = ours.format(i=i) + '/kernel'
+      if scale.shape[1] == 1:
+        flat[kernel] = Ia3Params(jnp.asarray(scale[:, 0]))
+      else:
+        flat[kernel] = Ia3InputParams(jnp.asarray(scale[0]))
+  assert used == {k for k in arrays if k.startswith(f'{part}/') and k.endswith('ia3_l')}
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+@pytest.mark.parametrize('factored', [False, True])
+def test_llama_logits_match_hf_peft_ia3(factored):
+  """PEFT's (IA)³ on a tiny GQA Llama without biases, ``k_proj``, ``v_proj``
+  scaled at their output and ``down_proj`` at its input
+  (``feedforward_modules``): ``ia3()`` on the ``k_proj``/``v_proj`` kernels
+  and ``ia3(feedforward=True)`` on ``down_proj``'s give HF's logits (row 1
+  padded), merged and factored."""
+  arrays = references.hf_fixture('ia3')
+  model, frozen = references.hf_llama(arrays, 'llama')
+  params = hf_ia3_params(arrays, 'llama', model.config.num_layers)
+  assert isinstance(params['layers_1']['mlp']['down_proj']['kernel'], Ia3InputParams)
+  tree = pj.by_rules(
+    [
+      (r'layers_\d+/self_attn/(k|v)_proj/kernel', 'ia3()'),
+      (r'layers_\d+/mlp/down_proj/kernel', 'ia3(feedforward=True)'),
+    ]
+  )
+  ids = arrays['llama/input_ids'].astype(np.int32)
+  mask = arrays['llama/attention_mask'].astype(np.int32)
+  logits = lambda w, ids, mask: model.apply({'params': w}, ids, attention_mask=mask)
+  got = jax.jit(pj.adapted(tree, logits, factored=factored))(
+    frozen, params, None, ids, mask
+  )
+  np.testing.assert_allclose(got, arrays['llama/logits'], rtol=1e-5, atol=1e-5)
+
+
+def test_bert_matches_hf_peft_ia3_once_key_and_value_biases_are_scaled():
+  """PEFT's (IA)³ on a tiny BERT, whose ``key``/``value`` have biases: HF's
+  output form scales ``x Wᵀ + b`` (the bias too), ``ia3()`` scales the
+  kernel only (``ia3.py``'s docstring). So ``ia3()`` on ``key``/``value``
+  and ``ia3(feedforward=True)`` on the FFN's ``output`` give HF's last hidden
+  states once the frozen biases are replaced by ``b ⊙ l`` (the merge HF's
+  output form amounts to), and differ without that."""
+  arrays = references.hf_fixture('ia3')
+  classifier, frozen = references.hf_bert_classifier(arrays, 'bert')
+  model, frozen = bert.BertModel(classifier.config), frozen['bert']
+  params = hf_ia3_params(arrays, 'bert', classifier.config.num_layers)
+  tree = pj.by_rules(
+    [
+      (r'encoder/layer_\d+/attention/(key|value)/kernel', 'ia3()'),
+      (r'encoder/layer_\d+/output/kernel', 'ia3(feedforward=True)'),
+    ]
+  )
+  scaled = traverse_util.flatten_dict(frozen, sep='/')
+  for name, scale in traverse_util.flatten_dict(params, sep='/').items():
+    if isinstance(scale, Ia3Params):  # key and value
+      bias = name.removesuffix('kernel') + 'bias'
+      scaled[bias] = scaled[bias] * scale.l_out
+  scaled = traverse_util.unflatten_dict(scaled, sep='/')
+  ids = arrays['bert/input_ids'].astype(np.int32)
+  mask = arrays['bert/attention_mask'].astype(np.int32)
+  hidden = jax.jit(
+    pj.adapted(tree, lambda w, ids, mask: model.apply({'params': w}, ids, mask))
+  )
+  want = arrays['bert/hidden']
+  np.testing.assert_allclose(
+    hidden(scaled, params, None, ids, mask), want, rtol=1e-5, atol=1e-5
+  )
+  assert np.abs(hidden(frozen, params, None, ids, mask) - want).max() > 1e-2

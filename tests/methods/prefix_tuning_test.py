@@ -302,3 +302,143 @@ def test_gated_prefix_scales_each_example_by_its_gate(bottleneck):
   per_layer = 2 * L * H * DH if bottleneck is None else 2 * H * DH * (HIDDEN + 1)
   shared = 0 if bottleneck is None else L * H * DH + H * DH * HIDDEN + HIDDEN
   assert pj.count(params) == CONFIG.num_layers * (per_layer + d + 1) + shared
+
+
+# ---------------------------------------------------------------------------
+# Parity with Hugging Face PEFT: tests/fixtures/prefix_tuning_hf.npz, written
+# by tests/fixtures/make_prefix_tuning_fixture.py with torch, transformers and
+# peft on a tiny GQA Llama (their versions are in the file).
+#
+# The mapping from PEFT's ``prompt_encoder.default.*`` to our parameters.
+# PEFT's prefix row ``(2·L·t,)``, ``t = kv_heads · d_h`` (PEFT's
+# ``token_dim`` for grouped-query attention), is read as ``(2·L, kv_heads,
+# d_h)``, entry ``2i`` layer i's keys and ``2i+1`` its values
+# (``PeftModel.get_prompt``'s view and permute):
+#
+#   flat:  embedding.weight (l, 2·L·t)
+#            -> layers_i: PrefixParams(keys=E[:, 2i], values=E[:, 2i+1])
+#   mlp:   embedding.weight (l, t)            -> PrefixMlp.embedding
+#          transform.0.weight (b, t), .bias   -> PrefixMlp.hidden = Wᵀ, hidden_bias
+#          transform.2.weight (2·L·t, b), .bias
+#            -> layers_i: PrefixHead(out = Wᵀ[:, 2i·t:(2i+2)·t],
+#                                    out_bias = bias[2i·t:(2i+2)·t])
+#
+# Positions: PEFT hands the prefix to transformers as a ``past_key_values``
+# cache of length l, so HF rotates the queries at RoPE positions
+# ``l..l+s−1`` (the prefix keys are never rotated; token-token scores depend
+# only on differences); our prefix keeps ``0..s−1``. The tests pass our
+# model ``positions = l + arange(s)``, which reproduces HF, and check that
+# without it the logits differ (the known deviation of docs/methods.md).
+#
+# Tolerance 1e-5: float32 round-off between torch and XLA through 2 layers
+# (measured ≲ 4e-6 on logits of order 1); one prefix entry moved by 1e-2
+# gives ≳ 1e-3, a wrong layer, key/value order or position ≳ 1.
+
+HF_KV = r'layers_\d+/self_attn/attention_kv'
+
+
+def hf_prefix_setup():
+  """``(arrays, model, frozen, ids, mask, l, (L, kv_heads, d_h))``."""
+  arrays = references.hf_fixture('prefix_tuning')
+  model, frozen = references.hf_llama(arrays, 'llama')
+  config = model.config
+  heads = (config.num_layers, config.num_kv_heads, config.head_dim)
+  assert int(arrays['token_dim']) == heads[1] * heads[2]
+  ids = arrays['input_ids'].astype(np.int32)
+  mask = arrays['attention_mask'].astype(np.int32)
+  return arrays, model, frozen, ids, mask, int(arrays['num_virtual_tokens']), heads
+
+
+def hf_flat_prefix(rows, heads) -> dict:
+  """Our per-layer ``PrefixParams`` from PEFT's ``(l, 2·L·t)`` prefix."""
+  layers, kv_heads, head_dim = heads
+  split = np.reshape(rows, (rows.shape[0], 2 * layers, kv_heads, head_dim))
+  return {
+    f'layers_{i}': {
+      'self_attn': {
+        'attention_kv': PrefixParams(
+          jnp.asarray(split[:, 2 * i]), jnp.asarray(split[:, 2 * i + 1])
+        )
+      }
+    }
+    for i in range(layers)
+  }
+
+
+def hf_logits(model):
+  """Our logits ``(w, ids, positions, mask)``, RoPE at ``positions``."""
+  return lambda w, ids, positions, mask: model.apply(
+    {'params': w}, ids, positions, attention_mask=mask
+  )
+
+
+def test_flat_prefix_matches_hf_peft_with_shifted_positions():
+  """PEFT's ``prefix_projection=False`` on a tiny GQA Llama (row 1 padded):
+  our flat prefix from PEFT's embedding, split per layer as above, gives
+  HF's logits when the queries take HF's positions ``l..l+s−1``; with our
+  own positions they differ. PEFT's saved adapter (``prompt_embeddings``) is
+  that embedding."""
+  arrays, model, frozen, ids, mask, length, heads = hf_prefix_setup()
+  rows = arrays['flat/prompt_encoder.default.embedding.weight']
+  np.testing.assert_array_equal(arrays['flat/prompt_embeddings'], rows)
+  tree = pj.by_rules([(HF_KV, f'prefix_tuning(length={length}, bottleneck=None)')])
+  params = hf_flat_prefix(rows, heads)
+  run = jax.jit(pj.adapted(tree, hf_logits(model)))
+  positions = np.arange(ids.shape[1], dtype=np.int32)
+  want = arrays['flat/logits']
+  got = run(frozen, params, None, ids, positions + length, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  unshifted = run(frozen, params, None, ids, positions, mask)
+  assert np.abs(unshifted - want).max() > 1e-2
+
+
+def test_mlp_prefix_matches_hf_peft_prefix_projection():
+  """PEFT's ``prefix_projection=True``: our shared ``PrefixMlp`` and
+  per-layer ``PrefixHead`` from PEFT's ``transform`` (weights transposed,
+  the output layer sliced per layer) give HF's logits (positions shifted by
+  ``l`` as above), and the flat prefix our plan derives equals PEFT's saved
+  adapter ``prompt_embeddings``, the MLP's output that PEFT writes to
+  ``adapter_model.safetensors``."""
+  arrays, model, frozen, ids, mask, length, heads = hf_prefix_setup()
+  state = {
+    k.removeprefix('mlp/prompt_encoder.default.'): v
+    for k, v in arrays.items()
+    if k.startswith('mlp/prompt_encoder.default.')
+  }
+  hidden = state['transform.0.weight'].shape[0]
+  width = 2 * heads[1] * heads[2]
+  params = {
+    '@shared': {
+      'prefix_tuning': PrefixMlp(
+        jnp.asarray(state['embedding.weight']),
+        jnp.asarray(state['transform.0.weight'].T),
+        jnp.asarray(state['transform.0.bias']),
+      )
+    },
+    **{
+      f'layers_{i}': {
+        'self_attn': {
+          'attention_kv': PrefixHead(
+            jnp.asarray(state['transform.2.weight'].T[:, i * width : (i + 1) * width]),
+            jnp.asarray(state['transform.2.bias'][i * width : (i + 1) * width]),
+          )
+        }
+      }
+      for i in range(heads[0])
+    },
+  }
+  tree = pj.by_rules([(HF_KV, f'prefix_tuning(length={length}, bottleneck={hidden})')])
+  positions = np.arange(ids.shape[1], dtype=np.int32) + length
+  got = jax.jit(pj.adapted(tree, hf_logits(model)))(
+    frozen, params, None, ids, positions, mask
+  )
+  np.testing.assert_allclose(got, arrays['mlp/logits'], rtol=1e-5, atol=1e-5)
+  plan = tree.plan(frozen, params, None).hooks
+  saved = hf_flat_prefix(arrays['mlp/prompt_embeddings'], heads)
+  for i in range(heads[0]):
+    derived = plan[f'layers_{i}/self_attn/attention_kv'].params
+    want = saved[f'layers_{i}']['self_attn']['attention_kv']
+    for got_part, want_part in zip(derived, want, strict=True):
+      np.testing.assert_allclose(
+        np.reshape(got_part, want_part.shape), want_part, rtol=1e-5, atol=1e-5
+      )
