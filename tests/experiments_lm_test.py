@@ -72,6 +72,23 @@ def houlsby(tiny):
   return tree, params, buffers
 
 
+@pytest.fixture(scope='module')
+def prompted(tiny):
+  """A soft prompt of 3 random vectors before the tiny Llama's embeddings,
+  drawn large enough to change its outputs: ``(tree, params, buffers)``."""
+  model, frozen = tiny
+  hooks = pj.hook_points(model, np.zeros((1, 4), np.int32))
+  tree = pj.by_rules([('input_embeddings', "prompt_tuning(length=3, init='normal')")])
+  params, buffers = tree.init(jax.random.key(3), frozen, hooks)
+  return tree, params, buffers
+
+
+@pytest.fixture(params=['houlsby', 'prompted'])
+def activation_adapter(request):
+  """Each of the two adapters: one keeps the length, one prepends positions."""
+  return request.getfixturevalue(request.param)
+
+
 @functools.cache
 def compiled_forward(model, tree=None):
   """``(frozen, params, buffers, ids) -> logits`` of ``model`` (with the
@@ -155,6 +172,25 @@ def test_answer_only_loss_equals_direct_computation(tiny):
   np.testing.assert_allclose(float(loss_fn(params, padded, None)[0]), float(loss))
 
 
+def test_answer_only_loss_with_a_soft_prompt_equals_direct_computation(tiny, prompted):
+  # The model drops the prompt positions before its final norm, so the loss
+  # reads the logits of the answer positions as without a prompt.
+  model, frozen = tiny
+  tree, params, buffers = prompted
+  batch = lm_choice.training_arrays(PROMPTS, LABELS, CHOICES, 9, PAD)
+  loss_fn = lm_choice.make_loss_fn(model, answer_width=3)
+  loss, _ = jax.jit(pj.adapted(tree, loss_fn))(frozen, params, buffers, batch, None)
+  forward = adapted_forward(model, frozen, tree, params, buffers)
+  nll = -sum(
+    continuation_log_prob(forward, prompt, CHOICES[label])
+    for prompt, label in zip(PROMPTS, LABELS, strict=True)
+  )
+  count = sum(len(CHOICES[label]) for label in LABELS)
+  np.testing.assert_allclose(float(loss), nll / count, rtol=1e-5)
+  plain, _ = jax.jit(loss_fn)(frozen, batch, None)
+  assert abs(float(plain) - float(loss)) > 1e-2  # the prompt acts
+
+
 def test_apply_at_equals_the_full_logits_at_those_positions(tiny):
   model, params = tiny
   ids = np.array([[1, 5, 6, 7], [1, 9, 4, 3]])
@@ -203,11 +239,13 @@ def test_two_choice_scores_equal_direct_computation(tiny):
   )
 
 
-def test_houlsby_scores_through_the_cache_equal_direct_computation(tiny, houlsby):
+def test_adapted_scores_through_the_cache_equal_direct_computation(
+  tiny, activation_adapter
+):
   # The adapters act at every hook point, in the cached prompt pass and in
-  # the candidates' pass alike.
+  # the candidates' pass alike; a soft prompt stands before the cache slots.
   model, frozen = tiny
-  tree, params, buffers = houlsby
+  tree, params, buffers = activation_adapter
   scores = two_choice_scores(model, tree)(frozen, params, buffers)
   want = direct_scores(adapted_forward(model, frozen, tree, params, buffers))
   np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
@@ -326,7 +364,11 @@ def test_config_builds_and_its_rules_match_smollm2():
     config = common.load_config(f'{CONFIG}:method={method}')
     assert config.task == 'lm_choice' and config.factored
     params, _ = abstract_init(config.adapters, abstract, hooks)  # every rule matches
-    assert {f'layers_{i}' for i in range(layers)} <= set(params), method
+    if method == 'prompt_tuning':  # before the layers
+      assert set(params) == {'input_embeddings'}
+      assert params['input_embeddings'].prompt.shape == (10, model_config.hidden_size)
+    else:
+      assert {f'layers_{i}' for i in range(layers)} <= set(params), method
   config = common.load_config(CONFIG)
   assert config.method == 'lora' and config.adapters == [
     (smollm2_rotten_tomatoes.SEVEN, 'lora(rank=8, alpha=16)')
@@ -365,7 +407,7 @@ def test_houlsby_config_sits_at_smollm2_hook_points():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  'method', ['lora', 'houlsby', 'prefix_tuning', 'adaption_prompt']
+  'method', ['lora', 'houlsby', 'prefix_tuning', 'adaption_prompt', 'prompt_tuning']
 )
 def test_runlocal_run_writes_before_and_after_accuracies(tmp_path, capsys, method):
   smollm2_or_skip()
@@ -382,6 +424,7 @@ def test_runlocal_run_writes_before_and_after_accuracies(tmp_path, capsys, metho
     # Per layer W_2, b_2 (2·kv·(512 + 1)); once the shared E, W_1, b_1.
     'prefix_tuning': 30 * 2 * kv * 513 + (10 * kv + kv * 512 + 512),
     'adaption_prompt': 30 * (10 * 576 + 1),  # a prompt and a gate per layer
+    'prompt_tuning': 10 * 576,
   }
   assert row['trainable_params'] == trainable[method] and row['method'] == method
   lines = [

@@ -27,8 +27,9 @@ before and after.
 
 Arguments (after ``:``): method (any of METHODS: the weight-space ones on
 the same seven kernels, ``houlsby`` at every layer's attention and MLP
-outputs with the RMSNorms trained, and ``adaption_prompt`` in every layer's
-attention; only lora is measured, the others' learning rates are untuned
+outputs with the RMSNorms trained, ``adaption_prompt`` in every layer's
+attention, ``prefix_tuning`` at every ``attention_kv`` and ``prompt_tuning``
+before the embeddings; the learning rates of all but lora are untuned
 guesses), steps,
 batch_size, lr (0 = the method's default), seed, eval_limit (examples per
 evaluation split, 0 = all 1,000), runlocal (3 steps on 8 evaluation
@@ -81,9 +82,7 @@ METHODS = {
   'ia3': ([(SEVEN, 'ia3()')], 3e-3),
   'ssb': ([(SEVEN, 'ssb()')], 3e-3),
   # Bottleneck adapters after every attention and MLP block, norms trained
-  # (Houlsby et al.). Prompt tuning is not offered: the task scores answers
-  # and generates from a KV cache, which a length-changing input hook cannot
-  # use; prefix tuning can (its keys stand before the cache slots).
+  # (Houlsby et al.).
   'houlsby': (
     [
       (SUB_LAYER_OUTPUTS, 'houlsby(reduction_factor=16)'),
@@ -102,6 +101,14 @@ METHODS = {
   # Prefix tuning (Li & Liang) in every layer through its shared MLP; the
   # learning rate is an untuned guess.
   'prefix_tuning': ([(KV_POINTS, 'prefix_tuning(length=10, bottleneck=512)')], 1e-3),
+  # Prompt tuning (Lester et al.): 10 vectors before the token embeddings,
+  # drawn N(0, 0.14²) like SmolLM2's embedding table (std 0.136); they stand
+  # before the KV cache the task scores and generates with. The learning
+  # rate is an untuned guess.
+  'prompt_tuning': (
+    [('input_embeddings', "prompt_tuning(length=10, init='normal', init_scale=0.14)")],
+    3e-2,
+  ),
 }
 
 
@@ -154,3 +161,9 @@ def get_config(arg=None):
     config.generate.num_examples = 1
     config.generate.max_new_tokens = 2
   return config
+
+
+def sweep(arg=None):
+  """One run per method (``--only`` picks a subset by name)."""
+  del arg
+  return [f'method={method}' for method in METHODS]

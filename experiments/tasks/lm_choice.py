@@ -21,10 +21,12 @@ end-of-turn token ``<|im_end|>``.
   model says; the metrics hold accuracies only (the trainer's metrics are
   floats).
 
-Activation adapters must keep sequence lengths (``houlsby`` at
-``attention_output``/``ffn_output``): scoring and generation continue from a
-KV cache, where the model refuses a hook that prepends positions (prompt
-tuning), and the loss runs the LM head at the answer positions only.
+Activation adapters run at their hook points in training, scoring and
+generation alike: ``houlsby`` at ``attention_output``/``ffn_output``, prefix
+tuning at ``attention_kv`` and prompt tuning at ``input_embeddings`` (their
+keys stand before the KV cache slots; the model drops the prompt positions
+before its final norm, so the loss still runs the LM head at the answer
+positions only), LLaMA-Adapter at ``adaption_prompt``.
 """
 
 import functools

@@ -168,11 +168,72 @@ def test_trainable_prompt_is_differentiable_and_changes_the_logits(layout):
   assert np.abs(out - logits(model)(frozen, ids())).max() > 1e-3
 
 
-def test_length_changes_with_a_cache_are_clear_errors():
+def decode_step_by_step(step, frozen, params, buffers, tokens, cache, first=2):
+  """Logits of a prefill of ``first`` tokens, then one token per call."""
+  out, cache = step(frozen, params, buffers, tokens[:, :first], cache)
+  outs = [out]
+  for t in range(first, tokens.shape[1]):
+    out, cache = step(frozen, params, buffers, tokens[:, t : t + 1], cache)
+    outs.append(out)
+  return np.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize('layout', ['unrolled', 'scan'])
+def test_prompt_tuning_decodes_through_the_cache_as_the_full_pass(layout):
+  """The prompt positions stand before the cache slots, recomputed at every
+  call: a prefill of 2 tokens, then one token per step, gives the logits of
+  the full pass without a cache, also with a padded cache slot masked out
+  and with a prefix at every attention_kv (front keys: prefix, prompt)."""
+  model, frozen = tiny(layout)
+  tokens = ids()
+  rules = [('input_embeddings', f'prompt_tuning(length={P})')]
+  mask = np.ones((B, T), np.int32)
+  mask[1, 1] = 0  # One padded slot in row 1, masked in both runs.
+  for extra in ([], [('.*/attention_kv', 'prefix_tuning(length=2)')]):
+    tree = pj.by_rules(rules + extra)
+    hooks = pj.hook_points(model, tokens)
+    params, buffers = tree.init(jax.random.key(5), frozen, hooks)
+    params = references.perturb(params, 6, scale=1.0)
+    run = lambda w, t, m: model.apply({'params': w}, t, attention_mask=m)
+    full = jax.jit(pj.adapted(tree, run))(frozen, params, buffers, tokens, mask)
+    plain = run(frozen, tokens, mask)
+    assert np.abs(np.asarray(full - plain)).max() > 1e-3  # the prompt matters
+    step = jax.jit(
+      pj.adapted(
+        tree,
+        lambda w, t, cache: model.apply(
+          {'params': w}, t, cache=cache, attention_mask=mask
+        ),
+      )
+    )
+    got, cache = decode_step_by_step(
+      step, frozen, params, buffers, tokens, llama.init_cache(CONFIG, B, T)
+    )
+    np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4)
+    assert int(cache['end']) == T and cache['k'].shape[-3] == T  # tokens only
+
+
+def test_generate_with_a_prompt_is_greedy_decoding_of_the_full_pass():
+  model, frozen, tree, params, buffers = prompted('scan', None)
+  prompt, new = ids((B, 3), seed=3), 4
+  tokens = pj.adapted(tree, lambda w, t: llama.generate(model, w, t, new))(
+    frozen, params, buffers, prompt
+  )
+  forward = jax.jit(pj.adapted(tree, logits(model)))
+  seq = prompt
+  for j in range(new):
+    greedy = np.argmax(forward(frozen, params, buffers, seq)[:, -1], axis=-1)
+    np.testing.assert_array_equal(tokens[:, j], greedy)
+    seq = np.concatenate([seq, greedy[:, None].astype(np.int32)], axis=1)
+
+
+def test_a_mask_that_misses_the_cache_slots_is_a_clear_error():
   model, frozen, tree, params, buffers = prompted('unrolled', None)
-  cache = llama.init_cache(CONFIG, B, T)
-  with pytest.raises(pj.PeftError, match='prepended 3 positions, but a KV cache'):
-    pj.adapted(tree, logits(model, cache=cache))(frozen, params, buffers, ids())
+  cache = llama.init_cache(CONFIG, B, T + 2)
+  mask = np.ones((B, T), np.int32)  # over the tokens, not the T + 2 slots
+  run = pj.adapted(tree, logits(model, cache=cache, attention_mask=mask))
+  with pytest.raises(pj.PeftError, match=r'does not match the cache slots \(8\) and 3'):
+    run(frozen, params, buffers, ids())
 
 
 @pytest.mark.parametrize('layout', ['unrolled', 'scan'])

@@ -68,8 +68,13 @@ causally to the tokens; ``attention_mask`` masks only the tokens. With a KV
 cache the prefix is not written to the cache: it stands before the cache
 slots at every step, so cached decoding and ``generate`` work with it.
 
-Prompt tuning only without a KV cache: an adapter at ``input_embeddings`` that
-changes the length while a cache is used raises ``PeftError``.
+Prompt tuning with a KV cache: the cache holds the tokens only. At every
+call the ``p`` prompt positions are recomputed (they see only each other, so
+they are the same at every step) and their keys stand before the cache
+slots, like a prefix; ``attention_mask`` covers the cache slots as without a
+prompt (the adapter puts ``p`` ones in front), ``end`` counts tokens, and
+positions continue at ``p + end``. So cached decoding and ``generate`` work
+with prompt tuning, at the cost of ``p`` more positions per decoding step.
 
 LLaMA-Adapter (``adaption_prompt``): an adapter at ``adaption_prompt`` returns
 ``(P (l, d), g ())``; the attention then adds ``o_proj(g · softmax(q Kᵀ/√hd)

@@ -406,7 +406,9 @@ class LlamaAttention(nn.Module):
     the cache update, and ``x`` the normalised input. An adapter may prepend
     prefix keys/values that every query attends to; with a cache they are
     not cached but put before the cache slots at every step (the prefix is
-    the same at every step), so ``generate`` works with prefix tuning.
+    the same at every step), so ``generate`` works with prefix tuning. So
+    are the keys of prompt positions (``mask`` columns before the cache
+    slots; see ``LlamaForCausalLM``).
     Hook point ``adaption_prompt``: ``(prompt (0, d), gate ())``, zeros, a
     placeholder; an adapter returns ``(prompt (l, d), gate ())`` and, for
     ``l > 0``, ``adaption_branch`` of them is added to the ``o_proj``
@@ -428,14 +430,17 @@ class LlamaAttention(nn.Module):
     k, v, _, _ = hook_point(self, 'attention_kv', AttentionKV(k, v, None, x))
     prefix = _check_kv(k, v, (b, t, nk, hd))
     if layer_cache is not None:
-      layer_cache = _write_cache(layer_cache, k[:, prefix:], v[:, prefix:], cache_end)
+      # Prefix keys and prompt positions (mask columns before the cache
+      # slots) are recomputed at every step and sit before the cache slots.
+      front = prefix + _prompt_columns(mask, layer_cache)
+      layer_cache = _write_cache(layer_cache, k[:, front:], v[:, front:], cache_end)
       cached = [c.astype(q.dtype) for c in layer_cache]
-      if prefix:  # Prefix keys sit before the cache slots, seen by every query.
+      if front:
         k, v = (
-          jnp.concatenate([new[:, :prefix], c], 1)
+          jnp.concatenate([new[:, :front], c], 1)
           for new, c in zip((k, v), cached, strict=True)
         )
-        mask = None if mask is None else _visible_first(mask, prefix)
+        mask = _visible_first(mask, prefix)
       else:
         k, v = cached
     elif prefix:
@@ -519,6 +524,11 @@ def _check_kv(k: Array, v: Array, shape: tuple[int, int, int, int]) -> int:
       f'kv_heads={nk}, head_dim={hd}).'
     )
   return prefix
+
+
+def _prompt_columns(mask: Array | None, layer_cache: tuple[Array, Array]) -> int:
+  """With a cache: the prompt positions, the mask's columns before the slots."""
+  return 0 if mask is None else mask.shape[-1] - layer_cache[0].shape[1]
 
 
 def _visible_first(mask: Array, prefix: int) -> Array:
@@ -659,9 +669,10 @@ class LlamaForCausalLM(nn.Module):
 
     Hook point ``input_embeddings``: ``(token embeddings (batch, seq, d),
     attention_mask)`` (the mask as passed: None, ``(batch, seq)``, or over
-    the cache slots with a cache). Without a cache an adapter may prepend
-    ``p`` positions (prompt tuning; see the package docstring); their logits
-    are dropped.
+    the cache slots with a cache). An adapter may prepend ``p`` positions
+    (prompt tuning; see the package docstring), also with a cache: they are
+    recomputed at every call and stand before the cache slots, which hold
+    the tokens only. Their logits are dropped.
 
     Returns:
       ``(batch, seq, vocab)`` float32 logits; with a cache,
@@ -669,7 +680,7 @@ class LlamaForCausalLM(nn.Module):
 
     Raises:
       PeftError: for ``input_ids`` that are not 2-D, or an activation adapter
-        whose result has the wrong shape or changes the length with a cache.
+        whose result has the wrong shape.
     """
     cfg = self.config
     if input_ids.ndim != 2:
@@ -693,9 +704,9 @@ class LlamaForCausalLM(nn.Module):
     rope = rope_cos_sin(positions, rope_inv_freq(cfg))
     if cache is None:
       h, _ = self._layers(h, None, rope, mask, None)
-      return self._logits(embed, h)[:, prompt:]  # Drops prepended prompts.
+      return self._logits(embed, h[:, prompt:])  # Drops prepended prompts.
     h, (k, v) = self._layers(h, (cache['k'], cache['v']), rope, mask, cache['end'])
-    return self._logits(embed, h), {'k': k, 'v': v, 'end': cache['end'] + t}
+    return self._logits(embed, h[:, prompt:]), {'k': k, 'v': v, 'end': cache['end'] + t}
 
   def _layers(
     self,
@@ -763,17 +774,14 @@ def _check_prompt(
       f'The input_embeddings adapter returned embeddings {tuple(h.shape)}; '
       f'expected (batch={b}, >= {t} positions, d).'
     )
-  if prompt and cache is not None:
-    raise PeftError(
-      f'The input_embeddings adapter prepended {prompt} positions, but a KV cache '
-      'is used; prompt adapters work only without a cache (cache=None).'
-    )
   mask_shape = None if attention_mask is None else tuple(jnp.shape(attention_mask))
-  if cache is None and mask_shape not in (None, (b, t + prompt)):
+  keys = t if cache is None else cache['k'].shape[2]
+  if mask_shape not in (None, (b, keys + prompt)):
+    over = 'the embeddings' if cache is None else 'the cache slots'
     raise PeftError(
-      f'attention_mask {mask_shape} does not match the embeddings '
-      f'{tuple(h.shape)} (after any input_embeddings adapter); expected '
-      f'({b}, {t + prompt}).'
+      f'attention_mask {mask_shape} does not match {over} ({keys}) and '
+      f'{prompt} prompt positions (after any input_embeddings adapter); '
+      f'expected ({b}, {keys + prompt}).'
     )
 
 
@@ -786,27 +794,46 @@ def _positions_and_mask(
 ) -> tuple[Array, Array | None]:
   """RoPE positions of the queries and the layers' boolean key mask.
 
-  Without a cache: ``positions`` (default ``0..``) shifted by ``prompt``
-  behind prompt positions ``0..prompt-1``, and the padding mask (causality is
-  added by the attention). With one: slots ``end..end+t-1`` and a mask causal
-  over the cache slots, and'ed with the padding mask.
+  ``positions`` (default ``0..t-1``, with a cache the slots
+  ``end..end+t-1``) shifted by ``prompt`` behind prompt positions
+  ``0..prompt-1``. Without a cache the padding mask (causality is added by
+  the attention); with one, a mask over ``prompt`` columns and the cache
+  slots, causal (``_prompt_causal``) and and'ed with the padding mask.
   """
   mask = None
   if attention_mask is not None:
     mask = jnp.asarray(attention_mask)[:, None, None, :].astype(bool)
   if cache is None:
-    return _prompt_positions(positions, t, prompt), mask
+    return _prompt_positions(
+      jnp.arange(t) if positions is None else positions, prompt
+    ), mask
   query_slots = cache['end'] + jnp.arange(t)
   slots = jnp.arange(cache['k'].shape[2])
-  causal = (slots[None, :] <= query_slots[:, None])[None, None]
+  causal = _prompt_causal(slots[None, :] <= query_slots[:, None], prompt)[None, None]
   mask = causal if mask is None else causal & mask
-  return query_slots if positions is None else positions, mask
+  return _prompt_positions(
+    query_slots if positions is None else positions, prompt
+  ), mask
 
 
-def _prompt_positions(positions: Array | None, t: int, prompt: int) -> Array:
-  """``0..prompt-1`` then ``positions + prompt`` (default ``0..t-1``)."""
-  if positions is None:
-    return jnp.arange(t + prompt)
+def _prompt_causal(causal: Array, prompt: int) -> Array:
+  """The ``(t, slots)`` causal mask with ``prompt`` positions in front of
+  the queries and the keys: they see each other causally and no slot; the
+  tokens see all of them."""
+  if not prompt:
+    return causal
+  t, slots = causal.shape
+  own = jnp.tril(jnp.ones((prompt, prompt), bool))
+  return jnp.concatenate(
+    [
+      jnp.concatenate([own, jnp.zeros((prompt, slots), bool)], axis=1),
+      jnp.concatenate([jnp.ones((t, prompt), bool), causal], axis=1),
+    ]
+  )
+
+
+def _prompt_positions(positions: Array, prompt: int) -> Array:
+  """``0..prompt-1`` then ``positions + prompt``."""
   if not prompt:
     return positions
   positions = jnp.asarray(positions)
