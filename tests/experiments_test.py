@@ -118,9 +118,11 @@ def abstract_init(rules, frozen, hooks):
 def test_every_method_config_builds_and_its_rules_match_minilm():
   # Every registered method can run, and the mpc wrapper on LoRA (stacked and
   # matrix_view wrap methods for scanned and N-D kernels, absent here), but
-  # the DECODER_ONLY ones (no BERT hook point), which the SmolLM2 config runs.
+  # the DECODER_ONLY ones (no BERT hook point), which the SmolLM2 config runs;
+  # and the two hybrids of pj.recipes.
   decoder_only = set(rotten_tomatoes.DECODER_ONLY)
-  assert set(rotten_tomatoes.METHODS) == set(pj.names()) - decoder_only | {'mpc'}
+  expected = set(pj.names()) - decoder_only | {'mpc', 'mam', 'unipelt'}
+  assert set(rotten_tomatoes.METHODS) == expected
   assert decoder_only <= set(smollm2_rotten_tomatoes.METHODS)
   frozen, hooks = minilm_shapes()
   for method in rotten_tomatoes.METHODS:

@@ -24,6 +24,7 @@ on a few examples, for smoke tests). The sweep over all methods:
 import ml_collections
 
 from experiments.configs import common
+from peft_jax import recipes
 
 KV_FFN1 = '.*/(attention/(key|value)|intermediate)/kernel'
 QV = '.*/attention/(query|value)/kernel'
@@ -101,6 +102,11 @@ METHODS = {
   ),
   # Compacter++: one LPHM adapter after the FFN, its A shared by all layers.
   'compacter_adapter': ([('.*/ffn_output', 'compacter_adapter()')], 1e-3),
+  # The hybrids (pj.recipes): MAM at He et al.'s GLUE sizes (prefix 16 through
+  # the 800-wide MLP, parallel FFN adapter r = 16, s = 2) and UniPELT's gated
+  # LoRA + prefix + sequential adapter at the adapters library's defaults.
+  'mam': (recipes.mam(prefix_length=16, bottleneck=800, rank=16, scale=2.0), 1e-3),
+  'unipelt': (recipes.unipelt(), 1e-3),
 }
 CORE = ('lora', 'ia3', 'ssl', 'ssb', 'bitfit', 'full')
 # Registered methods with no row: they act at a hook point MiniLM (BERT) does
