@@ -5,7 +5,14 @@ import socket
 
 # Must happen before jax is imported anywhere: lets the sharding/pmap tests
 # run on one CPU as 8 devices; single-device tests use device 0 as usual.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# The tests' programs are tiny and compiled once each, so XLA's compile time
+# dominates: without LLVM's expensive optimisation passes the suite ran
+# 25-33% faster (same tests, same results; measured 2026-12-01 on 2 CPUs).
+os.environ.setdefault(
+  'XLA_FLAGS',
+  '--xla_force_host_platform_device_count=8 '
+  '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
+)
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 

@@ -248,12 +248,14 @@ def test_scanned_llama_slices_each_layer_and_shares_one_rule():
     run = pj.adapted(tree, tiny_llama.logits(model))
     return lambda p: jnp.sum(jnp.sin(run(frozen, p, None, tokens)))
 
-  want = pj.adapted(tree, tiny_llama.logits(model))(frozen, params, None, tokens)
+  want = jax.jit(pj.adapted(tree, tiny_llama.logits(model)))(
+    frozen, params, None, tokens
+  )
   got = jax.jit(pj.adapted(s_tree, tiny_llama.logits(s_model)))(
     s_frozen, scan_params, None, tokens
   )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  want_grad = jax.grad(loss(tree, model, frozen))(params)
+  want_grad = jax.jit(jax.grad(loss(tree, model, frozen)))(params)
   got_grad = jax.jit(jax.grad(loss(s_tree, s_model, s_frozen)))(scan_params)
   np.testing.assert_allclose(
     got_grad['@shared']['compacter_adapter'].a,
@@ -262,7 +264,7 @@ def test_scanned_llama_slices_each_layer_and_shares_one_rule():
     atol=1e-6,
   )
   swapped = jax.tree.map(lambda x: x[::-1], paths.subtree(scan_params, 'layers'))
-  other = pj.adapted(s_tree, tiny_llama.logits(s_model))(
+  other = jax.jit(pj.adapted(s_tree, tiny_llama.logits(s_model)))(
     s_frozen, {**scan_params, 'layers': swapped}, None, tokens
   )
   assert np.abs(other - want).max() > 1e-3

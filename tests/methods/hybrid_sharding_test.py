@@ -1,11 +1,18 @@
 """Activation-side hybrids under data parallelism: one UniPELT + MAM train
 step on a batch sharded over 8 simulated devices (jit with a data-sharded
-batch, and pmap) equals the step on one device."""
+batch, pmap, and shard_map) equals the step on one device.
+
+shard_map runs with ``check_vma=False``: with JAX's default ``check_vma=True``
+the gradient of the replicated θ arrives already summed over devices and the
+step's ``pmean`` leaves it N× too large (the open scale-out issue; the README
+says to pass ``check_vma=False``).
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,16 +57,29 @@ def close(a, b):
   )
 
 
-def test_data_sharded_jit_and_pmap_equal_one_device():
-  assert jax.device_count() == N
-  tree, loss_fn, optimizer, frozen, state, batch = setup()
+@pytest.fixture(scope='module')
+def one_device():
+  """The setup and its step on one device: ``(setup(), state, metrics)``."""
+  parts = setup()
+  tree, loss_fn, optimizer, frozen, state, batch = parts
   step = jax.jit(pj.make_train_step(loss_fn, tree, optimizer, factored=True))
-  single, single_metrics = step(state, frozen, batch)
+  return parts, step, *step(state, frozen, batch)
+
+
+def test_data_sharded_jit_equals_one_device(one_device):
+  assert jax.device_count() == N
+  (_, _, _, frozen, state, batch), step, single, single_metrics = one_device
   mesh = jax.make_mesh((N,), ('data',), axis_types=(AxisType.Auto,))
   sharded_batch = jax.device_put(batch, NamedSharding(mesh, P('data')))
   sharded, sharded_metrics = step(state, frozen, sharded_batch)
   close(sharded.params, single.params)
   close(sharded_metrics['loss'], single_metrics['loss'])
+  assert not np.allclose(single.params['@shared']['prefix_tuning'].embedding, 0)
+
+
+def test_pmap_equals_one_device(one_device):
+  parts, _, single, single_metrics = one_device
+  tree, loss_fn, optimizer, frozen, state, batch = parts
   pmapped = jax.pmap(
     pj.make_train_step(loss_fn, tree, optimizer, axis_name='data', factored=True),
     axis_name='data',
@@ -70,4 +90,21 @@ def test_data_sharded_jit_and_pmap_equal_one_device():
   mapped, mapped_metrics = pmapped(state, frozen, per_device)
   close(mapped.params, single.params)
   close(mapped_metrics['loss'], single_metrics['loss'])
-  assert not np.allclose(single.params['@shared']['prefix_tuning'].embedding, 0)
+
+
+def test_shard_map_equals_one_device(one_device):
+  parts, _, single, single_metrics = one_device
+  tree, loss_fn, optimizer, frozen, state, batch = parts
+  mesh = jax.make_mesh((N,), ('data',), axis_types=(AxisType.Auto,))
+  step = jax.jit(
+    jax.shard_map(
+      pj.make_train_step(loss_fn, tree, optimizer, axis_name='data', factored=True),
+      mesh=mesh,
+      in_specs=(P(), P(), P('data')),
+      out_specs=(P(), P()),
+      check_vma=False,
+    )
+  )
+  mapped, mapped_metrics = step(state, frozen, batch)
+  close(mapped.params, single.params)
+  close(mapped_metrics['loss'], single_metrics['loss'])
