@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from experiments import compare, seeds, selection, sweep, tasks
+from experiments import compare, seeds, selection, sweep, tasks, train
 from experiments.configs import common, sam
+from tests import references
 from tests.experiments_test import HEAD, build_tiny
 
 CONFIG = 'experiments/configs/sam.py'
@@ -36,20 +37,42 @@ def encoder_budget(p: float) -> int:
 FALLBACK = 'ignore::peft_jax.FactoredFallbackWarning'
 
 
+def check_sam_row(row, budget):
+  assert (row['group'], row['trainable_params']) == ('sam', HEAD + budget)
+  # ‖θ − θ0‖₀ of the merged model: at most the selected entries and the head.
+  assert row['changed_params'] <= HEAD + budget
+  assert row['selection']['scorer'] == 'sam'
+
+
 @pytest.mark.filterwarnings(FALLBACK)
-def test_sam_runs_train_exactly_the_selected_entries(tmp_path, tiny_task):
-  table = sweep.run_sweep(
-    f'{CONFIG}:runlocal,p=0.1,seeds=2', str(tmp_path), only={'sam'}
-  )
+def test_sam_run_trains_exactly_the_selected_entries(tmp_path, tiny_task):
+  """One seed's run of the sweep below, through the trainer."""
+  config = common.load_config(f'{CONFIG}:runlocal,p=0.1,seeds=2,method=sam,seed=0')
+  workdir = tmp_path / 'sam_rotten_tomatoes_sam_p0.1_seed0'
+  assert config.name == workdir.name
+  check_sam_row(train.train_and_evaluate(config, str(workdir)), encoder_budget(0.1))
+  described = (workdir / 'describe.txt').read_text()
+  assert 'sparse(k=' in described and 'changed' in described.splitlines()[0]
+
+
+# The sweep's two seeds are two runs of the fast test above (each run costs
+# seconds of compiles); the seed table and figure of given rows are tested
+# below on hand-made rows.
+@pytest.mark.slow
+@pytest.mark.filterwarnings(FALLBACK)
+def test_sam_runs_train_exactly_the_selected_entries(
+  tmp_path, tmp_path_factory, tiny_task
+):
+  # The second seed's programs are the first's: loaded, not compiled again.
+  with references.compilation_cache(tmp_path_factory.mktemp('xla')):
+    table = sweep.run_sweep(
+      f'{CONFIG}:runlocal,p=0.1,seeds=2', str(tmp_path), only={'sam'}
+    )
   budget = encoder_budget(0.1)
   rows = [json.loads(p.read_text()) for p in tmp_path.glob('*/results.json')]
-  assert [(r['group'], r['trainable_params']) for r in rows] == [
-    ('sam', HEAD + budget)
-  ] * 2
+  assert len(rows) == 2
   for row in rows:
-    # ‖θ − θ0‖₀ of the merged model: at most the selected entries and the head.
-    assert row['changed_params'] <= HEAD + budget
-    assert row['selection']['scorer'] == 'sam'
+    check_sam_row(row, budget)
   assert (tmp_path / 'stability.png').stat().st_size > 10_000
   summary = (tmp_path / 'seeds.md').read_text()
   assert summary in table and '| sam | 2 |' in summary

@@ -20,6 +20,7 @@ from experiments.configs import common, rotten_tomatoes, smollm2_rotten_tomatoes
 from experiments.tasks import text_classification
 from peft_jax._src import paths
 from peft_jax.models import bert
+from tests import references
 
 CONFIG = 'experiments/configs/rotten_tomatoes.py'
 TINY = bert.BertConfig(
@@ -69,11 +70,18 @@ def tiny_task(monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def lora_run(tmp_path_factory):
+def xla_cache(tmp_path_factory):
+  """A persistent compilation cache for the module's LoRA runs: a run of the
+  same config after ``lora_run`` loads its programs instead of compiling."""
+  return tmp_path_factory.mktemp('xla')
+
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory, xla_cache):
   """``(workdir, row)`` of one finished LoRA run on the tiny task, shared by
   the tests that only read it (each run compiles its own training step)."""
   workdir = tmp_path_factory.mktemp('lora_run')
-  with pytest.MonkeyPatch.context() as patch:
+  with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
     patch.setattr(tasks, 'build', build_tiny)
     row = train.train_and_evaluate(local_config('lora'), str(workdir))
   return workdir, row
@@ -204,8 +212,13 @@ def test_run_writes_everything_and_refuses_a_different_config(
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(
-  lora_run, tmp_path, monkeypatch, tiny_task
+  lora_run, xla_cache, tmp_path, monkeypatch, tiny_task
 ):
+  with references.compilation_cache(xla_cache):
+    check_resume(lora_run, tmp_path, monkeypatch)
+
+
+def check_resume(lora_run, tmp_path, monkeypatch):
   config = local_config('lora')
   straight_dir, _ = lora_run
 

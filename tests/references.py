@@ -1,5 +1,7 @@
 """Independent computations and helpers the tests share."""
 
+import contextlib
+import functools
 import json
 import pathlib
 
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 import peft_jax as pj
 from peft_jax.models import bert, checkpoints, llama
@@ -23,22 +26,44 @@ def tiny_bert_classifier(batch: int = 2, seq: int = 5):
   """``(model, frozen, ids, mask)``: a random ``TINY_BERT`` classifier (CLS
   pooling, 2 labels) and a batch whose example 1 ends in two padded tokens."""
   model = bert.BertForSequenceClassification(TINY_BERT, num_labels=2, pooling='cls')
+  return (model, initialised(model), *tiny_bert_batch(batch, seq))
+
+
+def tiny_bert_encoder(batch: int = 2, seq: int = 5):
+  """``(model, frozen, ids, mask)``: a random ``TINY_BERT`` encoder and the
+  batch of ``tiny_bert_classifier``."""
+  model = bert.BertModel(TINY_BERT)
+  return (model, initialised(model), *tiny_bert_batch(batch, seq))
+
+
+def tiny_bert_batch(batch: int, seq: int):
+  """Random ids and a mask whose example 1 ends in two padded tokens."""
   ids = jax.random.randint(jax.random.key(0), (batch, seq), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
-  return model, frozen, ids, mask
+  return ids, jnp.ones_like(ids).at[1, -2:].set(0)
+
+
+def initialised(model, seed: int = 1):
+  """``model``'s random parameters from ``key(seed)``: initialised once per
+  process (jitted; BERT's and Llama's weights do not depend on the input's
+  shape), in new containers each call (callers may edit them)."""
+  return jax.tree.map(lambda x: x, _initialised(model, seed))
+
+
+@functools.cache
+def _initialised(model, seed: int):
+  ids = jnp.ones((1, 1), jnp.int32)
+  return jax.jit(model.init)(jax.random.key(seed), ids)['params']
 
 
 def perturb(tree, seed: int, scale: float = 0.3):
   """Every array of ``tree`` moved by ``scale · N(0, 1)`` noise (so checks are
-  not trivial at an identity init)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  moved = [
-    x + scale * jax.random.normal(k, x.shape, x.dtype)
-    for x, k in zip(leaves, keys, strict=True)
-  ]
-  return treedef.unflatten(moved)
+  not trivial at an identity init). NumPy draws the noise: an eager
+  ``jax.random.normal`` compiles a program for every new leaf shape."""
+  rng = np.random.default_rng(seed)
+  move = lambda x: jnp.asarray(
+    np.asarray(x, np.float64) + scale * rng.standard_normal(np.shape(x)), x.dtype
+  )
+  return jax.tree.map(move, tree)
 
 
 def houlsby_reference(y, params) -> np.ndarray:
@@ -61,6 +86,53 @@ def intercepting_houlsby(adapters: dict[tuple, object]):
     return y
 
   return nn.intercept_methods(interceptor)
+
+
+def sin_sum(out):
+  """A loss whose gradient weights every output entry differently."""
+  return jnp.sum(jnp.sin(out))
+
+
+def outputs_and_grad(fn, loss=sin_sum, argnums=0):
+  """``jit(args -> (fn(*args), grad of loss(fn(*args))))`` as one program.
+
+  The gradient's program computes the outputs anyway; returning them too
+  compiles one program where a jitted forward and a jitted gradient
+  compile two (compilation dominates the tests' run time)."""
+
+  def with_outputs(*args):
+    out = fn(*args)
+    return loss(out), out
+
+  grad = jax.grad(with_outputs, argnums=argnums, has_aux=True)
+  return jax.jit(lambda *args: grad(*args)[::-1])
+
+
+@contextlib.contextmanager
+def compilation_cache(path):
+  """XLA's persistent compilation cache in ``path`` for the block.
+
+  A program that a fresh closure traces again to the same computation (a
+  resumed run, another seed of the same run) loads the executable that the
+  first compile stored instead of compiling it again: the same machine code,
+  so the same results. Programs that took under 0.2 s to compile are not
+  stored. The previous settings are restored on exit."""
+  names = (
+    'jax_compilation_cache_dir',
+    'jax_persistent_cache_min_compile_time_secs',
+    'jax_persistent_cache_min_entry_size_bytes',
+  )
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  jax_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    jax_cache.reset_cache()
 
 
 def train(loss_fn, tree, frozen, params, buffers, batch, *, steps, lr, factored=False):

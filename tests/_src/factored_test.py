@@ -1,5 +1,6 @@
 """pj.adapted: the factored path equals the weight-space path, costs fewer FLOPs."""
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 import peft_jax as pj
+from tests import references
 
 SPECS = [
   'lora(rank=2, b_init="normal")',
@@ -47,11 +49,11 @@ def check_equal_paths(adapter, fn, frozen, *args):
   params = perturb(params)
   weight_space = lambda p: fn(adapter.apply(frozen, p, buffers), *args)
   fast = lambda p: pj.adapted(adapter, fn, factored=True)(frozen, p, buffers, *args)
-  # Both jitted: op-by-op dispatch of a whole model costs more than it checks.
-  np.testing.assert_allclose(
-    jax.jit(fast)(params), jax.jit(weight_space)(params), rtol=1e-5, atol=1e-5
-  )
-  loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
+  # Each path is one jitted program, its outputs and gradient together:
+  # op-by-op dispatch of a whole model costs more than it checks.
+  fast_out, fast_grad = references.outputs_and_grad(fast)(params)
+  want_out, want_grad = references.outputs_and_grad(weight_space)(params)
+  np.testing.assert_allclose(fast_out, want_out, rtol=1e-5, atol=1e-5)
   # A gradient entry sums terms as large as the leaf's largest entries, so
   # float32 round-off (which differs with XLA's fusion choices) scales with
   # the leaf: absolute tolerance 1e-5 of its largest magnitude.
@@ -59,8 +61,8 @@ def check_equal_paths(adapter, fn, frozen, *args):
     lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max()))
     ),
-    jax.jit(jax.grad(loss(fast)))(params),
-    jax.jit(jax.grad(loss(weight_space)))(params),
+    fast_grad,
+    want_grad,
   )
 
 
@@ -227,9 +229,10 @@ def test_dense_general_kernels_stay_factored_with_matrix_view(inner):
     check_equal_paths(adapter, fn, frozen, x)
 
 
-# An additive and a rescaling method; the contract test covers every method.
-@pytest.mark.parametrize('spec', ['lora(rank=2, b_init="normal")', 'dora(rank=2)'])
-def test_shipped_bert_factored_equals_weight_space(spec):
+@functools.cache
+def shipped_bert():
+  """``(model, frozen, ids, mask)``: a tiny BERT classifier, initialised
+  once (jitted) for both methods' tests."""
   from peft_jax.models import bert
 
   config = bert.BertConfig(
@@ -238,7 +241,14 @@ def test_shipped_bert_factored_equals_weight_space(spec):
   model = bert.BertForSequenceClassification(config, num_labels=3)
   ids = jax.random.randint(jax.random.key(0), (2, 6), 1, 40)
   mask = jnp.ones_like(ids).at[1, 4:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  frozen = jax.jit(model.init)(jax.random.key(1), ids, mask)['params']
+  return model, frozen, ids, mask
+
+
+# An additive and a rescaling method; the contract test covers every method.
+@pytest.mark.parametrize('spec', ['lora(rank=2, b_init="normal")', 'dora(rank=2)'])
+def test_shipped_bert_factored_equals_weight_space(spec):
+  model, frozen, ids, mask = shipped_bert()
   adapter = pj.by_rules(
     [('bert/encoder/.*/(query|key|value|output|intermediate)/kernel', spec)]
   )

@@ -19,6 +19,7 @@ generated (``tests/fixtures/make_adaption_prompt_fixture.py``, on a machine
 with torch, transformers and peft).
 """
 
+import functools
 import json
 import pathlib
 import re
@@ -173,25 +174,38 @@ def test_a_wrong_adapter_result_is_a_one_line_model_error():
   params, buffers = tree.init(
     jax.random.key(0), frozen, pj.hook_points(model, tiny_llama.ids())
   )
+  run = jax.jit(pj.adapted(tree, logits_fn(model)))  # Raised while tracing.
   with pytest.raises(
     pj.PeftError,
     match=r'returned prompt \(3, 7\) and gate \(\); expected prompt \(length, d=32\)',
   ):
-    pj.adapted(tree, logits_fn(model))(frozen, params, buffers, tiny_llama.ids())
+    run(frozen, params, buffers, tiny_llama.ids())
 
 
 # ---------------------------------------------------------------------------
 # Against HF's formula.
 
 
-@pytest.mark.parametrize('layout', sorted(tiny_llama.LAYOUTS))
-def test_adapted_llama_equals_hf_branch_added_by_interception(layout):
+@functools.cache
+def both_layers_reference() -> tuple[list[AdaptionPromptParams], np.ndarray]:
+  """``(per-layer parameters, the reference's logits with them)``: computed
+  once (eagerly, by interception) for every layout's test."""
   per_layer = [random_params(1), random_params(2)]
   unrolled, frozen_unrolled = tiny_llama.tiny('unrolled')
-  ids = tiny_llama.ids()
   want = reference_logits(
-    unrolled, frozen_unrolled, ids, {'layers_0': per_layer[0], 'layers_1': per_layer[1]}
+    unrolled,
+    frozen_unrolled,
+    tiny_llama.ids(),
+    {'layers_0': per_layer[0], 'layers_1': per_layer[1]},
   )
+  return per_layer, want
+
+
+@pytest.mark.parametrize('layout', sorted(tiny_llama.LAYOUTS))
+def test_adapted_llama_equals_hf_branch_added_by_interception(layout):
+  per_layer, want = both_layers_reference()
+  unrolled, frozen_unrolled = tiny_llama.tiny('unrolled')
+  ids = tiny_llama.ids()
   model, frozen, tree, params, buffers = adapted_setup(layout)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
     jnp.shape, laid_out(per_layer, layout)
@@ -330,12 +344,12 @@ def test_generate_is_greedy_decoding_of_the_adapted_model():
   prompt, new = tiny_llama.ids((tiny_llama.B, 3), seed=3), 4
   generate = lambda w, ids: llama.generate(model, w, ids, new)
   tokens = pj.adapted(tree, generate)(frozen, params, buffers, prompt)
-  forward = jax.jit(pj.adapted(tree, logits_fn(model)))
-  seq = prompt
-  for j in range(new):
-    greedy = np.argmax(forward(frozen, params, buffers, seq)[:, -1], axis=-1)
-    np.testing.assert_array_equal(tokens[:, j], greedy)
-    seq = np.concatenate([seq, greedy[:, None].astype(np.int32)], axis=1)
+  # The model is causal: one full pass over the prompt and the generated
+  # tokens gives the logits after each prefix (one compile, not one a length).
+  seq = np.concatenate([prompt, np.asarray(tokens, np.int32)], axis=1)
+  out = jax.jit(pj.adapted(tree, logits_fn(model)))(frozen, params, buffers, seq)
+  greedy = np.argmax(out[:, prompt.shape[1] - 1 : -1], axis=-1)
+  np.testing.assert_array_equal(tokens, greedy)
 
 
 # ---------------------------------------------------------------------------

@@ -190,8 +190,12 @@ def test_shared_rule_gets_the_summed_gradient_of_every_point():
   params, buffers = tree.init(jax.random.key(5), frozen, hooks)
   params = references.perturb(params, 6)
   loss_of = lambda logits: jnp.sum(jnp.sin(3 * logits))
-  got = jax.grad(
-    lambda p: loss_of(pj.adapted(tree, logits_fn(model))(frozen, p, buffers, ids, mask))
+  got = jax.jit(
+    jax.grad(
+      lambda p: loss_of(
+        pj.adapted(tree, logits_fn(model))(frozen, p, buffers, ids, mask)
+      )
+    )
   )(params)
 
   def per_point_loss(rules, factors):
@@ -201,7 +205,7 @@ def test_shared_rule_gets_the_summed_gradient_of_every_point():
 
   factors = dense_sites(params)
   a = params['@shared']['compacter_adapter'].a
-  rule_grads, factor_grads = jax.grad(per_point_loss, argnums=(0, 1))(
+  rule_grads, factor_grads = jax.jit(jax.grad(per_point_loss, argnums=(0, 1)))(
     {path: a for path in factors}, factors
   )
   assert len(rule_grads) == 2 * L
@@ -244,19 +248,14 @@ def test_scanned_llama_slices_each_layer_and_shares_one_rule():
   assert s_init['@shared']['compacter_adapter'].a.shape == (4, 4, 4)
   assert paths.subtree(s_init, 'layers/mlp/ffn_output').down_s.shape == (L, 4, 8, 1)
 
-  def loss(tree, model, frozen):
+  def logits_and_grad(tree, model, frozen):
     run = pj.adapted(tree, tiny_llama.logits(model))
-    return lambda p: jnp.sum(jnp.sin(run(frozen, p, None, tokens)))
+    return references.outputs_and_grad(lambda p: run(frozen, p, None, tokens))
 
-  want = jax.jit(pj.adapted(tree, tiny_llama.logits(model)))(
-    frozen, params, None, tokens
-  )
-  got = jax.jit(pj.adapted(s_tree, tiny_llama.logits(s_model)))(
-    s_frozen, scan_params, None, tokens
-  )
+  want, want_grad = logits_and_grad(tree, model, frozen)(params)
+  scanned = logits_and_grad(s_tree, s_model, s_frozen)
+  got, got_grad = scanned(scan_params)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  want_grad = jax.jit(jax.grad(loss(tree, model, frozen)))(params)
-  got_grad = jax.jit(jax.grad(loss(s_tree, s_model, s_frozen)))(scan_params)
   np.testing.assert_allclose(
     got_grad['@shared']['compacter_adapter'].a,
     want_grad['@shared']['compacter_adapter'].a,
@@ -264,9 +263,7 @@ def test_scanned_llama_slices_each_layer_and_shares_one_rule():
     atol=1e-6,
   )
   swapped = jax.tree.map(lambda x: x[::-1], paths.subtree(scan_params, 'layers'))
-  other = jax.jit(pj.adapted(s_tree, tiny_llama.logits(s_model)))(
-    s_frozen, {**scan_params, 'layers': swapped}, None, tokens
-  )
+  other, _ = scanned({**scan_params, 'layers': swapped})
   assert np.abs(other - want).max() > 1e-3
 
 

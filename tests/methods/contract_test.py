@@ -11,6 +11,7 @@ as on one device, and, where it has a regulariser, return finite non-negative
 per-matrix terms that the tree combines.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -389,10 +390,11 @@ def test_new_parameter_values_do_not_retrace(name):
 @pytest.mark.parametrize('name', REGULARIZED)
 def test_regulariser_terms_are_finite_non_negative_and_combined(name):
   s = setup(name)
-  terms = jax.jit(s.adapter.regularizer)(s.w, s.params, s.buffers)
+  terms, grads = jax.jit(
+    jax.value_and_grad(lambda p: s.adapter.regularizer(s.w, p, s.buffers))
+  )(s.params)
   assert terms.shape == () and terms.dtype == jnp.float32
   assert np.isfinite(terms) and terms >= 0
-  grads = jax.grad(lambda p: s.adapter.regularizer(s.w, p, s.buffers))(s.params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
   # Two leaves, one stacked over 2 layers: 3 matrices; 'mean' averages them.
@@ -554,14 +556,20 @@ POINTS = {
 }
 
 
+@functools.cache
+def hooked_model():
+  """``(model, ids, frozen, hooks)``: one init for every method's test."""
+  model = HookedModel()
+  ids = jnp.arange(10).reshape(2, 5)
+  frozen = jax.jit(model.init)(jax.random.key(0), ids)['params']
+  return model, ids, frozen, pj.hook_points(model, ids)
+
+
 @pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
 def test_activation_methods_run_through_by_rules_on_a_scanned_model(name):
   spec = ACTIVATION_CASES[name][0]
   point = POINTS.get(name, 'layers/output')
-  model = HookedModel()
-  ids = jnp.arange(10).reshape(2, 5)
-  frozen = model.init(jax.random.key(0), ids)['params']
-  hooks = pj.hook_points(model, ids)
+  model, ids, frozen, hooks = hooked_model()
   assert hooks['layers/output'].stack == (2,)
   tree = pj.by_rules([(point, spec)])
   params, buffers = tree.init(jax.random.key(1), frozen, hooks)

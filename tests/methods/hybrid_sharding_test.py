@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
 from peft_jax.models import bert
+from tests import references
 from tests.methods.prefix_tuning_test import CONFIG
 
 N = 8
@@ -33,7 +34,7 @@ def setup():
   model = bert.BertModel(CONFIG)
   ids = jax.random.randint(jax.random.key(0), (N, 5), 1, 50)
   mask = jnp.ones_like(ids).at[::2, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  frozen = references.initialised(model)  # Cached: the weights of key(1).
   tree = pj.by_rules(RULES)
   params, buffers = tree.init(
     jax.random.key(2), frozen, pj.hook_points(model, ids, mask)

@@ -14,7 +14,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods.ia3_activations import Ia3FfnParams, Ia3KvParams
-from peft_jax.models import bert, llama
+from peft_jax.models import bert
 from tests import references
 from tests.models import llama_hooks_test as tiny_llama
 
@@ -166,7 +166,6 @@ def test_bert_logits_equal_the_model_on_scaled_kernels():
 # ---------------------------------------------------------------------------
 # Llama under nn.scan: keys after RoPE, no biases, GQA, SwiGLU.
 
-LLAMA_CONFIG = tiny_llama.CONFIG.replace(scan_layers=True)
 L, KV, LHD, LFF = 2, 2, 8, 48
 
 
@@ -174,9 +173,8 @@ def test_llama_scan_logits_equal_the_model_on_scaled_kernels():
   """RoPE rotates dimension pairs (i, i + d_h/2) of each head, so ``l_k``
   equal on each pair commutes with it and folds into ``W_k``; one that is
   not does not (the keys are scaled after RoPE)."""
-  model = llama.LlamaForCausalLM(LLAMA_CONFIG)
+  model, frozen = tiny_llama.tiny('scan')  # The shared tiny Llama, scanned.
   tokens = np.random.default_rng(0).integers(0, 53, (B, 6)).astype(np.int32)
-  frozen = model.init(jax.random.key(0), tokens)['params']
   hooks = pj.hook_points(model, tokens)
   tree = pj.by_rules([KV_RULE, FFN_RULE])
   params, buffers = tree.init(jax.random.key(1), frozen, hooks)
@@ -203,17 +201,19 @@ def test_llama_scan_logits_equal_the_model_on_scaled_kernels():
     return weights
 
   logits = lambda w, tokens: model.apply({'params': w}, tokens)
-  want = logits(scaled_kernels(params['layers']['self_attn']['attention_kv']), tokens)
-  for factored in (False, True):
-    got = jax.jit(pj.adapted(tree, logits, factored=factored))(
-      frozen, params, buffers, tokens
-    )
+  # One compiled program each for the plain model and the adapted one; the
+  # untied check below reuses both.
+  plain = jax.jit(logits)
+  runs = {f: jax.jit(pj.adapted(tree, logits, factored=f)) for f in (False, True)}
+  want = plain(scaled_kernels(params['layers']['self_attn']['attention_kv']), tokens)
+  for run in runs.values():
+    got = run(frozen, params, buffers, tokens)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   kv = params['layers']['self_attn']['attention_kv']
   untied = kv._replace(l_k=kv.l_k.at[..., 0].multiply(2.0))
   params['layers']['self_attn']['attention_kv'] = untied
-  got = pj.adapted(tree, logits)(frozen, params, buffers, tokens)
-  assert np.abs(np.asarray(got - logits(scaled_kernels(untied), tokens))).max() > 1e-3
+  got = runs[False](frozen, params, buffers, tokens)
+  assert np.abs(np.asarray(got - plain(scaled_kernels(untied), tokens))).max() > 1e-3
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from peft_jax.methods.p_tuning import (
   encode,
 )
 from peft_jax.methods.prompt_tuning import PromptParams
-from peft_jax.models import bert
 from tests import references
 
 B, S, L, D, H = 2, 5, 4, 6, 4  # 2h ≠ d: the LSTM layers' inputs differ
@@ -139,11 +138,7 @@ def test_prompt_is_prepended_and_the_mask_extended(spec, dtype):
 def test_tiny_bert_equals_prompt_tuning_with_the_numpy_prompt(encoder):
   """The adapted BERT equals BERT with the NumPy encoder's output as a flat
   ``prompt_tuning`` prompt (tested against feeding tokens in hooks_test)."""
-  config = references.TINY_BERT
-  model = bert.BertModel(config)
-  ids = jax.random.randint(jax.random.key(0), (B, S), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  model, frozen, ids, mask = references.tiny_bert_encoder(B, S)
   hooks = pj.hook_points(model, ids, mask)
   hidden = lambda w, ids, mask: model.apply({'params': w}, ids, mask)
   point = 'embeddings/input_embeddings'
@@ -195,7 +190,8 @@ def test_init_is_torch_default():
   d, h = 64, 48
   x = jax.ShapeDtypeStruct((1, 1, d), jnp.float32)
   spec = f"p_tuning(length=50, encoder='lstm', hidden={h})"
-  params, _ = pj.get(spec).init(jax.random.key(0), (x, None))
+  # Jitted: one compile, not one random draw's compile per leaf shape.
+  params = jax.jit(lambda key: pj.get(spec).init(key, (x, None))[0])(jax.random.key(0))
 
   def assert_uniform(a, bound):
     a = np.asarray(a)
@@ -214,7 +210,8 @@ def test_init_is_torch_default():
   leaves = jax.tree.leaves(params)
   assert len({np.asarray(a).ravel()[0] for a in leaves}) == len(leaves)  # own keys
   bf16 = pj.p_tuning(encoder='lstm', param_dtype='bfloat16')
-  dtypes = {a.dtype for a in jax.tree.leaves(bf16.init(jax.random.key(0), (x, None)))}
+  init = jax.eval_shape(lambda key: bf16.init(key, (x, None)), jax.random.key(0))
+  dtypes = {a.dtype for a in jax.tree.leaves(init)}
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 

@@ -3,6 +3,8 @@ BERT (tests/bert_reference.py) with the prefix written from the formula; the
 shared copy's gradient against the chain rule through a hand-written MLP;
 per-layer slicing under ``nn.scan`` on the Llama decoder."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,6 @@ import pytest
 import peft_jax as pj
 from peft_jax._src.gating import Gated
 from peft_jax.methods.prefix_tuning import PrefixHead, PrefixMlp, PrefixParams
-from peft_jax.models import bert
 from tests import bert_reference, references
 from tests.models import llama_hooks_test as tiny_llama
 
@@ -21,13 +22,15 @@ KV = '.*/attention_kv'
 
 
 def setup():
-  model = bert.BertModel(CONFIG)
-  ids = jax.random.randint(jax.random.key(0), (B, T), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
-  hooks = pj.hook_points(model, ids, mask)
+  model, frozen, ids, mask = references.tiny_bert_encoder(B, T)
   hidden = lambda w, ids, mask: model.apply({'params': w}, ids, mask)
-  return frozen, hooks, hidden, ids, mask
+  return frozen, dict(encoder_hooks()), hidden, ids, mask
+
+
+@functools.cache
+def encoder_hooks():
+  model, _, ids, mask = references.tiny_bert_encoder(B, T)
+  return pj.hook_points(model, ids, mask)
 
 
 def layer(params, i):
@@ -119,11 +122,11 @@ def test_shared_gradient_is_the_chain_rule_through_every_layer():
       f'layer_{i}': {'attention': {'attention_kv': p}} for i, p in enumerate(prefixes)
     }
   }
-  flat_grads = jax.grad(loss(flat))(flat_params)
+  flat_grads = jax.jit(jax.grad(loss(flat)))(flat_params)
   want_shared, want_heads = pullback(
     [layer(flat_grads, i) for i in range(CONFIG.num_layers)]
   )
-  got = jax.grad(loss(mlp))(params)
+  got = jax.jit(jax.grad(loss(mlp)))(params)
   for g, w in zip(
     jax.tree.leaves(got['@shared']['prefix_tuning']),
     jax.tree.leaves(want_shared),
@@ -163,12 +166,11 @@ def test_scanned_llama_slices_each_layer_and_shares_one_mlp(spec):
   s_tree, s_model, s_frozen, s_init, _ = runs['scan_remat']
   assert jax.tree.map(jnp.shape, s_init) == jax.tree.map(jnp.shape, scan_params)
   want = pj.adapted(tree, tiny_llama.logits(model))(frozen, params, None, tokens)
-  got = jax.jit(pj.adapted(s_tree, tiny_llama.logits(s_model)))(
-    s_frozen, scan_params, None, tokens
-  )
+  scanned = jax.jit(pj.adapted(s_tree, tiny_llama.logits(s_model)))
+  got = scanned(s_frozen, scan_params, None, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   swapped = jax.tree.map(lambda x: x[::-1], stacked)  # layer 1's prefix in layer 0
-  other = pj.adapted(s_tree, tiny_llama.logits(s_model))(
+  other = scanned(
     s_frozen,
     {**scan_params, 'layers': {'self_attn': {'attention_kv': swapped}}},
     None,

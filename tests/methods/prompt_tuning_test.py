@@ -108,11 +108,7 @@ def test_bad_inputs_raise_one_line_errors(call, match):
 
 def test_text_prompt_equals_feeding_the_repeated_text_in_front():
   """The docstring's recipe: replace the init's params by the text prompt."""
-  config = references.TINY_BERT
-  model = bert.BertModel(config)
-  ids = jax.random.randint(jax.random.key(0), (2, 5), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  model, frozen, ids, mask = references.tiny_bert_encoder(2, 5)
   hidden = lambda w, ids, mask: model.apply({'params': w}, ids, mask)
   point = 'embeddings/input_embeddings'
   tree = pj.by_rules([(point, 'prompt_tuning(length=5)')])

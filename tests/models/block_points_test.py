@@ -13,6 +13,8 @@ the two agree shows the points pass the right ``x`` and that the model uses
 the returned ``h'`` in the right place.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -107,7 +109,7 @@ def test_scaled_parallel_at_encoder_blocks_equals_an_interception(name):
   model, prefix, points = ENCODERS[name]
   ids = jax.random.randint(jax.random.key(0), (2, 5), 1, 50)
   mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  frozen = references.initialised(model)  # Cached: the weights of key(1).
   hooks = pj.hook_points(model, ids, mask)
   tree = pj.by_rules([(BLOCKS, SPEC)])
   params, buffers = tree.init(jax.random.key(2), frozen, hooks)
@@ -172,8 +174,10 @@ def laid_out(per_point: dict, layout: str) -> dict:
   return paths.nest(flat)
 
 
-@pytest.mark.parametrize('layout', sorted(tiny_llama.LAYOUTS))
-def test_scaled_parallel_at_llama_blocks_equals_an_interception(layout):
+@functools.cache
+def llama_intercepted() -> tuple[dict, np.ndarray]:
+  """``(per-point, per-layer parameters, the unrolled Llama's logits with the
+  reference added by interception)``: once (eagerly) for every layout."""
   per_point = per_layer_params(20)
   sites = {
     (f'layers_{i}', *writer.split('/')): (
@@ -186,7 +190,12 @@ def test_scaled_parallel_at_llama_blocks_equals_an_interception(layout):
   unrolled, frozen_unrolled = tiny_llama.tiny('unrolled')
   with intercepting_parallel(sites, scale=None):
     want = unrolled.apply({'params': frozen_unrolled}, tiny_llama.ids())
+  return per_point, want
 
+
+@pytest.mark.parametrize('layout', sorted(tiny_llama.LAYOUTS))
+def test_scaled_parallel_at_llama_blocks_equals_an_interception(layout):
+  per_point, want = llama_intercepted()
   model, frozen = tiny_llama.tiny(layout)
   tree = pj.by_rules([(BLOCKS, LEARNED)])
   params, buffers = tree.init(
@@ -199,17 +208,14 @@ def test_scaled_parallel_at_llama_blocks_equals_an_interception(layout):
     assert block.down == (2, 32, 8) and block.scale == (2,)
   params = laid_out(per_point, layout)
   run = lambda w, ids: model.apply({'params': w}, ids)
-  for factored in (False, True):
-    got = jax.jit(pj.adapted(tree, run, factored=factored))(
-      frozen, params, buffers, tiny_llama.ids()
-    )
+  runs = {f: jax.jit(pj.adapted(tree, run, factored=f)) for f in (False, True)}
+  for adapted in runs.values():
+    got = adapted(frozen, params, buffers, tiny_llama.ids())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
   # Layer 1 gets its own parameters: layer 0's in both layers differ.
   layer_0 = {point: [layers[0]] * 2 for point, layers in per_point.items()}
-  same = pj.adapted(tree, run)(
-    frozen, laid_out(layer_0, layout), buffers, tiny_llama.ids()
-  )
+  same = runs[False](frozen, laid_out(layer_0, layout), buffers, tiny_llama.ids())
   assert np.abs(np.asarray(same - got)).max() > 1e-3
 
 

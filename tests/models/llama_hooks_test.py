@@ -43,11 +43,18 @@ HOULSBY = 'houlsby(reduction_factor=4)'
 
 
 @functools.cache
-def tiny(layout='unrolled'):
-  """(model, params) of a tiny random GQA Llama; one init for all layouts."""
-  params = llama.LlamaForCausalLM(CONFIG).init(
+def unrolled_params():
+  """The tiny Llama's random parameters, initialised once per process
+  (jitted: one compile instead of an op-by-op forward pass)."""
+  return jax.jit(llama.LlamaForCausalLM(CONFIG).init)(
     jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
   )['params']
+
+
+@functools.cache
+def tiny(layout='unrolled'):
+  """(model, params) of a tiny random GQA Llama; one init for all layouts."""
+  params = unrolled_params()
   config = CONFIG.replace(**LAYOUTS[layout])
   if config.scan_layers:
     params = llama.stack_layers(params)
@@ -61,6 +68,15 @@ def ids(shape=(B, T), seed=0):
 
 def logits(model, **kwargs):
   return lambda w, tokens: model.apply({'params': w}, tokens, **kwargs)
+
+
+@functools.cache
+def forward(model):
+  """The plain model's logits as one jitted function per model: the tests'
+  references share its compiled programs (one per input shapes)."""
+  return jax.jit(
+    lambda w, tokens, **kwargs: model.apply({'params': w}, tokens, **kwargs)
+  )
 
 
 def layer_names(layout):
@@ -125,9 +141,9 @@ def test_prompt_of_token_embeddings_equals_feeding_those_tokens(layout):
   model, frozen, tree, params, buffers = prompted(layout, prompt)
   tokens = ids()
   full = np.concatenate([np.broadcast_to(prefix, (B, P)), tokens], axis=1)
-  want = logits(model)(frozen, full)[:, P:]
+  want = forward(model)(frozen, full)[:, P:]
   for factored in (False, True):
-    got = pj.adapted(tree, logits(model), factored=factored)(
+    got = jax.jit(pj.adapted(tree, logits(model), factored=factored))(
       frozen, params, buffers, tokens
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -144,9 +160,9 @@ def test_prompt_of_token_embeddings_equals_feeding_those_tokens(layout):
   fn = lambda w, t: model.apply(
     {'params': w}, t, attention_mask=mask, positions=positions
   )
-  got = pj.adapted(tree, fn)(frozen, params, buffers, tokens)
-  want = model.apply(
-    {'params': frozen}, full, attention_mask=full_mask, positions=full_positions
+  got = jax.jit(pj.adapted(tree, fn))(frozen, params, buffers, tokens)
+  want = forward(model)(
+    frozen, full, attention_mask=full_mask, positions=full_positions
   )
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], want[:, P:][real], rtol=1e-5, atol=1e-5)
@@ -165,7 +181,7 @@ def test_trainable_prompt_is_differentiable_and_changes_the_logits(layout):
   assert out.shape == (B, T, CONFIG.vocab_size) and np.isfinite(value)
   g = grad['input_embeddings'].prompt
   assert g.shape == (P, D) and np.all(np.isfinite(g)) and np.abs(g).min() > 0
-  assert np.abs(out - logits(model)(frozen, ids())).max() > 1e-3
+  assert np.abs(out - forward(model)(frozen, ids())).max() > 1e-3
 
 
 def decode_step_by_step(step, frozen, params, buffers, tokens, cache, first=2):
@@ -196,7 +212,7 @@ def test_prompt_tuning_decodes_through_the_cache_as_the_full_pass(layout):
     params = references.perturb(params, 6, scale=1.0)
     run = lambda w, t, m: model.apply({'params': w}, t, attention_mask=m)
     full = jax.jit(pj.adapted(tree, run))(frozen, params, buffers, tokens, mask)
-    plain = run(frozen, tokens, mask)
+    plain = forward(model)(frozen, tokens, attention_mask=mask)
     assert np.abs(np.asarray(full - plain)).max() > 1e-3  # the prompt matters
     step = jax.jit(
       pj.adapted(
@@ -219,12 +235,12 @@ def test_generate_with_a_prompt_is_greedy_decoding_of_the_full_pass():
   tokens = pj.adapted(tree, lambda w, t: llama.generate(model, w, t, new))(
     frozen, params, buffers, prompt
   )
-  forward = jax.jit(pj.adapted(tree, logits(model)))
-  seq = prompt
-  for j in range(new):
-    greedy = np.argmax(forward(frozen, params, buffers, seq)[:, -1], axis=-1)
-    np.testing.assert_array_equal(tokens[:, j], greedy)
-    seq = np.concatenate([seq, greedy[:, None].astype(np.int32)], axis=1)
+  # The model is causal: one full pass over the prompt and the generated
+  # tokens gives the logits after each prefix (one compile, not one a length).
+  seq = np.concatenate([prompt, np.asarray(tokens, np.int32)], axis=1)
+  out = jax.jit(pj.adapted(tree, logits(model)))(frozen, params, buffers, seq)
+  greedy = np.argmax(out[:, prompt.shape[1] - 1 : -1], axis=-1)
+  np.testing.assert_array_equal(tokens, greedy)
 
 
 def test_a_mask_that_misses_the_cache_slots_is_a_clear_error():
@@ -245,8 +261,8 @@ def test_prefix_tuning_decodes_through_the_cache_as_the_full_pass(layout):
   tree = pj.by_rules([('.*/attention_kv', 'prefix_tuning(length=3, bottleneck=4)')])
   params, buffers = tree.init(jax.random.key(5), frozen, pj.hook_points(model, tokens))
   params = references.perturb(params, 6, scale=1.0)
-  full = pj.adapted(tree, logits(model))(frozen, params, buffers, tokens)
-  plain = logits(model)(frozen, tokens)
+  full = jax.jit(pj.adapted(tree, logits(model)))(frozen, params, buffers, tokens)
+  plain = forward(model)(frozen, tokens)
   assert np.abs(np.asarray(full - plain)).max() > 1e-3  # the prefix matters
   step = jax.jit(
     pj.adapted(tree, lambda w, t, cache: model.apply({'params': w}, t, cache=cache))
@@ -290,6 +306,14 @@ class LayerIndex(NamedTuple):
   index: jax.Array
 
 
+@functools.cache
+def captured_prefix() -> tuple[np.ndarray, list[PrefixParams]]:
+  """``(prefix, its keys and values per layer)``, captured once per process
+  (both layouts' tests use the same prefix)."""
+  prefix = ids((1, P), seed=7)
+  return prefix, captured_keys_values(prefix)
+
+
 def captured_keys_values(tokens) -> list[PrefixParams]:
   """The keys and values every layer computes for ``tokens: (1, p)``, read
   eagerly by an identity adapter whose buffers name its layer."""
@@ -314,8 +338,7 @@ def captured_keys_values(tokens) -> list[PrefixParams]:
 # scan_remat covers scan's per-layer slicing, inside remat as well.
 @pytest.mark.parametrize('layout', ['unrolled', 'scan_remat'])
 def test_prefix_of_captured_keys_values_equals_feeding_those_tokens(layout):
-  prefix = ids((1, P), seed=7)
-  per_layer = captured_keys_values(prefix)
+  prefix, per_layer = captured_prefix()
   assert not np.allclose(per_layer[0].keys, per_layer[1].keys)
   model, frozen = tiny(layout)
   tree = pj.by_rules([('.*attention_kv', prefix_adapter())])
@@ -334,16 +357,15 @@ def test_prefix_of_captured_keys_values_equals_feeding_those_tokens(layout):
   )
   full = np.concatenate([np.repeat(prefix, B, axis=0), tokens], axis=1)
   full_mask = np.concatenate([np.ones((B, P), np.int32), mask], axis=1)
-  want = model.apply({'params': frozen}, full, attention_mask=full_mask)[:, P:]
+  want = forward(model)(frozen, full, attention_mask=full_mask)[:, P:]
   real = mask.astype(bool)
-  for factored in (False, True):
-    got = jax.jit(pj.adapted(tree, fn, factored=factored))(
-      frozen, params, buffers, tokens
-    )
-    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
-
-  loss = lambda p: jnp.sum(jnp.sin(pj.adapted(tree, fn)(frozen, p, buffers, tokens)))
-  grads = jax.jit(jax.grad(loss))(params)
+  # The weight-space path's logits come with its gradient (one program).
+  got, grads = references.outputs_and_grad(
+    lambda p: pj.adapted(tree, fn)(frozen, p, buffers, tokens)
+  )(params)
+  np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+  got = jax.jit(pj.adapted(tree, fn, factored=True))(frozen, params, buffers, tokens)
+  np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
   assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
@@ -358,8 +380,11 @@ def random_houlsby(seed):
   return references.perturb(params, seed + 100, scale=0.2)
 
 
-@pytest.mark.parametrize('layout', ['unrolled', 'scan_remat'])
-def test_houlsby_adapters_equal_a_hand_written_interception(layout):
+@functools.cache
+def houlsby_intercepted() -> tuple[dict, np.ndarray]:
+  """``(Houlsby parameters per point and layer, the unrolled model's logits
+  with them added by interception)``: computed once, eagerly, for both
+  layouts' tests."""
   sites = {
     'self_attn/attention_output': 'self_attn/o_proj',
     'mlp/ffn_output': 'mlp/down_proj',
@@ -376,7 +401,12 @@ def test_houlsby_adapters_equal_a_hand_written_interception(layout):
   }
   with references.intercepting_houlsby(dense_adapters):
     want = model_unrolled.apply({'params': frozen_unrolled}, ids())
+  return per_site, want
 
+
+@pytest.mark.parametrize('layout', ['unrolled', 'scan_remat'])
+def test_houlsby_adapters_equal_a_hand_written_interception(layout):
+  per_site, want = houlsby_intercepted()
   model, frozen = tiny(layout)
   hooks = pj.hook_points(model, ids())
   tree = pj.by_rules([('.*(attention_output|ffn_output)', HOULSBY)])
@@ -425,10 +455,9 @@ def test_factored_equals_weight_space_outputs_and_gradients(layout, lora_rule):
   fast = lambda p: pj.adapted(tree, fn, factored=True)(frozen, p, buffers, tokens)
   with warnings.catch_warnings():
     warnings.simplefilter('error', pj.FactoredFallbackWarning)
-    out = jax.jit(fast)(params)
-    fast_grad = jax.jit(jax.grad(lambda p: loss(fast(p))))(params)
-  np.testing.assert_allclose(out, jax.jit(weight_space)(params), rtol=1e-5, atol=1e-5)
-  slow_grad = jax.jit(jax.grad(lambda p: loss(weight_space(p))))(params)
+    out, fast_grad = references.outputs_and_grad(fast, loss)(params)
+  slow_out, slow_grad = references.outputs_and_grad(weight_space, loss)(params)
+  np.testing.assert_allclose(out, slow_out, rtol=1e-5, atol=1e-5)
   assert jax.tree.structure(fast_grad) == jax.tree.structure(slow_grad)
   n_layers = 1 if LAYOUTS[layout] else 2
   assert len(jax.tree.leaves(fast_grad)) == 7 * 2 * n_layers + 1 + 4 * n_layers
