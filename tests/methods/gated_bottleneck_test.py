@@ -14,7 +14,6 @@ import pytest
 
 import peft_jax as pj
 from peft_jax._src.bottleneck import BottleneckParams, GatedBottleneckParams
-from peft_jax.models import bert
 from tests import references
 
 B, S, D = 2, 5, 24
@@ -150,10 +149,7 @@ def intercepting_gated(adapters: dict[tuple, GatedBottleneckParams]):
 
 
 def test_gated_pfeiffer_on_bert_equals_a_hand_written_interception():
-  model = bert.BertForSequenceClassification(CONFIG, num_labels=2, pooling='cls')
-  ids = jax.random.randint(jax.random.key(0), (2, 5), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
+  model, frozen, ids, mask = references.tiny_bert_classifier(2, 5)
   hooks = pj.hook_points(model, ids, mask)
   tree = pj.by_rules([('.*/ffn_output', 'pfeiffer(reduction_factor=4, gated=True)')])
   params, buffers = tree.init(jax.random.key(2), frozen, hooks)

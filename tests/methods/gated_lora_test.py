@@ -13,7 +13,6 @@ import pytest
 
 import peft_jax as pj
 from peft_jax.methods.gated_lora import GatedLoraParams, gated_lora
-from peft_jax.models import bert
 from tests import references
 
 D_IN, D_OUT, RANK = 9, 6, 3
@@ -168,11 +167,7 @@ QV_RULE = ('.*/attention/(query|value)/kernel', 'gated_lora(rank=2)')
 
 
 def bert_setup():
-  model = bert.BertForSequenceClassification(CONFIG, num_labels=2, pooling='cls')
-  ids = jax.random.randint(jax.random.key(0), (2, 5), 1, 50)
-  mask = jnp.ones_like(ids).at[1, -2:].set(0)
-  frozen = model.init(jax.random.key(1), ids, mask)['params']
-  return model, frozen, ids, mask
+  return references.tiny_bert_classifier(2, 5)
 
 
 def intercepting_gated_lora(adapters: dict[tuple, GatedLoraParams]):

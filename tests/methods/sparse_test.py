@@ -153,9 +153,9 @@ def test_p_sparse_file_of_a_half_percent_minilm_mask_is_small_and_exact(tmp_path
     {n: jax.ShapeDtypeStruct(s, jnp.float32) for n, s in shapes.items()}
   )
   adapter = pj.by_rules(pj.sparse_rules(paths.nest(mask)))
-  params, buffers = adapter.init(jax.random.key(0), frozen)
+  params, buffers = jax.jit(lambda key: adapter.init(key, frozen))(jax.random.key(0))
   params = jax.tree.map(
-    lambda v: jnp.asarray(rng.normal(size=v.shape), v.dtype), params
+    lambda v: jnp.asarray(rng.normal(size=v.shape).astype(v.dtype)), params
   )
   path = tmp_path / 'sparse.safetensors'
   pj.save_adapter(str(path), params, buffers, {'p': 0.005})
