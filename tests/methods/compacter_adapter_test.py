@@ -234,7 +234,8 @@ def test_scanned_llama_slices_each_layer_and_shares_one_rule():
     model, frozen = tiny_llama.tiny(layout)
     hooks = pj.hook_points(model, tokens)
     tree = pj.by_rules(rules)
-    params, _ = tree.init(jax.random.key(7), frozen, hooks)
+    # The scanned layout's init only shows its shapes: traced, not run.
+    params, _ = tiny_llama.init(tree, frozen, hooks, 7, run=layout == 'unrolled')
     runs[layout] = (tree, model, frozen, params)
   tree, model, frozen, params = runs['unrolled']
   params = references.perturb(params, 8)

@@ -154,7 +154,8 @@ def test_scanned_llama_slices_each_layer_and_shares_one_mlp(spec):
     model, frozen = tiny_llama.tiny(layout)
     hooks = pj.hook_points(model, tokens)
     tree = pj.by_rules(rules)
-    params, buffers = tree.init(jax.random.key(7), frozen, hooks)
+    # The scanned layout's init only shows its shapes: traced, not run.
+    params, buffers = tiny_llama.init(tree, frozen, hooks, 7, run=layout == 'unrolled')
     runs[layout] = (tree, model, frozen, params, buffers)
   tree, model, frozen, params, _ = runs['unrolled']
   params = references.perturb(params, 8)

@@ -79,6 +79,13 @@ def forward(model):
   )
 
 
+def init(tree, frozen, hooks, seed: int, run: bool = True):
+  """``tree.init(key(seed), frozen, hooks)``; with ``run=False`` only its
+  shapes and dtypes (``jax.eval_shape``: traced, nothing computed)."""
+  fn = lambda key: tree.init(key, frozen, hooks)
+  return fn(jax.random.key(seed)) if run else jax.eval_shape(fn, jax.random.key(seed))
+
+
 def layer_names(layout):
   return ['layers'] if LAYOUTS[layout] else ['layers_0', 'layers_1']
 

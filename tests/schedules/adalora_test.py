@@ -296,9 +296,9 @@ def test_wrapped_adalora_is_governed_like_plain_leaves(kind):
   plain = pj.by_rules([('(w0|w1|w2)/kernel', spec), *others])
   wrap = wrapped(kind, spec, frozen, GOVERNED, others)
   params0, buffers = plain.init(jax.random.key(0), frozen)
-  jax.tree.map(
+  jax.tree.map(  # The shapes of the init (traced, not run).
     lambda x, y: np.testing.assert_array_equal(x.shape, y.shape),
-    wrap.adapter.init(jax.random.key(0), wrap.frozen)[0],
+    jax.eval_shape(wrap.adapter.init, jax.random.key(0), wrap.frozen)[0],
     wrap.to(params0),
   )
   schedules = [

@@ -179,12 +179,11 @@ def test_each_layer_keeps_its_own_top_k_however_the_method_is_wrapped(kind):
   others = [('other/kernel', 'lora(rank=2)')]
   adapter, wrapped_frozen, to, back = wrapped(kind, SPEC, frozen, names, others)
   schedule = diff_pruning_schedule(adapter, burn_in_steps=3)
-  wrapped_params = adapter.init(jax.random.key(0), wrapped_frozen)[0]
+  wrapped_params, wrapped_buffers = adapter.init(jax.random.key(0), wrapped_frozen)
   # The plain values, in the wrapped layout (a matrix_view leaf is the matrix).
   as_wrapped = jax.tree.map(
     lambda like, x: jnp.reshape(x, like.shape), wrapped_params, to(params)
   )
-  wrapped_buffers = adapter.init(jax.random.key(0), wrapped_frozen)[1]
   state = schedule.init(wrapped_frozen, as_wrapped, wrapped_buffers)
   _, out, _, _ = jax.jit(schedule.update)(
     state, wrapped_frozen, as_wrapped, wrapped_buffers, as_wrapped, (), 3

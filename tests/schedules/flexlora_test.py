@@ -400,9 +400,9 @@ def test_wrapped_flexlora_is_governed_like_plain_leaves(kind):
   plain, frozen, params, buffers = four_leaves()
   wrap = wrapped(kind, SPEC, frozen, tuple(LEAVES), OTHERS)
   opt_state = random_adam_state(params)
-  jax.tree.map(
+  jax.tree.map(  # The shapes of the init (traced, not run).
     lambda x, y: np.testing.assert_array_equal(x.shape, y.shape),
-    wrap.adapter.init(jax.random.key(0), wrap.frozen),
+    jax.eval_shape(wrap.adapter.init, jax.random.key(0), wrap.frozen),
     (wrap.to(params), wrap.to(buffers)),
   )
   schedule = flexlora_schedule(wrap.adapter, **SCHEDULE, budget=2)
