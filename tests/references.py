@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import transformers
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 import peft_jax as pj
@@ -170,46 +171,30 @@ def hf_fixture(name: str) -> dict[str, np.ndarray]:
 
 def _hf_base(arrays: dict, part: str) -> tuple[dict, dict[str, np.ndarray]]:
   """``(transformers config fields, base state dict)`` of fixture part
-  ``part`` (keys ``part/config`` and ``part/base/<torch name>``)."""
-  head = f'{part}/base/'
+  ``part`` (keys ``part/config`` and ``part/base/<torch name>``; a fixture
+  of one model, ``part=''``, keys ``config`` and ``base/<torch name>``)."""
+  prefix = f'{part}/' if part else ''
+  head = f'{prefix}base/'
   base = {k.removeprefix(head): v for k, v in arrays.items() if k.startswith(head)}
-  return json.loads(str(arrays[f'{part}/config'])), base
+  return json.loads(str(arrays[f'{prefix}config'])), base
 
 
-def hf_llama(arrays: dict, part: str):
+def hf_llama(arrays: dict, part: str = ''):
   """``(model, frozen)``: our ``LlamaForCausalLM`` with the fixture's HF
-  ``LlamaForCausalLM`` weights (``llama.hf_layout``: kernels transposed)."""
+  ``LlamaForCausalLM`` config (``LlamaConfig.from_hf``) and weights
+  (``llama.hf_layout``: kernels transposed)."""
   hf, base = _hf_base(arrays, part)
-  config = llama.LlamaConfig(
-    vocab_size=hf['vocab_size'],
-    hidden_size=hf['hidden_size'],
-    intermediate_size=hf['intermediate_size'],
-    num_layers=hf['num_hidden_layers'],
-    num_heads=hf['num_attention_heads'],
-    num_kv_heads=hf['num_key_value_heads'],
-    rms_norm_eps=hf['rms_norm_eps'],
-    rope_theta=hf['rope_theta'],
-    tie_word_embeddings=hf['tie_word_embeddings'],
-  )
+  config = llama.LlamaConfig.from_hf(transformers.LlamaConfig(**hf))
   frozen = checkpoints.convert(base, llama.hf_layout(config))
   return llama.LlamaForCausalLM(config), frozen
 
 
 def hf_bert_classifier(arrays: dict, part: str):
   """``(model, frozen)``: our ``BertForSequenceClassification`` (CLS pooler,
-  as HF's) with the fixture's HF weights (``bert.hf_layout``, and the
-  classifier's ``weight`` transposed)."""
+  as HF's) with the fixture's HF config (``BertConfig.from_hf``) and weights
+  (``bert.hf_layout``, and the classifier's ``weight`` transposed)."""
   hf, base = _hf_base(arrays, part)
-  config = bert.BertConfig(
-    vocab_size=hf['vocab_size'],
-    hidden_size=hf['hidden_size'],
-    num_layers=hf['num_hidden_layers'],
-    num_heads=hf['num_attention_heads'],
-    intermediate_size=hf['intermediate_size'],
-    max_position_embeddings=hf['max_position_embeddings'],
-    type_vocab_size=hf['type_vocab_size'],
-    layer_norm_eps=hf['layer_norm_eps'],
-  )
+  config = bert.BertConfig.from_hf(transformers.BertConfig(**hf))
   frozen = {
     'bert': checkpoints.convert(base, bert.hf_layout(config)),
     'classifier': {

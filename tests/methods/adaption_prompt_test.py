@@ -20,7 +20,6 @@ with torch, transformers and peft).
 """
 
 import functools
-import json
 import pathlib
 import re
 
@@ -33,7 +32,7 @@ import pytest
 import peft_jax as pj
 from peft_jax._src import paths
 from peft_jax.methods.adaption_prompt import AdaptionPromptParams
-from peft_jax.models import checkpoints, llama
+from peft_jax.models import llama
 from tests import references
 from tests.models import llama_hooks_test as tiny_llama
 
@@ -365,21 +364,8 @@ def test_matches_hf_peft_adaption_prompt_fixture():
     )
   with np.load(FIXTURE) as data:
     arrays = {k: data[k] for k in data.files}
-  hf = json.loads(str(arrays['config']))
-  config = llama.LlamaConfig(
-    vocab_size=hf['vocab_size'],
-    hidden_size=hf['hidden_size'],
-    intermediate_size=hf['intermediate_size'],
-    num_layers=hf['num_hidden_layers'],
-    num_heads=hf['num_attention_heads'],
-    num_kv_heads=hf['num_key_value_heads'],
-    rms_norm_eps=hf['rms_norm_eps'],
-    rope_theta=hf['rope_theta'],
-  )
-  base = {
-    k.removeprefix('base/'): v for k, v in arrays.items() if k.startswith('base/')
-  }
-  frozen = checkpoints.convert(base, llama.hf_layout(config))
+  model, frozen = references.hf_llama(arrays)
+  config = model.config
   layers = {}
   for name, value in arrays.items():
     match = re.search(r'layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$', name)
@@ -391,7 +377,6 @@ def test_matches_hf_peft_adaption_prompt_fixture():
   rule = f'layers_({"|".join(map(str, layers))})/self_attn/adaption_prompt'
   length = int(arrays['adapter_len'])
   tree = pj.by_rules([(rule, f'adaption_prompt(length={length})')])
-  model = llama.LlamaForCausalLM(config)
   ids = arrays['input_ids'].astype(np.int32)
   _, buffers = tree.init(jax.random.key(0), frozen, pj.hook_points(model, ids))
   params = {
