@@ -119,13 +119,13 @@ def load_adapter(
   if like is None:
     return paths.nest(parts['params']), paths.nest(parts['buffers']), metadata
   restored = [
-    _fill(path, part, parts[part], tree)
+    fill_like(path, part, parts[part], tree)
     for part, tree in zip(('params', 'buffers'), like, strict=True)
   ]
   return *restored, metadata
 
 
-def _fill(path: str, part: str, flat: dict, like: Any) -> Any:
+def fill_like(path: str, part: str, flat: dict, like: Any) -> Any:
   """``like`` with every leaf taken from ``flat`` by name, shapes checked."""
   names = paths.flatten(like)
   missing = sorted(set(names) - set(flat)) or sorted(set(flat) - set(names))

@@ -165,7 +165,7 @@ def brief(spec: str) -> str:
   parse (hand-built adapters) come back unchanged.
   """
   try:
-    name, args, kwargs = _parse(spec)
+    name, args, kwargs = parse(spec)
   except PeftError:
     return spec
   factory = _METHODS.get(name) or _WRAPPERS.get(name)
@@ -183,7 +183,7 @@ def brief(spec: str) -> str:
   return f'{name}({", ".join(kept)})'
 
 
-def _parse(spec: str) -> tuple[str, tuple, dict]:
+def parse(spec: str) -> tuple[str, tuple, dict]:
   """``'lora(8, alpha=16)'`` -> ``('lora', (8,), {'alpha': 16})``."""
   usage = "expected 'name' or 'name(arg=literal, ...)'"
   try:
@@ -223,7 +223,7 @@ def get(spec: str | AnyAdapter) -> AnyAdapter:
       f'method spec {spec!r} has type {type(spec).__name__}; '
       'expected a spec string such as "lora(rank=8)" or an adapter'
     )
-  name, args, kwargs = _parse(spec)
+  name, args, kwargs = parse(spec)
   factory = _METHODS.get(name) or _WRAPPERS.get(name)
   if factory is None:
     known = names() + wrapper_names()

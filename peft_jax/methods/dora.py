@@ -28,16 +28,18 @@ def dora(
   rank: int = 8,
   alpha: float = 16.0,
   *,
+  rslora: bool = False,
   a_init: str = 'kaiming_uniform',
   param_dtype: str = 'float32',
 ) -> Adapter:
   """Weight-decomposed LoRA: ``w' = (w + s · a @ b) · diag(m ⊘ sg(n))``.
 
   Shapes (Flax layout): ``w: (d_in, d_out)``, ``a: (d_in, r)``,
-  ``b: (r, d_out)``, ``m: (d_out,)``, ``s = α/r``; ``n: (d_out,)`` holds the
-  column norms of ``w + s · a @ b`` (over ``d_in``, one per output unit) and
-  ``sg`` is stop-gradient, the ``dora_simple`` default of the reference code
-  and HF PEFT. Spec (PyTorch layout, §3.1):
+  ``b: (r, d_out)``, ``m: (d_out,)``, ``s = α/r`` (``α/√r`` with
+  ``rslora``); ``n: (d_out,)`` holds the column norms of ``w + s · a @ b``
+  (over ``d_in``, one per output unit) and ``sg`` is stop-gradient, the
+  ``dora_simple`` default of the reference code and HF PEFT. Spec (PyTorch
+  layout, §3.1):
   ``W' = diag(m ⊘ sg‖W + sBA‖_row) · (W + sBA)``, ``A = aᵀ``, ``B = bᵀ``.
   Init: ``a`` as LoRA's (``a_init``), ``b = 0``, ``m`` = the column norms of
   the pretrained ``w``, so ``w' = w`` exactly at init. ``m`` is a parameter
@@ -57,6 +59,7 @@ def dora(
   Args:
     rank: r, with ``0 < r <= min(d_in, d_out)``.
     alpha: α of the scale ``s = α/r``.
+    rslora: use ``s = α/√r`` (rank-stabilised, HF PEFT's ``use_rslora``).
     a_init: init of ``a``: ``'kaiming_uniform'`` (``U(±1/√d_in)``, LoRA's
       default), ``'gaussian'`` (``N(0, 1/r²)``) or ``'normal'``
       (``N(0, 0.02²)``); ``b`` starts at 0.
@@ -66,7 +69,7 @@ def dora(
     The DoRA ``Adapter``; its parameters are ``DoraParams``.
   """
   name = 'dora'
-  scale = lora_scale(name, rank, alpha, rslora=False)
+  scale = lora_scale(name, rank, alpha, rslora)
   init_a = initializers.get(name, 'a_init', a_init)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 

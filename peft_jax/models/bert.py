@@ -715,6 +715,33 @@ def _hf_tensors(config: BertConfig) -> Iterator[checkpoints.Tensor]:
   yield from checkpoints.optional(dense('pooler.dense', 'pooler/dense'))
 
 
+def hf_modules(config: BertConfig, head: bool = False) -> dict[str, checkpoints.Module]:
+  """The modules of a transformers BERT model by their full names, with our
+  parameter paths: the names PEFT adapters use.
+
+  Args:
+    config: the model's hyper-parameters.
+    head: False for ``BertModel`` (``encoder.layer.0.attention.self.query``
+      -> ``encoder/layer_0/attention/query``); True for the task models
+      (``BertForSequenceClassification``, ``...TokenClassification``,
+      ``...MultipleChoice``): ``bert.`` (``roberta.``) names -> ``bert/`` paths,
+      plus the ``classifier`` head (RoBERTa's differs: not covered).
+
+  Returns:
+    ``{module name: {param: Tensor}}`` (see ``checkpoints.modules``).
+  """
+  if not head:
+    return checkpoints.modules(_hf_tensors(config))
+  rows = [
+    row._replace(path=f'bert/{row.path}', optional=False) for row in _hf_tensors(config)
+  ]
+  rows += checkpoints.dense('classifier', 'classifier')
+  prefix = _hf_prefix(config)
+  return checkpoints.modules(
+    rows, lambda name: name if name == 'classifier' else prefix + name
+  )
+
+
 def load_hf(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
   """Loads a Hugging Face BERT or RoBERTa checkpoint directory.
 
@@ -734,6 +761,62 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
   """
   config = BertConfig.from_hf(checkpoints.read_hf_config(model_dir))
   return config, checkpoints.load_safetensors(model_dir, hf_layout(config))
+
+
+def load_hf_classifier(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
+  """Loads a Hugging Face BERT/RoBERTa task checkpoint with its ``classifier``.
+
+  For ``BertForSequenceClassification`` (use our model with
+  ``pooling='cls'``) and ``BertForTokenClassification`` checkpoints (a
+  ``classifier.weight: (num_labels, d)`` head; the pooler is loaded when
+  stored). RoBERTa's two-layer classification head is not covered.
+
+  Args:
+    model_dir: a directory with ``config.json`` and the safetensors.
+
+  Returns:
+    ``(config, params)`` with ``params = {'bert': ..., 'classifier':
+    {'kernel': (d, num_labels), 'bias': (num_labels,)}}``, the tree of our
+    ``BertForSequenceClassification`` / ``BertForTokenClassification``;
+    ``num_labels`` is ``params['classifier']['bias'].shape[0]``.
+
+  Raises:
+    PeftError: if a file or the classifier is absent, the config is
+      unsupported, or the tensors do not match (named in the message).
+  """
+  config = BertConfig.from_hf(checkpoints.read_hf_config(model_dir))
+  tensors = checkpoints.read_safetensors(model_dir)
+  if 'classifier.weight' not in tensors:
+    raise PeftError(
+      f'{model_dir}: no classifier.weight; expected a BERT sequence or token '
+      'classification checkpoint (load_hf reads the encoder alone).'
+    )
+  num_labels = tensors['classifier.weight'].shape[0]
+  base, prefix = hf_layout(config), _hf_prefix(config)
+  rows = [
+    row._replace(name=prefix + row.name, path=f'bert/{row.path}')
+    for row in base.tensors
+  ]
+  rows += checkpoints.dense('classifier', 'classifier')
+  abstract = {
+    'bert': base.abstract,
+    'classifier': {
+      'kernel': jax.ShapeDtypeStruct((config.hidden_size, num_labels), jnp.float32),
+      'bias': jax.ShapeDtypeStruct((num_labels,), jnp.float32),
+    },
+  }
+  layout = base._replace(
+    tensors=tuple(rows),
+    abstract=abstract,
+    prefixes=(),
+    ignore=(r'(bert|roberta)\.embeddings\.(position_ids|token_type_ids)',),
+  )
+  return config, checkpoints.convert(tensors, layout)
+
+
+def _hf_prefix(config: BertConfig) -> str:
+  """The encoder's module name in transformers' task models."""
+  return 'roberta.' if config.roberta else 'bert.'
 
 
 def minilm_dir() -> str:

@@ -82,6 +82,31 @@ class Layout(NamedTuple):
   ignore: tuple[str, ...] = ()
 
 
+Module = dict[str, Tensor]
+"""One module's rows by parameter name (``'weight'``, ``'bias'``)."""
+
+
+def modules(
+  rows: Iterable[Tensor], rename: Callable[[str], str] = lambda name: name
+) -> dict[str, Module]:
+  """A conversion table grouped by module: ``{module name: {param: row}}``.
+
+  Args:
+    rows: the table (``'<module>.<param>'`` names).
+    rename: table module name -> the module's name in the full transformers
+      model (e.g. adding ``'model.'``).
+
+  Returns:
+    ``{'model.layers.0.self_attn.q_proj': {'weight': Tensor(...)}, ...}``:
+    the module names PEFT adapters use, with our parameter paths.
+  """
+  table: dict[str, Module] = {}
+  for row in rows:
+    module, _, param = row.name.rpartition('.')
+    table.setdefault(rename(module), {})[param] = row
+  return table
+
+
 def transpose(w: np.ndarray) -> np.ndarray:
   """A PyTorch ``Linear.weight`` ``(d_out, d_in)`` as a Flax kernel."""
   return w.T

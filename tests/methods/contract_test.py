@@ -187,7 +187,7 @@ def is_typed(params) -> bool:
 
 def method_name(case: str) -> str:
   """The registry name of a case's method (from its spec)."""
-  return registry._parse((CASES.get(case) or ACTIVATION_CASES[case])[0])[0]
+  return registry.parse((CASES.get(case) or ACTIVATION_CASES[case])[0])[0]
 
 
 def test_every_method_has_a_case():
@@ -197,7 +197,7 @@ def test_every_method_has_a_case():
 @pytest.mark.parametrize('name', sorted([*CASES, *ACTIVATION_CASES]))
 def test_registry_and_factory_give_the_same_adapter_and_names_round_trip(name):
   spec = (CASES.get(name) or ACTIVATION_CASES[name])[0]
-  method, args, kwargs = registry._parse(spec)
+  method, args, kwargs = registry.parse(spec)
   adapter = pj.get(spec)
   assert getattr(pj, method)(*args, **kwargs) is adapter
   assert adapter.name.startswith(f'{method}(')

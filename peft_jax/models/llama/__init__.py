@@ -103,6 +103,7 @@ Example::
 from peft_jax.models.llama.conversion import (
   abstract_params,
   hf_layout,
+  hf_modules,
   load_hf,
   stack_layers,
   unstack_layers,
@@ -137,6 +138,7 @@ __all__ = [
   'check_runtime_options',
   'generate',
   'hf_layout',
+  'hf_modules',
   'init_cache',
   'load_hf',
   'rope_cos_sin',

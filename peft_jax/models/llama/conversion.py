@@ -135,6 +135,15 @@ def hf_layout(config: LlamaConfig) -> checkpoints.Layout:
   )
 
 
+def hf_modules(config: LlamaConfig) -> dict[str, checkpoints.Module]:
+  """The modules of a transformers ``LlamaForCausalLM`` by their full names
+  (``model.layers.0.self_attn.q_proj``, ``lm_head``), with our parameter
+  paths (unrolled layout): the names PEFT adapters use."""
+  return checkpoints.modules(
+    _hf_tensors(config), lambda name: name if name == 'lm_head' else f'model.{name}'
+  )
+
+
 def _hf_tensors(config: LlamaConfig) -> Iterator[checkpoints.Tensor]:
   """The rows of ``hf_layout`` (torch names without ``model.``)."""
   dense, norm = checkpoints.dense, checkpoints.norm

@@ -1,0 +1,87 @@
+"""Which module table (``hf_modules`` beside each family's loader) a model
+uses, and loading a base model of a supported family from its folder."""
+
+import os
+from typing import Any
+
+from peft_jax._src.base import Params, PeftError
+from peft_jax.models import bert, checkpoints, gguf_loading, llama
+from peft_jax.models.checkpoints import Module
+
+
+def hf_modules(model: Any) -> dict[str, Module]:
+  """The transformers module names of ``model`` (one of our Flax models),
+  with our parameter paths: the names PEFT adapters use.
+
+  Args:
+    model: ``LlamaForCausalLM``, ``BertModel``, or a BERT task model
+      (sequence/token classification, multiple choice).
+
+  Returns:
+    ``{module name: {param: Tensor}}``.
+
+  Raises:
+    PeftError: for a model class without a table.
+  """
+  if isinstance(model, llama.LlamaForCausalLM):
+    return llama.hf_modules(model.config)
+  if isinstance(model, bert.BertModel):
+    return bert.hf_modules(model.config)
+  heads = (
+    bert.BertForSequenceClassification,
+    bert.BertForTokenClassification,
+    bert.BertForMultipleChoice,
+  )
+  if isinstance(model, heads):
+    return bert.hf_modules(model.config, head=True)
+  raise PeftError(
+    f'No Hugging Face module table for {type(model).__name__}; expected '
+    'LlamaForCausalLM, BertModel or a BERT task model.'
+  )
+
+
+def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
+  """One of our models and its weights from a Hugging Face checkpoint folder
+  (or a llama ``.gguf`` file, dequantized: ``LlamaForCausalLM``).
+
+  ``model_type`` picks the family: ``llama``/``mistral``/``qwen2`` give
+  ``LlamaForCausalLM``; ``bert``/``roberta`` give the sequence (or, when
+  ``architectures`` says so, token) classifier when the checkpoint stores a
+  ``classifier``, else ``BertModel``.
+
+  Args:
+    model_dir: a directory with ``config.json`` and safetensors weights, a
+      ``.gguf`` file, or the name of a shipped model: ``'smollm2'``
+      (SmolLM2-135M-Instruct), ``'minilm'`` (all-MiniLM-L6-v2).
+
+  Returns:
+    ``(model, params)`` (unrolled layout).
+
+  Raises:
+    PeftError: for a missing file or an unsupported ``model_type``.
+  """
+  if str(model_dir) == 'smollm2':
+    model_dir = gguf_loading.smollm2_path()
+  elif str(model_dir) == 'minilm':
+    model_dir = bert.minilm_dir()
+  if str(model_dir).endswith('.gguf'):
+    config, params, _ = gguf_loading.load_gguf(model_dir)
+    return llama.LlamaForCausalLM(config), params
+  hf_config = checkpoints.read_hf_config(model_dir)
+  model_type = getattr(hf_config, 'model_type', None)
+  if model_type in ('llama', 'mistral', 'qwen2'):
+    config, params = llama.load_hf(model_dir)
+    return llama.LlamaForCausalLM(config), params
+  if model_type in ('bert', 'roberta', 'xlm-roberta'):
+    if 'classifier.weight' not in checkpoints.read_safetensors(model_dir):
+      config, params = bert.load_hf(model_dir)
+      return bert.BertModel(config), params
+    config, params = bert.load_hf_classifier(model_dir)
+    labels = params['classifier']['bias'].shape[0]
+    if any('TokenClassification' in a for a in hf_config.architectures or ()):
+      return bert.BertForTokenClassification(config, labels), params
+    return bert.BertForSequenceClassification(config, labels, pooling='cls'), params
+  raise PeftError(
+    f'{model_dir}: model_type {model_type!r} has no Hugging Face module table '
+    "yet; expected one of 'llama', 'mistral', 'qwen2', 'bert', 'roberta'."
+  )

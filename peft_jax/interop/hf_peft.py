@@ -1,0 +1,413 @@
+"""Hugging Face PEFT adapter folders <-> peft_jax adapters.
+
+A PEFT adapter folder holds ``adapter_config.json`` (``peft_type``, the
+method's options, ``target_modules``, ...) and ``adapter_model.safetensors``,
+whose tensors are named ``base_model.model.<module>.<suffix>``: ``<module>``
+is the module's name in the transformers model (``model.layers.0.self_attn.
+q_proj``) and ``<suffix>`` the method's tensor (``lora_A.weight``), in torch
+layout. ``load_hf_adapter`` turns one into rules, a ``TreeAdapter`` and its
+``(params, buffers)`` for one of our models; ``save_hf_adapter`` writes the
+folder back, which ``peft.PeftModel.from_pretrained`` loads unchanged.
+
+The adapted modules are exactly those the file holds tensors for, which are
+the modules PEFT selected by ``target_modules``, ``layers_to_transform``,
+``layers_pattern`` and ``exclude_modules`` when it saved them; each becomes
+one exact rule. Per-module options (``rank_pattern``, ``alpha_pattern``) are
+resolved as PEFT resolves them (``get_pattern_key``). Modules trained in full
+(``modules_to_save``, e.g. a classifier head) become ``full()`` leaves.
+
+The method tables (one ``HfMethod`` per PEFT type) live beside this file, one
+per method; the module names of each model family live beside its loader
+(``hf_modules``).
+"""
+
+import collections
+import difflib
+import json
+import os
+import pathlib
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+from safetensors import numpy as safetensors_numpy
+
+from peft_jax._src import registry
+from peft_jax._src.base import AdapterParams, Buffers, PeftError, TreeAdapter
+from peft_jax._src.checkpoint import fill_like
+from peft_jax._src.tree import by_rules
+from peft_jax.models.checkpoints import Module
+
+CONFIG_FILE = 'adapter_config.json'
+WEIGHTS_FILE = 'adapter_model.safetensors'
+PREFIX = 'base_model.model.'
+SAVED = 'modules_to_save'
+
+Tensors = dict[str, np.ndarray]
+
+
+class HfMethod(NamedTuple):
+  """How one PEFT type maps to our methods, per module.
+
+  Attributes:
+    peft_type: the ``peft_type`` of ``adapter_config.json`` (``'LORA'``).
+    methods: our method names it covers (``('lora', 'dora')``).
+    suffixes: the tensor names after the module name (``'lora_A.weight'``).
+    read: ``(config, module name, {suffix: array}, module) -> (spec,
+      {field: array})``: our method spec and parameter fields (Flax layout)
+      for one module; ``config`` is ``adapter_config.json``.
+    write: ``(method name, kwargs, params, buffers, module) -> ({suffix:
+      array}, options)``: PEFT's tensors and the options this module needs
+      (e.g. ``{'r': 8, 'lora_alpha': 16.0}``).
+    config: ``{module name: options} -> adapter_config fields`` (common
+      values, patterns for the rest; raises for options PEFT cannot mix).
+  """
+
+  peft_type: str
+  methods: tuple[str, ...]
+  suffixes: tuple[str, ...]
+  read: Callable[[Mapping[str, Any], str, Tensors, Module], tuple[str, Tensors]]
+  write: Callable[[str, dict, AdapterParams, Buffers, Module], tuple[Tensors, dict]]
+  config: Callable[[dict[str, dict]], dict[str, Any]]
+
+
+class HfAdapter(NamedTuple):
+  """An adapter read from a PEFT folder.
+
+  Attributes:
+    rules: the ``(regex, spec)`` rules, one per adapted leaf.
+    adapter: ``by_rules(rules)``.
+    params: its trainable parameters (typed, Flax layout).
+    buffers: its buffers.
+    config: ``adapter_config.json`` as read.
+  """
+
+  rules: list[tuple[str, str]]
+  adapter: TreeAdapter
+  params: AdapterParams
+  buffers: Buffers
+  config: dict[str, Any]
+
+
+_METHODS: dict[str, HfMethod] = {}
+
+
+def register_hf(method: HfMethod) -> HfMethod:
+  """Adds a PEFT type's table (done by each ``peft_jax/interop/<method>.py``)."""
+  _METHODS[method.peft_type] = method
+  return method
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+  """``patterns[key]`` for the first key with ``(.*\\.)?key$`` matching
+  ``module`` (PEFT's ``get_pattern_key``), else ``default``."""
+  for key, value in patterns.items():
+    if re.match(rf'(.*\.)?({key})$', module):
+      return value
+  return default
+
+
+def _read_folder(adapter_dir: pathlib.Path) -> tuple[dict[str, Any], Tensors]:
+  """``(adapter_config.json, tensors without the base_model.model. prefix)``."""
+  config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
+  for path in (config_path, weights_path):
+    if not path.is_file():
+      bin_note = (
+        ' (adapter_model.bin is not read: save with safe_serialization=True)'
+        if (adapter_dir / 'adapter_model.bin').exists()
+        else ''
+      )
+      raise PeftError(
+        f'{path} does not exist; expected a PEFT adapter folder{bin_note}.'
+      )
+  config = json.loads(config_path.read_text())
+  with safetensors.safe_open(str(weights_path), framework='numpy') as f:
+    tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+  outside = sorted(n for n in tensors if not n.startswith(PREFIX))
+  if outside:
+    raise PeftError(
+      f'{weights_path}: tensor {outside[0]!r} is not under {PREFIX!r}; '
+      'prompt-learning adapters are not read yet.'
+    )
+  return config, {n.removeprefix(PREFIX): v for n, v in tensors.items()}
+
+
+def _method(config: Mapping[str, Any], where: str) -> HfMethod:
+  peft_type = config.get('peft_type')
+  if peft_type not in _METHODS:
+    raise PeftError(
+      f'{where}: peft_type {peft_type!r} is not supported; expected one of '
+      f'{sorted(_METHODS)}.'
+    )
+  return _METHODS[peft_type]
+
+
+def is_target(targets: str | list[str] | None, name: str) -> bool:
+  """PEFT's module selection: a string is ``re.fullmatch``ed, a list matches
+  the module name or a ``.``-separated suffix of it."""
+  if isinstance(targets, str):
+    return re.fullmatch(targets, name) is not None
+  return any(name == t or name.endswith('.' + t) for t in targets or ())
+
+
+def _split(
+  config: Mapping[str, Any],
+  tensors: Tensors,
+  method: HfMethod,
+  modules: Mapping[str, Module],
+  where: str,
+) -> tuple[dict[str, Tensors], dict[str, Tensors]]:
+  """``(adapted, saved)``: per module, the method's tensors by suffix, and the
+  ``modules_to_save`` copies by parameter (``weight``, ``bias``; PEFT names
+  them ``<module>.<param>``)."""
+  adapted: dict[str, Tensors] = collections.defaultdict(dict)
+  saved: dict[str, Tensors] = collections.defaultdict(dict)
+  for name, value in tensors.items():
+    module, _, param = name.rpartition('.')
+    if is_target(config.get(SAVED), module) and param in ('weight', 'bias'):
+      saved[module][param] = value
+      continue
+    suffix = next((s for s in method.suffixes if name.endswith('.' + s)), None)
+    if suffix is None:
+      raise PeftError(
+        f"{where}: tensor {name!r} is not one of {method.peft_type}'s "
+        f'{list(method.suffixes)}; this PEFT option is not supported.'
+      )
+    adapted[name.removesuffix('.' + suffix)][suffix] = value
+  for module in [*adapted, *saved]:
+    if module not in modules:
+      close = difflib.get_close_matches(module, modules, n=3, cutoff=0)
+      raise PeftError(
+        f'{where}: module {module!r} has no counterpart in this model '
+        f'(is it the model the adapter was trained on?); closest: {close}.'
+      )
+  return dict(adapted), dict(saved)
+
+
+def _leaf(module: Module, param: str, where: str) -> str:
+  if param not in module:
+    raise PeftError(f'{where}: no {param!r} parameter in module {module}.')
+  return module[param].path
+
+
+def load_hf_adapter(
+  adapter_dir: str | os.PathLike,
+  modules: Mapping[str, Module],
+  frozen: Any,
+) -> HfAdapter:
+  """Reads a PEFT adapter folder for one of our models.
+
+  Args:
+    adapter_dir: the folder (``adapter_config.json`` +
+      ``adapter_model.safetensors``).
+    modules: the model family's module table, ``hf_modules(...)`` of its
+      loader (or ``peft_jax.interop.hf_modules(model)``).
+    frozen: the model's ``params`` (arrays or ``jax.ShapeDtypeStruct``s),
+      unrolled layout.
+
+  Returns:
+    An ``HfAdapter``: ``adapter.apply(frozen, params, buffers)`` is the
+    adapted model PEFT runs (up to float32 round-off).
+
+  Raises:
+    PeftError: for a missing file, an unsupported ``peft_type`` or option,
+      a module the model does not have, or a shape that does not fit.
+  """
+  adapter_dir = pathlib.Path(adapter_dir)
+  config, tensors = _read_folder(adapter_dir)
+  where = str(adapter_dir)
+  method = _method(config, where)
+  adapted, saved = _split(config, tensors, method, modules, where)
+  leaves, values = {}, {}
+  for name, module_tensors in sorted(adapted.items()):
+    module = modules[name]
+    spec, fields = method.read(config, name, module_tensors, module)
+    leaf = _leaf(module, 'weight', where)
+    leaves[leaf] = spec
+    values.update({f'{leaf}/{field}': v for field, v in fields.items()})
+  for name, params in sorted(saved.items()):
+    for param, value in sorted(params.items()):
+      row = modules[name].get(param)
+      if row is None:
+        raise PeftError(f'{where}: no {param!r} parameter in module {name!r}.')
+      leaves[row.path] = 'full()'
+      values[row.path] = value if row.transform is None else row.transform(value)
+  rules = _rules(leaves)
+  adapter = by_rules(rules)
+  like = jax.eval_shape(adapter.init, jax.random.key(0), frozen)
+  params = fill_like(where, 'params', values, like[0])
+  buffers = fill_like(where, 'buffers', {}, like[1])
+  params = jax.tree.map(lambda v, s: jnp.asarray(v, s.dtype), params, like[0])
+  return HfAdapter(rules, adapter, params, buffers, config)
+
+
+def _rules(leaves: dict[str, str]) -> list[tuple[str, str]]:
+  """One rule per distinct spec, matching exactly its leaves (in order of
+  first appearance)."""
+  by_spec: dict[str, list[str]] = {}
+  for leaf, spec in leaves.items():
+    by_spec.setdefault(spec, []).append(re.escape(leaf))
+  return [
+    (names[0] if len(names) == 1 else f'({"|".join(names)})', spec)
+    for spec, names in by_spec.items()
+  ]
+
+
+def save_hf_adapter(
+  adapter_dir: str | os.PathLike,
+  adapter: TreeAdapter,
+  frozen: Any,
+  params: AdapterParams,
+  buffers: Buffers,
+  modules: Mapping[str, Module],
+  **config_fields: Any,
+) -> pathlib.Path:
+  """Writes a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
+
+  Args:
+    adapter_dir: the folder to write (created; its two files replaced).
+    adapter: a ``by_rules`` adapter whose methods one PEFT type covers
+      (e.g. ``lora``/``dora`` on linear kernels), plus ``full`` leaves of
+      whole modules (written as ``modules_to_save``).
+    frozen: the model's ``params`` (unrolled layout).
+    params, buffers: the adapter's values.
+    modules: the model family's module table (``hf_modules``).
+    **config_fields: extra ``adapter_config.json`` fields, e.g.
+      ``base_model_name_or_path`` or ``task_type`` (``'CAUSAL_LM'``,
+      ``'SEQ_CLS'``).
+
+  Returns:
+    The folder.
+
+  Raises:
+    PeftError: naming a leaf whose method PEFT cannot represent, a module
+      the table does not know, or options one PEFT config cannot mix.
+  """
+  plan = adapter.plan(frozen, params, buffers)
+  if plan.hooks:
+    raise PeftError(
+      'save_hf_adapter: activation-side adapters are not written yet '
+      f'({sorted(plan.hooks)[0]!r}).'
+    )
+  by_path = {
+    row.path: (name, param) for name, m in modules.items() for param, row in m.items()
+  }
+  tensors, options, saved, method = {}, {}, set(), None
+  for leaf, entry in sorted(plan.weights.items()):
+    if leaf not in by_path:
+      raise PeftError(f'save_hf_adapter: {leaf!r} is not a parameter PEFT can name.')
+    name, param = by_path[leaf]
+    kind, _, kwargs = registry.parse(entry.adapter.name or '?')
+    if kind == 'full':
+      row = modules[name][param]
+      value = np.asarray(entry.params)
+      tensors[f'{name}.{param}'] = value if row.transform is None else value.T
+      saved.add(name)
+      continue
+    method = _covering(leaf, param, entry.adapter.name or kind, kind, method)
+    module_tensors, options[name] = method.write(
+      kind, kwargs, entry.params, entry.buffers, modules[name]
+    )
+    tensors.update({f'{name}.{s}': v for s, v in module_tensors.items()})
+  if method is None:
+    raise PeftError('save_hf_adapter: no leaf uses a method PEFT can write.')
+  config = {
+    'peft_type': method.peft_type,
+    **_compact(method.config(options), modules),
+    'modules_to_save': sorted(saved) or None,
+    'inference_mode': True,
+    **config_fields,
+  }
+  return _write_folder(pathlib.Path(adapter_dir), config, tensors)
+
+
+def _compact(config: dict[str, Any], modules: Mapping[str, Module]) -> dict[str, Any]:
+  """``target_modules`` (and ``feedforward_modules``) as short names
+  (``['q_proj', 'v_proj']``) where those select exactly the listed modules
+  among the model's linear ones; full names otherwise."""
+  linear = [m for m, rows in modules.items() if rows['weight'].transform is not None]
+  targets = config['target_modules']
+  short = short_names(targets, linear)
+  config = {**config, 'target_modules': short}
+  if config.get('feedforward_modules'):
+    selected = [m for m in linear if is_target(short, m)]
+    config['feedforward_modules'] = short_names(config['feedforward_modules'], selected)
+  return config
+
+
+def short_names(names: list[str], universe: list[str]) -> list[str]:
+  """The last components of ``names`` if, as PEFT matches a list, they select
+  exactly ``names`` from ``universe``; else ``names``."""
+  short = sorted({n.rpartition('.')[2] for n in names})
+  return short if {m for m in universe if is_target(short, m)} == set(names) else names
+
+
+def _covering(
+  leaf: str, param: str, spec: str, kind: str, previous: HfMethod | None
+) -> HfMethod:
+  """The one PEFT type that writes ``kind``, the same as the earlier leaves'."""
+  method = next((m for m in _METHODS.values() if kind in m.methods), None)
+  if method is None or param != 'weight':
+    supported = sorted(k for m in _METHODS.values() for k in m.methods)
+    raise PeftError(
+      f'save_hf_adapter: {leaf!r} uses {spec!r}, which PEFT cannot represent; '
+      f'supported: {supported} on linear kernels, full() for modules_to_save.'
+    )
+  if previous is not None and method is not previous:
+    raise PeftError(
+      f'save_hf_adapter: {leaf!r} needs peft_type {method.peft_type!r} but '
+      f'earlier leaves need {previous.peft_type!r}; one folder holds one type.'
+    )
+  return method
+
+
+def _write_folder(
+  adapter_dir: pathlib.Path, config: dict[str, Any], tensors: Tensors
+) -> pathlib.Path:
+  """Writes both files (each replaced atomically)."""
+  adapter_dir.mkdir(parents=True, exist_ok=True)
+  weights = {
+    PREFIX + n: np.ascontiguousarray(v, np.float32) for n, v in tensors.items()
+  }
+  tmp = adapter_dir / f'{WEIGHTS_FILE}.tmp'
+  safetensors_numpy.save_file(weights, str(tmp))
+  os.replace(tmp, adapter_dir / WEIGHTS_FILE)
+  tmp = adapter_dir / f'{CONFIG_FILE}.tmp'
+  tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, adapter_dir / CONFIG_FILE)
+  return adapter_dir
+
+
+def common_or_patterns(
+  values: dict[str, Any], field: str, pattern_field: str
+) -> dict[str, Any]:
+  """``{field: the most common value, pattern_field: {escaped module: value}}``
+  for the modules whose value differs (PEFT's ``rank_pattern`` style)."""
+  counts = collections.Counter(values.values())
+  common = counts.most_common(1)[0][0]
+  return {
+    field: common,
+    pattern_field: {re.escape(m): v for m, v in sorted(values.items()) if v != common},
+  }
+
+
+def uniform(values: dict[str, Any], field: str) -> Any:
+  """The one value all modules share, or an error naming two that differ."""
+  distinct = sorted(set(values.values()), key=repr)
+  if len(distinct) > 1:
+    a = next(m for m, v in values.items() if v == distinct[0])
+    b = next(m for m, v in values.items() if v == distinct[1])
+    raise PeftError(
+      f'save_hf_adapter: one PEFT config has one {field}; {a!r} has '
+      f'{distinct[0]!r} and {b!r} has {distinct[1]!r}.'
+    )
+  return distinct[0]
+
+
+def target_modules(names) -> list[str]:
+  """The adapted module names, as PEFT's ``target_modules`` list."""
+  return sorted(names)

@@ -1,0 +1,336 @@
+"""Hugging Face PEFT adapter folders: import, export, and parity with PEFT.
+
+The fixtures (``tests/fixtures/hf_peft/``) were written by real PEFT
+(``tests/fixtures/make_hf_peft_adapters.py``: tiny random Llama and BERT
+models, one adapter folder per case with every adapter tensor random, the
+adapted model's logits and the weights after ``merge_and_unload``). Our
+loader reads each folder onto our model loaded from the same base folder;
+the logits and merged weights must equal PEFT's to float32 round-off.
+Export -> re-import must be the identity, and the exported tensors must be
+PEFT's own (same names, same values). Where torch and peft import, the
+exported folder is also loaded by ``peft.PeftModel.from_pretrained``.
+"""
+
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import peft_jax as pj
+from peft_jax import interop
+from peft_jax._src import paths
+from peft_jax.models import bert, llama
+from tests import references
+
+FIXTURES = pathlib.Path(__file__).parents[1] / 'fixtures' / 'hf_peft'
+CASES = [
+  'llama_lora',
+  'llama_rslora_layers',
+  'llama_dora',
+  'llama_ia3',
+  'bert_lora_cls',
+]
+TOLERANCE = 1e-5
+
+
+def base(case: str):
+  """``(model, frozen, forward)`` of the case's base model, loaded from the
+  fixture's transformers folder by our loaders."""
+  if case.startswith('llama'):
+    config, frozen = llama.load_hf(FIXTURES / 'llama')
+    model = llama.LlamaForCausalLM(config)
+    forward = lambda p, ids, mask: model.apply({'params': p}, ids, attention_mask=mask)
+  else:
+    config, frozen = bert.load_hf_classifier(FIXTURES / 'bert')
+    labels = frozen['classifier']['bias'].shape[0]
+    model = bert.BertForSequenceClassification(config, labels, pooling='cls')
+    forward = lambda p, ids, mask: model.apply({'params': p}, ids, mask)
+  return model, frozen, jax.jit(forward)
+
+
+def expected(case: str) -> dict[str, np.ndarray]:
+  with np.load(FIXTURES / case / 'expected.npz') as data:
+    return {k: data[k] for k in data.files}
+
+
+def real_positions(logits, mask):
+  """Llama's logits at real tokens only (PEFT's padded positions differ)."""
+  return (
+    np.asarray(logits)[mask.astype(bool)] if logits.ndim == 3 else np.asarray(logits)
+  )
+
+
+def assert_close(actual, desired):
+  scale = max(1.0, float(np.abs(desired).max()))
+  np.testing.assert_allclose(actual, desired, rtol=0, atol=TOLERANCE * scale)
+
+
+def load(case: str):
+  model, frozen, forward = base(case)
+  modules = interop.hf_modules(model)
+  loaded = interop.load_hf_adapter(FIXTURES / case / 'adapter', modules, frozen)
+  return model, frozen, forward, modules, loaded
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_logits_equal_peft(case):
+  _, frozen, forward, _, loaded = load(case)
+  want = expected(case)
+  ids, mask = want['input_ids'], want['attention_mask']
+  got = forward(loaded.adapter.apply(frozen, loaded.params, loaded.buffers), ids, mask)
+  assert_close(real_positions(got, mask), real_positions(want['logits'], mask))
+  # The adapter matters: without it the logits are far from PEFT's.
+  plain = forward(frozen, ids, mask)
+  assert (
+    np.abs(real_positions(plain, mask) - real_positions(want['logits'], mask)).max()
+    > 0.05
+  )
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_merged_weights_equal_peft_merge_and_unload(case):
+  _, frozen, _, modules, loaded = load(case)
+  merged = paths.flatten(
+    pj.merge(loaded.adapter, frozen, loaded.params, loaded.buffers)
+  )
+  want = expected(case)
+  compared = 0
+  for key, weight in want.items():
+    name = key.removeprefix('merged/').removesuffix('.weight')
+    if key.startswith('merged/') and name in modules:
+      row = modules[name]['weight']
+      assert_close(np.asarray(merged[row.path]).T, weight)
+      compared += 1
+  assert compared >= 10
+
+
+def test_rules_follow_the_config():
+  """rank_pattern / alpha_pattern resolve per module as PEFT resolves them;
+  layers_to_transform and exclude_modules leave the other modules frozen."""
+  *_, loaded = load('llama_lora')
+  specs = {}
+  for selector, spec in loaded.rules:
+    for leaf in selector.strip('()').split('|'):
+      specs[leaf.replace('\\', '')] = pj.get(spec).name
+  q0 = specs['layers_0/self_attn/q_proj/kernel']
+  assert 'rank=2' in q0 and 'alpha=8.0' in q0
+  assert 'rank=3' in specs['layers_1/mlp/down_proj/kernel']
+  assert 'rank=4' in specs['layers_0/mlp/down_proj/kernel']
+  assert 'alpha=3.0' in specs['layers_1/self_attn/v_proj/kernel']
+  assert 'alpha=5.0' in specs['layers_0/self_attn/o_proj/kernel']
+  assert len(specs) == 14
+  *_, layered = load('llama_rslora_layers')
+  leaves = sorted(re.sub(r'\\', '', s).strip('()') for s, _ in layered.rules)
+  assert leaves == [
+    'layers_1/mlp/up_proj/kernel|layers_1/self_attn/q_proj/kernel|'
+    'layers_1/self_attn/v_proj/kernel'
+  ]
+  assert 'rslora=True' in pj.get(layered.rules[0][1]).name
+
+
+def _written(folder) -> tuple[dict, dict]:
+  config = json.loads((folder / 'adapter_config.json').read_text())
+  return config, safetensors.numpy.load_file(folder / 'adapter_model.safetensors')
+
+
+def _resolved(config, modules):
+  """What PEFT makes of a config, per module: ``(r, alpha)`` for LoRA,
+  ``feedforward`` for (IA)³, plus the config-wide flags."""
+  per_module = {}
+  for name in modules:
+    if config['peft_type'] == 'LORA':
+      per_module[name] = (
+        interop.pattern_value(config['rank_pattern'], name, config['r']),
+        interop.pattern_value(config['alpha_pattern'], name, config['lora_alpha']),
+      )
+    else:
+      per_module[name] = interop.is_target(config['feedforward_modules'], name)
+  flags = {k: config.get(k) for k in ('peft_type', 'use_rslora', 'use_dora')}
+  return per_module, flags
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
+  _, frozen, _, modules, loaded = load(case)
+  folder = interop.save_hf_adapter(
+    tmp_path / case, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  )
+  config, tensors = _written(folder)
+  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
+  assert sorted(tensors) == sorted(want_tensors)
+  for name, value in want_tensors.items():
+    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+  names = [n.removeprefix('base_model.model.') for n in tensors]
+  adapted = [m for m in modules if any(n.startswith(m + '.') for n in names)]
+  assert _resolved(config, adapted) == _resolved(want_config, adapted)
+  short = {
+    'llama_lora': [
+      'down_proj',
+      'gate_proj',
+      'k_proj',
+      'o_proj',
+      'q_proj',
+      'up_proj',
+      'v_proj',
+    ],
+    'llama_ia3': ['down_proj', 'k_proj', 'v_proj'],
+  }
+  if case in short:  # Short names where they select exactly these modules.
+    assert config['target_modules'] == short[case]
+  again = interop.load_hf_adapter(folder, modules, frozen)
+  jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+  assert [pj.get(s).name for _, s in again.rules] == [
+    pj.get(s).name for _, s in loaded.rules
+  ]
+
+
+def ours(seed: int = 3):
+  """A LoRA adapter trained here: per-module ranks and alphas, rsLoRA."""
+  model, frozen, forward = base('llama')
+  rules = [
+    (r'layers_0/self_attn/(q|v)_proj/kernel', 'lora(rank=2, alpha=4.0, rslora=True)'),
+    (r'layers_1/mlp/down_proj/kernel', 'lora(rank=3, alpha=5.0, rslora=True)'),
+    (r'layers_\d/self_attn/o_proj/kernel', 'lora(rank=2, alpha=7.0, rslora=True)'),
+  ]
+  tree = pj.by_rules(rules)
+  params, buffers = tree.init(jax.random.key(seed), frozen)
+  params = references.perturb(params, seed)
+  return model, frozen, forward, tree, params, buffers
+
+
+def test_our_adapter_exports_with_patterns_and_reimports(tmp_path):
+  model, frozen, forward, tree, params, buffers = ours()
+  modules = interop.hf_modules(model)
+  folder = interop.save_hf_adapter(
+    tmp_path, tree, frozen, params, buffers, modules, task_type='CAUSAL_LM'
+  )
+  config, tensors = _written(folder)
+  assert config['peft_type'] == 'LORA' and config['use_rslora'] is True
+  assert config['task_type'] == 'CAUSAL_LM'
+  a = tensors['base_model.model.model.layers.1.mlp.down_proj.lora_A.weight']
+  np.testing.assert_array_equal(
+    a, np.asarray(params['layers_1']['mlp']['down_proj']['kernel'].a).T
+  )
+  resolved, _ = _resolved(
+    config,
+    [
+      'model.layers.0.self_attn.q_proj',
+      'model.layers.1.mlp.down_proj',
+      'model.layers.1.self_attn.o_proj',
+    ],
+  )
+  assert list(resolved.values()) == [(2, 4.0), (3, 5.0), (2, 7.0)]
+  again = interop.load_hf_adapter(folder, modules, frozen)
+  ids = jnp.array([[3, 9, 27, 4, 1, 60]])
+  mask = jnp.ones_like(ids)
+  np.testing.assert_array_equal(
+    forward(again.adapter.apply(frozen, again.params, again.buffers), ids, mask),
+    forward(tree.apply(frozen, params, buffers), ids, mask),
+  )
+
+
+def test_exported_folder_loads_in_real_peft(tmp_path):
+  torch = pytest.importorskip('torch')
+  peft = pytest.importorskip('peft')
+  transformers = pytest.importorskip('transformers')
+  model, frozen, forward, tree, params, buffers = ours()
+  interop.save_hf_adapter(
+    tmp_path, tree, frozen, params, buffers, interop.hf_modules(model)
+  )
+  base_model = transformers.LlamaForCausalLM.from_pretrained(str(FIXTURES / 'llama'))
+  adapted = peft.PeftModel.from_pretrained(base_model, str(tmp_path)).eval()
+  ids = np.array([[3, 9, 27, 4, 1, 60]])
+  with torch.no_grad():
+    theirs = adapted(input_ids=torch.tensor(ids)).logits.numpy()
+  mine = forward(tree.apply(frozen, params, buffers), ids, np.ones_like(ids))
+  assert_close(np.asarray(mine), theirs)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one-line errors naming the value.
+
+
+def edited(case: str, tmp_path, **changes) -> pathlib.Path:
+  """A copy of a fixture adapter with ``adapter_config.json`` fields changed."""
+  folder = tmp_path / case
+  folder.mkdir()
+  config, _ = _written(FIXTURES / case / 'adapter')
+  (folder / 'adapter_config.json').write_text(json.dumps({**config, **changes}))
+  weights = FIXTURES / case / 'adapter' / 'adapter_model.safetensors'
+  (folder / 'adapter_model.safetensors').write_bytes(weights.read_bytes())
+  return folder
+
+
+@pytest.mark.parametrize(
+  ('changes', 'message'),
+  [
+    ({'peft_type': 'LOHA'}, "peft_type 'LOHA' is not supported"),
+    ({'rank_pattern': {'q_proj': 3}}, 'rank 2, but r/rank_pattern give 3'),
+    ({'init_lora_weights': 'pissa'}, 'residual base model'),
+    ({'bias': 'all'}, "bias='all' is not supported"),
+    ({'fan_in_fan_out': True}, 'fan_in_fan_out=True is not supported'),
+  ],
+)
+def test_unsupported_configs_are_named(changes, message, tmp_path):
+  model, frozen, _ = base('llama')
+  folder = edited('llama_lora', tmp_path, **changes)
+  with pytest.raises(pj.PeftError, match=re.escape(message)):
+    interop.load_hf_adapter(folder, interop.hf_modules(model), frozen)
+
+
+def test_adapter_for_another_model_is_refused():
+  model, frozen, _ = base('bert_lora_cls')
+  message = "module 'model.layers.0.mlp.down_proj' has no counterpart"
+  with pytest.raises(pj.PeftError, match=re.escape(message)):
+    interop.load_hf_adapter(
+      FIXTURES / 'llama_lora' / 'adapter', interop.hf_modules(model), frozen
+    )
+
+
+def test_missing_folder_is_named(tmp_path):
+  model, frozen, _ = base('llama')
+  with pytest.raises(pj.PeftError, match=r'adapter_config\.json does not exist'):
+    interop.load_hf_adapter(tmp_path, interop.hf_modules(model), frozen)
+
+
+def test_ia3_output_scaling_of_a_biased_module_is_refused(tmp_path):
+  model, frozen, _ = base('bert_lora_cls')
+  tree = pj.by_rules([(r'bert/encoder/layer_0/attention/key/kernel', 'ia3()')])
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  with pytest.raises(
+    pj.PeftError, match=re.escape("scales this module's output and its bias")
+  ):
+    interop.save_hf_adapter(
+      tmp_path, tree, frozen, params, buffers, interop.hf_modules(model)
+    )
+
+
+def test_methods_peft_cannot_hold_together_are_refused(tmp_path):
+  model, frozen, _ = base('llama')
+  modules = interop.hf_modules(model)
+  for rules, message in [
+    ([('layers_0/self_attn/q_proj/kernel', 'loha(rank=2)')], 'uses "loha(rank=2'),
+    (
+      [
+        ('layers_0/self_attn/q_proj/kernel', 'lora(rank=2)'),
+        ('layers_0/mlp/down_proj/kernel', 'ia3(feedforward=True)'),
+      ],
+      "needs peft_type 'LORA' but earlier leaves need 'IA3'",
+    ),
+    (
+      [
+        ('layers_0/self_attn/q_proj/kernel', 'lora(rank=2)'),
+        ('layers_0/self_attn/v_proj/kernel', 'lora(rank=2, rslora=True)'),
+      ],
+      'one use_rslora',
+    ),
+  ]:
+    tree = pj.by_rules(rules)
+    params, buffers = tree.init(jax.random.key(0), frozen)
+    with pytest.raises(pj.PeftError, match=re.escape(message)):
+      interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
