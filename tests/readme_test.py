@@ -1,6 +1,7 @@
 """Every code block of the README runs as written.
 
-Python blocks are executed in a fresh namespace inside a temporary directory.
+Python blocks are executed in a fresh namespace inside a temporary directory;
+those that load the real SmolLM2 (``smollm2_path()``) are marked slow.
 Shell blocks are checked without running their (minutes-long) jobs: each
 ``make`` target exists in the Makefile, and each ``python -m module`` command
 parses with the module's own argument parser, its ``--config`` builds and
@@ -30,7 +31,13 @@ def test_every_block_declares_its_language():
   assert {lang for lang, _ in BLOCKS} <= {'python', 'bash', 'text'}
 
 
-@pytest.mark.parametrize('index', range(len(blocks('python'))))
+@pytest.mark.parametrize(
+  'index',
+  [
+    pytest.param(i, marks=[pytest.mark.slow] if 'smollm2_path()' in code else [])
+    for i, code in enumerate(blocks('python'))
+  ],
+)
 def test_python_block_runs(index, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   exec(compile(blocks('python')[index], f'README python block {index}', 'exec'), {})

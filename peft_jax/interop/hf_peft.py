@@ -57,22 +57,28 @@ class HfMethod(NamedTuple):
     peft_type: the ``peft_type`` of ``adapter_config.json`` (``'LORA'``).
     methods: our method names it covers (``('lora', 'dora')``).
     suffixes: the tensor names after the module name (``'lora_A.weight'``).
-    read: ``(config, module name, {suffix: array}, module) -> (spec,
-      {field: array})``: our method spec and parameter fields (Flax layout)
-      for one module; ``config`` is ``adapter_config.json``.
+    read: ``(config, module name, {suffix: array}, module, shared) -> (spec,
+      params, buffers)``: our method spec and its parameter and buffer
+      fields (``{field: array}``, Flax layout; field ``''`` for a bare
+      array) for one module; ``config`` is ``adapter_config.json``,
+      ``shared`` the method's ``shared`` tensors.
     write: ``(method name, kwargs, params, buffers, module) -> ({suffix:
-      array}, options)``: PEFT's tensors and the options this module needs
-      (e.g. ``{'r': 8, 'lora_alpha': 16.0}``).
+      array}, options, shared)``: PEFT's tensors, the options this module
+      needs (e.g. ``{'r': 8, 'lora_alpha': 16.0}``) and its share of the
+      ``shared`` tensors (every leaf that writes one must agree on it).
     config: ``{module name: options} -> adapter_config fields`` (common
       values, patterns for the rest; raises for options PEFT cannot mix).
+    shared: names of tensors stored once for all modules, outside any
+      module (VeRA's ``vera_A``, ``vera_B``).
   """
 
   peft_type: str
   methods: tuple[str, ...]
   suffixes: tuple[str, ...]
-  read: Callable[[Mapping[str, Any], str, Tensors, Module], tuple[str, Tensors]]
-  write: Callable[[str, dict, AdapterParams, Buffers, Module], tuple[Tensors, dict]]
+  read: Callable[..., tuple[str, Tensors, Tensors]]
+  write: Callable[..., tuple[Tensors, dict, Tensors]]
   config: Callable[[dict[str, dict]], dict[str, Any]]
+  shared: tuple[str, ...] = ()
 
 
 class HfAdapter(NamedTuple):
@@ -160,13 +166,17 @@ def _split(
   method: HfMethod,
   modules: Mapping[str, Module],
   where: str,
-) -> tuple[dict[str, Tensors], dict[str, Tensors]]:
-  """``(adapted, saved)``: per module, the method's tensors by suffix, and the
-  ``modules_to_save`` copies by parameter (``weight``, ``bias``; PEFT names
-  them ``<module>.<param>``)."""
+) -> tuple[dict[str, Tensors], dict[str, Tensors], Tensors]:
+  """``(adapted, saved, shared)``: per module, the method's tensors by suffix;
+  the ``modules_to_save`` copies by parameter (``weight``, ``bias``; PEFT
+  names them ``<module>.<param>``); the method's ``shared`` tensors."""
   adapted: dict[str, Tensors] = collections.defaultdict(dict)
   saved: dict[str, Tensors] = collections.defaultdict(dict)
+  shared: Tensors = {}
   for name, value in tensors.items():
+    if name in method.shared:
+      shared[name] = value
+      continue
     module, _, param = name.rpartition('.')
     if is_target(config.get(SAVED), module) and param in ('weight', 'bias'):
       saved[module][param] = value
@@ -185,7 +195,7 @@ def _split(
         f'{where}: module {module!r} has no counterpart in this model '
         f'(is it the model the adapter was trained on?); closest: {close}.'
       )
-  return dict(adapted), dict(saved)
+  return dict(adapted), dict(saved), shared
 
 
 def _leaf(module: Module, param: str, where: str) -> str:
@@ -221,14 +231,17 @@ def load_hf_adapter(
   config, tensors = _read_folder(adapter_dir)
   where = str(adapter_dir)
   method = _method(config, where)
-  adapted, saved = _split(config, tensors, method, modules, where)
-  leaves, values = {}, {}
+  adapted, saved, shared = _split(config, tensors, method, modules, where)
+  leaves, values, buffer_values = {}, {}, {}
   for name, module_tensors in sorted(adapted.items()):
     module = modules[name]
-    spec, fields = method.read(config, name, module_tensors, module)
+    spec, fields, buffer_fields = method.read(
+      config, name, module_tensors, module, shared
+    )
     leaf = _leaf(module, 'weight', where)
     leaves[leaf] = spec
-    values.update({f'{leaf}/{field}': v for field, v in fields.items()})
+    values.update(_named(leaf, fields))
+    buffer_values.update(_named(leaf, buffer_fields))
   for name, params in sorted(saved.items()):
     for param, value in sorted(params.items()):
       row = modules[name].get(param)
@@ -240,9 +253,16 @@ def load_hf_adapter(
   adapter = by_rules(rules)
   like = jax.eval_shape(adapter.init, jax.random.key(0), frozen)
   params = fill_like(where, 'params', values, like[0])
-  buffers = fill_like(where, 'buffers', {}, like[1])
-  params = jax.tree.map(lambda v, s: jnp.asarray(v, s.dtype), params, like[0])
+  buffers = fill_like(where, 'buffers', buffer_values, like[1])
+  as_like = lambda v, s: jnp.asarray(v, s.dtype)
+  params = jax.tree.map(as_like, params, like[0])
+  buffers = jax.tree.map(as_like, buffers, like[1])
   return HfAdapter(rules, adapter, params, buffers, config)
+
+
+def _named(leaf: str, fields: Tensors) -> Tensors:
+  """``{leaf/field: array}`` (``leaf`` itself for field ``''``)."""
+  return {f'{leaf}/{f}' if f else leaf: v for f, v in fields.items()}
 
 
 def _rules(leaves: dict[str, str]) -> list[tuple[str, str]]:
@@ -309,10 +329,11 @@ def save_hf_adapter(
       saved.add(name)
       continue
     method = _covering(leaf, param, entry.adapter.name or kind, kind, method)
-    module_tensors, options[name] = method.write(
+    module_tensors, options[name], module_shared = method.write(
       kind, kwargs, entry.params, entry.buffers, modules[name]
     )
     tensors.update({f'{name}.{s}': v for s, v in module_tensors.items()})
+    _add_shared(tensors, module_shared, leaf)
   if method is None:
     raise PeftError('save_hf_adapter: no leaf uses a method PEFT can write.')
   config = {
@@ -323,6 +344,17 @@ def save_hf_adapter(
     **config_fields,
   }
   return _write_folder(pathlib.Path(adapter_dir), config, tensors)
+
+
+def _add_shared(tensors: Tensors, shared: Tensors, leaf: str) -> None:
+  """Adds a leaf's shared tensors; one another leaf wrote must be equal."""
+  for name, value in shared.items():
+    if name in tensors and not np.array_equal(tensors[name], value):
+      raise PeftError(
+        f'save_hf_adapter: {leaf!r} needs a different {name!r} than earlier '
+        'leaves; PEFT stores one for all modules.'
+      )
+    tensors[name] = np.asarray(value)
 
 
 def _compact(config: dict[str, Any], modules: Mapping[str, Module]) -> dict[str, Any]:

@@ -30,9 +30,14 @@ def _no_bias(name: str, module: Module) -> None:
 
 
 def read(
-  config: Mapping[str, Any], name: str, tensors: hf_peft.Tensors, module: Module
-) -> tuple[str, hf_peft.Tensors]:
-  """``(ia3(...) spec, {l_out} or {l_in})`` for module ``name``."""
+  config: Mapping[str, Any],
+  name: str,
+  tensors: hf_peft.Tensors,
+  module: Module,
+  shared: hf_peft.Tensors,
+) -> tuple[str, hf_peft.Tensors, hf_peft.Tensors]:
+  """``(ia3(...) spec, {l_out} or {l_in}, {})`` for module ``name``."""
+  del shared
   if config.get('fan_in_fan_out'):
     raise PeftError(f'{name}: (IA)³ option fan_in_fan_out=True is not supported.')
   scales = tensors[SCALES]
@@ -43,21 +48,21 @@ def read(
       f'{"(1, d_in)" if feedforward else "(d_out, 1)"}.'
     )
   if feedforward:
-    return 'ia3(feedforward=True)', {'l_in': scales[0]}
+    return 'ia3(feedforward=True)', {'l_in': scales[0]}, {}
   _no_bias(name, module)
-  return 'ia3()', {'l_out': scales[:, 0]}
+  return 'ia3()', {'l_out': scales[:, 0]}, {}
 
 
 def write(
   kind: str, kwargs: dict, params: Any, buffers: Any, module: Module
-) -> tuple[hf_peft.Tensors, dict]:
+) -> tuple[hf_peft.Tensors, dict, hf_peft.Tensors]:
   """PEFT's ``ia3_l`` and options for one ``ia3`` leaf."""
   del kind, buffers
   feedforward = kwargs['feedforward']
   if feedforward:
-    return {SCALES: np.asarray(params.l_in)[None, :]}, {'feedforward': True}
+    return {SCALES: np.asarray(params.l_in)[None, :]}, {'feedforward': True}, {}
   _no_bias(module['weight'].path, module)
-  return {SCALES: np.asarray(params.l_out)[:, None]}, {'feedforward': False}
+  return {SCALES: np.asarray(params.l_out)[:, None]}, {'feedforward': False}, {}
 
 
 def config(options: dict[str, dict]) -> dict[str, Any]:

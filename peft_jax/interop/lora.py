@@ -53,10 +53,14 @@ def _check_options(config: Mapping[str, Any], where: str) -> None:
 
 
 def read(
-  config: Mapping[str, Any], name: str, tensors: hf_peft.Tensors, module: Module
-) -> tuple[str, hf_peft.Tensors]:
-  """``(lora(...) or dora(...) spec, {a, b[, m]})`` for module ``name``."""
-  del module
+  config: Mapping[str, Any],
+  name: str,
+  tensors: hf_peft.Tensors,
+  module: Module,
+  shared: hf_peft.Tensors,
+) -> tuple[str, hf_peft.Tensors, hf_peft.Tensors]:
+  """``(lora(...) or dora(...) spec, {a, b[, m]}, {})`` for module ``name``."""
+  del module, shared
   _check_options(config, name)
   use_dora = bool(config.get('use_dora'))
   expected = {A, B, MAGNITUDE} if use_dora else {A, B}
@@ -82,12 +86,12 @@ def read(
   fields = {'a': a, 'b': b}
   if use_dora:
     fields['m'] = tensors[MAGNITUDE]
-  return spec, fields
+  return spec, fields, {}
 
 
 def write(
   kind: str, kwargs: dict, params: Any, buffers: Any, module: Module
-) -> tuple[hf_peft.Tensors, dict]:
+) -> tuple[hf_peft.Tensors, dict, hf_peft.Tensors]:
   """PEFT's tensors and options for one ``lora``/``dora`` leaf."""
   del buffers, module
   tensors = {A: np.asarray(params.a).T, B: np.asarray(params.b).T}
@@ -99,7 +103,7 @@ def write(
     'use_rslora': kwargs['rslora'],
     'use_dora': kind == 'dora',
   }
-  return tensors, options
+  return tensors, options, {}
 
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
