@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from peft_jax._src.base import Params, PeftError
-from peft_jax.models import bert, checkpoints, gguf_loading, llama
+from peft_jax.models import bert, checkpoints, deberta, gguf_loading, llama
 from peft_jax.models.checkpoints import Module
 
 
@@ -14,8 +14,9 @@ def hf_modules(model: Any) -> dict[str, Module]:
   with our parameter paths: the names PEFT adapters use.
 
   Args:
-    model: ``LlamaForCausalLM``, ``BertModel``, or a BERT task model
-      (sequence/token classification, multiple choice).
+    model: ``LlamaForCausalLM``, ``BertModel``, a BERT task model
+      (sequence/token classification, multiple choice), ``DebertaV2Model``
+      or ``DebertaV2ForSequenceClassification``.
 
   Returns:
     ``{module name: {param: Tensor}}``.
@@ -34,9 +35,14 @@ def hf_modules(model: Any) -> dict[str, Module]:
   )
   if isinstance(model, heads):
     return bert.hf_modules(model.config, head=True)
+  if isinstance(model, deberta.DebertaV2Model):
+    return deberta.hf_modules(model.config)
+  if isinstance(model, deberta.DebertaV2ForSequenceClassification):
+    return deberta.hf_modules(model.config, head=True)
   raise PeftError(
     f'No Hugging Face module table for {type(model).__name__}; expected '
-    'LlamaForCausalLM, BertModel or a BERT task model.'
+    'LlamaForCausalLM, BertModel, a BERT task model, DebertaV2Model or '
+    'DebertaV2ForSequenceClassification.'
   )
 
 
@@ -47,7 +53,8 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
   ``model_type`` picks the family: ``llama``/``mistral``/``qwen2`` give
   ``LlamaForCausalLM``; ``bert``/``roberta`` give the sequence (or, when
   ``architectures`` says so, token) classifier when the checkpoint stores a
-  ``classifier``, else ``BertModel``.
+  ``classifier``, else ``BertModel``; ``deberta-v2`` gives
+  ``DebertaV2ForSequenceClassification`` or ``DebertaV2Model`` likewise.
 
   Args:
     model_dir: a directory with ``config.json`` and safetensors weights, a
@@ -81,7 +88,15 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
     if any('TokenClassification' in a for a in hf_config.architectures or ()):
       return bert.BertForTokenClassification(config, labels), params
     return bert.BertForSequenceClassification(config, labels, pooling='cls'), params
+  if model_type == 'deberta-v2':
+    if 'classifier.weight' not in checkpoints.read_safetensors(model_dir):
+      config, params = deberta.load_hf(model_dir)
+      return deberta.DebertaV2Model(config), params
+    config, params = deberta.load_hf_classifier(model_dir)
+    labels = params['classifier']['bias'].shape[0]
+    return deberta.DebertaV2ForSequenceClassification(config, labels), params
   raise PeftError(
     f'{model_dir}: model_type {model_type!r} has no Hugging Face module table '
-    "yet; expected one of 'llama', 'mistral', 'qwen2', 'bert', 'roberta'."
+    "yet; expected one of 'llama', 'mistral', 'qwen2', 'bert', 'roberta', "
+    "'deberta-v2'."
   )

@@ -732,13 +732,9 @@ def hf_modules(config: BertConfig, head: bool = False) -> dict[str, checkpoints.
   """
   if not head:
     return checkpoints.modules(_hf_tensors(config))
-  rows = [
-    row._replace(path=f'bert/{row.path}', optional=False) for row in _hf_tensors(config)
-  ]
-  rows += checkpoints.dense('classifier', 'classifier')
-  prefix = _hf_prefix(config)
-  return checkpoints.modules(
-    rows, lambda name: name if name == 'classifier' else prefix + name
+  classifier = checkpoints.dense('classifier', 'classifier')
+  return checkpoints.task_modules(
+    _hf_tensors(config), _hf_prefix(config), 'bert', classifier
   )
 
 
@@ -792,23 +788,12 @@ def load_hf_classifier(model_dir: str | os.PathLike) -> tuple[BertConfig, Params
       'classification checkpoint (load_hf reads the encoder alone).'
     )
   num_labels = tensors['classifier.weight'].shape[0]
-  base, prefix = hf_layout(config), _hf_prefix(config)
-  rows = [
-    row._replace(name=prefix + row.name, path=f'bert/{row.path}')
-    for row in base.tensors
-  ]
-  rows += checkpoints.dense('classifier', 'classifier')
-  abstract = {
-    'bert': base.abstract,
-    'classifier': {
-      'kernel': jax.ShapeDtypeStruct((config.hidden_size, num_labels), jnp.float32),
-      'bias': jax.ShapeDtypeStruct((num_labels,), jnp.float32),
-    },
-  }
-  layout = base._replace(
-    tensors=tuple(rows),
-    abstract=abstract,
-    prefixes=(),
+  layout = checkpoints.task_layout(
+    hf_layout(config),
+    _hf_prefix(config),
+    'bert',
+    checkpoints.dense('classifier', 'classifier'),
+    {'classifier': checkpoints.dense_shapes(config.hidden_size, num_labels)},
     ignore=(r'(bert|roberta)\.embeddings\.(position_ids|token_type_ids)',),
   )
   return config, checkpoints.convert(tensors, layout)

@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -105,6 +106,54 @@ def modules(
     module, _, param = row.name.rpartition('.')
     table.setdefault(rename(module), {})[param] = row
   return table
+
+
+def nested(rows: Iterable[Tensor], prefix: str, encoder: str) -> list[Tensor]:
+  """An encoder's rows inside a task model: names under ``prefix``
+  (``'bert.'``), paths under ``encoder`` (``'bert'``), none optional."""
+  return [
+    row._replace(name=prefix + row.name, path=f'{encoder}/{row.path}', optional=False)
+    for row in rows
+  ]
+
+
+def task_modules(
+  rows: Iterable[Tensor], prefix: str, encoder: str, head: Iterable[Tensor]
+) -> dict[str, Module]:
+  """The module table of a task model: the encoder's ``rows`` nested under
+  ``prefix``/``encoder`` (see ``nested``) plus the ``head`` rows as they are."""
+  return modules([*nested(rows, prefix, encoder), *head])
+
+
+def task_layout(
+  base: Layout,
+  prefix: str,
+  encoder: str,
+  head: Iterable[Tensor],
+  head_abstract: Params,
+  ignore: tuple[str, ...],
+) -> Layout:
+  """The layout of a task checkpoint (``bert.*`` + ``classifier.*``): the
+  encoder's ``base`` layout nested (see ``nested``), plus the ``head`` rows
+  and their shapes; no name prefix is stripped."""
+  rows = [
+    row._replace(name=prefix + row.name, path=f'{encoder}/{row.path}')
+    for row in base.tensors
+  ]
+  return base._replace(
+    tensors=(*rows, *head),
+    abstract={encoder: base.abstract, **head_abstract},
+    prefixes=(),
+    ignore=ignore,
+  )
+
+
+def dense_shapes(d_in: int, d_out: int) -> Params:
+  """``{'kernel': (d_in, d_out), 'bias': (d_out,)}`` as float32 shape structs."""
+  return {
+    'kernel': jax.ShapeDtypeStruct((d_in, d_out), jnp.float32),
+    'bias': jax.ShapeDtypeStruct((d_out,), jnp.float32),
+  }
 
 
 def transpose(w: np.ndarray) -> np.ndarray:

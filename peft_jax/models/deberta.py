@@ -977,3 +977,78 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[DebertaV2Config, Params]:
   """
   config = DebertaV2Config.from_hf(checkpoints.read_hf_config(model_dir))
   return config, checkpoints.load_safetensors(model_dir, hf_layout(config))
+
+
+def _head_rows() -> list[checkpoints.Tensor]:
+  """The rows of the sequence classifier's head: context pooler + classifier."""
+  return [
+    *checkpoints.dense('pooler.dense', 'pooler/dense'),
+    *checkpoints.dense('classifier', 'classifier'),
+  ]
+
+
+def hf_modules(
+  config: DebertaV2Config, head: bool = False
+) -> dict[str, checkpoints.Module]:
+  """The modules of a transformers DeBERTa-v2/v3 model by their full names,
+  with our parameter paths: the names PEFT adapters use.
+
+  Args:
+    config: the model's hyper-parameters.
+    head: False for ``DebertaV2Model`` (``encoder.layer.0.attention.self.
+      query_proj`` -> ``encoder/layer_0/attention/self/query_proj``); True
+      for ``DebertaV2ForSequenceClassification``: ``deberta.`` names ->
+      ``deberta/`` paths, plus ``pooler.dense`` and ``classifier``.
+
+  Returns:
+    ``{module name: {param: Tensor}}`` (see ``checkpoints.modules``).
+  """
+  if not head:
+    return checkpoints.modules(_hf_tensors(config))
+  return checkpoints.task_modules(
+    _hf_tensors(config), 'deberta.', 'deberta', _head_rows()
+  )
+
+
+def load_hf_classifier(
+  model_dir: str | os.PathLike,
+) -> tuple[DebertaV2Config, Params]:
+  """Loads a Hugging Face ``DebertaV2ForSequenceClassification`` checkpoint.
+
+  Args:
+    model_dir: a directory with ``config.json`` and the safetensors.
+
+  Returns:
+    ``(config, params)``: the tree of our ``DebertaV2ForSequenceClassification``
+    (``deberta``, ``pooler/dense``, ``classifier``); ``num_labels`` is
+    ``params['classifier']['bias'].shape[0]``.
+
+  Raises:
+    PeftError: if a file or the head is absent, the config is unsupported,
+      or the tensors do not match (named in the message).
+  """
+  config = DebertaV2Config.from_hf(checkpoints.read_hf_config(model_dir))
+  tensors = checkpoints.read_safetensors(model_dir)
+  if 'classifier.weight' not in tensors:
+    raise PeftError(
+      f'{model_dir}: no classifier.weight; expected a DeBERTa sequence '
+      'classification checkpoint (load_hf reads the encoder alone).'
+    )
+  num_labels = tensors['classifier.weight'].shape[0]
+  pooled = config.pooler_hidden_size or config.hidden_size
+  base = hf_layout(config)
+  ignore = [r'deberta\.embeddings\.position_ids']
+  if not config.position_biased_input:
+    ignore.append(r'deberta\.embeddings\.position_embeddings\.weight')
+  layout = checkpoints.task_layout(
+    base,
+    'deberta.',
+    'deberta',
+    _head_rows(),
+    {
+      'pooler': {'dense': checkpoints.dense_shapes(config.hidden_size, pooled)},
+      'classifier': checkpoints.dense_shapes(pooled, num_labels),
+    },
+    ignore=tuple(ignore),
+  )
+  return config, checkpoints.convert(tensors, layout)

@@ -24,7 +24,7 @@ import safetensors.numpy
 import peft_jax as pj
 from peft_jax import interop
 from peft_jax._src import paths
-from peft_jax.models import bert, llama
+from peft_jax.models import bert, deberta, llama
 from tests import references
 
 FIXTURES = pathlib.Path(__file__).parents[1] / 'fixtures' / 'hf_peft'
@@ -34,6 +34,7 @@ CASES = [
   'llama_dora',
   'llama_ia3',
   'bert_lora_cls',
+  'deberta_lora_cls',
 ]
 TOLERANCE = 1e-5
 
@@ -45,10 +46,15 @@ def base(case: str):
     config, frozen = llama.load_hf(FIXTURES / 'llama')
     model = llama.LlamaForCausalLM(config)
     forward = lambda p, ids, mask: model.apply({'params': p}, ids, attention_mask=mask)
-  else:
+  elif case.startswith('bert'):
     config, frozen = bert.load_hf_classifier(FIXTURES / 'bert')
     labels = frozen['classifier']['bias'].shape[0]
     model = bert.BertForSequenceClassification(config, labels, pooling='cls')
+    forward = lambda p, ids, mask: model.apply({'params': p}, ids, mask)
+  else:
+    config, frozen = deberta.load_hf_classifier(FIXTURES / 'deberta')
+    labels = frozen['classifier']['bias'].shape[0]
+    model = deberta.DebertaV2ForSequenceClassification(config, labels)
     forward = lambda p, ids, mask: model.apply({'params': p}, ids, mask)
   return model, frozen, jax.jit(forward)
 
