@@ -56,6 +56,7 @@ from peft_jax.methods.diff_pruning import diff_pruning
 from peft_jax.methods.dora import dora
 from peft_jax.methods.flexlora import flexlora
 from peft_jax.methods.flora import flora
+from peft_jax.methods.fourierft import fourierft
 from peft_jax.methods.full import full
 from peft_jax.methods.gated_lora import gated_lora
 from peft_jax.methods.houlsby import houlsby
@@ -128,6 +129,7 @@ __all__ = [
   'dora',
   'flexlora',
   'flora',
+  'fourierft',
   'full',
   'gated_lora',
   'get',

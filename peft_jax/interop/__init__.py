@@ -2,11 +2,21 @@
 
 ``load_hf_adapter(dir, hf_modules(model), frozen)`` reads a PEFT folder for
 one of our models; ``save_hf_adapter`` writes one. Each PEFT type has its
-table in this package (``lora``: LoRA, rsLoRA, DoRA; ``ia3``: (IA)³).
+table in this package, one file each: ``lora`` (LoRA, rsLoRA, DoRA),
+``ia3``, ``adalora``, ``ln_tuning``, ``vera``, ``fourierft``, ``oft``,
+``boft``, ``loha``, ``lokr``.
 """
 
+from peft_jax.interop import adalora as adalora  # registers ADALORA
+from peft_jax.interop import boft as boft  # registers BOFT
+from peft_jax.interop import fourierft as fourierft  # registers FOURIERFT
 from peft_jax.interop import ia3 as ia3  # registers IA3
+from peft_jax.interop import ln_tuning as ln_tuning  # registers LN_TUNING
+from peft_jax.interop import loha as loha  # registers LOHA
+from peft_jax.interop import lokr as lokr  # registers LOKR
 from peft_jax.interop import lora as lora  # registers LORA
+from peft_jax.interop import oft as oft  # registers OFT
+from peft_jax.interop import vera as vera  # registers VERA
 from peft_jax.interop.families import hf_modules, load_base
 from peft_jax.interop.hf_peft import (
   HfAdapter,

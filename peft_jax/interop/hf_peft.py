@@ -45,7 +45,11 @@ from peft_jax.models.checkpoints import Module
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'
+SHARED_PREFIX = 'base_model.'  # VeRA's base_model.vera_A: outside any module
 SAVED = 'modules_to_save'
+# The PEFT release whose format and semantics the tests check (OFT's
+# parametrisation changed in 0.18: PEFT warns when a folder says older).
+PEFT_VERSION = '0.21.2'
 
 Tensors = dict[str, np.ndarray]
 
@@ -70,6 +74,10 @@ class HfMethod(NamedTuple):
       values, patterns for the rest; raises for options PEFT cannot mix).
     shared: names of tensors stored once for all modules, outside any
       module (VeRA's ``vera_A``, ``vera_B``).
+    per_param: the method trains module parameters one by one (LN tuning's
+      ``<module>.ln_tuning_layers.weight`` and ``.bias``): the last part of
+      each suffix names the parameter, ``read``/``write`` run once per
+      parameter with ``module = {param: row}``, and the leaf is that row's.
   """
 
   peft_type: str
@@ -79,6 +87,7 @@ class HfMethod(NamedTuple):
   write: Callable[..., tuple[Tensors, dict, Tensors]]
   config: Callable[[dict[str, dict]], dict[str, Any]]
   shared: tuple[str, ...] = ()
+  per_param: bool = False
 
 
 class HfAdapter(NamedTuple):
@@ -118,7 +127,8 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 
 
 def _read_folder(adapter_dir: pathlib.Path) -> tuple[dict[str, Any], Tensors]:
-  """``(adapter_config.json, tensors without the base_model.model. prefix)``."""
+  """``(adapter_config.json, tensors)``: names without ``base_model.model.``,
+  and a method's ``shared`` tensor ``base_model.<name>`` as ``<name>``."""
   config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
   for path in (config_path, weights_path):
     if not path.is_file():
@@ -131,15 +141,21 @@ def _read_folder(adapter_dir: pathlib.Path) -> tuple[dict[str, Any], Tensors]:
         f'{path} does not exist; expected a PEFT adapter folder{bin_note}.'
       )
   config = json.loads(config_path.read_text())
+  method = _METHODS.get(config.get('peft_type'))
+  shared = method.shared if method else ()
+  tensors = {}
   with safetensors.safe_open(str(weights_path), framework='numpy') as f:
-    tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-  outside = sorted(n for n in tensors if not n.startswith(PREFIX))
-  if outside:
-    raise PeftError(
-      f'{weights_path}: tensor {outside[0]!r} is not under {PREFIX!r}; '
-      'prompt-learning adapters are not read yet.'
-    )
-  return config, {n.removeprefix(PREFIX): v for n, v in tensors.items()}
+    for name in f.keys():  # noqa: SIM118
+      if name.startswith(PREFIX):
+        tensors[name.removeprefix(PREFIX)] = f.get_tensor(name)
+      elif name.removeprefix(SHARED_PREFIX) in shared:
+        tensors[name.removeprefix(SHARED_PREFIX)] = f.get_tensor(name)
+      else:
+        raise PeftError(
+          f'{weights_path}: tensor {name!r} is not under {PREFIX!r}; '
+          'prompt-learning adapters are not read yet.'
+        )
+  return config, tensors
 
 
 def _method(config: Mapping[str, Any], where: str) -> HfMethod:
@@ -198,9 +214,13 @@ def _split(
   return dict(adapted), dict(saved), shared
 
 
-def _leaf(module: Module, param: str, where: str) -> str:
+def _leaf(module: Module, name: str, param: str, where: str) -> str:
+  """Our path of parameter ``param`` of module ``name``."""
   if param not in module:
-    raise PeftError(f'{where}: no {param!r} parameter in module {module}.')
+    raise PeftError(
+      f'{where}: module {name!r} has no {param!r} parameter here; it has '
+      f'{sorted(module)}.'
+    )
   return module[param].path
 
 
@@ -234,14 +254,14 @@ def load_hf_adapter(
   adapted, saved, shared = _split(config, tensors, method, modules, where)
   leaves, values, buffer_values = {}, {}, {}
   for name, module_tensors in sorted(adapted.items()):
-    module = modules[name]
-    spec, fields, buffer_fields = method.read(
-      config, name, module_tensors, module, shared
-    )
-    leaf = _leaf(module, 'weight', where)
-    leaves[leaf] = spec
-    values.update(_named(leaf, fields))
-    buffer_values.update(_named(leaf, buffer_fields))
+    for param, module, param_tensors in _parts(method, modules[name], module_tensors):
+      leaf = _leaf(modules[name], name, param, where)
+      spec, fields, buffer_fields = method.read(
+        config, name, param_tensors, module, shared
+      )
+      leaves[leaf] = spec
+      values.update(_named(leaf, fields))
+      buffer_values.update(_named(leaf, buffer_fields))
   for name, params in sorted(saved.items()):
     for param, value in sorted(params.items()):
       row = modules[name].get(param)
@@ -258,6 +278,23 @@ def load_hf_adapter(
   params = jax.tree.map(as_like, params, like[0])
   buffers = jax.tree.map(as_like, buffers, like[1])
   return HfAdapter(rules, adapter, params, buffers, config)
+
+
+def _parts(method: HfMethod, module: Module, tensors: Tensors):
+  """``(param, module, tensors)`` per leaf: the module's ``weight`` with all
+  its tensors, or for a ``per_param`` method each parameter its suffixes
+  name, with ``module = {param: row}``."""
+  if not method.per_param:
+    return [('weight', module, tensors)]
+  params = sorted({suffix.rpartition('.')[2] for suffix in tensors})
+  return [
+    (
+      param,
+      {param: module[param]} if param in module else {},  # _leaf refuses {}.
+      {s: v for s, v in tensors.items() if s.rpartition('.')[2] == param},
+    )
+    for param in params
+  ]
 
 
 def _named(leaf: str, fields: Tensors) -> Tensors:
@@ -329,9 +366,11 @@ def save_hf_adapter(
       saved.add(name)
       continue
     method = _covering(leaf, param, entry.adapter.name or kind, kind, method)
-    module_tensors, options[name], module_shared = method.write(
-      kind, kwargs, entry.params, entry.buffers, modules[name]
+    module = {param: modules[name][param]} if method.per_param else modules[name]
+    module_tensors, module_options, module_shared = method.write(
+      kind, kwargs, entry.params, entry.buffers, module
     )
+    options.setdefault(name, {}).update(module_options)
     tensors.update({f'{name}.{s}': v for s, v in module_tensors.items()})
     _add_shared(tensors, module_shared, leaf)
   if method is None:
@@ -341,9 +380,10 @@ def save_hf_adapter(
     **_compact(method.config(options), modules),
     'modules_to_save': sorted(saved) or None,
     'inference_mode': True,
+    'peft_version': PEFT_VERSION,
     **config_fields,
   }
-  return _write_folder(pathlib.Path(adapter_dir), config, tensors)
+  return _write_folder(pathlib.Path(adapter_dir), config, tensors, method.shared)
 
 
 def _add_shared(tensors: Tensors, shared: Tensors, leaf: str) -> None:
@@ -383,7 +423,7 @@ def _covering(
 ) -> HfMethod:
   """The one PEFT type that writes ``kind``, the same as the earlier leaves'."""
   method = next((m for m in _METHODS.values() if kind in m.methods), None)
-  if method is None or param != 'weight':
+  if method is None or (param != 'weight' and not method.per_param):
     supported = sorted(k for m in _METHODS.values() for k in m.methods)
     raise PeftError(
       f'save_hf_adapter: {leaf!r} uses {spec!r}, which PEFT cannot represent; '
@@ -398,12 +438,17 @@ def _covering(
 
 
 def _write_folder(
-  adapter_dir: pathlib.Path, config: dict[str, Any], tensors: Tensors
+  adapter_dir: pathlib.Path,
+  config: dict[str, Any],
+  tensors: Tensors,
+  shared: tuple[str, ...],
 ) -> pathlib.Path:
-  """Writes both files (each replaced atomically)."""
+  """Writes both files (each replaced atomically): ``shared`` tensors as
+  ``base_model.<name>``, the others under ``base_model.model.``."""
   adapter_dir.mkdir(parents=True, exist_ok=True)
   weights = {
-    PREFIX + n: np.ascontiguousarray(v, np.float32) for n, v in tensors.items()
+    (SHARED_PREFIX if n in shared else PREFIX) + n: np.ascontiguousarray(v, np.float32)
+    for n, v in tensors.items()
   }
   tmp = adapter_dir / f'{WEIGHTS_FILE}.tmp'
   safetensors_numpy.save_file(weights, str(tmp))

@@ -12,6 +12,7 @@ from peft_jax.methods import (  # noqa: F401
   dora,
   flexlora,
   flora,
+  fourierft,
   full,
   gated_lora,
   houlsby,

@@ -16,7 +16,7 @@ class LokrParams(NamedTuple):
 
   ``c: (a1, a2)``, or ``c1: (a1, r)`` and ``c2: (r, a2)`` with
   ``decompose_both``; ``d: (b1, b2)``, or ``d1: (b1, r)`` and ``d2: (r, b2)``
-  with a rank. The fields a configuration does not use are ``None``.
+  with a rank (unless ``full_d``). The fields a configuration does not use are ``None``.
   """
 
   c: Array | None = None
@@ -78,14 +78,20 @@ def _low_rank_fits(which: str, shape: tuple[int, int], rank: int) -> None:
 
 
 def init_factors(
-  key, c_shape, d_shape, rank: int | None, decompose_both: bool, dtype
+  key,
+  c_shape,
+  d_shape,
+  rank: int | None,
+  decompose_both: bool,
+  dtype,
+  full_d: bool = False,
 ) -> LokrParams:
   """HF PEFT's init of ``c: (a1, a2)`` and ``d: (b1, b2)`` (or their factors).
 
   ``c = 0`` (with ``decompose_both``, ``c1: (a1, r)`` Kaiming-uniform and
-  ``c2: (r, a2)`` zero); ``d`` Kaiming-uniform (with a rank, ``d1: (b1, r)``
-  and ``d2: (r, b2)``). Keys: ``split(key, 3)`` for ``c1``, ``d``/``d1``,
-  ``d2``.
+  ``c2: (r, a2)`` zero); ``d`` Kaiming-uniform (with a rank and not
+  ``full_d``, ``d1: (b1, r)`` and ``d2: (r, b2)``). Keys: ``split(key, 3)``
+  for ``c1``, ``d``/``d1``, ``d2``.
 
   Raises:
     PeftError: if the rank exceeds a factor it decomposes.
@@ -100,8 +106,8 @@ def init_factors(
     }
   else:
     c = {'c': jnp.zeros(c_shape, dtype)}
-  if rank is None:
-    d = {'d': uniform(k_d1, d_shape, dtype, rank)}
+  if rank is None or full_d:
+    d = {'d': uniform(k_d1, d_shape, dtype, None)}
   else:
     _low_rank_fits('d', d_shape, rank)
     d = {
@@ -135,6 +141,7 @@ def lokr(
   rank: int | None = None,
   alpha: float | None = None,
   decompose_both: bool = False,
+  full_d: bool = False,
   *,
   param_dtype: str = 'float32',
 ) -> Adapter:
@@ -152,10 +159,15 @@ def lokr(
 
   With ``rank`` given, ``d = d1 @ d2`` (``d1: (b1, r)``, ``d2: (r, b2)``), and
   with ``decompose_both`` also ``c = c1 @ c2`` (``c1: (a1, r)``,
-  ``c2: (r, a2)``). The scale is ``s = α/r`` with a rank (``α`` defaults to
-  ``r``), else ``s = α`` (default 1). HF PEFT instead always divides by its
-  ``r`` and decides itself which factor is low-rank
-  (``r < max(b1, b2)/2``); here the choice is explicit. ``rank(c ⊗ d) =
+  ``c2: (r, a2)``). ``full_d`` keeps ``d: (b1, b2)`` full although a rank is
+  given (``decompose_both`` may still factor ``c``), so ``ΔW = (α/r)·(c ⊗
+  d)`` with ``c`` full or ``c1 @ c2``. The scale is ``s = α/r`` with a rank
+  (``α`` defaults to ``r``), else ``s = α`` (default 1). HF PEFT instead
+  always divides by its ``r`` and decides itself which factor is low-rank
+  (``d`` iff ``r < max(b1, b2)/2``, ``c`` iff ``decompose_both`` and
+  ``r < max(a1, a2)/2``); here the choice is explicit, and ``rank`` with
+  ``full_d`` expresses PEFT's full ``lokr_w2`` (beside a full or, with
+  ``decompose_both``, factored ``lokr_w1``). ``rank(c ⊗ d) =
   rank(c) · rank(d)``.
 
   Init as HF PEFT: ``c`` (or ``c2``, HF's ``lokr_w1_a``) zero, so the update
@@ -166,8 +178,8 @@ def lokr(
   ``(..., a1, b1)``, then ``y = x @ w + s · einsum('...ik,ij,kl->...jl', x, c,
   d)`` reshaped to ``(..., d_out)``. Trainable count
   ``a1·a2 + b1·b2`` (``c`` as ``r(a1 + a2)`` with ``decompose_both``, ``d``
-  as ``r(b1 + b2)`` with a rank; ``LokrParams``, no buffers). Mergeable;
-  ``unapply`` subtracts.
+  as ``r(b1 + b2)`` with a rank and not ``full_d``; ``LokrParams``, no
+  buffers). Mergeable; ``unapply`` subtracts.
 
   Args:
     factor: the factorization divider (HF's ``decompose_factor``): ``-1`` for
@@ -176,6 +188,7 @@ def lokr(
     rank: r of the low-rank ``d`` (and ``c``); ``None`` for full factors.
     alpha: α of the scale.
     decompose_both: also factor ``c`` at rank r (needs ``rank``).
+    full_d: keep ``d`` full with a rank (needs ``rank``); ``s`` stays α/r.
     param_dtype: dtype of the factors; ``w'`` keeps ``w``'s dtype.
 
   Returns:
@@ -184,10 +197,12 @@ def lokr(
   name = 'lokr'
   factor = _factor_arg(name, factor)
   decompose_both = checks.flag(name, 'decompose_both', decompose_both)
+  full_d = checks.flag(name, 'full_d', full_d)
   if rank is not None:
     rank = checks.positive_int(name, 'rank', rank)
-  elif decompose_both:
-    raise PeftError(f'{name}: decompose_both=True needs a rank; got rank=None')
+  if rank is None and (decompose_both or full_d):
+    option = 'decompose_both' if decompose_both else 'full_d'
+    raise PeftError(f'{name}: {option}=True needs a rank; got rank=None')
   if alpha is None:  # α = r with a rank, else 1: s = 1 either way.
     alpha = float(rank or 1)
   scale = checks.real(name, 'alpha', alpha) / (rank or 1)
@@ -195,7 +210,8 @@ def lokr(
 
   def init(key, w):
     c_shape, d_shape = kron_shapes(checks.matrix(name, w), factor)
-    return init_factors(key, c_shape, d_shape, rank, decompose_both, dtype), None
+    params = init_factors(key, c_shape, d_shape, rank, decompose_both, dtype, full_d)
+    return params, None
 
   def delta(w, params, buffers):
     del w, buffers
@@ -208,6 +224,6 @@ def lokr(
   def num_params(shape):
     (a1, a2), (b1, b2) = kron_shapes(shape, factor)
     c_count = rank * (a1 + a2) if decompose_both else a1 * a2
-    return c_count + (b1 * b2 if rank is None else rank * (b1 + b2))
+    return c_count + (b1 * b2 if rank is None or full_d else rank * (b1 + b2))
 
   return additive(init, delta, delta_product=delta_product, num_params=num_params)

@@ -275,7 +275,7 @@ def edited(case: str, tmp_path, **changes) -> pathlib.Path:
 @pytest.mark.parametrize(
   ('changes', 'message'),
   [
-    ({'peft_type': 'LOHA'}, "peft_type 'LOHA' is not supported"),
+    ({'peft_type': 'POLY'}, "peft_type 'POLY' is not supported"),
     ({'rank_pattern': {'q_proj': 3}}, 'rank 2, but r/rank_pattern give 3'),
     ({'init_lora_weights': 'pissa'}, 'residual base model'),
     ({'bias': 'all'}, "bias='all' is not supported"),
@@ -320,7 +320,7 @@ def test_methods_peft_cannot_hold_together_are_refused(tmp_path):
   model, frozen, _ = base('llama')
   modules = interop.hf_modules(model)
   for rules, message in [
-    ([('layers_0/self_attn/q_proj/kernel', 'loha(rank=2)')], 'uses "loha(rank=2'),
+    ([('layers_0/self_attn/q_proj/kernel', 'moslora(rank=2)')], 'uses "moslora(rank=2'),
     (
       [
         ('layers_0/self_attn/q_proj/kernel', 'lora(rank=2)'),

@@ -57,6 +57,8 @@ CASES = {
   'trilora': ('trilora(rank=3, alpha=6)', (7, 5), True),
   'liera': ('liera(rank=3, alpha=3)', (7, 5), True),
   'vera': ('vera(rank=4)', (7, 5), True),
+  'vera/stored': ('vera(rank=4, shared_shape=(9, 6))', (7, 5), True),
+  'fourierft': ('fourierft(n_frequency=6, scaling=2.0)', (7, 5), False),
   'parallel_adapter': ('parallel_adapter(rank=3)', (7, 5), True),
   # UniPELT's gated LoRA: linear form only, the gate reads x.
   'gated_lora': ('gated_lora(rank=3)', (7, 5), True),

@@ -46,6 +46,9 @@ CONFIGS = [
   ({'rank': 2, 'alpha': 4.0}, 2.0),
   ({'rank': 2, 'alpha': 4.0, 'decompose_both': True}, 2.0),
   ({'factor': 2, 'rank': 1}, 1.0),
+  # full_d: d stays (b1, b2) with a rank; s = α/r all the same.
+  ({'rank': 2, 'alpha': 3.0, 'full_d': True}, 1.5),
+  ({'rank': 1, 'alpha': 3.0, 'decompose_both': True, 'full_d': True}, 3.0),
 ]
 
 
@@ -82,6 +85,8 @@ def test_apply_and_factored_equal_the_materialised_kronecker_product(kwargs, sca
     ({}, ['c', 'd'], 3 * 2 + 4 * 4),
     ({'rank': 2}, ['c', 'd1', 'd2'], 3 * 2 + 2 * (4 + 4)),
     ({'rank': 1, 'decompose_both': True}, ['c1', 'c2', 'd1', 'd2'], 5 + 8),
+    ({'rank': 2, 'full_d': True}, ['c', 'd'], 3 * 2 + 4 * 4),
+    ({'rank': 1, 'decompose_both': True, 'full_d': True}, ['c1', 'c2', 'd'], 5 + 16),
   ],
 )
 def test_factor_shapes_and_count(kwargs, names, count):
@@ -116,6 +121,7 @@ def test_init_zero_c_and_kaiming_uniform_d_identity_at_init():
     ({'rank': 0}, (4, 4), 'rank=0 must be > 0'),
     ({'decompose_both': True}, (4, 4), 'decompose_both=True needs a rank'),
     ({'decompose_both': 1}, (4, 4), 'decompose_both=1 must be True or False'),
+    ({'full_d': True}, (4, 4), 'full_d=True needs a rank'),
     (
       {'rank': 5},
       (D_IN, D_OUT),

@@ -114,3 +114,72 @@ def test_zero_init_is_identity_and_count_is_free_skew_entries(kwargs, count):
 def test_bad_hyperparameters_are_clear_errors(kwargs, leaf_shape, message):
   with pytest.raises(pj.PeftError, match=message):
     oft.oft(**kwargs).init(jax.random.key(0), jnp.ones(leaf_shape))
+
+
+def reference_neumann(q, b, terms):
+  """HF PEFT's Cayley–Neumann blocks, in float64: ``I + Σ_{j=1}^{n−1} c_j Qʲ``
+  with ``c_j = 2`` except the last term's 1 (``n = 3`` keeps ``Q³`` as ``n = 4``)."""
+  rows, cols = np.triu_indices(b, 1)
+  coefficients = {1: [], 2: [2], 3: [2, 2, 1]}.get(terms, [2] * (terms - 2) + [1])
+  blocks = []
+  for vec in np.float64(q):
+    s = np.zeros((b, b))
+    s[rows, cols] = vec
+    skew = s - s.T
+    blocks.append(
+      np.eye(b)
+      + sum(c * np.linalg.matrix_power(skew, j + 1) for j, c in enumerate(coefficients))
+    )
+  return np.stack(blocks)
+
+
+@pytest.mark.parametrize('terms', [1, 2, 3, 4, 5, 7])
+def test_neumann_terms_match_hf_series(terms):
+  rng = np.random.default_rng(terms)
+  q = rng.normal(scale=0.3, size=(3, 6))
+  w = rng.normal(size=(D_IN, D_OUT))
+  adapter = oft.oft(block_size=4, neumann_terms=terms, param_dtype='float64')
+  with jax.enable_x64():
+    params = OftParams(q=jnp.asarray(q))
+    merged = np.asarray(adapter.apply(jnp.asarray(w), params, None))
+    restored = adapter.unapply(jnp.asarray(merged), params, None)
+    x = rng.normal(size=(2, D_IN))
+    factored = adapter.linear.factored(jnp.asarray(x), jnp.asarray(w), params, None)
+  R = scipy.linalg.block_diag(*reference_neumann(q, 4, terms))
+  np.testing.assert_allclose(merged, R @ w, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(factored, x @ R @ w, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(restored, w, rtol=1e-10, atol=1e-10)
+  # The series approaches the exact Cayley transform as terms grow.
+  if terms == 7:
+    np.testing.assert_allclose(R[:4, :4], reference_blocks(q, 4)[0], atol=0.05)
+
+
+def test_coft_clips_each_block_to_eps_over_sqrt_blocks():
+  rng = np.random.default_rng(4)
+  q = rng.normal(scale=0.3, size=(3, 6))
+  q[1] *= 0.01  # Within the radius: kept as is.
+  w = rng.normal(size=(D_IN, D_OUT))
+  eps = 0.4
+  radius = eps / np.sqrt(3)
+  norms = np.sqrt(2) * np.linalg.norm(q, axis=1, keepdims=True)
+  clipped = np.where(norms > radius, q * radius / norms, q)
+  assert (norms > radius).sum() == 2
+  adapter = oft.oft(block_size=4, coft_eps=eps, param_dtype='float64')
+  with jax.enable_x64():
+    merged = adapter.apply(jnp.asarray(w), OftParams(q=jnp.asarray(q)), None)
+  R = scipy.linalg.block_diag(*reference_blocks(clipped, 4))
+  np.testing.assert_allclose(merged, R @ w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  'kwargs,message',
+  [
+    ({'neumann_terms': -1}, 'oft: neumann_terms=-1 must be > 0'),
+    ({'neumann_terms': 2.0}, 'neumann_terms=2.0 must be an int'),
+    ({'coft_eps': -0.1}, 'coft_eps=-0.1 must be >= 0'),
+    ({'coft_eps': 'a'}, "coft_eps='a' must be a number"),
+  ],
+)
+def test_bad_rotation_options_are_clear_errors(kwargs, message):
+  with pytest.raises(pj.PeftError, match=message):
+    oft.oft(block_size=4, **kwargs)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
-from peft_jax.methods.vera import VeraParams, projections, vera
+from peft_jax.methods.vera import VeraParams, VeraProjections, projections, vera
 from tests.methods.spec_checks import assert_factored_and_inverse
 
 D_IN, D_OUT = 9, 6
@@ -103,3 +103,33 @@ def test_trainable_count_is_r_plus_dout():
 def test_bad_hyperparameters_are_clear_errors(kwargs, leaf_shape, message):
   with pytest.raises(pj.PeftError, match=f'vera.*{message}'):
     vera(**kwargs).init(jax.random.key(0), jnp.ones(leaf_shape))
+
+
+def test_stored_projections_are_sliced_from_one_pair():
+  """``shared_shape=(n_in, n_out)``: buffers ``a: (n_in, r)``, ``b: (r, n_out)``
+  (HF's ``vera_Aᵀ``, ``vera_Bᵀ``) and ``ΔW = Λ_b B[:d_out] Λ_d A[:, :d_in]``."""
+  rank, n_in, n_out = 3, 12, 10
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(D_IN, D_OUT))
+  adapter = vera(rank, seed=2, shared_shape=(n_in, n_out), param_dtype='float64')
+  vera_a, vera_b = rng.normal(size=(rank, n_in)), rng.normal(size=(n_out, rank))
+  lambda_d, lambda_b = rng.normal(size=rank), rng.normal(size=D_OUT)
+  with jax.enable_x64():
+    _, stored = adapter.init(jax.random.key(0), jnp.zeros((D_IN, D_OUT)))
+    np.testing.assert_array_equal(stored.b, projections(2, rank, n_in, n_out)[1])
+    params = VeraParams(jnp.asarray(lambda_d), jnp.asarray(lambda_b))
+    buffers = VeraProjections(jnp.asarray(vera_a.T), jnp.asarray(vera_b.T))
+    merged = np.asarray(adapter.apply(jnp.asarray(w), params, buffers))
+    x = rng.normal(size=(2, D_IN))
+    factored = adapter.linear.factored(jnp.asarray(x), jnp.asarray(w), params, buffers)
+  A, B = vera_a[:, :D_IN], vera_b[:D_OUT]
+  expected = w.T + np.diag(lambda_b) @ B @ np.diag(lambda_d) @ A
+  np.testing.assert_allclose(merged.T, expected, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(factored, x @ expected.T, rtol=1e-12, atol=1e-12)
+
+
+def test_stored_projections_must_fit_the_kernel():
+  with pytest.raises(pj.PeftError, match=r'vera: a \(9, 6\) kernel does not fit'):
+    vera(2, shared_shape=(8, 6)).init(jax.random.key(0), jnp.ones((D_IN, D_OUT)))
+  with pytest.raises(pj.PeftError, match='shared_shape=5 must be'):
+    vera(2, shared_shape=5)
