@@ -57,6 +57,9 @@ METHODS = {
   'vera': ([(QV, 'vera(rank=256)')], 1e-2),
   'loha': ([(QV, 'loha(rank=4, alpha=8)')], LOW_RANK_LR),
   'lokr': ([(QV, 'lokr(rank=8, alpha=8)')], LOW_RANK_LR),
+  # FourierFT (Gao et al.): HF PEFT's defaults (1000 coefficients per kernel,
+  # scale 150, N(0, 1) init); the learning rate is an untuned guess.
+  'fourierft': ([(QV, 'fourierft(n_frequency=1000)')], 1e-2),
   'intrinsic_said': ([(QV, 'intrinsic_said(dim=256)')], 1e-2),
   'parallel_adapter': ([(QV, 'parallel_adapter(rank=8)')], LOW_RANK_LR),
   # UniPELT's gated LoRA (no α/r: the gate scales the branch).

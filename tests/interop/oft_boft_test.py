@@ -32,12 +32,6 @@ from tests.interop.hf_peft_test import (
   load,
   real_positions,
 )
-from tests.interop.hf_peft_test import (
-  test_logits_equal_peft as logits_equal_peft,
-)
-from tests.interop.hf_peft_test import (
-  test_merged_weights_equal_peft_merge_and_unload as merged_weights_equal_peft,
-)
 
 assert oft_interop.OFT and boft_interop.BOFT  # Registered.
 CASES = [
@@ -73,16 +67,6 @@ def resolved(config, d_ins):
   size, count = BLOCK_FIELDS[peft_type]
   sizes = {m: config[size] or d_in // config[count] for m, d_in in d_ins.items()}
   return sizes, {f: config[f] for f in FLAGS[peft_type]}
-
-
-@pytest.mark.parametrize('case', CASES)
-def test_logits_equal_peft(case):
-  logits_equal_peft(case)
-
-
-@pytest.mark.parametrize('case', CASES)
-def test_merged_weights_equal_peft_merge_and_unload(case):
-  merged_weights_equal_peft(case)
 
 
 def test_specs_follow_the_config():
