@@ -45,6 +45,7 @@ def check_sam_row(row, budget):
 
 
 @pytest.mark.filterwarnings(FALLBACK)
+@pytest.mark.slow
 def test_sam_run_trains_exactly_the_selected_entries(tmp_path, tiny_task):
   """One seed's run of the sweep below, through the trainer."""
   config = common.load_config(f'{CONFIG}:runlocal,p=0.1,seeds=2,method=sam,seed=0')

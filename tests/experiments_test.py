@@ -211,6 +211,7 @@ def test_run_writes_everything_and_refuses_a_different_config(
   assert 'error: ' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_adapter(
   lora_run, xla_cache, tmp_path, monkeypatch, tiny_task
 ):
@@ -246,6 +247,7 @@ def check_resume(lora_run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_scheduled_and_non_mergeable_methods_train_through_the_trainer(
   tmp_path, tiny_task
 ):
@@ -262,6 +264,7 @@ def test_scheduled_and_non_mergeable_methods_train_through_the_trainer(
   assert len(es) == 4 and sum(int(np.sum(e != 0)) for e in es) == 4 * 4
 
 
+@pytest.mark.slow
 def test_sweep_trains_activation_adapters_and_writes_the_comparison(
   tmp_path, tiny_task
 ):

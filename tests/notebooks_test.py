@@ -13,6 +13,7 @@ NOTEBOOKS = sorted(
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_notebook_runs(path):
   notebook = nbformat.read(path, as_version=4)
   NotebookClient(notebook, timeout=300, kernel_name='python3').execute(

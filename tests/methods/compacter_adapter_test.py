@@ -149,6 +149,7 @@ def test_init_and_counts_follow_adapter_transformers():
   assert np.abs(out - h).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_bert_keeps_one_shared_rule_and_equals_an_interception():
   model, frozen, ids, mask = setup()
   hooks = pj.hook_points(model, ids, mask)

@@ -139,6 +139,40 @@ def names_where(predicate):
   return [n for n in sorted(CASES) if predicate(pj.get(CASES[n][0]))]
 
 
+# `make test` runs the battery on every case; the fast suite (`make
+# test-fast`) runs it on these, one or two per kind of implementation
+# (additive low-rank, rescaled, rotated, Kronecker, SVD-initialised, copied,
+# masked, gated, shared-projection, spectral; soft prompts, bottlenecks,
+# gates on activations) and marks the other cases slow: the repetition, not
+# the coverage, is what the fast suite leaves out.
+FAST = {
+  'lora',
+  'dora',
+  'adalora',
+  'ia3/feedforward',
+  'oft',
+  'boft',
+  'lokr',
+  'pissa',
+  'full',
+  'bitfit',
+  'sparse',
+  'diff_pruning',
+  'gated_lora',
+  'vera/stored',
+  'fourierft',
+  'prompt_tuning',
+  'prefix_tuning/gated',
+  'houlsby',
+  'p_tuning/lstm',
+}
+
+
+def cases(names):
+  """``names`` as parameters, those outside ``FAST`` marked slow."""
+  return [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 MERGEABLE = names_where(lambda a: a.mergeable)
 FACTORED = names_where(lambda a: a.linear is not None)
 REGULARIZED = names_where(lambda a: a.regularizer is not None)
@@ -209,7 +243,7 @@ def test_registry_and_factory_give_the_same_adapter_and_names_round_trip(name):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('name', MERGEABLE)
+@pytest.mark.parametrize('name', cases(MERGEABLE))
 def test_apply_keeps_shape_and_dtype_and_jits(name, dtype):
   s = setup(name, dtype)
   eager = s.adapter.apply(s.w, s.params, s.buffers)
@@ -221,7 +255,7 @@ def test_apply_keeps_shape_and_dtype_and_jits(name, dtype):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('name', [n for n in MERGEABLE if CASES[n][2]])
+@pytest.mark.parametrize('name', cases([n for n in MERGEABLE if CASES[n][2]]))
 def test_identity_at_init(name, dtype):
   s = setup(name, dtype)
   exact = name not in SVD_METHODS
@@ -233,7 +267,7 @@ def test_identity_at_init(name, dtype):
   )
 
 
-@pytest.mark.parametrize('name', [n for n in FACTORED if CASES[n][2]])
+@pytest.mark.parametrize('name', cases([n for n in FACTORED if CASES[n][2]]))
 def test_factored_identity_at_init(name):
   s = setup(name)
   x = inputs(s.w, (3,), 5)
@@ -245,7 +279,7 @@ def test_factored_identity_at_init(name):
   )
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_params_are_typed_and_counted_by_the_formula(name):
   s = setup(name)
   assert is_typed(s.params0), type(s.params0)
@@ -254,7 +288,7 @@ def test_params_are_typed_and_counted_by_the_formula(name):
   assert pj.count(s.params0) == s.adapter.num_params(s.w.shape)
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_init_is_deterministic_and_jittable(name):
   s = setup(name)
   key = jax.random.key(3)
@@ -266,7 +300,7 @@ def test_init_is_deterministic_and_jittable(name):
   )
 
 
-@pytest.mark.parametrize('name', [n for n in FACTORED if n in MERGEABLE])
+@pytest.mark.parametrize('name', cases([n for n in FACTORED if n in MERGEABLE]))
 def test_factored_equals_merged_forward_and_gradients(name):
   s = setup(name)
   x = inputs(s.w, (4, 2), 9)
@@ -294,7 +328,7 @@ def test_factored_equals_merged_forward_and_gradients(name):
   )
 
 
-@pytest.mark.parametrize('name', names_where(lambda a: a.unapply is not None))
+@pytest.mark.parametrize('name', cases(names_where(lambda a: a.unapply is not None)))
 def test_unapply_inverts_apply(name):
   s = setup(name)
   merged = s.adapter.apply(s.w, s.params, s.buffers)
@@ -303,7 +337,7 @@ def test_unapply_inverts_apply(name):
   )
 
 
-@pytest.mark.parametrize('name', names_where(lambda a: not a.mergeable))
+@pytest.mark.parametrize('name', cases(names_where(lambda a: not a.mergeable)))
 def test_non_mergeable_methods_refuse_to_merge(name):
   spec, shape, _ = CASES[name]
   tree = pj.by_rules([('leaf', spec)])
@@ -313,7 +347,7 @@ def test_non_mergeable_methods_refuse_to_merge(name):
     pj.merge(tree, frozen, params, buffers)
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_gradient_reaches_every_trainable_leaf(name):
   s = setup(name)
   if s.w.ndim == 2:
@@ -334,7 +368,7 @@ def test_gradient_reaches_every_trainable_leaf(name):
       assert np.any(leaf != 0), field
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_works_through_by_rules_and_adapted(name):
   spec, shape, _ = CASES[name]
   frozen = {'block': {'leaf': jnp.ones(shape)}, 'other': jnp.ones(shape)}
@@ -352,7 +386,7 @@ def test_works_through_by_rules_and_adapted(name):
       assert y.shape == (3, shape[1])
 
 
-@pytest.mark.parametrize('name', names_where(lambda a: a.factors is not None))
+@pytest.mark.parametrize('name', cases(names_where(lambda a: a.factors is not None)))
 def test_factors_are_low_rank_down_and_up(name):
   s = setup(name)
   down, up = s.adapter.factors(s.params0, s.buffers)
@@ -360,7 +394,7 @@ def test_factors_are_low_rank_down_and_up(name):
   assert down.shape[1] == up.shape[0]
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_init_arrays_share_no_buffer(name):
   """Donating the train state must never see one buffer twice (or free w)."""
   s = setup(name)
@@ -370,7 +404,7 @@ def test_init_arrays_share_no_buffer(name):
   assert len(set(pointers)) == len(pointers)
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_new_parameter_values_do_not_retrace(name):
   s = setup(name)
   traces = []
@@ -389,7 +423,7 @@ def test_new_parameter_values_do_not_retrace(name):
   assert not np.allclose(first, second)  # New values did reach the program.
 
 
-@pytest.mark.parametrize('name', REGULARIZED)
+@pytest.mark.parametrize('name', cases(REGULARIZED))
 def test_regulariser_terms_are_finite_non_negative_and_combined(name):
   s = setup(name)
   terms, grads = jax.jit(
@@ -416,7 +450,7 @@ def test_every_regularised_method_is_in_the_regulariser_row():
   assert {'adalora', 'flexlora'} <= set(REGULARIZED)
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_sharded_jit_equals_one_device(name):
   """The batch split over 8 devices, w and θ replicated: same output and grads."""
   s = setup(name)
@@ -475,7 +509,7 @@ def declared_count(adapter, value) -> int:
   return adapter.num_params(value) + shared
 
 
-@pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
+@pytest.mark.parametrize('name', cases(sorted(ACTIVATION_CASES)))
 def test_activation_apply_shapes_dtype_count_and_jit(name):
   adapter, value, params0, buffers, params = activation_setup(name)
   assert is_typed(params0)
@@ -490,7 +524,7 @@ def test_activation_apply_shapes_dtype_count_and_jit(name):
   )
 
 
-@pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
+@pytest.mark.parametrize('name', cases(sorted(ACTIVATION_CASES)))
 def test_activation_gradient_reaches_every_parameter_without_retrace(name):
   adapter, value, params0, buffers, params = activation_setup(name)
   traces = []
@@ -567,7 +601,7 @@ def hooked_model():
   return model, ids, frozen, pj.hook_points(model, ids)
 
 
-@pytest.mark.parametrize('name', sorted(ACTIVATION_CASES))
+@pytest.mark.parametrize('name', cases(sorted(ACTIVATION_CASES)))
 def test_activation_methods_run_through_by_rules_on_a_scanned_model(name):
   spec = ACTIVATION_CASES[name][0]
   point = POINTS.get(name, 'layers/output')
@@ -592,3 +626,7 @@ def test_activation_methods_run_through_by_rules_on_a_scanned_model(name):
   for factored in (False, True):
     out = jax.jit(pj.adapted(tree, fn, factored=factored))(frozen, params, buffers, ids)
     assert out.shape == (2, 12)
+
+
+def test_fast_cases_exist():
+  assert set(CASES) | set(ACTIVATION_CASES) >= FAST

@@ -21,6 +21,10 @@ from peft_jax.models import bert
 from tests import references
 from tests.methods.prefix_tuning_test import CONFIG
 
+# Three meshes over 8 simulated devices, each a compile of MAM and UniPELT on
+# tiny BERT: the whole module runs in `make test`, not the fast suite.
+pytestmark = pytest.mark.slow
+
 N = 8
 # UniPELT's three gated parts plus MAM's parallel FFN adapter: shared MLP,
 # per-example gates and per-layer parameters in one tree.

@@ -57,6 +57,7 @@ def test_apply_is_theta0_plus_lambda_times_dense_fastfood(shape, dim):
   np.testing.assert_allclose(unmerged, w, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tree_merge_and_adapted_run_apply_the_update_in_weight_space():
   rng = np.random.default_rng(2)
   frozen = {

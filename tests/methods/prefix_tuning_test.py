@@ -141,7 +141,11 @@ def test_shared_gradient_is_the_chain_rule_through_every_layer():
 
 
 @pytest.mark.parametrize(
-  'spec', ['prefix_tuning(length=3)', 'prefix_tuning(length=3, bottleneck=None)']
+  'spec',
+  [
+    pytest.param('prefix_tuning(length=3)', marks=pytest.mark.slow),
+    'prefix_tuning(length=3, bottleneck=None)',
+  ],
 )
 def test_scanned_llama_slices_each_layer_and_shares_one_mlp(spec):
   """Under ``nn.scan`` the per-layer parameters carry the layer axis and the
