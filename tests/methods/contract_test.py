@@ -164,7 +164,7 @@ FAST = {
   'prompt_tuning',
   'prefix_tuning/gated',
   'houlsby',
-  'p_tuning/lstm',
+  'p_tuning',
 }
 
 
