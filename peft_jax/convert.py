@@ -17,6 +17,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 
 import peft_jax as pj
 from peft_jax import interop
@@ -25,7 +26,8 @@ from peft_jax import interop
 def from_hf(adapter_dir: str, out: pathlib.Path, model_dir: str) -> str:
   """PEFT folder -> peft_jax adapter file; returns a one-line summary."""
   model, frozen = interop.load_base(model_dir)
-  loaded = interop.load_hf_adapter(adapter_dir, interop.hf_modules(model), frozen)
+  modules = interop.hf_modules(model)
+  loaded = interop.load_hf_adapter(adapter_dir, modules, frozen, _hooks(model))
   rules = [[selector, pj.get(spec).name] for selector, spec in loaded.rules]
   metadata = {'adapters': rules, 'hf_peft_config': loaded.config}
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +47,7 @@ def to_hf(adapter_file: str, out: pathlib.Path, model_dir: str, task_type: str) 
     )
   model, frozen = interop.load_base(model_dir)
   tree = pj.by_rules([tuple(rule) for rule in metadata['adapters']])
-  like = jax.eval_shape(tree.init, jax.random.key(0), frozen)
+  like = jax.eval_shape(tree.init, jax.random.key(0), frozen, _hooks(model))
   params, buffers, _ = pj.load_adapter(adapter_file, like)
   fields = {'base_model_name_or_path': str(model_dir)}
   if task_type:
@@ -53,6 +55,12 @@ def to_hf(adapter_file: str, out: pathlib.Path, model_dir: str, task_type: str) 
   modules = interop.hf_modules(model)
   interop.save_hf_adapter(out, tree, frozen, params, buffers, modules, **fields)
   return f'wrote {out}: {pj.count(params):,} parameters'
+
+
+def _hooks(model) -> dict:
+  """The model's hook points (their shapes for a short input), for adapters
+  that act on activations."""
+  return pj.hook_points(model, jnp.zeros((1, 8), jnp.int32))
 
 
 def _refuse_overwrite(out: pathlib.Path, to_hf_folder: bool) -> None:

@@ -4,10 +4,15 @@
 one of our models; ``save_hf_adapter`` writes one. Each PEFT type has its
 table in this package, one file each: ``lora`` (LoRA, rsLoRA, DoRA),
 ``ia3``, ``adalora``, ``ln_tuning``, ``vera``, ``fourierft``, ``oft``,
-``boft``, ``loha``, ``lokr``.
+``boft``, ``loha``, ``lokr``; activation-side ``prompt_tuning`` (prompt
+tuning, P-tuning; prefix tuning refused) and ``adaption_prompt``, read with
+``hooks=pj.hook_points(model, ids)``.
 """
 
 from peft_jax.interop import adalora as adalora  # registers ADALORA
+from peft_jax.interop import (
+  adaption_prompt as adaption_prompt,  # registers ADAPTION_PROMPT
+)
 from peft_jax.interop import boft as boft  # registers BOFT
 from peft_jax.interop import fourierft as fourierft  # registers FOURIERFT
 from peft_jax.interop import ia3 as ia3  # registers IA3
@@ -16,6 +21,9 @@ from peft_jax.interop import loha as loha  # registers LOHA
 from peft_jax.interop import lokr as lokr  # registers LOKR
 from peft_jax.interop import lora as lora  # registers LORA
 from peft_jax.interop import oft as oft  # registers OFT
+from peft_jax.interop import (
+  prompt_tuning as prompt_tuning,  # registers PROMPT_TUNING, P_TUNING, PREFIX_TUNING
+)
 from peft_jax.interop import vera as vera  # registers VERA
 from peft_jax.interop.families import hf_modules, load_base
 from peft_jax.interop.hf_peft import (

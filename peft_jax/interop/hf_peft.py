@@ -16,6 +16,11 @@ one exact rule. Per-module options (``rank_pattern``, ``alpha_pattern``) are
 resolved as PEFT resolves them (``get_pattern_key``). Modules trained in full
 (``modules_to_save``, e.g. a classifier head) become ``full()`` leaves.
 
+Activation-side types (prompt tuning, P-tuning, adaption prompt) map to our
+hook-point adapters instead: their ``HfMethod`` has ``read_points`` /
+``write_point``, ``load_hf_adapter`` then needs ``hooks =
+pj.hook_points(model, ids)``, and ``save_hf_adapter`` writes ``plan.hooks``.
+
 The method tables (one ``HfMethod`` per PEFT type) live beside this file, one
 per method; the module names of each model family live beside its loader
 (``hf_modules``).
@@ -52,10 +57,15 @@ SAVED = 'modules_to_save'
 PEFT_VERSION = '0.21.2'
 
 Tensors = dict[str, np.ndarray]
+# (spec, params fields, buffer fields) of one adapted leaf or hook point.
+Read = tuple[str, Tensors, Tensors]
 
 
 class HfMethod(NamedTuple):
   """How one PEFT type maps to our methods, per module.
+
+  A weight-space type has ``suffixes``, ``read``, ``write`` and ``config``;
+  an activation-side type ``read_points``, ``write_point`` and ``config``.
 
   Attributes:
     peft_type: the ``peft_type`` of ``adapter_config.json`` (``'LORA'``).
@@ -70,24 +80,39 @@ class HfMethod(NamedTuple):
       array}, options, shared)``: PEFT's tensors, the options this module
       needs (e.g. ``{'r': 8, 'lora_alpha': 16.0}``) and its share of the
       ``shared`` tensors (every leaf that writes one must agree on it).
-    config: ``{module name: options} -> adapter_config fields`` (common
-      values, patterns for the rest; raises for options PEFT cannot mix).
+    config: ``{module name or hook point: options} -> adapter_config
+      fields`` (common values, patterns for the rest; raises for options
+      PEFT cannot mix).
     shared: names of tensors stored once for all modules, outside any
       module (VeRA's ``vera_A``, ``vera_B``).
     per_param: the method trains module parameters one by one (LN tuning's
       ``<module>.ln_tuning_layers.weight`` and ``.bias``): the last part of
       each suffix names the parameter, ``read``/``write`` run once per
       parameter with ``module = {param: row}``, and the leaf is that row's.
+    read_points: ``(config, tensors) -> {hook point: (spec, params,
+      buffers)}``: an activation-side type's whole folder (``tensors`` named
+      as ``_read_folder`` names them) as our hook-point adapters.
+    write_point: ``(method name, kwargs, params, buffers, hook point,
+      modules) -> (tensors, options)``: PEFT's tensors of one hook point,
+      by full name (``model.layers.1.self_attn.adaption_prompt``, or a
+      ``top_level`` name), and its options; ``modules`` is the module table.
+    top_level: names of tensors stored bare, outside ``base_model``
+      (prompt learning's ``prompt_embeddings``).
+    task_types: the ``task_type`` values the type supports (empty: any).
   """
 
   peft_type: str
   methods: tuple[str, ...]
-  suffixes: tuple[str, ...]
-  read: Callable[..., tuple[str, Tensors, Tensors]]
-  write: Callable[..., tuple[Tensors, dict, Tensors]]
   config: Callable[[dict[str, dict]], dict[str, Any]]
+  suffixes: tuple[str, ...] = ()
+  read: Callable[..., Read] | None = None
+  write: Callable[..., tuple[Tensors, dict, Tensors]] | None = None
   shared: tuple[str, ...] = ()
   per_param: bool = False
+  read_points: Callable[..., dict[str, Read]] | None = None
+  write_point: Callable[..., tuple[Tensors, dict]] | None = None
+  top_level: tuple[str, ...] = ()
+  task_types: tuple[str, ...] = ()
 
 
 class HfAdapter(NamedTuple):
@@ -128,7 +153,8 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 
 def _read_folder(adapter_dir: pathlib.Path) -> tuple[dict[str, Any], Tensors]:
   """``(adapter_config.json, tensors)``: names without ``base_model.model.``,
-  and a method's ``shared`` tensor ``base_model.<name>`` as ``<name>``."""
+  a method's ``shared`` tensor ``base_model.<name>`` as ``<name>`` and its
+  ``top_level`` tensors as they are."""
   config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
   for path in (config_path, weights_path):
     if not path.is_file():
@@ -143,6 +169,7 @@ def _read_folder(adapter_dir: pathlib.Path) -> tuple[dict[str, Any], Tensors]:
   config = json.loads(config_path.read_text())
   method = _METHODS.get(config.get('peft_type'))
   shared = method.shared if method else ()
+  top_level = method.top_level if method else ()
   tensors = {}
   with safetensors.safe_open(str(weights_path), framework='numpy') as f:
     for name in f.keys():  # noqa: SIM118
@@ -150,10 +177,12 @@ def _read_folder(adapter_dir: pathlib.Path) -> tuple[dict[str, Any], Tensors]:
         tensors[name.removeprefix(PREFIX)] = f.get_tensor(name)
       elif name.removeprefix(SHARED_PREFIX) in shared:
         tensors[name.removeprefix(SHARED_PREFIX)] = f.get_tensor(name)
+      elif name in top_level:
+        tensors[name] = f.get_tensor(name)
       else:
         raise PeftError(
-          f'{weights_path}: tensor {name!r} is not under {PREFIX!r}; '
-          'prompt-learning adapters are not read yet.'
+          f'{weights_path}: tensor {name!r} is not under {PREFIX!r} nor one '
+          f'that {config.get("peft_type")} stores outside it.'
         )
   return config, tensors
 
@@ -165,7 +194,17 @@ def _method(config: Mapping[str, Any], where: str) -> HfMethod:
       f'{where}: peft_type {peft_type!r} is not supported; expected one of '
       f'{sorted(_METHODS)}.'
     )
-  return _METHODS[peft_type]
+  method = _METHODS[peft_type]
+  _check_task_type(method, config.get('task_type'), where)
+  return method
+
+
+def _check_task_type(method: HfMethod, task_type: str | None, where: str) -> None:
+  if method.task_types and task_type not in method.task_types:
+    raise PeftError(
+      f'{where}: {method.peft_type} with task_type {task_type!r} is not '
+      f'supported; expected one of {list(method.task_types)}.'
+    )
 
 
 def is_target(targets: str | list[str] | None, name: str) -> bool:
@@ -228,6 +267,7 @@ def load_hf_adapter(
   adapter_dir: str | os.PathLike,
   modules: Mapping[str, Module],
   frozen: Any,
+  hooks: Mapping[str, Any] | None = None,
 ) -> HfAdapter:
   """Reads a PEFT adapter folder for one of our models.
 
@@ -238,19 +278,77 @@ def load_hf_adapter(
       loader (or ``peft_jax.interop.hf_modules(model)``).
     frozen: the model's ``params`` (arrays or ``jax.ShapeDtypeStruct``s),
       unrolled layout.
+    hooks: the model's hook points, ``pj.hook_points(model, ids)``; needed
+      for activation-side types (prompt tuning, adaption prompt), whose
+      adapters act there.
 
   Returns:
     An ``HfAdapter``: ``adapter.apply(frozen, params, buffers)`` is the
     adapted model PEFT runs (up to float32 round-off).
 
   Raises:
-    PeftError: for a missing file, an unsupported ``peft_type`` or option,
-      a module the model does not have, or a shape that does not fit.
+    PeftError: for a missing file, an unsupported ``peft_type``, option or
+      ``task_type``, a module or hook point the model does not have, or a
+      shape that does not fit.
   """
   adapter_dir = pathlib.Path(adapter_dir)
   config, tensors = _read_folder(adapter_dir)
   where = str(adapter_dir)
   method = _method(config, where)
+  if method.read_points is None:
+    leaves, values, buffer_values = _read_modules(
+      config, tensors, method, modules, where
+    )
+  else:
+    leaves, values, buffer_values = _read_points(config, tensors, method, hooks, where)
+  rules = _rules(leaves)
+  adapter = by_rules(rules)
+  like = jax.eval_shape(adapter.init, jax.random.key(0), frozen, hooks)
+  params = fill_like(where, 'params', values, like[0])
+  buffers = fill_like(where, 'buffers', buffer_values, like[1])
+  as_like = lambda v, s: jnp.asarray(v, s.dtype)
+  params = jax.tree.map(as_like, params, like[0])
+  buffers = jax.tree.map(as_like, buffers, like[1])
+  return HfAdapter(rules, adapter, params, buffers, config)
+
+
+def _read_points(
+  config: dict[str, Any],
+  tensors: Tensors,
+  method: HfMethod,
+  hooks: Mapping[str, Any] | None,
+  where: str,
+) -> tuple[dict[str, str], Tensors, Tensors]:
+  """``({hook point: spec}, params, buffers)`` of an activation-side type,
+  each point one of ``hooks``."""
+  points = method.read_points(config, tensors)
+  if hooks is None:
+    raise PeftError(
+      f'{where}: {method.peft_type} adapts activations; pass '
+      'hooks=pj.hook_points(model, ids).'
+    )
+  leaves, values, buffer_values = {}, {}, {}
+  for point, (spec, fields, buffer_fields) in points.items():
+    if point not in hooks:
+      close = difflib.get_close_matches(point, hooks, n=3, cutoff=0)
+      raise PeftError(
+        f'{where}: hook point {point!r} is not in this model; closest: {close}.'
+      )
+    leaves[point] = spec
+    values.update(_named(point, fields))
+    buffer_values.update(_named(point, buffer_fields))
+  return leaves, values, buffer_values
+
+
+def _read_modules(
+  config: dict[str, Any],
+  tensors: Tensors,
+  method: HfMethod,
+  modules: Mapping[str, Module],
+  where: str,
+) -> tuple[dict[str, str], Tensors, Tensors]:
+  """``({leaf: spec}, params, buffers)`` of a weight-space type, plus the
+  ``modules_to_save`` copies as ``full()`` leaves."""
   adapted, saved, shared = _split(config, tensors, method, modules, where)
   leaves, values, buffer_values = {}, {}, {}
   for name, module_tensors in sorted(adapted.items()):
@@ -269,15 +367,7 @@ def load_hf_adapter(
         raise PeftError(f'{where}: no {param!r} parameter in module {name!r}.')
       leaves[row.path] = 'full()'
       values[row.path] = value if row.transform is None else row.transform(value)
-  rules = _rules(leaves)
-  adapter = by_rules(rules)
-  like = jax.eval_shape(adapter.init, jax.random.key(0), frozen)
-  params = fill_like(where, 'params', values, like[0])
-  buffers = fill_like(where, 'buffers', buffer_values, like[1])
-  as_like = lambda v, s: jnp.asarray(v, s.dtype)
-  params = jax.tree.map(as_like, params, like[0])
-  buffers = jax.tree.map(as_like, buffers, like[1])
-  return HfAdapter(rules, adapter, params, buffers, config)
+  return leaves, values, buffer_values
 
 
 def _parts(method: HfMethod, module: Module, tensors: Tensors):
@@ -328,8 +418,9 @@ def save_hf_adapter(
   Args:
     adapter_dir: the folder to write (created; its two files replaced).
     adapter: a ``by_rules`` adapter whose methods one PEFT type covers
-      (e.g. ``lora``/``dora`` on linear kernels), plus ``full`` leaves of
-      whole modules (written as ``modules_to_save``).
+      (e.g. ``lora``/``dora`` on linear kernels, plus ``full`` leaves of
+      whole modules written as ``modules_to_save``; or ``prompt_tuning`` at
+      ``input_embeddings``, ``adaption_prompt`` at the top layers' points).
     frozen: the model's ``params`` (unrolled layout).
     params, buffers: the adapter's values.
     modules: the model family's module table (``hf_modules``).
@@ -345,11 +436,6 @@ def save_hf_adapter(
       the table does not know, or options one PEFT config cannot mix.
   """
   plan = adapter.plan(frozen, params, buffers)
-  if plan.hooks:
-    raise PeftError(
-      'save_hf_adapter: activation-side adapters are not written yet '
-      f'({sorted(plan.hooks)[0]!r}).'
-    )
   by_path = {
     row.path: (name, param) for name, m in modules.items() for param, row in m.items()
   }
@@ -373,17 +459,37 @@ def save_hf_adapter(
     options.setdefault(name, {}).update(module_options)
     tensors.update({f'{name}.{s}': v for s, v in module_tensors.items()})
     _add_shared(tensors, module_shared, leaf)
+  for point, entry in sorted(plan.hooks.items()):
+    kind, _, kwargs = registry.parse(entry.adapter.name or '?')
+    method = _covering(point, None, entry.adapter.name or kind, kind, method)
+    point_tensors, options[point] = method.write_point(
+      kind, kwargs, entry.params, entry.buffers, point, modules
+    )
+    _add_shared(tensors, point_tensors, point)
   if method is None:
     raise PeftError('save_hf_adapter: no leaf uses a method PEFT can write.')
+  if method.read_points and saved:
+    raise PeftError(
+      f'save_hf_adapter: {method.peft_type} with modules_to_save '
+      f'({sorted(saved)[0]!r}) is not written.'
+    )
+  fields = (
+    method.config(options)
+    if method.read_points
+    else {
+      **_compact(method.config(options), modules),
+      'modules_to_save': sorted(saved) or None,
+    }
+  )
   config = {
     'peft_type': method.peft_type,
-    **_compact(method.config(options), modules),
-    'modules_to_save': sorted(saved) or None,
+    **fields,
     'inference_mode': True,
     'peft_version': PEFT_VERSION,
     **config_fields,
   }
-  return _write_folder(pathlib.Path(adapter_dir), config, tensors, method.shared)
+  _check_task_type(method, config.get('task_type'), 'save_hf_adapter')
+  return _write_folder(pathlib.Path(adapter_dir), config, tensors, method)
 
 
 def _add_shared(tensors: Tensors, shared: Tensors, leaf: str) -> None:
@@ -419,15 +525,22 @@ def short_names(names: list[str], universe: list[str]) -> list[str]:
 
 
 def _covering(
-  leaf: str, param: str, spec: str, kind: str, previous: HfMethod | None
+  leaf: str, param: str | None, spec: str, kind: str, previous: HfMethod | None
 ) -> HfMethod:
-  """The one PEFT type that writes ``kind``, the same as the earlier leaves'."""
+  """The one PEFT type that writes ``kind`` at a parameter (``param``) or
+  hook point (``None``), the same as the earlier leaves'."""
   method = next((m for m in _METHODS.values() if kind in m.methods), None)
-  if method is None or (param != 'weight' and not method.per_param):
+  fits = method is not None and (
+    method.write_point is not None
+    if param is None
+    else method.write is not None and (param == 'weight' or method.per_param)
+  )
+  if not fits:
     supported = sorted(k for m in _METHODS.values() for k in m.methods)
     raise PeftError(
       f'save_hf_adapter: {leaf!r} uses {spec!r}, which PEFT cannot represent; '
-      f'supported: {supported} on linear kernels, full() for modules_to_save.'
+      f'supported: {supported} on linear kernels or their hook points, full() '
+      'for modules_to_save.'
     )
   if previous is not None and method is not previous:
     raise PeftError(
@@ -437,17 +550,25 @@ def _covering(
   return method
 
 
+def _stored_name(name: str, method: HfMethod) -> str:
+  """A tensor's name in the file: ``top_level`` ones bare, ``shared`` ones
+  ``base_model.<name>``, the others under ``base_model.model.``."""
+  if name in method.top_level:
+    return name
+  return (SHARED_PREFIX if name in method.shared else PREFIX) + name
+
+
 def _write_folder(
   adapter_dir: pathlib.Path,
   config: dict[str, Any],
   tensors: Tensors,
-  shared: tuple[str, ...],
+  method: HfMethod,
 ) -> pathlib.Path:
-  """Writes both files (each replaced atomically): ``shared`` tensors as
-  ``base_model.<name>``, the others under ``base_model.model.``."""
+  """Writes both files (each replaced atomically), tensors named by
+  ``_stored_name``."""
   adapter_dir.mkdir(parents=True, exist_ok=True)
   weights = {
-    (SHARED_PREFIX if n in shared else PREFIX) + n: np.ascontiguousarray(v, np.float32)
+    _stored_name(n, method): np.ascontiguousarray(v, np.float32)
     for n, v in tensors.items()
   }
   tmp = adapter_dir / f'{WEIGHTS_FILE}.tmp'

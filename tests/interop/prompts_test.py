@@ -1,0 +1,209 @@
+"""PEFT's prompt tuning, P-tuning and adaption prompt folders on our Llama.
+
+The fixtures (``tests/fixtures/make_hf_peft_prompts.py``) were written by
+real PEFT on the tiny Llama ``hf_peft/llama``; ``hf_peft_test`` checks their
+logits against ours. Here: what each folder reads as, export writes PEFT's
+tensors bit for bit and re-imports identically, our ``p_tuning`` exports as
+its prompt, and what PEFT means differently (prefix tuning, non-causal task
+types) is refused with one line.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import peft_jax as pj
+from peft_jax import interop
+from peft_jax.methods import p_tuning
+from tests import references
+from tests.interop.hf_peft_test import FIXTURES, _written, assert_close, base, edited
+
+CASES = ['llama_prompt_tuning', 'llama_p_tuning', 'llama_adaption_prompt']
+IDS = np.array([[3, 9, 27, 4, 1, 60], [5, 7, 2, 8, 11, 13]], np.int32)
+MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int32)
+
+
+def setup(case: str = 'llama'):
+  """``(model, frozen, forward, modules, hooks)`` of the tiny Llama."""
+  model, frozen, forward = base(case)
+  return model, frozen, forward, interop.hf_modules(model), pj.hook_points(model, IDS)
+
+
+def read(folder):
+  _, frozen, _, modules, hooks = setup()
+  return interop.load_hf_adapter(folder, modules, frozen, hooks)
+
+
+def specs(loaded) -> dict[str, str]:
+  return {selector: pj.get(spec).name for selector, spec in loaded.rules}
+
+
+def test_each_type_reads_as_our_method():
+  """P-tuning's file holds the encoder's output: it is prompt tuning."""
+  assert specs(read(FIXTURES / 'llama_prompt_tuning' / 'adapter')) == {
+    'input_embeddings': pj.get('prompt_tuning(length=4)').name
+  }
+  assert specs(read(FIXTURES / 'llama_p_tuning' / 'adapter')) == {
+    'input_embeddings': pj.get('prompt_tuning(length=3)').name
+  }
+  loaded = read(FIXTURES / 'llama_adaption_prompt' / 'adapter')
+  assert specs(loaded) == {
+    'layers_1/self_attn/adaption_prompt': pj.get('adaption_prompt(length=3)').name
+  }
+  assert loaded.params['layers_1']['self_attn']['adaption_prompt'].gate.shape == ()
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
+  _, frozen, _, modules, _ = setup()
+  loaded = read(FIXTURES / case / 'adapter')
+  folder = interop.save_hf_adapter(
+    tmp_path, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  )
+  config, tensors = _written(folder)
+  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
+  assert sorted(tensors) == sorted(want_tensors)
+  for name, value in want_tensors.items():
+    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+  # P-tuning is written as what it is once read: a prompt-tuning prompt.
+  assert config['peft_type'] == want_config['peft_type'].replace('P_', 'PROMPT_')
+  fields = ['task_type', 'num_virtual_tokens', 'token_dim', 'adapter_len']
+  fields.append('adapter_layers')
+  for field in fields:
+    assert config.get(field) == want_config.get(field), field
+  again = read(folder)
+  assert again.rules == loaded.rules
+  jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+
+
+def test_our_p_tuning_exports_as_its_prompt(tmp_path):
+  """``encode(params)`` as ``prompt_embeddings``; the re-imported prompt
+  tuning is the same model."""
+  _, frozen, forward, modules, hooks = setup()
+  tree = pj.by_rules([('input_embeddings', 'p_tuning(length=3, hidden=8)')])
+  params, buffers = tree.init(jax.random.key(1), frozen, hooks)
+  folder = interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
+  config, tensors = _written(folder)
+  assert config['peft_type'] == 'PROMPT_TUNING'
+  assert config['task_type'] == 'CAUSAL_LM'
+  np.testing.assert_array_equal(
+    tensors['prompt_embeddings'], p_tuning.encode(params['input_embeddings'])
+  )
+  again = read(folder)
+  mine = pj.adapted(tree, forward)(frozen, params, buffers, IDS, MASK)
+  back = pj.adapted(again.adapter, forward)(
+    frozen, again.params, again.buffers, IDS, MASK
+  )
+  assert_close(np.asarray(back), np.asarray(mine))
+
+
+def ours(frozen, hooks, seed: int = 2):
+  """Prompt tuning (``l = 4``) or adaption prompts in the top layer, with
+  random values (gates away from 0)."""
+  prompt = pj.by_rules([('input_embeddings', 'prompt_tuning(length=4)')])
+  adaption = pj.by_rules(
+    [('layers_1/self_attn/adaption_prompt', 'adaption_prompt(length=2)')]
+  )
+  trees = []
+  for tree in (prompt, adaption):
+    params, buffers = tree.init(jax.random.key(seed), frozen, hooks)
+    trees.append((tree, references.perturb(params, seed), buffers))
+  return trees
+
+
+def test_exported_folders_load_in_real_peft(tmp_path):
+  torch = pytest.importorskip('torch')
+  peft = pytest.importorskip('peft')
+  transformers = pytest.importorskip('transformers')
+  _, frozen, forward, modules, hooks = setup()
+  for i, (tree, params, buffers) in enumerate(ours(frozen, hooks)):
+    folder = interop.save_hf_adapter(
+      tmp_path / str(i), tree, frozen, params, buffers, modules
+    )
+    base_model = transformers.LlamaForCausalLM.from_pretrained(str(FIXTURES / 'llama'))
+    adapted = peft.PeftModel.from_pretrained(base_model, str(folder)).eval()
+    with torch.no_grad():
+      theirs = adapted(
+        input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)
+      ).logits.numpy()
+    mine = pj.adapted(tree, forward)(frozen, params, buffers, IDS, MASK)
+    real = MASK.astype(bool)
+    assert_close(np.asarray(mine)[real], theirs[:, -IDS.shape[1] :][real])
+
+
+# ---------------------------------------------------------------------------
+# Refusals: one-line errors.
+
+
+def one_line(error) -> str:
+  message = str(error.value)
+  assert '\n' not in message
+  return message
+
+
+PREFIX = 'PEFT rotates the queries at positions shifted by the prefix length'
+
+
+def test_prefix_tuning_is_refused_both_ways(tmp_path):
+  _, frozen, _, modules, hooks = setup()
+  folder = edited('llama_prompt_tuning', tmp_path, peft_type='PREFIX_TUNING')
+  with pytest.raises(pj.PeftError) as error:
+    interop.load_hf_adapter(folder, modules, frozen, hooks)
+  assert PREFIX in one_line(error)
+  tree = pj.by_rules([(r'layers_\d/self_attn/attention_kv', 'prefix_tuning(length=2)')])
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  with pytest.raises(pj.PeftError) as error:
+    interop.save_hf_adapter(tmp_path / 'out', tree, frozen, params, buffers, modules)
+  assert PREFIX in one_line(error)
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_other_task_types_are_refused(case, tmp_path):
+  _, frozen, _, modules, hooks = setup()
+  folder = edited(case, tmp_path, task_type='SEQ_CLS')
+  with pytest.raises(pj.PeftError) as error:
+    interop.load_hf_adapter(folder, modules, frozen, hooks)
+  assert "with task_type 'SEQ_CLS' is not supported" in one_line(error)
+  loaded = read(FIXTURES / case / 'adapter')
+  with pytest.raises(pj.PeftError) as error:
+    interop.save_hf_adapter(
+      tmp_path / 'out',
+      loaded.adapter,
+      frozen,
+      loaded.params,
+      loaded.buffers,
+      modules,
+      task_type='SEQ_CLS',
+    )
+  assert "with task_type 'SEQ_CLS' is not supported" in one_line(error)
+
+
+def test_missing_hooks_low_adaption_layers_and_saved_modules_are_named(tmp_path):
+  _, frozen, _, modules, hooks = setup()
+  with pytest.raises(pj.PeftError) as error:
+    interop.load_hf_adapter(FIXTURES / 'llama_p_tuning' / 'adapter', modules, frozen)
+  assert 'pass hooks=pj.hook_points(model, ids)' in one_line(error)
+  tree = pj.by_rules(
+    [('layers_0/self_attn/adaption_prompt', 'adaption_prompt(length=2)')]
+  )
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  with pytest.raises(pj.PeftError) as error:
+    interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
+  assert 'in the top adapter_layers=1 layers' in one_line(error)
+  rules = [
+    ('input_embeddings', 'prompt_tuning(length=2)'),
+    ('lm_head/kernel', 'full()'),
+  ]
+  tree = pj.by_rules(rules)
+  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+  with pytest.raises(pj.PeftError) as error:
+    interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
+  assert "PROMPT_TUNING with modules_to_save ('lm_head') is not" in one_line(error)
+
+
+def test_wrong_prompt_length_is_named(tmp_path):
+  folder = edited('llama_prompt_tuning', tmp_path, num_virtual_tokens=5)
+  with pytest.raises(pj.PeftError, match=re.escape('num_virtual_tokens=5 needs (5,')):
+    read(folder)
