@@ -1,4 +1,5 @@
-"""PEFT's ``LORA`` type <-> ``lora`` (plain, rsLoRA) and ``dora``.
+"""PEFT's ``LORA`` type <-> ``lora`` (plain, rsLoRA) and ``dora``; our
+``pissa``/``milora`` are written in PEFT's converted (plain LoRA) form.
 
 Per module PEFT stores ``lora_A.weight: (r, d_in)`` and ``lora_B.weight:
 (d_out, r)`` (``W' = W + s·B A``, ``s = lora_alpha / r`` or ``/ √r`` with
@@ -92,8 +93,11 @@ def read(
 def write(
   kind: str, kwargs: dict, params: Any, buffers: Any, module: Module
 ) -> tuple[hf_peft.Tensors, dict, hf_peft.Tensors]:
-  """PEFT's tensors and options for one ``lora``/``dora`` leaf."""
-  del buffers, module
+  """PEFT's tensors and options for one ``lora``/``dora`` leaf, or for a
+  ``pissa``/``milora`` leaf in PEFT's converted form (see ``_residual``)."""
+  del module
+  if kind in ('pissa', 'milora'):
+    return _residual(kwargs, params, buffers)
   tensors = {A: np.asarray(params.a).T, B: np.asarray(params.b).T}
   if kind == 'dora':
     tensors[MAGNITUDE] = np.asarray(params.m)
@@ -104,6 +108,25 @@ def write(
     'use_dora': kind == 'dora',
   }
   return tensors, options, {}
+
+
+def _residual(
+  kwargs: dict, params: Any, buffers: Any
+) -> tuple[hf_peft.Tensors, dict, hf_peft.Tensors]:
+  """PiSSA/MiLoRA as the plain LoRA PEFT converts them to
+  (``path_initial_model_for_weight_conversion``): ``s·(a@b − a0@b0) =
+  s·[a, a0] @ [b; −b0]``, so ``lora_A = [a, a0]ᵀ: (2r, d_in)``,
+  ``lora_B = [b; −b0]ᵀ: (d_out, 2r)``, ``r' = 2r`` and ``α' = 2α`` (the same
+  ``s = α/r``); it applies to the original base weights."""
+  a = np.concatenate([np.asarray(params.a), np.asarray(buffers.a0)], axis=1)
+  b = np.concatenate([np.asarray(params.b), -np.asarray(buffers.b0)], axis=0)
+  options = {
+    'r': 2 * kwargs['rank'],
+    'lora_alpha': 2 * kwargs['alpha'],
+    'use_rslora': False,
+    'use_dora': False,
+  }
+  return {A: a.T, B: b.T}, options, {}
 
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
@@ -125,7 +148,7 @@ def config(options: dict[str, dict]) -> dict[str, Any]:
 LORA = hf_peft.register_hf(
   hf_peft.HfMethod(
     peft_type='LORA',
-    methods=('lora', 'dora'),
+    methods=('lora', 'dora', 'pissa', 'milora'),
     suffixes=(A, B, MAGNITUDE),
     read=read,
     write=write,

@@ -360,3 +360,41 @@ def test_methods_peft_cannot_hold_together_are_refused(tmp_path):
     params, buffers = tree.init(jax.random.key(0), frozen)
     with pytest.raises(pj.PeftError, match=re.escape(message)):
       interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
+
+
+def test_pissa_and_milora_export_as_peft_converted_lora(tmp_path):
+  """``s·(a@b − a0@b0)`` is written as PEFT's converted PiSSA: a plain LoRA
+  of rank 2r (``[a, a0]``, ``[b; −b0]``) with ``α' = 2α``, for the original
+  base weights; re-imported it is that LoRA, the same model."""
+  model, frozen, forward = base('llama')
+  modules = interop.hf_modules(model)
+  tree = pj.by_rules(
+    [
+      ('layers_0/self_attn/q_proj/kernel', 'pissa(rank=2, alpha=4.0)'),
+      ('layers_1/mlp/up_proj/kernel', 'milora(rank=3, alpha=3.0)'),
+    ]
+  )
+  params, buffers = tree.init(jax.random.key(0), frozen)
+  params = references.perturb(params, 4)
+  interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
+  config, tensors = _written(tmp_path)
+  resolved, flags = _resolved(
+    config, ['model.layers.0.self_attn.q_proj', 'model.layers.1.mlp.up_proj']
+  )
+  assert list(resolved.values()) == [(4, 8.0), (6, 6.0)]
+  assert flags['use_rslora'] is False and flags['use_dora'] is False
+  q = tensors['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight']
+  a0 = buffers['layers_0']['self_attn']['q_proj']['kernel'].a0
+  np.testing.assert_array_equal(q[2:], np.asarray(a0).T)
+  again = interop.load_hf_adapter(tmp_path, modules, frozen)
+  assert [pj.get(s).name.split(',')[0] for _, s in again.rules] == [
+    'lora(rank=4',
+    'lora(rank=6',
+  ]
+  ids, mask = np.array([[3, 9, 27, 4, 1, 60]]), np.ones((1, 6), np.int32)
+  assert_close(
+    np.asarray(
+      forward(again.adapter.apply(frozen, again.params, again.buffers), ids, mask)
+    ),
+    np.asarray(forward(tree.apply(frozen, params, buffers), ids, mask)),
+  )
