@@ -34,7 +34,10 @@ def hf_modules(model: Any) -> dict[str, Module]:
     bert.BertForMultipleChoice,
   )
   if isinstance(model, heads):
-    return bert.hf_modules(model.config, head=True)
+    two_layer = model.config.roberta and isinstance(
+      model, bert.BertForSequenceClassification
+    )
+    return bert.hf_modules(model.config, head=True, two_layer_head=two_layer)
   if isinstance(model, deberta.DebertaV2Model):
     return deberta.hf_modules(model.config)
   if isinstance(model, deberta.DebertaV2ForSequenceClassification):

@@ -52,6 +52,7 @@ WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'
 SHARED_PREFIX = 'base_model.'  # VeRA's base_model.vera_A: outside any module
 SAVED = 'modules_to_save'
+PARAMS = ('weight', 'bias')  # what a modules_to_save copy stores per module
 # The PEFT release whose format and semantics the tests check (OFT's
 # parametrisation changed in 0.18: PEFT warns when a folder says older).
 PEFT_VERSION = '0.21.2'
@@ -215,6 +216,13 @@ def is_target(targets: str | list[str] | None, name: str) -> bool:
   return any(name == t or name.endswith('.' + t) for t in targets or ())
 
 
+def _saved(targets, module: str) -> bool:
+  """Whether ``module`` is, or is inside, one of ``modules_to_save`` (PEFT
+  saves a container such as RoBERTa's ``classifier`` as its submodules)."""
+  parts = module.split('.')
+  return any(is_target(targets, '.'.join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
 def _split(
   config: Mapping[str, Any],
   tensors: Tensors,
@@ -232,11 +240,11 @@ def _split(
     if name in method.shared:
       shared[name] = value
       continue
+    suffix = next((s for s in method.suffixes if name.endswith('.' + s)), None)
     module, _, param = name.rpartition('.')
-    if is_target(config.get(SAVED), module) and param in ('weight', 'bias'):
+    if suffix is None and _saved(config.get(SAVED), module) and param in PARAMS:
       saved[module][param] = value
       continue
-    suffix = next((s for s in method.suffixes if name.endswith('.' + s)), None)
     if suffix is None:
       raise PeftError(
         f"{where}: tensor {name!r} is not one of {method.peft_type}'s "
@@ -478,7 +486,7 @@ def save_hf_adapter(
     if method.read_points
     else {
       **_compact(method.config(options), modules),
-      'modules_to_save': sorted(saved) or None,
+      'modules_to_save': _containers(saved, modules) or None,
     }
   )
   config = {
@@ -522,6 +530,18 @@ def short_names(names: list[str], universe: list[str]) -> list[str]:
   exactly ``names`` from ``universe``; else ``names``."""
   short = sorted({n.rpartition('.')[2] for n in names})
   return short if {m for m in universe if is_target(short, m)} == set(names) else names
+
+
+def _containers(saved: set[str], modules: Mapping[str, Module]) -> list[str]:
+  """``modules_to_save`` names: a parent module (RoBERTa's ``classifier``)
+  when all its submodules in the table are saved, as PEFT saves and wraps
+  it; the modules themselves otherwise."""
+  names = set(saved)
+  for parent in {m.rpartition('.')[0] for m in saved} - {''}:
+    children = {m for m in modules if m.startswith(parent + '.')}
+    if children <= saved:
+      names = (names - children) | {parent}
+  return sorted(names)
 
 
 def _covering(

@@ -715,7 +715,9 @@ def _hf_tensors(config: BertConfig) -> Iterator[checkpoints.Tensor]:
   yield from checkpoints.optional(dense('pooler.dense', 'pooler/dense'))
 
 
-def hf_modules(config: BertConfig, head: bool = False) -> dict[str, checkpoints.Module]:
+def hf_modules(
+  config: BertConfig, head: bool = False, two_layer_head: bool = False
+) -> dict[str, checkpoints.Module]:
   """The modules of a transformers BERT model by their full names, with our
   parameter paths: the names PEFT adapters use.
 
@@ -724,18 +726,34 @@ def hf_modules(config: BertConfig, head: bool = False) -> dict[str, checkpoints.
     head: False for ``BertModel`` (``encoder.layer.0.attention.self.query``
       -> ``encoder/layer_0/attention/query``); True for the task models
       (``BertForSequenceClassification``, ``...TokenClassification``,
-      ``...MultipleChoice``): ``bert.`` (``roberta.``) names -> ``bert/`` paths,
-      plus the ``classifier`` head (RoBERTa's differs: not covered).
+      ``...MultipleChoice``): ``bert.`` (``roberta.``) names -> ``bert/``
+      paths, plus the ``classifier`` head.
+    two_layer_head: RoBERTa's sequence-classification head (see
+      ``_head_rows``) instead of one ``classifier``.
 
   Returns:
     ``{module name: {param: Tensor}}`` (see ``checkpoints.modules``).
   """
   if not head:
     return checkpoints.modules(_hf_tensors(config))
-  classifier = checkpoints.dense('classifier', 'classifier')
-  return checkpoints.task_modules(
-    _hf_tensors(config), _hf_prefix(config), 'bert', classifier
-  )
+  rows, head_rows = _task_rows(config, two_layer_head)
+  return checkpoints.task_modules(rows, _hf_prefix(config), 'bert', head_rows)
+
+
+def _task_rows(config: BertConfig, two_layer_head: bool):
+  """``(encoder rows, head rows)`` of a task model. RoBERTa's sequence
+  classifier ``out_proj(tanh(dense(h[:, 0])))`` is our CLS pooler +
+  classifier: ``classifier.dense`` -> ``bert/pooler/dense`` (the encoder has
+  no pooler there), ``classifier.out_proj`` -> ``classifier``."""
+  rows = list(_hf_tensors(config))
+  if not two_layer_head:
+    return rows, list(checkpoints.dense('classifier', 'classifier'))
+  rows = [row for row in rows if not row.name.startswith('pooler.')]
+  head_rows = [
+    *checkpoints.dense('classifier.dense', 'bert/pooler/dense'),
+    *checkpoints.dense('classifier.out_proj', 'classifier'),
+  ]
+  return rows, head_rows
 
 
 def load_hf(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
@@ -760,20 +778,20 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
 
 
 def load_hf_classifier(model_dir: str | os.PathLike) -> tuple[BertConfig, Params]:
-  """Loads a Hugging Face BERT/RoBERTa task checkpoint with its ``classifier``.
+  """Loads a Hugging Face BERT/RoBERTa task checkpoint with its classifier.
 
-  For ``BertForSequenceClassification`` (use our model with
-  ``pooling='cls'``) and ``BertForTokenClassification`` checkpoints (a
-  ``classifier.weight: (num_labels, d)`` head; the pooler is loaded when
-  stored). RoBERTa's two-layer classification head is not covered.
+  For ``BertForSequenceClassification`` and ``RobertaForSequenceClassification``
+  (use our ``BertForSequenceClassification`` with ``pooling='cls'``: RoBERTa's
+  ``classifier.dense`` becomes our pooler, ``classifier.out_proj`` our
+  ``classifier``) and the token-classification models (a ``classifier``; the
+  pooler is loaded when stored).
 
   Args:
     model_dir: a directory with ``config.json`` and the safetensors.
 
   Returns:
     ``(config, params)`` with ``params = {'bert': ..., 'classifier':
-    {'kernel': (d, num_labels), 'bias': (num_labels,)}}``, the tree of our
-    ``BertForSequenceClassification`` / ``BertForTokenClassification``;
+    {'kernel': (d, num_labels), 'bias': (num_labels,)}}``;
     ``num_labels`` is ``params['classifier']['bias'].shape[0]``.
 
   Raises:
@@ -782,18 +800,21 @@ def load_hf_classifier(model_dir: str | os.PathLike) -> tuple[BertConfig, Params
   """
   config = BertConfig.from_hf(checkpoints.read_hf_config(model_dir))
   tensors = checkpoints.read_safetensors(model_dir)
-  if 'classifier.weight' not in tensors:
+  two_layer = 'classifier.out_proj.weight' in tensors
+  out = 'classifier.out_proj.weight' if two_layer else 'classifier.weight'
+  if out not in tensors:
     raise PeftError(
-      f'{model_dir}: no classifier.weight; expected a BERT sequence or token '
-      'classification checkpoint (load_hf reads the encoder alone).'
+      f'{model_dir}: no classifier.weight; expected a BERT/RoBERTa sequence or '
+      'token classification checkpoint (load_hf reads the encoder alone).'
     )
-  num_labels = tensors['classifier.weight'].shape[0]
+  rows, head_rows = _task_rows(config, two_layer)
+  base = hf_layout(config)
   layout = checkpoints.task_layout(
-    hf_layout(config),
+    base._replace(tensors=tuple(rows)),
     _hf_prefix(config),
     'bert',
-    checkpoints.dense('classifier', 'classifier'),
-    {'classifier': checkpoints.dense_shapes(config.hidden_size, num_labels)},
+    head_rows,
+    {'classifier': checkpoints.dense_shapes(config.hidden_size, tensors[out].shape[0])},
     ignore=(r'(bert|roberta)\.embeddings\.(position_ids|token_type_ids)',),
   )
   return config, checkpoints.convert(tensors, layout)

@@ -47,8 +47,8 @@ def base(case: str):
     config, frozen = llama.load_hf(FIXTURES / 'llama')
     model = llama.LlamaForCausalLM(config)
     forward = lambda p, ids, mask: model.apply({'params': p}, ids, attention_mask=mask)
-  elif case.startswith('bert'):
-    config, frozen = bert.load_hf_classifier(FIXTURES / 'bert')
+  elif case.startswith(('bert', 'roberta')):
+    config, frozen = bert.load_hf_classifier(FIXTURES / case.split('_')[0])
     labels = frozen['classifier']['bias'].shape[0]
     model = bert.BertForSequenceClassification(config, labels, pooling='cls')
     forward = lambda p, ids, mask: model.apply({'params': p}, ids, mask)
@@ -208,6 +208,9 @@ def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   }
   if case in short:  # Short names where they select exactly these modules.
     assert config['target_modules'] == short[case]
+  # RoBERTa's classifier container, saved as its two linear submodules.
+  if case == 'roberta_lora_cls':
+    assert config['modules_to_save'] == ['classifier']
   again = interop.load_hf_adapter(folder, modules, frozen)
   jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
   assert [pj.get(s).name for _, s in again.rules] == [
