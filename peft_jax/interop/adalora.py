@@ -47,12 +47,7 @@ _UNSUPPORTED = (
 
 
 def _check_options(config: Mapping[str, Any], where: str) -> None:
-  for field, no_ops in _UNSUPPORTED:
-    if config.get(field) not in no_ops:
-      raise PeftError(
-        f'{where}: AdaLoRA option {field}={config[field]!r} is not supported; '
-        f'expected {no_ops[0]!r}.'
-      )
+  hf_peft.refuse_options(config, where, 'AdaLoRA', _UNSUPPORTED)
 
 
 def kept_ranks(config: Mapping[str, Any], name: str, init_r: int) -> np.ndarray:

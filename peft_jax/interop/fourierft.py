@@ -33,12 +33,7 @@ _UNSUPPORTED = (
 
 
 def _check_options(config: Mapping[str, Any], where: str) -> None:
-  for field, no_ops in _UNSUPPORTED:
-    if config.get(field) not in no_ops:
-      raise PeftError(
-        f'{where}: FourierFT option {field}={config[field]!r} is not supported; '
-        f'expected {no_ops[0]!r}.'
-      )
+  hf_peft.refuse_options(config, where, 'FourierFT', _UNSUPPORTED)
 
 
 def n_frequency(config: Mapping[str, Any], name: str) -> int:

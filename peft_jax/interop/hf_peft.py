@@ -143,6 +143,21 @@ def register_hf(method: HfMethod) -> HfMethod:
   return method
 
 
+def refuse_options(
+  config: Mapping[str, Any], where: str, method: str, unsupported
+) -> None:
+  """Raises naming the first option of ``unsupported`` — ``(field, no-op
+  values)`` or ``(field, no-op values, why)`` — whose value in ``config`` is
+  not one of its no-op values (the first is the expected one)."""
+  for field, no_ops, *why in unsupported:
+    if config.get(field) not in no_ops:
+      reason = f' ({why[0]})' if why else ''
+      raise PeftError(
+        f'{where}: {method} option {field}={config[field]!r} is not supported; '
+        f'expected {no_ops[0]!r}{reason}.'
+      )
+
+
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
   """``patterns[key]`` for the first key with ``(.*\\.)?key$`` matching
   ``module`` (PEFT's ``get_pattern_key``), else ``default``."""

@@ -38,12 +38,7 @@ _RESIDUAL_INITS = ('pissa', 'olora', 'corda', 'eva', 'loftq', 'orthogonal')
 
 
 def _check_options(config: Mapping[str, Any], where: str) -> None:
-  for field, no_ops in _UNSUPPORTED:
-    if config.get(field) not in no_ops:
-      raise PeftError(
-        f'{where}: LoRA option {field}={config[field]!r} is not supported; '
-        f'expected {no_ops[0]!r}.'
-      )
+  hf_peft.refuse_options(config, where, 'LoRA', _UNSUPPORTED)
   init = str(config.get('init_lora_weights', True)).lower()
   if init.startswith(_RESIDUAL_INITS):
     raise PeftError(

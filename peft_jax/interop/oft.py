@@ -29,12 +29,8 @@ DEFAULT_EPS = 6e-5  # PEFT's default eps.
 
 def check_options(config: Mapping[str, Any], where: str, peft_type: str) -> None:
   """Refuses ``fan_in_fan_out`` and trained biases (``bias != 'none'``)."""
-  for field, no_ops in (('fan_in_fan_out', (False, None)), ('bias', ('none', None))):
-    if config.get(field) not in no_ops:
-      raise PeftError(
-        f'{where}: {peft_type} option {field}={config[field]!r} is not supported; '
-        f'expected {no_ops[0]!r}.'
-      )
+  unsupported = (('fan_in_fan_out', (False, None)), ('bias', ('none', None)))
+  hf_peft.refuse_options(config, where, peft_type, unsupported)
 
 
 def block_size_of(name: str, entries: int) -> int:
