@@ -29,6 +29,8 @@ from tests.interop.hf_peft_test import (
   assert_close,
   base,
   edited,
+  exported_fixture,
+  round_trip_logits,
 )
 
 CASES = ['llama_adalora', 'llama_adalora_pruned', 'llama_ln_tuning', 'bert_ln_tuning']
@@ -69,14 +71,9 @@ def _resolved(config, modules):
 @pytest.mark.parametrize('case', CASES)
 def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   _, frozen, _, modules, loaded = load(case)
-  folder = interop.save_hf_adapter(
-    tmp_path / case, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  folder, config, want_config, _ = exported_fixture(
+    case, tmp_path, frozen, modules, loaded
   )
-  config, tensors = _written(folder)
-  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
-  assert sorted(tensors) == sorted(want_tensors)
-  for name, value in want_tensors.items():
-    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
   assert _resolved(config, modules) == _resolved(want_config, modules)
   again = interop.load_hf_adapter(folder, modules, frozen)
   jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
@@ -118,14 +115,7 @@ def test_our_pruned_adalora_exports_a_rank_pattern(tmp_path):
     '1.self_attn.v_proj': 0,
   }
   again = interop.load_hf_adapter(folder, modules, frozen)
-  ids = np.array([[3, 9, 27, 4, 1, 60]])
-  mask = np.ones_like(ids)
-  assert_close(
-    np.asarray(
-      forward(again.adapter.apply(frozen, again.params, again.buffers), ids, mask)
-    ),
-    np.asarray(forward(tree.apply(frozen, params, buffers), ids, mask)),
-  )
+  assert_close(*round_trip_logits(forward, frozen, again, tree, params, buffers))
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import pathlib
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -157,6 +156,48 @@ def _written(folder) -> tuple[dict, dict]:
   return config, safetensors.numpy.load_file(folder / 'adapter_model.safetensors')
 
 
+IDS = np.array([[3, 9, 27, 4, 1, 60]])  # One unpadded row for round trips.
+
+
+def exported_fixture(case, tmp_path, frozen, modules, loaded):
+  """``loaded`` written back by ``save_hf_adapter``, checked to hold PEFT's
+  tensors of the fixture bit for bit (same names, same values); returns
+  ``(folder, config, fixture config, tensors)``."""
+  folder = interop.save_hf_adapter(
+    tmp_path / case, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  )
+  config, tensors = _written(folder)
+  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
+  assert sorted(tensors) == sorted(want_tensors)
+  for name, value in want_tensors.items():
+    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+  return folder, config, want_config, tensors
+
+
+def round_trip_logits(forward, frozen, again, tree, params, buffers):
+  """``(re-imported, original)`` logits on ``IDS``: ``again`` is what
+  ``load_hf_adapter`` made of the folder written from the other three."""
+  mask = np.ones_like(IDS)
+  return (
+    np.asarray(
+      forward(again.adapter.apply(frozen, again.params, again.buffers), IDS, mask)
+    ),
+    np.asarray(forward(tree.apply(frozen, params, buffers), IDS, mask)),
+  )
+
+
+def real_peft_llama_logits(folder):
+  """Real PEFT's logits on ``IDS`` for ``folder`` on the tiny Llama
+  (``PeftModel.from_pretrained``); skips the test without torch and peft."""
+  torch = pytest.importorskip('torch')
+  peft = pytest.importorskip('peft')
+  transformers = pytest.importorskip('transformers')
+  base_model = transformers.LlamaForCausalLM.from_pretrained(str(FIXTURES / 'llama'))
+  adapted = peft.PeftModel.from_pretrained(base_model, str(folder)).eval()
+  with torch.no_grad():
+    return adapted(input_ids=torch.tensor(IDS)).logits.numpy()
+
+
 def _resolved(config, modules):
   """What PEFT makes of a config, per module: ``(r, alpha)`` for LoRA,
   ``feedforward`` for (IA)³, plus the config-wide flags."""
@@ -183,14 +224,9 @@ def peft_type(case: str) -> str:
 @pytest.mark.parametrize('case', [c for c in CASES if peft_type(c) in ('LORA', 'IA3')])
 def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   _, frozen, _, modules, loaded = load(case)
-  folder = interop.save_hf_adapter(
-    tmp_path / case, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  folder, config, want_config, tensors = exported_fixture(
+    case, tmp_path, frozen, modules, loaded
   )
-  config, tensors = _written(folder)
-  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
-  assert sorted(tensors) == sorted(want_tensors)
-  for name, value in want_tensors.items():
-    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
   names = [n.removeprefix('base_model.model.') for n in tensors]
   adapted = [m for m in modules if any(n.startswith(m + '.') for n in names)]
   assert _resolved(config, adapted) == _resolved(want_config, adapted)
@@ -255,28 +291,18 @@ def test_our_adapter_exports_with_patterns_and_reimports(tmp_path):
   )
   assert list(resolved.values()) == [(2, 4.0), (3, 5.0), (2, 7.0)]
   again = interop.load_hf_adapter(folder, modules, frozen)
-  ids = jnp.array([[3, 9, 27, 4, 1, 60]])
-  mask = jnp.ones_like(ids)
   np.testing.assert_array_equal(
-    forward(again.adapter.apply(frozen, again.params, again.buffers), ids, mask),
-    forward(tree.apply(frozen, params, buffers), ids, mask),
+    *round_trip_logits(forward, frozen, again, tree, params, buffers)
   )
 
 
 def test_exported_folder_loads_in_real_peft(tmp_path):
-  torch = pytest.importorskip('torch')
-  peft = pytest.importorskip('peft')
-  transformers = pytest.importorskip('transformers')
   model, frozen, forward, tree, params, buffers = ours()
   interop.save_hf_adapter(
     tmp_path, tree, frozen, params, buffers, interop.hf_modules(model)
   )
-  base_model = transformers.LlamaForCausalLM.from_pretrained(str(FIXTURES / 'llama'))
-  adapted = peft.PeftModel.from_pretrained(base_model, str(tmp_path)).eval()
-  ids = np.array([[3, 9, 27, 4, 1, 60]])
-  with torch.no_grad():
-    theirs = adapted(input_ids=torch.tensor(ids)).logits.numpy()
-  mine = forward(tree.apply(frozen, params, buffers), ids, np.ones_like(ids))
+  theirs = real_peft_llama_logits(tmp_path)
+  mine = forward(tree.apply(frozen, params, buffers), IDS, np.ones_like(IDS))
   assert_close(np.asarray(mine), theirs)
 
 
@@ -394,10 +420,4 @@ def test_pissa_and_milora_export_as_peft_converted_lora(tmp_path):
     'lora(rank=4',
     'lora(rank=6',
   ]
-  ids, mask = np.array([[3, 9, 27, 4, 1, 60]]), np.ones((1, 6), np.int32)
-  assert_close(
-    np.asarray(
-      forward(again.adapter.apply(frozen, again.params, again.buffers), ids, mask)
-    ),
-    np.asarray(forward(tree.apply(frozen, params, buffers), ids, mask)),
-  )
+  assert_close(*round_trip_logits(forward, frozen, again, tree, params, buffers))

@@ -15,7 +15,6 @@ import pathlib
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -24,7 +23,15 @@ import peft_jax as pj
 from peft_jax import interop
 from peft_jax.interop import loha, lokr  # noqa: F401 (registers LOHA)
 from tests import references
-from tests.interop.hf_peft_test import FIXTURES, assert_close, base
+from tests.interop.hf_peft_test import (
+  FIXTURES,
+  IDS,
+  assert_close,
+  base,
+  exported_fixture,
+  real_peft_llama_logits,
+  round_trip_logits,
+)
 
 CASES = [
   'llama_loha',
@@ -129,16 +136,11 @@ def _resolved(config, tensors):
 @pytest.mark.parametrize('case', CASES)
 def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   frozen, _, modules, loaded = load(case)
-  folder = interop.save_hf_adapter(
-    tmp_path / case, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  folder, config, want_config, tensors = exported_fixture(
+    case, tmp_path, frozen, modules, loaded
   )
-  config, tensors = _written(folder)
-  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
-  assert sorted(tensors) == sorted(want_tensors)
-  for name, value in want_tensors.items():
-    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
   assert config['peft_type'] == want_config['peft_type']
-  assert _resolved(config, tensors) == _resolved(want_config, want_tensors)
+  assert _resolved(config, tensors) == _resolved(want_config, tensors)  # Bit-equal.
   again = interop.load_hf_adapter(folder, modules, frozen)
   jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
   assert spec_names(again) == spec_names(loaded)
@@ -179,11 +181,8 @@ def test_our_adapter_exports_and_reimports(rules, tmp_path):
   modules = interop.hf_modules(model)
   folder = interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
   again = interop.load_hf_adapter(folder, modules, frozen)
-  ids = jnp.array([[3, 9, 27, 4, 1, 60]])
-  mask = jnp.ones_like(ids)
   np.testing.assert_array_equal(
-    forward(again.adapter.apply(frozen, again.params, again.buffers), ids, mask),
-    forward(tree.apply(frozen, params, buffers), ids, mask),
+    *round_trip_logits(forward, frozen, again, tree, params, buffers)
   )
 
 
@@ -206,19 +205,12 @@ def test_full_lokr_factors_get_a_power_of_two_rank(tmp_path):
 
 
 def test_exported_folder_loads_in_real_peft(tmp_path):
-  torch = pytest.importorskip('torch')
-  peft = pytest.importorskip('peft')
-  transformers = pytest.importorskip('transformers')
   model, frozen, forward, tree, params, buffers = ours(LOKR_RULES)
   interop.save_hf_adapter(
     tmp_path, tree, frozen, params, buffers, interop.hf_modules(model)
   )
-  base_model = transformers.LlamaForCausalLM.from_pretrained(str(FIXTURES / 'llama'))
-  adapted = peft.PeftModel.from_pretrained(base_model, str(tmp_path)).eval()
-  ids = np.array([[3, 9, 27, 4, 1, 60]])
-  with torch.no_grad():
-    theirs = adapted(input_ids=torch.tensor(ids)).logits.numpy()
-  mine = forward(tree.apply(frozen, params, buffers), ids, np.ones_like(ids))
+  theirs = real_peft_llama_logits(tmp_path)
+  mine = forward(tree.apply(frozen, params, buffers), IDS, np.ones_like(IDS))
   assert_close(np.asarray(mine), theirs)
 
 

@@ -23,13 +23,15 @@ from peft_jax.interop import boft as boft_interop
 from peft_jax.interop import oft as oft_interop
 from tests import references
 from tests.interop.hf_peft_test import (
-  FIXTURES,
+  IDS,
   _written,
   assert_close,
   base,
   edited,
   expected,
+  exported_fixture,
   load,
+  real_peft_llama_logits,
   real_positions,
 )
 
@@ -93,14 +95,9 @@ def test_specs_follow_the_config():
 @pytest.mark.parametrize('case', CASES)
 def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   _, frozen, _, modules, loaded = load(case)
-  folder = interop.save_hf_adapter(
-    tmp_path / case, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  folder, config, want_config, tensors = exported_fixture(
+    case, tmp_path, frozen, modules, loaded
   )
-  config, tensors = _written(folder)
-  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
-  assert sorted(tensors) == sorted(want_tensors)
-  for name, value in want_tensors.items():
-    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
   names = [n.removeprefix('base_model.model.') for n in tensors]
   adapted = [m for m in modules if any(n.startswith(m + '.') for n in names)]
   kernels = paths.flatten(frozen)
@@ -162,19 +159,12 @@ OURS = {
 def test_exported_folder_loads_in_real_peft(peft_type, tmp_path):
   """Our exact-Cayley OFT (per-module block counts: r=4) and BOFT, run by
   PEFT from the folder we write."""
-  torch = pytest.importorskip('torch')
-  peft = pytest.importorskip('peft')
-  transformers = pytest.importorskip('transformers')
   model, frozen, forward, tree, params, buffers = ours(OURS[peft_type])
   interop.save_hf_adapter(
     tmp_path, tree, frozen, params, buffers, interop.hf_modules(model)
   )
-  base_model = transformers.LlamaForCausalLM.from_pretrained(str(FIXTURES / 'llama'))
-  adapted = peft.PeftModel.from_pretrained(base_model, str(tmp_path)).eval()
-  ids = np.array([[3, 9, 27, 4, 1, 60]])
-  with torch.no_grad():
-    theirs = adapted(input_ids=torch.tensor(ids)).logits.numpy()
-  mine = forward(tree.apply(frozen, params, buffers), ids, np.ones_like(ids))
+  theirs = real_peft_llama_logits(tmp_path)
+  mine = forward(tree.apply(frozen, params, buffers), IDS, np.ones_like(IDS))
   assert_close(np.asarray(mine), theirs)
 
 

@@ -23,6 +23,8 @@ from tests.interop.hf_peft_test import (
   base,
   edited,
   expected,
+  exported_fixture,
+  round_trip_logits,
 )
 
 CASES = ['llama_vera', 'llama_fourierft']
@@ -59,14 +61,9 @@ def test_vera_projections_are_one_sliced_pair():
 @pytest.mark.parametrize('case', CASES)
 def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   frozen, _, modules, loaded = load(case)
-  folder = interop.save_hf_adapter(
-    tmp_path / case, loaded.adapter, frozen, loaded.params, loaded.buffers, modules
+  folder, config, want_config, tensors = exported_fixture(
+    case, tmp_path, frozen, modules, loaded
   )
-  config, tensors = _written(folder)
-  want_config, want_tensors = _written(FIXTURES / case / 'adapter')
-  assert sorted(tensors) == sorted(want_tensors)
-  for name, value in want_tensors.items():
-    np.testing.assert_array_equal(tensors[name], value, err_msg=name)
   fields = ['peft_type', 'r', 'd_initial', 'projection_prng_key', 'save_projection']
   fields += ['scaling', 'random_loc_seed', 'bias', 'fan_in_fan_out']
   assert {k: config.get(k) for k in fields} == {k: want_config.get(k) for k in fields}
@@ -121,11 +118,8 @@ def test_our_adapter_exports_and_reimports(peft_type, tmp_path):
       r'layers\.0\.mlp\.up_proj': 11
     }
   again = interop.load_hf_adapter(folder, modules, frozen)
-  ids = np.array([[3, 9, 27, 4, 1, 60]])
-  mask = np.ones_like(ids)
   np.testing.assert_array_equal(
-    forward(again.adapter.apply(frozen, again.params, again.buffers), ids, mask),
-    forward(tree.apply(frozen, params, buffers), ids, mask),
+    *round_trip_logits(forward, frozen, again, tree, params, buffers)
   )
 
 
