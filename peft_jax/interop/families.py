@@ -83,7 +83,7 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
     config, params = llama.load_hf(model_dir)
     return llama.LlamaForCausalLM(config), params
   if model_type in ('bert', 'roberta', 'xlm-roberta'):
-    if 'classifier.weight' not in checkpoints.read_safetensors(model_dir):
+    if not _has_classifier(model_dir):
       config, params = bert.load_hf(model_dir)
       return bert.BertModel(config), params
     config, params = bert.load_hf_classifier(model_dir)
@@ -92,7 +92,7 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
       return bert.BertForTokenClassification(config, labels), params
     return bert.BertForSequenceClassification(config, labels, pooling='cls'), params
   if model_type == 'deberta-v2':
-    if 'classifier.weight' not in checkpoints.read_safetensors(model_dir):
+    if not _has_classifier(model_dir):
       config, params = deberta.load_hf(model_dir)
       return deberta.DebertaV2Model(config), params
     config, params = deberta.load_hf_classifier(model_dir)
@@ -103,3 +103,9 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
     "yet; expected one of 'llama', 'mistral', 'qwen2', 'bert', 'roberta', "
     "'deberta-v2'."
   )
+
+
+def _has_classifier(model_dir: str | os.PathLike) -> bool:
+  """Whether the checkpoint stores a task head (``classifier.*``: BERT's and
+  DeBERTa's ``classifier``, RoBERTa's ``classifier.dense``/``out_proj``)."""
+  return any(n.startswith('classifier.') for n in checkpoints.tensor_names(model_dir))

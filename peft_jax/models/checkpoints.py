@@ -300,6 +300,44 @@ def read_hf_config(model_dir: str | os.PathLike) -> Any:
   return transformers.AutoConfig.from_pretrained(model_dir)
 
 
+def _safetensors_files(model_dir: str | os.PathLike) -> list[pathlib.Path]:
+  """``model.safetensors``, or the shards its index lists.
+
+  Raises:
+    PeftError: if neither file is there, or a listed shard is missing.
+  """
+  model_dir = pathlib.Path(model_dir)
+  single = model_dir / 'model.safetensors'
+  index = model_dir / 'model.safetensors.index.json'
+  if single.is_file():
+    return [single]
+  if not index.is_file():
+    raise PeftError(
+      f'No model.safetensors or model.safetensors.index.json in '
+      f'{str(model_dir)!r}; only safetensors checkpoints are supported.'
+    )
+  weight_map = json.loads(index.read_text())['weight_map']
+  files = [model_dir / f for f in sorted(set(weight_map.values()))]
+  for f in files:
+    if not f.is_file():
+      raise PeftError(f'Shard {f.name!r} listed in {index} does not exist.')
+  return files
+
+
+def tensor_names(model_dir: str | os.PathLike) -> set[str]:
+  """The tensor names of a checkpoint directory, from the file headers only
+  (no tensor is read).
+
+  Raises:
+    PeftError: as ``read_safetensors``.
+  """
+  names = set()
+  for f in _safetensors_files(model_dir):
+    with safetensors.safe_open(f, framework='numpy') as shard:
+      names.update(shard.keys())
+  return names
+
+
 def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   """Every tensor of ``model.safetensors``, or of the shards of its index.
 
@@ -312,24 +350,8 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   Raises:
     PeftError: if neither file is there, or a listed shard is missing.
   """
-  model_dir = pathlib.Path(model_dir)
-  single = model_dir / 'model.safetensors'
-  index = model_dir / 'model.safetensors.index.json'
-  if single.is_file():
-    files = [single]
-  elif index.is_file():
-    weight_map = json.loads(index.read_text())['weight_map']
-    files = [model_dir / f for f in sorted(set(weight_map.values()))]
-    for f in files:
-      if not f.is_file():
-        raise PeftError(f'Shard {f.name!r} listed in {index} does not exist.')
-  else:
-    raise PeftError(
-      f'No model.safetensors or model.safetensors.index.json in '
-      f'{str(model_dir)!r}; only safetensors checkpoints are supported.'
-    )
   tensors = {}
-  for f in files:
+  for f in _safetensors_files(model_dir):
     with safetensors.safe_open(f, framework='numpy') as shard:
       for name in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
         tensors[name] = shard.get_tensor(name)

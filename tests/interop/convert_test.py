@@ -5,7 +5,8 @@ import pytest
 import safetensors.numpy
 
 import peft_jax as pj
-from peft_jax import convert
+from peft_jax import convert, interop
+from peft_jax.models import bert, deberta, llama
 from tests.interop.hf_peft_test import FIXTURES
 
 
@@ -56,3 +57,18 @@ def test_existing_outputs_are_kept_and_errors_are_one_line(tmp_path, capsys):
   missing = tmp_path / 'nope'
   code, _, err = run(capsys, '--to-hf', missing, tmp_path / 'x', '--model', 'y')
   assert code == 2 and 'nope does not exist' in err
+
+
+@pytest.mark.parametrize(
+  ('base', 'kind'),
+  [
+    ('llama', llama.LlamaForCausalLM),
+    ('bert', bert.BertForSequenceClassification),
+    ('roberta', bert.BertForSequenceClassification),  # classifier.dense/out_proj
+    ('deberta', deberta.DebertaV2ForSequenceClassification),
+  ],
+)
+def test_load_base_picks_the_task_model_the_checkpoint_holds(base, kind):
+  model, params = interop.load_base(FIXTURES / base)
+  assert type(model) is kind
+  assert 'lm_head' in params if base == 'llama' else 'classifier' in params
