@@ -639,8 +639,3 @@ def uniform(values: dict[str, Any], field: str) -> Any:
       f'{distinct[0]!r} and {b!r} has {distinct[1]!r}.'
     )
   return distinct[0]
-
-
-def target_modules(names) -> list[str]:
-  """The adapted module names, as PEFT's ``target_modules`` list."""
-  return sorted(names)
