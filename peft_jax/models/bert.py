@@ -815,7 +815,6 @@ def load_hf_classifier(model_dir: str | os.PathLike) -> tuple[BertConfig, Params
     'bert',
     head_rows,
     {'classifier': checkpoints.dense_shapes(config.hidden_size, tensors[out].shape[0])},
-    ignore=(r'(bert|roberta)\.embeddings\.(position_ids|token_type_ids)',),
   )
   return config, checkpoints.convert(tensors, layout)
 

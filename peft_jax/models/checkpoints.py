@@ -131,11 +131,11 @@ def task_layout(
   encoder: str,
   head: Iterable[Tensor],
   head_abstract: Params,
-  ignore: tuple[str, ...],
 ) -> Layout:
   """The layout of a task checkpoint (``bert.*`` + ``classifier.*``): the
-  encoder's ``base`` layout nested (see ``nested``), plus the ``head`` rows
-  and their shapes; no name prefix is stripped."""
+  encoder's ``base`` layout nested (see ``nested``; its ``ignore`` patterns
+  under ``prefix`` too), plus the ``head`` rows and their shapes; no name
+  prefix is stripped."""
   rows = [
     row._replace(name=prefix + row.name, path=f'{encoder}/{row.path}')
     for row in base.tensors
@@ -144,7 +144,7 @@ def task_layout(
     tensors=(*rows, *head),
     abstract={encoder: base.abstract, **head_abstract},
     prefixes=(),
-    ignore=ignore,
+    ignore=tuple(re.escape(prefix) + pattern for pattern in base.ignore),
   )
 
 

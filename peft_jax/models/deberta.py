@@ -1036,12 +1036,8 @@ def load_hf_classifier(
     )
   num_labels = tensors['classifier.weight'].shape[0]
   pooled = config.pooler_hidden_size or config.hidden_size
-  base = hf_layout(config)
-  ignore = [r'deberta\.embeddings\.position_ids']
-  if not config.position_biased_input:
-    ignore.append(r'deberta\.embeddings\.position_embeddings\.weight')
   layout = checkpoints.task_layout(
-    base,
+    hf_layout(config),
     'deberta.',
     'deberta',
     _head_rows(),
@@ -1049,6 +1045,5 @@ def load_hf_classifier(
       'pooler': {'dense': checkpoints.dense_shapes(config.hidden_size, pooled)},
       'classifier': checkpoints.dense_shapes(pooled, num_labels),
     },
-    ignore=tuple(ignore),
   )
   return config, checkpoints.convert(tensors, layout)
