@@ -5,7 +5,7 @@ one of our models; ``save_hf_adapter`` writes one. Each PEFT type has its
 table in this package, one file each: ``lora`` (LoRA, rsLoRA, DoRA),
 ``ia3``, ``adalora``, ``ln_tuning``, ``vera``, ``fourierft``, ``oft``,
 ``boft``, ``loha``, ``lokr``; activation-side ``prompt_tuning`` (prompt
-tuning, P-tuning; prefix tuning refused) and ``adaption_prompt``, read with
+tuning, P-tuning), ``prefix_tuning`` and ``adaption_prompt``, read with
 ``hooks=pj.hook_points(model, ids)``.
 """
 
@@ -22,7 +22,10 @@ from peft_jax.interop import lokr as lokr  # registers LOKR
 from peft_jax.interop import lora as lora  # registers LORA
 from peft_jax.interop import oft as oft  # registers OFT
 from peft_jax.interop import (
-  prompt_tuning as prompt_tuning,  # registers PROMPT_TUNING, P_TUNING, PREFIX_TUNING
+  prefix_tuning as prefix_tuning,  # registers PREFIX_TUNING
+)
+from peft_jax.interop import (
+  prompt_tuning as prompt_tuning,  # registers PROMPT_TUNING, P_TUNING
 )
 from peft_jax.interop import vera as vera  # registers VERA
 from peft_jax.interop.families import hf_modules, load_base

@@ -38,10 +38,11 @@ def _by_layer(tensors: hf_peft.Tensors) -> dict[int, hf_peft.Tensors]:
 
 
 def read_points(
-  config: dict[str, Any], tensors: hf_peft.Tensors
+  config: dict[str, Any], tensors: hf_peft.Tensors, hooks: Any
 ) -> dict[str, hf_peft.Read]:
   """``{layers_{i}/self_attn/adaption_prompt: (adaption_prompt(length=l),
   {prompt: (l, d), gate: ()}, {})}`` per adapted layer."""
+  del hooks
   length, count = config.get('adapter_len'), config.get('adapter_layers')
   layers = _by_layer(tensors)
   if len(layers) != count:

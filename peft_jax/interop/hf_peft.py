@@ -16,8 +16,8 @@ one exact rule. Per-module options (``rank_pattern``, ``alpha_pattern``) are
 resolved as PEFT resolves them (``get_pattern_key``). Modules trained in full
 (``modules_to_save``, e.g. a classifier head) become ``full()`` leaves.
 
-Activation-side types (prompt tuning, P-tuning, adaption prompt) map to our
-hook-point adapters instead: their ``HfMethod`` has ``read_points`` /
+Activation-side types (prompt tuning, P-tuning, prefix tuning, adaption
+prompt) map to our hook-point adapters instead: their ``HfMethod`` has ``read_points`` /
 ``write_point``, ``load_hf_adapter`` then needs ``hooks =
 pj.hook_points(model, ids)``, and ``save_hf_adapter`` writes ``plan.hooks``.
 
@@ -90,15 +90,19 @@ class HfMethod(NamedTuple):
       ``<module>.ln_tuning_layers.weight`` and ``.bias``): the last part of
       each suffix names the parameter, ``read``/``write`` run once per
       parameter with ``module = {param: row}``, and the leaf is that row's.
-    read_points: ``(config, tensors) -> {hook point: (spec, params,
+    read_points: ``(config, tensors, hooks) -> {hook point: (spec, params,
       buffers)}``: an activation-side type's whole folder (``tensors`` named
-      as ``_read_folder`` names them) as our hook-point adapters.
+      as ``_read_folder`` names them) as our hook-point adapters, for the
+      model's ``hooks`` (``pj.hook_points``).
     write_point: ``(method name, kwargs, params, buffers, hook point,
       modules) -> (tensors, options)``: PEFT's tensors of one hook point,
       by full name (``model.layers.1.self_attn.adaption_prompt``, or a
       ``top_level`` name), and its options; ``modules`` is the module table.
     top_level: names of tensors stored bare, outside ``base_model``
       (prompt learning's ``prompt_embeddings``).
+    combine: ``tensors -> tensors``: the hook points' written tensors as
+      the file stores them (prefix tuning's per-layer slices -> one
+      ``prompt_embeddings``); None keeps them.
     task_types: the ``task_type`` values the type supports (empty: any).
   """
 
@@ -114,6 +118,7 @@ class HfMethod(NamedTuple):
   write_point: Callable[..., tuple[Tensors, dict]] | None = None
   top_level: tuple[str, ...] = ()
   task_types: tuple[str, ...] = ()
+  combine: Callable[[Tensors], Tensors] | None = None
 
 
 class HfAdapter(NamedTuple):
@@ -344,12 +349,12 @@ def _read_points(
 ) -> tuple[dict[str, str], Tensors, Tensors]:
   """``({hook point: spec}, params, buffers)`` of an activation-side type,
   each point one of ``hooks``."""
-  points = method.read_points(config, tensors)
   if hooks is None:
     raise PeftError(
       f'{where}: {method.peft_type} adapts activations; pass '
       'hooks=pj.hook_points(model, ids).'
     )
+  points = method.read_points(config, tensors, hooks)
   leaves, values, buffer_values = {}, {}, {}
   for point, (spec, fields, buffer_fields) in points.items():
     if point not in hooks:
@@ -512,6 +517,8 @@ def save_hf_adapter(
     **config_fields,
   }
   _check_task_type(method, config.get('task_type'), 'save_hf_adapter')
+  if method.combine is not None:
+    tensors = method.combine(tensors)
   return _write_folder(pathlib.Path(adapter_dir), config, tensors, method)
 
 

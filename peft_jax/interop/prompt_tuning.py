@@ -15,10 +15,7 @@ learning in inference mode only, where a ``P_TUNING`` folder would mean the
 same ``P`` but claim an encoder (``encoder_hidden_size``, ...) the file
 does not hold.
 
-``PREFIX_TUNING`` is refused both ways: PEFT passes the prefix as
-``past_key_values``, so Llama rotates the queries at positions ``l..l+s−1``
-while our ``prefix_tuning`` keeps ``0..s−1``; the imported prefix would be a
-different model.
+``PREFIX_TUNING`` is in ``prefix_tuning.py``.
 
 Causal LMs only (``task_type='CAUSAL_LM'``): PEFT's sequence classifiers
 pool the first virtual token, ours the real first token.
@@ -38,9 +35,10 @@ TASK_TYPES = ('CAUSAL_LM',)
 
 
 def read_points(
-  config: dict[str, Any], tensors: hf_peft.Tensors
+  config: dict[str, Any], tensors: hf_peft.Tensors, hooks: Any
 ) -> dict[str, hf_peft.Read]:
   """``{input_embeddings: (prompt_tuning(length=l), {prompt: P}, {})}``."""
+  del hooks
   peft_type = config['peft_type']
   if set(tensors) != {PROMPT}:
     raise PeftError(f'{peft_type}: tensors {sorted(tensors)}; expected [{PROMPT!r}].')
@@ -84,15 +82,6 @@ def config(options: dict[str, dict]) -> dict[str, Any]:
   }
 
 
-def refuse_prefix(*args) -> None:
-  """PEFT's prefix tuning is a different model from ours (module docstring)."""
-  del args
-  raise PeftError(
-    'PREFIX_TUNING is not supported: PEFT rotates the queries at positions '
-    'shifted by the prefix length (num_virtual_tokens), ours at 0..s-1.'
-  )
-
-
 PROMPT_TUNING = hf_peft.register_hf(
   hf_peft.HfMethod(
     peft_type='PROMPT_TUNING',
@@ -112,15 +101,5 @@ P_TUNING = hf_peft.register_hf(
     read_points=read_points,
     top_level=(PROMPT,),
     task_types=TASK_TYPES,
-  )
-)
-PREFIX_TUNING = hf_peft.register_hf(
-  hf_peft.HfMethod(
-    peft_type='PREFIX_TUNING',
-    methods=('prefix_tuning',),
-    config=config,
-    read_points=refuse_prefix,
-    write_point=refuse_prefix,
-    top_level=(PROMPT,),
   )
 )

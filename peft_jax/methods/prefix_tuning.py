@@ -94,8 +94,10 @@ def prefix_tuning(
   ``K = [P_k; k]``, ``V = [P_v; v]`` along the sequence, ``P_k, P_v: (l,
   h, d_h)`` broadcast over the batch, and ``mask_bias`` gets ``l`` zeros in
   front, so every query attends to the prefix (the guide's
-  ``K = [P_k; C W_k]``). Keys are taken after RoPE on Llama (the prefix has
-  no position). Select one point per layer: ``('.*/attention_kv',
+  ``K = [P_k; C W_k]``). On Llama the prefix keys are read as cached keys
+  at positions ``0..l-1`` and the tokens' positions count on from ``l``
+  (as Li & Liang's past activations and Hugging Face PEFT's prefix; see
+  ``LlamaAttention``). Select one point per layer: ``('.*/attention_kv',
   'prefix_tuning()')``.
 
   ``bottleneck=b`` (default 512, adapter-transformers' and the guide's

@@ -36,7 +36,7 @@ CASES = sorted(
 )
 TOLERANCE = 1e-5
 # Types whose adapters act at hook points (load_hf_adapter needs hooks).
-ACTIVATION_TYPES = ('PROMPT_TUNING', 'P_TUNING', 'ADAPTION_PROMPT')
+ACTIVATION_TYPES = ('PROMPT_TUNING', 'P_TUNING', 'PREFIX_TUNING', 'ADAPTION_PROMPT')
 
 
 def base(case: str):

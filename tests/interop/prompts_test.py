@@ -1,11 +1,13 @@
-"""PEFT's prompt tuning, P-tuning and adaption prompt folders on our Llama.
+"""PEFT's prompt tuning, P-tuning, prefix tuning and adaption prompt folders
+on our Llama.
 
 The fixtures (``tests/fixtures/make_hf_peft_prompts.py``) were written by
 real PEFT on the tiny Llama ``hf_peft/llama``; ``hf_peft_test`` checks their
 logits against ours. Here: what each folder reads as, export writes PEFT's
 tensors bit for bit and re-imports identically, our ``p_tuning`` exports as
-its prompt, and what PEFT means differently (prefix tuning, non-causal task
-types) is refused with one line.
+its prompt, our reparametrised prefix exports as the prefix its MLP makes,
+and what PEFT cannot hold (a gated or partial prefix, non-causal task types)
+is refused with one line.
 """
 
 import re
@@ -27,7 +29,13 @@ from tests.interop.hf_peft_test import (
   exported_fixture,
 )
 
-CASES = ['llama_prompt_tuning', 'llama_p_tuning', 'llama_adaption_prompt']
+CASES = [
+  'llama_prompt_tuning',
+  'llama_p_tuning',
+  'llama_adaption_prompt',
+  'llama_prefix_tuning',
+  'llama_prefix_projection',
+]
 IDS = np.array([[3, 9, 27, 4, 1, 60], [5, 7, 2, 8, 11, 13]], np.int32)
 MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int32)
 
@@ -60,6 +68,15 @@ def test_each_type_reads_as_our_method():
     'layers_1/self_attn/adaption_prompt': pj.get('adaption_prompt(length=3)').name
   }
   assert loaded.params['layers_1']['self_attn']['adaption_prompt'].gate.shape == ()
+  # A prefix per layer, flat (PEFT saves the projection's output).
+  for case, length in [('llama_prefix_tuning', 3), ('llama_prefix_projection', 2)]:
+    loaded = read(FIXTURES / case / 'adapter')
+    spec = pj.get(f'prefix_tuning(length={length}, bottleneck=None)').name
+    assert specs(loaded) == {
+      '(layers_0/self_attn/attention_kv|layers_1/self_attn/attention_kv)': spec
+    }
+    prefix = loaded.params['layers_1']['self_attn']['attention_kv']
+    assert prefix.keys.shape == prefix.values.shape == (length, 2, 4)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -73,6 +90,8 @@ def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   assert config['peft_type'] == want_config['peft_type'].replace('P_', 'PROMPT_')
   fields = ['task_type', 'num_virtual_tokens', 'token_dim', 'adapter_len']
   fields.append('adapter_layers')
+  if 'prefix' in case:
+    fields += ['num_layers', 'num_attention_heads']
   for field in fields:
     assert config.get(field) == want_config.get(field), field
   again = read(folder)
@@ -101,15 +120,21 @@ def test_our_p_tuning_exports_as_its_prompt(tmp_path):
   assert_close(np.asarray(back), np.asarray(mine))
 
 
+KV = r'layers_\d/self_attn/attention_kv'
+
+
 def ours(frozen, hooks, seed: int = 2):
-  """Prompt tuning (``l = 4``) or adaption prompts in the top layer, with
-  random values (gates away from 0)."""
+  """Prompt tuning (``l = 4``), adaption prompts in the top layer, a flat
+  prefix and a reparametrised one (``l = 3``), with random values (gates
+  away from 0)."""
   prompt = pj.by_rules([('input_embeddings', 'prompt_tuning(length=4)')])
   adaption = pj.by_rules(
     [('layers_1/self_attn/adaption_prompt', 'adaption_prompt(length=2)')]
   )
+  flat = pj.by_rules([(KV, 'prefix_tuning(length=3, bottleneck=None)')])
+  mlp = pj.by_rules([(KV, 'prefix_tuning(length=3, bottleneck=5)')])
   trees = []
-  for tree in (prompt, adaption):
+  for tree in (prompt, adaption, flat, mlp):
     params, buffers = tree.init(jax.random.key(seed), frozen, hooks)
     trees.append((tree, references.perturb(params, seed), buffers))
   return trees
@@ -145,20 +170,43 @@ def one_line(error) -> str:
   return message
 
 
-PREFIX = 'PEFT rotates the queries at positions shifted by the prefix length'
+def test_our_prefixes_export_as_peft_prefixes(tmp_path):
+  """Flat or made by the MLP, the prefix re-imports as the same model."""
+  _, frozen, forward, modules, hooks = setup()
+  for i, (tree, params, buffers) in enumerate(ours(frozen, hooks)[2:]):
+    folder = interop.save_hf_adapter(
+      tmp_path / str(i), tree, frozen, params, buffers, modules
+    )
+    config, tensors = _written(folder)
+    assert config['peft_type'] == 'PREFIX_TUNING'
+    assert (config['num_layers'], config['num_virtual_tokens']) == (2, 3)
+    assert tensors['prompt_embeddings'].shape == (3, 2 * 2 * 8)
+    again = read(folder)
+    mine = pj.adapted(tree, forward)(frozen, params, buffers, IDS, MASK)
+    back = pj.adapted(again.adapter, forward)(
+      frozen, again.params, again.buffers, IDS, MASK
+    )
+    assert_close(np.asarray(back), np.asarray(mine))
 
 
-def test_prefix_tuning_is_refused_both_ways(tmp_path):
+def test_prefixes_peft_cannot_hold_are_refused(tmp_path):
   _, frozen, _, modules, hooks = setup()
-  folder = edited('llama_prompt_tuning', tmp_path, peft_type='PREFIX_TUNING')
+  for spec, message in [
+    ('prefix_tuning(length=2, gated=True)', 'gated prefix tuning at'),
+    ('prefix_tuning(length=2)', 'prefix tuning in layers [0] of 2'),
+  ]:
+    selector = KV if 'gated' in spec else 'layers_0/self_attn/attention_kv'
+    tree = pj.by_rules([(selector, spec)])
+    params, buffers = tree.init(jax.random.key(0), frozen, hooks)
+    with pytest.raises(pj.PeftError) as error:
+      interop.save_hf_adapter(tmp_path, tree, frozen, params, buffers, modules)
+    assert message in one_line(error)
+  folder = edited('llama_prefix_tuning', tmp_path, num_layers=3)
   with pytest.raises(pj.PeftError) as error:
-    interop.load_hf_adapter(folder, modules, frozen, hooks)
-  assert PREFIX in one_line(error)
-  tree = pj.by_rules([(r'layers_\d/self_attn/attention_kv', 'prefix_tuning(length=2)')])
-  params, buffers = tree.init(jax.random.key(0), frozen, hooks)
-  with pytest.raises(pj.PeftError) as error:
-    interop.save_hf_adapter(tmp_path / 'out', tree, frozen, params, buffers, modules)
-  assert PREFIX in one_line(error)
+    read(folder)
+  assert 'num_layers=3; this model (2 layers, 2 key/value heads of 4)' in one_line(
+    error
+  )
 
 
 @pytest.mark.parametrize('case', CASES)

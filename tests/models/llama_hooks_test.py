@@ -359,9 +359,8 @@ def test_prefix_of_captured_keys_values_equals_feeding_those_tokens(layout):
   tokens = ids()
   mask = np.ones((B, T), np.int32)
   mask[1, -2:] = 0  # right padding: masks tokens, never the prefix
-  fn = lambda w, t: model.apply(
-    {'params': w}, t, attention_mask=mask, positions=np.arange(P, P + T)
-  )
+  # The tokens' positions count on after the prefix's (as after a cache).
+  fn = lambda w, t: model.apply({'params': w}, t, attention_mask=mask)
   full = np.concatenate([np.repeat(prefix, B, axis=0), tokens], axis=1)
   full_mask = np.concatenate([np.ones((B, P), np.int32), mask], axis=1)
   want = forward(model)(frozen, full, attention_mask=full_mask)[:, P:]

@@ -404,7 +404,13 @@ class LlamaAttention(nn.Module):
     Hook point ``attention_kv``: ``AttentionKV(k, v, None, x)``, ``k`` and
     ``v`` each ``(batch, seq, kv_heads, head_dim)``, keys after RoPE, before
     the cache update, and ``x`` the normalised input. An adapter may prepend
-    prefix keys/values that every query attends to; with a cache they are
+    ``l`` prefix keys/values that every query attends to. Prefix keys are
+    read as a KV cache holds keys, rotated at positions ``0..l-1`` of a
+    sequence the tokens continue: the tokens' positions count on from
+    ``l`` (Li & Liang's prefix as past activations; transformers with
+    ``past_key_values``, so Hugging Face PEFT's prefix tuning). RoPE being
+    relative, this is applied as one rotation of the prefix keys by ``-l``
+    (``_prefix_before_position_0``). With a cache the prefix keys are
     not cached but put before the cache slots at every step (the prefix is
     the same at every step), so ``generate`` works with prefix tuning. So
     are the keys of prompt positions (``mask`` columns before the cache
@@ -429,6 +435,8 @@ class LlamaAttention(nn.Module):
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k, v, _, _ = hook_point(self, 'attention_kv', AttentionKV(k, v, None, x))
     prefix = _check_kv(k, v, (b, t, nk, hd))
+    if prefix:
+      k = _prefix_before_position_0(k, prefix, rope_inv_freq(cfg))
     if layer_cache is not None:
       # Prefix keys and prompt positions (mask columns before the cache
       # slots) are recomputed at every step and sit before the cache slots.
@@ -507,6 +515,19 @@ def _adaption_length(prompt: Array, gate: Array, d: int) -> int:
       f'{jnp.shape(gate)}; expected prompt (length, d={d}) and gate ().'
     )
   return jnp.shape(prompt)[0]
+
+
+def _prefix_before_position_0(k: Array, prefix: int, inv_freq: np.ndarray) -> Array:
+  """``k (b, l + s, h, d_h)`` with its first ``l = prefix`` keys rotated by
+  ``-l`` positions: ``R(-l)·k_i`` for ``i < l``.
+
+  For a query rotated at position ``p``, ``<R(p) q, R(-l) k_i> = <R(p + l)
+  q, k_i>``: the tokens attend to the prefix as if they stood at positions
+  ``l + p``, after ``l`` cached keys (the convention of a KV cache; what
+  transformers does with a prefix given as ``past_key_values``).
+  """
+  cos, sin = rope_cos_sin(jnp.full((prefix,), -prefix), inv_freq)
+  return jnp.concatenate([apply_rope(k[:, :prefix], cos, sin), k[:, prefix:]], axis=1)
 
 
 def _check_kv(k: Array, v: Array, shape: tuple[int, int, int, int]) -> int:
