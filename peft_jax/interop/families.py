@@ -14,7 +14,8 @@ def hf_modules(model: Any) -> dict[str, Module]:
   with our parameter paths: the names PEFT adapters use.
 
   Args:
-    model: ``LlamaForCausalLM``, ``BertModel``, a BERT task model
+    model: ``LlamaForCausalLM``, ``LlamaForSequenceClassification``,
+      ``BertModel``, a BERT task model
       (sequence/token classification, multiple choice), ``DebertaV2Model``
       or ``DebertaV2ForSequenceClassification``.
 
@@ -26,6 +27,8 @@ def hf_modules(model: Any) -> dict[str, Module]:
   """
   if isinstance(model, llama.LlamaForCausalLM):
     return llama.hf_modules(model.config)
+  if isinstance(model, llama.LlamaForSequenceClassification):
+    return llama.hf_modules(model.config, model.num_labels)
   if isinstance(model, bert.BertModel):
     return bert.hf_modules(model.config)
   heads = (
@@ -44,7 +47,8 @@ def hf_modules(model: Any) -> dict[str, Module]:
     return deberta.hf_modules(model.config, head=True)
   raise PeftError(
     f'No Hugging Face module table for {type(model).__name__}; expected '
-    'LlamaForCausalLM, BertModel, a BERT task model, DebertaV2Model or '
+    'LlamaForCausalLM, LlamaForSequenceClassification, BertModel, a BERT task '
+    'model, DebertaV2Model or '
     'DebertaV2ForSequenceClassification.'
   )
 
@@ -54,7 +58,8 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
   (or a llama ``.gguf`` file, dequantized: ``LlamaForCausalLM``).
 
   ``model_type`` picks the family: ``llama``/``mistral``/``qwen2`` give
-  ``LlamaForCausalLM``; ``bert``/``roberta`` give the sequence (or, when
+  ``LlamaForSequenceClassification`` when the checkpoint stores ``score``,
+  else ``LlamaForCausalLM``; ``bert``/``roberta`` give the sequence (or, when
   ``architectures`` says so, token) classifier when the checkpoint stores a
   ``classifier``, else ``BertModel``; ``deberta-v2`` gives
   ``DebertaV2ForSequenceClassification`` or ``DebertaV2Model`` likewise.
@@ -80,6 +85,10 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
   hf_config = checkpoints.read_hf_config(model_dir)
   model_type = getattr(hf_config, 'model_type', None)
   if model_type in ('llama', 'mistral', 'qwen2'):
+    if 'score.weight' in checkpoints.tensor_names(model_dir):
+      config, params = llama.load_hf_classifier(model_dir)
+      labels = params['score']['kernel'].shape[1]
+      return llama.LlamaForSequenceClassification(config, labels), params
     config, params = llama.load_hf(model_dir)
     return llama.LlamaForCausalLM(config), params
   if model_type in ('bert', 'roberta', 'xlm-roberta'):

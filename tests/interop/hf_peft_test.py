@@ -42,7 +42,12 @@ ACTIVATION_TYPES = ('PROMPT_TUNING', 'P_TUNING', 'PREFIX_TUNING', 'ADAPTION_PROM
 def base(case: str):
   """``(model, frozen, forward)`` of the case's base model, loaded from the
   fixture's transformers folder by our loaders."""
-  if case.startswith('llama'):
+  if case.startswith('llama_cls'):
+    config, frozen = llama.load_hf_classifier(FIXTURES / 'llama_cls')
+    labels = frozen['score']['kernel'].shape[1]
+    model = llama.LlamaForSequenceClassification(config, labels)
+    forward = lambda p, ids, mask: model.apply({'params': p}, ids, attention_mask=mask)
+  elif case.startswith('llama'):
     config, frozen = llama.load_hf(FIXTURES / 'llama')
     model = llama.LlamaForCausalLM(config)
     forward = lambda p, ids, mask: model.apply({'params': p}, ids, attention_mask=mask)

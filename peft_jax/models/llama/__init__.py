@@ -88,9 +88,11 @@ adapter the placeholder has ``l = 0`` and the branch is not computed. As in
 HF, the branch's ``o_proj`` keeps its bias: with ``attention_out_bias`` that
 bias is added a second time, even at gate 0.
 
-Modules: ``model`` (config, RoPE, ``LlamaForCausalLM``), ``generation``
-(``init_cache``, ``generate``), ``conversion`` (``load_hf``, ``hf_layout``,
-``stack_layers``); their public names are importable from this package.
+Modules: ``model`` (config, RoPE, ``LlamaForCausalLM``,
+``LlamaForSequenceClassification``: ``score`` on the last real token),
+``generation`` (``init_cache``, ``generate``), ``conversion`` (``load_hf``,
+``load_hf_classifier``, ``hf_layout``, ``stack_layers``); their public names
+are importable from this package.
 
 Example::
 
@@ -105,6 +107,7 @@ from peft_jax.models.llama.conversion import (
   hf_layout,
   hf_modules,
   load_hf,
+  load_hf_classifier,
   stack_layers,
   unstack_layers,
 )
@@ -116,6 +119,7 @@ from peft_jax.models.llama.model import (
   LlamaConfig,
   LlamaDecoderLayer,
   LlamaForCausalLM,
+  LlamaForSequenceClassification,
   LlamaMLP,
   RMSNorm,
   apply_rope,
@@ -131,6 +135,7 @@ __all__ = [
   'LlamaConfig',
   'LlamaDecoderLayer',
   'LlamaForCausalLM',
+  'LlamaForSequenceClassification',
   'LlamaMLP',
   'RMSNorm',
   'abstract_params',
@@ -141,6 +146,7 @@ __all__ = [
   'hf_modules',
   'init_cache',
   'load_hf',
+  'load_hf_classifier',
   'rope_cos_sin',
   'rope_inv_freq',
   'stack_layers',

@@ -1,6 +1,7 @@
 """Llama parameter layouts: Hugging Face checkpoints and scanned layers.
 
-``load_hf`` reads a checkpoint directory through ``hf_layout``, the table of
+``load_hf`` (and ``load_hf_classifier`` for sequence classifiers) reads a
+checkpoint directory through ``hf_layout``, the table of
 ``peft_jax.models.checkpoints``; ``stack_layers`` / ``unstack_layers``
 convert between the unrolled (``layers_{i}``) and ``nn.scan`` (``layers``)
 layouts.
@@ -17,7 +18,11 @@ import numpy as np
 
 from peft_jax._src.base import PeftError
 from peft_jax.models import checkpoints
-from peft_jax.models.llama.model import LlamaConfig, LlamaForCausalLM
+from peft_jax.models.llama.model import (
+  LlamaConfig,
+  LlamaForCausalLM,
+  LlamaForSequenceClassification,
+)
 
 Params = dict[str, Any]
 
@@ -99,14 +104,20 @@ def unstack_layers(params: Params) -> Params:
   return out
 
 
-def abstract_params(config: LlamaConfig) -> Params:
-  """The ``params`` tree of ``LlamaForCausalLM(config)`` as shape structs."""
-  return jax.eval_shape(
-    LlamaForCausalLM(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
-  )['params']
+def abstract_params(config: LlamaConfig, num_labels: int | None = None) -> Params:
+  """The ``params`` tree of ``LlamaForCausalLM(config)`` (or, with
+  ``num_labels``, ``LlamaForSequenceClassification``) as shape structs."""
+  model = (
+    LlamaForCausalLM(config)
+    if num_labels is None
+    else LlamaForSequenceClassification(config, num_labels)
+  )
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
+    'params'
+  ]
 
 
-def hf_layout(config: LlamaConfig) -> checkpoints.Layout:
+def hf_layout(config: LlamaConfig, num_labels: int | None = None) -> checkpoints.Layout:
   """The conversion table of a Hugging Face Llama/Mistral/Qwen2 checkpoint.
 
   Names may carry the ``model.`` prefix of ``LlamaForCausalLM`` or not
@@ -115,6 +126,8 @@ def hf_layout(config: LlamaConfig) -> checkpoints.Layout:
 
   Args:
     config: the model's hyper-parameters.
+    num_labels: None for the causal LM; the classes of a
+      ``LlamaForSequenceClassification`` (``score`` instead of ``lm_head``).
 
   Returns:
     The layout of the unrolled ``params`` (``layers_{i}``, whatever
@@ -123,11 +136,11 @@ def hf_layout(config: LlamaConfig) -> checkpoints.Layout:
     ``stack_layers`` for ``scan_layers``.
   """
   ignore = [r'layers\.\d+\.self_attn\.rotary_emb\.inv_freq']
-  if config.tie_word_embeddings:
+  if config.tie_word_embeddings and num_labels is None:
     ignore.append(r'lm_head\.weight')
   return checkpoints.Layout(
-    tensors=tuple(_hf_tensors(config)),
-    abstract=abstract_params(config.replace(scan_layers=False)),
+    tensors=tuple(_hf_tensors(config, num_labels)),
+    abstract=abstract_params(config.replace(scan_layers=False), num_labels),
     dtype=config.param_dtype,
     prefixes=('model.',),
     ignore=tuple(ignore),
@@ -135,16 +148,25 @@ def hf_layout(config: LlamaConfig) -> checkpoints.Layout:
   )
 
 
-def hf_modules(config: LlamaConfig) -> dict[str, checkpoints.Module]:
-  """The modules of a transformers ``LlamaForCausalLM`` by their full names
-  (``model.layers.0.self_attn.q_proj``, ``lm_head``), with our parameter
-  paths (unrolled layout): the names PEFT adapters use."""
+def hf_modules(
+  config: LlamaConfig, num_labels: int | None = None
+) -> dict[str, checkpoints.Module]:
+  """The modules of a transformers ``LlamaForCausalLM`` (with ``num_labels``,
+  ``LlamaForSequenceClassification``) by their full names
+  (``model.layers.0.self_attn.q_proj``, ``lm_head`` or ``score``), with our
+  parameter paths (unrolled layout): the names PEFT adapters use."""
   return checkpoints.modules(
-    _hf_tensors(config), lambda name: name if name == 'lm_head' else f'model.{name}'
+    _hf_tensors(config, num_labels),
+    lambda name: name if name in HEADS else f'model.{name}',
   )
 
 
-def _hf_tensors(config: LlamaConfig) -> Iterator[checkpoints.Tensor]:
+HEADS = ('lm_head', 'score')  # the modules outside transformers' ``model.``
+
+
+def _hf_tensors(
+  config: LlamaConfig, num_labels: int | None = None
+) -> Iterator[checkpoints.Tensor]:
   """The rows of ``hf_layout`` (torch names without ``model.``)."""
   dense, norm = checkpoints.dense, checkpoints.norm
   yield from checkpoints.embedding('embed_tokens', 'embed_tokens')
@@ -158,7 +180,9 @@ def _hf_tensors(config: LlamaConfig) -> Iterator[checkpoints.Tensor]:
     for name in ('input_layernorm', 'post_attention_layernorm'):
       yield from norm(t + name, f + name, bias=False)
   yield from norm('norm', 'norm', bias=False)
-  if not config.tie_word_embeddings:
+  if num_labels is not None:
+    yield from dense('score', 'score', bias=False)
+  elif not config.tie_word_embeddings:
     yield from dense('lm_head', 'lm_head', bias=False)
 
 
@@ -186,4 +210,34 @@ def load_hf(
   hf_config = checkpoints.read_hf_config(model_dir)
   config = LlamaConfig.from_hf(hf_config, **runtime_options)
   params = checkpoints.load_safetensors(model_dir, hf_layout(config))
+  return config, stack_layers(params) if config.scan_layers else params
+
+
+def load_hf_classifier(
+  model_dir: str | os.PathLike, **runtime_options: Any
+) -> tuple[LlamaConfig, Params]:
+  """Loads a Hugging Face ``LlamaForSequenceClassification`` checkpoint
+  (also Mistral's and Qwen2's).
+
+  Args:
+    model_dir: a checkpoint directory with ``score.weight``.
+    **runtime_options: as ``load_hf``.
+
+  Returns:
+    ``(config, params)`` of ``LlamaForSequenceClassification(config,
+    num_labels)``, ``num_labels = params['score']['kernel'].shape[1]``.
+
+  Raises:
+    PeftError: as ``load_hf``, or if the checkpoint has no ``score.weight``.
+  """
+  hf_config = checkpoints.read_hf_config(model_dir)
+  config = LlamaConfig.from_hf(hf_config, **runtime_options)
+  tensors = checkpoints.read_safetensors(model_dir)
+  if 'score.weight' not in tensors:
+    raise PeftError(
+      f'{model_dir}: no score.weight; expected a sequence classification '
+      'checkpoint (load_hf reads the causal LM).'
+    )
+  num_labels = tensors['score.weight'].shape[0]
+  params = checkpoints.convert(tensors, hf_layout(config, num_labels))
   return config, stack_layers(params) if config.scan_layers else params

@@ -657,8 +657,8 @@ class LlamaDecoderLayer(nn.Module):
     return h, layer_cache
 
 
-class LlamaForCausalLM(nn.Module):
-  """The decoder with its LM head; returns float32 next-token logits.
+class _LlamaDecoder(nn.Module):
+  """The embeddings and decoder layers that the task models share.
 
   Attributes:
     config: the model's hyper-parameters.
@@ -666,43 +666,15 @@ class LlamaForCausalLM(nn.Module):
 
   config: LlamaConfig
 
-  @nn.compact
-  def __call__(
+  def _decoder(
     self,
     input_ids: Array,
-    positions: Array | None = None,
-    attention_mask: Array | None = None,
-    cache: Cache | None = None,
-  ) -> Array | tuple[Array, Cache]:
-    """Computes logits, optionally reading and extending a KV cache.
-
-    Args:
-      input_ids: ``(batch, seq)`` int token ids.
-      positions: ``(batch, seq)`` or ``(seq,)`` RoPE positions. None:
-        ``0..seq-1``, or ``end..end+seq-1`` with a cache. Pass them for
-        left-padded batches (position 0 at the first real token).
-      attention_mask: 1 for real tokens and 0 for padding, over the keys:
-        ``(batch, seq)`` without a cache, ``(batch, max_len)`` over the cache
-        slots with one. Causal masking is always applied.
-      cache: None, or a cache from ``init_cache`` (or a previous call): the
-        tokens are written at slots ``end..end+seq-1`` and attend to slots
-        ``<=`` their own.
-
-    Hook point ``input_embeddings``: ``(token embeddings (batch, seq, d),
-    attention_mask)`` (the mask as passed: None, ``(batch, seq)``, or over
-    the cache slots with a cache). An adapter may prepend ``p`` positions
-    (prompt tuning; see the package docstring), also with a cache: they are
-    recomputed at every call and stand before the cache slots, which hold
-    the tokens only. Their logits are dropped.
-
-    Returns:
-      ``(batch, seq, vocab)`` float32 logits; with a cache,
-      ``(logits, updated cache)`` (``end`` advanced by ``seq``).
-
-    Raises:
-      PeftError: for ``input_ids`` that are not 2-D, or an activation adapter
-        whose result has the wrong shape.
-    """
+    positions: Array | None,
+    attention_mask: Array | None,
+    cache: Cache | None,
+  ) -> tuple[nn.Embed, Array, Cache | None]:
+    """The embeddings and layers: ``(embed, (batch, seq, d) residual stream
+    at the tokens (prepended prompts dropped), updated cache or None)``."""
     cfg = self.config
     if input_ids.ndim != 2:
       raise PeftError(
@@ -725,9 +697,9 @@ class LlamaForCausalLM(nn.Module):
     rope = rope_cos_sin(positions, rope_inv_freq(cfg))
     if cache is None:
       h, _ = self._layers(h, None, rope, mask, None)
-      return self._logits(embed, h[:, prompt:])  # Drops prepended prompts.
+      return embed, h[:, prompt:], None  # Drops prepended prompts.
     h, (k, v) = self._layers(h, (cache['k'], cache['v']), rope, mask, cache['end'])
-    return self._logits(embed, h[:, prompt:]), {'k': k, 'v': v, 'end': cache['end'] + t}
+    return embed, h[:, prompt:], {'k': k, 'v': v, 'end': cache['end'] + t}
 
   def _layers(
     self,
@@ -770,15 +742,109 @@ class LlamaForCausalLM(nn.Module):
         kv = (kv[0].at[i].set(layer_kv[0]), kv[1].at[i].set(layer_kv[1]))
     return h, kv
 
+
+class LlamaForCausalLM(_LlamaDecoder):
+  """The decoder with its LM head; returns float32 next-token logits.
+
+  Attributes:
+    config: the model's hyper-parameters.
+  """
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: Array,
+    positions: Array | None = None,
+    attention_mask: Array | None = None,
+    cache: Cache | None = None,
+  ) -> Array | tuple[Array, Cache]:
+    """Computes logits, optionally reading and extending a KV cache.
+
+    Args:
+      input_ids: ``(batch, seq)`` int token ids.
+      positions: ``(batch, seq)`` or ``(seq,)`` RoPE positions. None:
+        ``0..seq-1``, or ``end..end+seq-1`` with a cache. Pass them for
+        left-padded batches (position 0 at the first real token).
+      attention_mask: 1 for real tokens and 0 for padding, over the keys:
+        ``(batch, seq)`` without a cache, ``(batch, max_len)`` over the cache
+        slots with one. Causal masking is always applied.
+      cache: None, or a cache from ``init_cache`` (or a previous call): the
+        tokens are written at slots ``end..end+seq-1`` and attend to slots
+        ``<=`` their own.
+
+    Hook point ``input_embeddings``: ``(token embeddings (batch, seq, d),
+    attention_mask)`` (the mask as passed: None, ``(batch, seq)``, or over
+    the cache slots with a cache). An adapter may prepend ``p`` positions
+    (prompt tuning; see the package docstring), also with a cache: they are
+    recomputed at every call and stand before the cache slots, which hold
+    the tokens only. Their logits are dropped.
+
+    Returns:
+      ``(batch, seq, vocab)`` float32 logits; with a cache,
+      ``(logits, updated cache)`` (``end`` advanced by ``seq``).
+
+    Raises:
+      PeftError: for ``input_ids`` that are not 2-D, or an activation adapter
+        whose result has the wrong shape.
+    """
+    embed, h, cache = self._decoder(input_ids, positions, attention_mask, cache)
+    logits = self._logits(embed, h)
+    return logits if cache is None else (logits, cache)
+
   def _logits(self, embed: nn.Embed, h: Array) -> Array:
     """Final RMSNorm, then ``lm_head`` (or ``embed_tokensᵀ`` when tied)."""
     cfg = self.config
-    h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(h)
+    h = _final_norm(cfg, h)
     if cfg.tie_word_embeddings:
       logits = embed.attend(h)
     else:
       logits = _dense(cfg, cfg.vocab_size, False, 'lm_head')(h)
     return logits.astype(jnp.float32)
+
+
+class LlamaForSequenceClassification(_LlamaDecoder):
+  """The decoder with a linear ``score`` head on its last real token, as
+  transformers' ``LlamaForSequenceClassification``.
+
+  ``logits = norm(h)[last] W_score``, ``W_score: (d, num_labels)`` without
+  bias; ``last`` is each row's rightmost position whose ``attention_mask``
+  is 1 (the last position without a mask). transformers picks the
+  rightmost token that is not ``pad_token_id``: the same token for padded
+  batches whose real tokens are not the pad token. Parameters: those of
+  ``LlamaForCausalLM`` with ``score`` instead of ``lm_head``.
+
+  Attributes:
+    config: the model's hyper-parameters.
+    num_labels: number of output logits.
+  """
+
+  num_labels: int
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids: Array,
+    positions: Array | None = None,
+    attention_mask: Array | None = None,
+  ) -> Array:
+    """``(batch, num_labels)`` float32 logits (arguments as
+    ``LlamaForCausalLM``, without a cache)."""
+    cfg = self.config
+    _, h, _ = self._decoder(input_ids, positions, attention_mask, None)
+    h = _final_norm(cfg, h)
+    b, t, _ = h.shape
+    if attention_mask is None:
+      last = jnp.full((b,), t - 1)
+    else:
+      real = jnp.asarray(attention_mask)[:, -t:] > 0  # the tokens' columns
+      last = jnp.argmax(jnp.where(real, jnp.arange(t), -1), axis=-1)
+    pooled = h[jnp.arange(b), last]
+    return _dense(cfg, self.num_labels, False, 'score')(pooled).astype(jnp.float32)
+
+
+def _final_norm(cfg: LlamaConfig, h: Array) -> Array:
+  """The decoder's last RMSNorm (``norm``)."""
+  return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(h)
 
 
 def _check_prompt(
