@@ -36,6 +36,7 @@ from peft_jax.interop.hf_peft import (
   load_hf_adapter,
   pattern_value,
   save_hf_adapter,
+  scan_layout,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
   'load_hf_adapter',
   'pattern_value',
   'save_hf_adapter',
+  'scan_layout',
 ]

@@ -41,10 +41,17 @@ import numpy as np
 import safetensors
 from safetensors import numpy as safetensors_numpy
 
-from peft_jax._src import registry
-from peft_jax._src.base import AdapterParams, Buffers, PeftError, TreeAdapter
+from peft_jax._src import paths, registry
+from peft_jax._src.base import (
+  ActivationAdapter,
+  AdapterParams,
+  Buffers,
+  PeftError,
+  TreeAdapter,
+)
 from peft_jax._src.checkpoint import fill_like
 from peft_jax._src.tree import by_rules
+from peft_jax.models import llama
 from peft_jax.models.checkpoints import Module
 
 CONFIG_FILE = 'adapter_config.json'
@@ -331,7 +338,9 @@ def load_hf_adapter(
     leaves, values, buffer_values = _read_points(config, tensors, method, hooks, where)
   rules = _rules(leaves)
   adapter = by_rules(rules)
-  like = jax.eval_shape(adapter.init, jax.random.key(0), frozen, hooks)
+  like = jax.eval_shape(
+    lambda key, w: adapter.init(key, w, hooks), jax.random.key(0), frozen
+  )
   params = fill_like(where, 'params', values, like[0])
   buffers = fill_like(where, 'buffers', buffer_values, like[1])
   as_like = lambda v, s: jnp.asarray(v, s.dtype)
@@ -430,6 +439,80 @@ def _rules(leaves: dict[str, str]) -> list[tuple[str, str]]:
     (names[0] if len(names) == 1 else f'({"|".join(names)})', spec)
     for spec, names in by_spec.items()
   ]
+
+
+LAYER_LEAF = re.compile(r'layers_(\d+)/(.+)')
+
+
+def scan_layout(
+  hf: HfAdapter, frozen: Any, hooks: Mapping[str, Any] | None = None
+) -> HfAdapter:
+  """``hf`` for the same model with ``scan_layers=True``.
+
+  Each per-layer rule ``layers_{i}/<path>`` becomes one rule at
+  ``layers/<path>``: weight methods wrapped in ``stacked(...)``, hook-point
+  methods as they are (``nn.scan`` slices their parameters); ``params`` and
+  ``buffers`` are stacked along a leading layer axis (``llama.stack_layers``).
+  PEFT folders that adapt some layers only (``layers_to_transform``) or
+  give layers different options (``rank_pattern``) have no stacked form.
+
+  Args:
+    hf: what ``load_hf_adapter`` read (unrolled layout).
+    frozen: the scanned model's ``params`` (``stack_layers`` of the
+      unrolled ones).
+    hooks: the scanned model's hook points, for hook-point adapters.
+
+  Returns:
+    The ``HfAdapter`` whose ``adapter.apply(frozen, params, buffers)`` is the
+    scanned model PEFT runs.
+
+  Raises:
+    PeftError: naming a path that not every layer adapts alike.
+  """
+  num_layers = {np.shape(x)[0] for x in jax.tree.leaves(frozen.get('layers', {}))}
+  if len(num_layers) != 1:
+    raise PeftError("scan_layout: frozen has no scanned 'layers' subtree.")
+  (total,) = num_layers
+  per_path: dict[str, dict[int, str]] = {}
+  rules = []
+  for selector, spec in hf.rules:
+    for leaf in selector.removeprefix('(').removesuffix(')').split('|'):
+      leaf = re.sub(r'\\(.)', r'\1', leaf)  # undo re.escape
+      match = LAYER_LEAF.fullmatch(leaf)
+      if match is None:
+        rules.append((re.escape(leaf), spec))
+      else:
+        per_path.setdefault(match[2], {})[int(match[1])] = spec
+  for path, specs in per_path.items():
+    if sorted(specs) != list(range(total)) or len(set(specs.values())) != 1:
+      raise PeftError(
+        f'scan_layout: layers/{path} is adapted in layers {sorted(specs)} of '
+        f'{total} with {len(set(specs.values()))} specs; a scanned model needs '
+        'every layer adapted alike (use the unrolled layout).'
+      )
+    (spec,) = set(specs.values())
+    activation = isinstance(registry.get(spec), ActivationAdapter)
+    rules.append(
+      (f'layers/{re.escape(path)}', spec if activation else f'stacked({spec!r})')
+    )
+  adapter = by_rules(rules)
+  params, buffers = (_stack_layers(tree) for tree in (hf.params, hf.buffers))
+  like = jax.eval_shape(
+    lambda key, w: adapter.init(key, w, hooks), jax.random.key(0), frozen
+  )
+  params = fill_like('scan_layout', 'params', paths.flatten(params), like[0])
+  buffers = fill_like('scan_layout', 'buffers', paths.flatten(buffers), like[1])
+  return HfAdapter(rules, adapter, params, buffers, hf.config)
+
+
+def _stack_layers(tree: Any) -> Any:
+  """``llama.stack_layers`` of a tree with ``layers_{i}`` keys; others as
+  they are."""
+  if not isinstance(tree, dict) or not any(
+    re.fullmatch(r'layers_\d+', k) for k in tree
+  ):
+    return tree
+  return llama.stack_layers(tree)
 
 
 def save_hf_adapter(

@@ -426,3 +426,34 @@ def test_pissa_and_milora_export_as_peft_converted_lora(tmp_path):
     'lora(rank=6',
   ]
   assert_close(*round_trip_logits(forward, frozen, again, tree, params, buffers))
+
+
+@pytest.mark.parametrize(
+  'case', ['llama_dora', 'llama_ia3', 'llama_lokr', 'llama_prefix_tuning']
+)
+def test_scan_layout_gives_peft_logits_on_the_scanned_model(case):
+  """Rules at ``layers/...`` (weight methods under ``stacked``), parameters
+  stacked: the scanned model with them gives PEFT's logits."""
+  model, frozen, _, _, loaded = load(case)
+  scanned = llama.LlamaForCausalLM(model.config.replace(scan_layers=True))
+  frozen = llama.stack_layers(frozen)
+  want = expected(case)
+  ids, mask = want['input_ids'], want['attention_mask']
+  hooks = pj.hook_points(scanned, ids)
+  stacked = interop.scan_layout(loaded, frozen, hooks)
+  assert all(selector.startswith('layers/') for selector, _ in stacked.rules)
+  forward = lambda p, ids, mask: scanned.apply({'params': p}, ids, attention_mask=mask)
+  got = pj.adapted(stacked.adapter, forward)(
+    frozen, stacked.params, stacked.buffers, ids, mask
+  )
+  assert_close(real_positions(got, mask), real_positions(want['logits'], mask))
+
+
+@pytest.mark.parametrize(
+  ('case', 'layers'),
+  [('llama_lora', '[0, 1] of 2 with 2 specs'), ('llama_rslora_layers', '[1] of 2')],
+)
+def test_scan_layout_refuses_layers_adapted_differently(case, layers):
+  _, frozen, _, _, loaded = load(case)
+  with pytest.raises(pj.PeftError, match=re.escape(layers)):
+    interop.scan_layout(loaded, llama.stack_layers(frozen))
