@@ -95,7 +95,8 @@ def make_train_step(
     adapter: a tree-level adapter, e.g. ``by_rules(rules)``.
     optimizer: an optax transformation.
     axis_name: the mapped axis of ``pmap``/``shard_map``; gradients, loss and
-      metrics are averaged over it. ``None`` under ``jit``.
+      metrics are averaged over it (``_mean_gradient``: also right under
+      ``shard_map``'s default ``check_vma=True``). ``None`` under ``jit``.
     factored: run adapted matmuls in their factored form (no ``w'``, no
       weight gradient).
     schedule: a ``Schedule`` run after each optimizer update (its state is
@@ -126,7 +127,8 @@ def make_train_step(
       state.params, noise.activate(state.buffers, rng), frozen, batch, rng
     )
     if axis_name is not None:
-      grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+      grads = _mean_gradient(grads, metrics['loss'], axis_name)
+      metrics = jax.lax.pmean(metrics, axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -140,3 +142,30 @@ def make_train_step(
     return new_state, metrics
 
   return step
+
+
+def _varies(x: Array, axis_name: str) -> bool:
+  """Whether ``shard_map`` (with ``check_vma=True``) types ``x`` as varying
+  over ``axis_name``; never under ``pmap`` or ``check_vma=False``, which do
+  not track it."""
+  return axis_name in jax.typeof(x).manual_axis_type.varying
+
+
+def _mean_gradient(grads: Params, loss: Array, axis_name: str) -> Params:
+  """The gradient of the mean of the devices' objectives ``f_i``.
+
+  Under ``pmap`` or ``shard_map(check_vma=False)`` each device holds its own
+  ``∇f_i``: ``pmean``. Under ``shard_map(check_vma=True)`` with a loss that
+  varies over the axis, JAX's autodiff has already summed the gradient of a
+  replicated (invariant) parameter over the devices (the transpose of the
+  implicit ``pvary`` is a ``psum``): ``Σ_i ∇f_i``, divided here by the axis
+  size; ``pmean`` of it would leave the sum, ``N`` times too large. Leaves
+  that still vary (parameters sharded over the axis) are ``pmean``-ed.
+  """
+  if not _varies(loss, axis_name):
+    return jax.lax.pmean(grads, axis_name)
+  size = jax.lax.axis_size(axis_name)
+  return jax.tree.map(
+    lambda g: jax.lax.pmean(g, axis_name) if _varies(g, axis_name) else g / size,
+    grads,
+  )

@@ -153,7 +153,6 @@ def test_shard_map_matches_jit():
       mesh=mesh,
       in_specs=(P(), P(), P('data')),
       out_specs=(P(), P()),
-      check_vma=False,
     )
   )
   for batch in batches(5):
@@ -163,6 +162,42 @@ def test_shard_map_matches_jit():
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
     state.params,
     reference.params,
+  )
+
+
+@pytest.mark.parametrize('check_vma', [True, False])
+@pytest.mark.parametrize('with_regularizer', [False, True])
+def test_shard_map_sgd_step_equals_one_device(check_vma, with_regularizer):
+  """SGD is sensitive to the gradient's scale (Adam hides most of it):
+  with JAX's default check_vma=True, autodiff sums a replicated parameter's
+  gradient over the devices, and the step must still take the mean."""
+  penalty = lambda w, params, buffers: jnp.sum((params.a - 2.0) ** 2)
+  leaf = pj.lora(rank=2, b_init='normal')
+  leaf = leaf._replace(regularizer=penalty) if with_regularizer else leaf
+  adapter = pj.by_rules([('body/kernel', leaf), ('head/bias', 'bitfit()')])
+  sgd, frozen = optax.sgd(0.1), frozen_mlp()
+  params, buffers = adapter.init(jax.random.key(1), frozen)
+  state = pj.TrainState.create(params, buffers, sgd, jax.random.key(2))
+  batch = batches(1)[0]
+  sharded = jax.jit(
+    jax.shard_map(
+      pj.make_train_step(loss_fn, adapter, sgd, axis_name='data'),
+      mesh=data_mesh(),
+      in_specs=(P(), P(), P('data')),
+      out_specs=(P(), P()),
+      check_vma=check_vma,
+    )
+  )
+  got, metrics = sharded(state, frozen, batch)
+  want, want_metrics = jax.jit(pj.make_train_step(loss_fn, adapter, sgd))(
+    state, frozen, batch
+  )
+  assert abs(float(metrics['grad_norm']) / float(want_metrics['grad_norm']) - 1) < 1e-5
+  np.testing.assert_allclose(metrics['loss'], want_metrics['loss'], rtol=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    got.params,
+    want.params,
   )
 
 

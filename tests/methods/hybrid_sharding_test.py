@@ -2,10 +2,11 @@
 step on a batch sharded over 8 simulated devices (jit with a data-sharded
 batch, pmap, and shard_map) equals the step on one device.
 
-shard_map runs with ``check_vma=False``: with JAX's default ``check_vma=True``
-the gradient of the replicated θ arrives already summed over devices and the
-step's ``pmean`` leaves it N× too large (the open scale-out issue; the README
-says to pass ``check_vma=False``).
+shard_map runs with ``check_vma=False``: under JAX's default
+``check_vma=True`` the factored path does not yet see through the implicit
+``pvary`` of the frozen kernels and falls back to weight space with a warning
+(the open scale-out issue). The step's gradient is right either way
+(``tests/_src/step_test.py``).
 """
 
 import jax
