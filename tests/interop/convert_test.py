@@ -67,12 +67,15 @@ def test_existing_outputs_are_kept_and_errors_are_one_line(tmp_path, capsys):
     ('roberta', bert.BertForSequenceClassification),  # classifier.dense/out_proj
     ('deberta', deberta.DebertaV2ForSequenceClassification),
     ('llama_cls', llama.LlamaForSequenceClassification),  # score, no lm_head
+    ('qwen2', llama.LlamaForCausalLM),  # q/k/v biases
   ],
 )
 def test_load_base_picks_the_task_model_the_checkpoint_holds(base, kind):
   model, params = interop.load_base(FIXTURES / base)
   assert type(model) is kind
-  head = {'llama': 'lm_head', 'llama_cls': 'score'}.get(base, 'classifier')
+  head = {'llama': 'lm_head', 'qwen2': 'lm_head', 'llama_cls': 'score'}.get(
+    base, 'classifier'
+  )
   assert head in params
   if base == 'llama_cls':
     assert 'lm_head' not in params and model.num_labels == 3

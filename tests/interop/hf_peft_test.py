@@ -47,8 +47,8 @@ def base(case: str):
     labels = frozen['score']['kernel'].shape[1]
     model = llama.LlamaForSequenceClassification(config, labels)
     forward = lambda p, ids, mask: model.apply({'params': p}, ids, attention_mask=mask)
-  elif case.startswith('llama'):
-    config, frozen = llama.load_hf(FIXTURES / 'llama')
+  elif case.startswith(('llama', 'qwen2')):
+    config, frozen = llama.load_hf(FIXTURES / case.split('_')[0])
     model = llama.LlamaForCausalLM(config)
     forward = lambda p, ids, mask: model.apply({'params': p}, ids, attention_mask=mask)
   elif case.startswith(('bert', 'roberta')):
