@@ -333,9 +333,9 @@ def test_gated_prefix_scales_each_example_by_its_gate(bottleneck):
 # Positions: PEFT hands the prefix to transformers as a ``past_key_values``
 # cache of length l, so HF rotates the queries at RoPE positions
 # ``l..l+s−1`` (the prefix keys are never rotated; token-token scores depend
-# only on differences); our prefix keeps ``0..s−1``. The tests pass our
-# model ``positions = l + arange(s)``, which reproduces HF, and check that
-# without it the logits differ (the known deviation of docs/methods.md).
+# only on differences). Our Llama reads a prefix the same way (docs/
+# methods.md), so the default positions reproduce HF; the flat test checks
+# that shifting them by l once more does not.
 #
 # Tolerance 1e-5: float32 round-off between torch and XLA through 2 layers
 # (measured ≲ 4e-6 on logits of order 1); one prefix entry moved by 1e-2
@@ -379,12 +379,12 @@ def hf_logits(model):
   )
 
 
-def test_flat_prefix_matches_hf_peft_with_shifted_positions():
+def test_flat_prefix_matches_hf_peft():
   """PEFT's ``prefix_projection=False`` on a tiny GQA Llama (row 1 padded):
   our flat prefix from PEFT's embedding, split per layer as above, gives
-  HF's logits when the queries take HF's positions ``l..l+s−1``; with our
-  own positions they differ. PEFT's saved adapter (``prompt_embeddings``) is
-  that embedding."""
+  HF's logits at the default positions (the tokens after the prefix); with
+  positions shifted by ``l`` once more they differ. PEFT's saved adapter
+  (``prompt_embeddings``) is that embedding."""
   arrays, model, frozen, ids, mask, length, heads = hf_prefix_setup()
   rows = arrays['flat/prompt_encoder.default.embedding.weight']
   np.testing.assert_array_equal(arrays['flat/prompt_embeddings'], rows)
@@ -393,17 +393,16 @@ def test_flat_prefix_matches_hf_peft_with_shifted_positions():
   run = jax.jit(pj.adapted(tree, hf_logits(model)))
   positions = np.arange(ids.shape[1], dtype=np.int32)
   want = arrays['flat/logits']
-  got = run(frozen, params, None, ids, positions + length, mask)
+  got = run(frozen, params, None, ids, positions, mask)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  unshifted = run(frozen, params, None, ids, positions, mask)
-  assert np.abs(unshifted - want).max() > 1e-2
+  shifted = run(frozen, params, None, ids, positions + length, mask)
+  assert np.abs(shifted - want).max() > 1e-2
 
 
 def test_mlp_prefix_matches_hf_peft_prefix_projection():
   """PEFT's ``prefix_projection=True``: our shared ``PrefixMlp`` and
   per-layer ``PrefixHead`` from PEFT's ``transform`` (weights transposed,
-  the output layer sliced per layer) give HF's logits (positions shifted by
-  ``l`` as above), and the flat prefix our plan derives equals PEFT's saved
+  the output layer sliced per layer) give HF's logits, and the flat prefix our plan derives equals PEFT's saved
   adapter ``prompt_embeddings``, the MLP's output that PEFT writes to
   ``adapter_model.safetensors``."""
   arrays, model, frozen, ids, mask, length, heads = hf_prefix_setup()
@@ -435,7 +434,7 @@ def test_mlp_prefix_matches_hf_peft_prefix_projection():
     },
   }
   tree = pj.by_rules([(HF_KV, f'prefix_tuning(length={length}, bottleneck={hidden})')])
-  positions = np.arange(ids.shape[1], dtype=np.int32) + length
+  positions = np.arange(ids.shape[1], dtype=np.int32)
   got = jax.jit(pj.adapted(tree, hf_logits(model)))(
     frozen, params, None, ids, positions, mask
   )
