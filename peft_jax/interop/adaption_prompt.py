@@ -20,7 +20,6 @@ from peft_jax.interop import hf_peft
 PROMPT, GATE = 'adaption_prompt', 'adaption_gate'
 TENSOR = re.compile(rf'model\.layers\.(\d+)\.self_attn\.({PROMPT}|{GATE})')
 POINT = re.compile(r'layers_(\d+)/self_attn/adaption_prompt')
-LAYER = re.compile(r'model\.layers\.(\d+)\.')
 
 
 def _by_layer(tensors: hf_peft.Tensors) -> dict[int, hf_peft.Tensors]:
@@ -87,11 +86,10 @@ def write_point(
     f'{name}.{PROMPT}': np.asarray(params.prompt)[None],
     f'{name}.{GATE}': np.asarray(params.gate).reshape(1),
   }
-  layers = {int(m[1]) for m in map(LAYER.match, modules) if m}
   options = {
     'adapter_len': kwargs['length'],
     'layer': int(match[1]),
-    'num_layers': max(layers) + 1,
+    'num_layers': hf_peft.num_layers(modules),
   }
   return tensors, options
 

@@ -442,6 +442,12 @@ def _rules(leaves: dict[str, str]) -> list[tuple[str, str]]:
 
 
 LAYER_LEAF = re.compile(r'layers_(\d+)/(.+)')
+LAYER_MODULE = re.compile(r'model\.layers\.(\d+)\.')
+
+
+def num_layers(modules: Mapping[str, Module]) -> int:
+  """The decoder layers of a module table (``model.layers.{i}.*``)."""
+  return max(int(m[1]) for m in map(LAYER_MODULE.match, modules) if m) + 1
 
 
 def scan_layout(

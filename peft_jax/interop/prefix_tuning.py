@@ -25,7 +25,6 @@ import numpy as np
 
 from peft_jax._src.base import PeftError
 from peft_jax.interop import hf_peft
-from peft_jax.interop.adaption_prompt import LAYER
 from peft_jax.methods.prefix_tuning import PrefixParams
 
 PROMPT = 'prompt_embeddings'
@@ -89,7 +88,6 @@ def write_point(
   keys, values = np.asarray(params.keys), np.asarray(params.values)
   length, layer = keys.shape[0], int(match[1])
   flat = [x.reshape(length, -1) for x in (keys, values)]
-  layers = {int(m[1]) for m in map(LAYER.match, modules) if m}
   options = {
     'num_virtual_tokens': length,
     'token_dim': flat[0].shape[1],
@@ -97,7 +95,7 @@ def write_point(
     # PEFT, which sets it (and token_dim) from the model's config.
     'num_attention_heads': keys.shape[1] if keys.ndim == 3 else None,
     'layer': layer,
-    'num_layers': max(layers) + 1,
+    'num_layers': hf_peft.num_layers(modules),
   }
   return {LAYER_PREFIX.format(layer): np.concatenate(flat, axis=1)}, options
 

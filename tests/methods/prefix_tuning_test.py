@@ -402,9 +402,9 @@ def test_flat_prefix_matches_hf_peft():
 def test_mlp_prefix_matches_hf_peft_prefix_projection():
   """PEFT's ``prefix_projection=True``: our shared ``PrefixMlp`` and
   per-layer ``PrefixHead`` from PEFT's ``transform`` (weights transposed,
-  the output layer sliced per layer) give HF's logits, and the flat prefix our plan derives equals PEFT's saved
-  adapter ``prompt_embeddings``, the MLP's output that PEFT writes to
-  ``adapter_model.safetensors``."""
+  the output layer sliced per layer) give HF's logits, and the flat prefix
+  our plan derives equals PEFT's saved adapter ``prompt_embeddings``, the
+  MLP's output that PEFT writes to ``adapter_model.safetensors``."""
   arrays, model, frozen, ids, mask, length, heads = hf_prefix_setup()
   state = {
     k.removeprefix('mlp/prompt_encoder.default.'): v
