@@ -148,7 +148,12 @@ def _dot_general(eqn, lhs, rhs) -> list:
   return _bind(eqn, _materialize_all([lhs, rhs], 'a dot_general that is not x @ w'))
 
 
-def _convert(eqn, value) -> list:
+def _on_kernel(eqn, value) -> list:
+  """An elementwise primitive of the frozen kernel alone (a dtype cast;
+  ``pvary``, which shard_map's ``check_vma`` inserts where a replicated
+  kernel meets sharded activations): applied to ``w``, ``θ`` kept. The
+  factored matmul then meets the sharded ``x`` as the original did (JAX
+  inserts the ``pvary`` of ``θ`` itself)."""
   return [value.replace(w=eqn.primitive.bind(value.w, **eqn.params))]
 
 
@@ -226,7 +231,8 @@ def _enter(key: str):
 
 _RULES: dict[str, Callable] = {
   'dot_general': lambda eqn, invals: _dot_general(eqn, *invals),
-  'convert_element_type': lambda eqn, invals: _convert(eqn, invals[0]),
+  'convert_element_type': lambda eqn, invals: _on_kernel(eqn, invals[0]),
+  'pvary': lambda eqn, invals: _on_kernel(eqn, invals[0]),
   'jit': _enter('jaxpr'),
   'pjit': _enter('jaxpr'),
   'closed_call': _enter('call_jaxpr'),

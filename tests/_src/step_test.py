@@ -165,12 +165,15 @@ def test_shard_map_matches_jit():
   )
 
 
+@pytest.mark.parametrize('factored', [False, True])
 @pytest.mark.parametrize('check_vma', [True, False])
 @pytest.mark.parametrize('with_regularizer', [False, True])
-def test_shard_map_sgd_step_equals_one_device(check_vma, with_regularizer):
+def test_shard_map_sgd_step_equals_one_device(check_vma, with_regularizer, factored):
   """SGD is sensitive to the gradient's scale (Adam hides most of it):
   with JAX's default check_vma=True, autodiff sums a replicated parameter's
-  gradient over the devices, and the step must still take the mean."""
+  gradient over the devices, and the step must still take the mean. The
+  factored path stays factored through check_vma's ``pvary`` of the
+  kernels (warnings are errors in the tests)."""
   penalty = lambda w, params, buffers: jnp.sum((params.a - 2.0) ** 2)
   leaf = pj.lora(rank=2, b_init='normal')
   leaf = leaf._replace(regularizer=penalty) if with_regularizer else leaf
@@ -181,7 +184,7 @@ def test_shard_map_sgd_step_equals_one_device(check_vma, with_regularizer):
   batch = batches(1)[0]
   sharded = jax.jit(
     jax.shard_map(
-      pj.make_train_step(loss_fn, adapter, sgd, axis_name='data'),
+      pj.make_train_step(loss_fn, adapter, sgd, axis_name='data', factored=factored),
       mesh=data_mesh(),
       in_specs=(P(), P(), P('data')),
       out_specs=(P(), P()),

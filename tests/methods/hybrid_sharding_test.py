@@ -2,11 +2,8 @@
 step on a batch sharded over 8 simulated devices (jit with a data-sharded
 batch, pmap, and shard_map) equals the step on one device.
 
-shard_map runs with ``check_vma=False``: under JAX's default
-``check_vma=True`` the factored path does not yet see through the implicit
-``pvary`` of the frozen kernels and falls back to weight space with a warning
-(the open scale-out issue). The step's gradient is right either way
-(``tests/_src/step_test.py``).
+shard_map runs with JAX's default ``check_vma=True`` (the factored path
+sees through its ``pvary`` of the frozen kernels; warnings are errors).
 """
 
 import jax
@@ -108,7 +105,6 @@ def test_shard_map_equals_one_device(one_device):
       mesh=mesh,
       in_specs=(P(), P(), P('data')),
       out_specs=(P(), P()),
-      check_vma=False,
     )
   )
   mapped, mapped_metrics = step(state, frozen, batch)
