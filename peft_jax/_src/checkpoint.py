@@ -7,7 +7,7 @@
 * ``save_adapter``/``load_adapter`` write only the adapter's ``params`` and
   ``buffers`` as one safetensors file (tensor names ``params/<path>`` and
   ``buffers/<path>``, any dtype) with JSON metadata (e.g. the rules): the
-  small file to share or to merge elsewhere.
+  small file to share or to merge elsewhere (from process 0, gathered).
 """
 
 import json
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors
+from jax.experimental import multihost_utils
 from safetensors import numpy as safetensors_numpy
 
 from peft_jax._src import paths
@@ -77,6 +78,22 @@ def restore_checkpoint(
   return TrainState(*restored.state), restored.metadata
 
 
+def host_arrays(tree: Any) -> Any:
+  """``tree`` with every array as a NumPy array on this process.
+
+  An array that spans devices of other processes (a multi-host mesh) is
+  all-gathered first, so under ``jax.distributed`` every process must call
+  this with the same tree (a collective).
+  """
+
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+  return jax.tree.map(fetch, tree)
+
+
 def save_adapter(
   path: str, params: AdapterParams, buffers: Buffers, metadata: dict[str, Any]
 ) -> None:
@@ -84,10 +101,15 @@ def save_adapter(
 
   ``metadata`` (e.g. the rules) is stored as JSON under the ``peft_jax`` key.
   An existing file is replaced atomically, so a crash never leaves a
-  half-written adapter.
+  half-written adapter. Under ``jax.distributed`` every process calls it
+  (arrays spanning processes are gathered: ``host_arrays``) and process 0
+  alone writes.
   """
+  params, buffers = host_arrays((params, buffers))
+  if jax.process_index() != 0:
+    return
   tensors = {
-    f'{part}/{name}': np.asarray(v)
+    f'{part}/{name}': v
     for part, tree in (('params', params), ('buffers', buffers))
     for name, v in paths.flatten(tree).items()
   }

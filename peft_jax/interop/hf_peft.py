@@ -49,7 +49,7 @@ from peft_jax._src.base import (
   PeftError,
   TreeAdapter,
 )
-from peft_jax._src.checkpoint import fill_like
+from peft_jax._src.checkpoint import fill_like, host_arrays
 from peft_jax._src.tree import by_rules
 from peft_jax.models import llama
 from peft_jax.models.checkpoints import Module
@@ -551,7 +551,11 @@ def save_hf_adapter(
   Raises:
     PeftError: naming a leaf whose method PEFT cannot represent, a module
       the table does not know, or options one PEFT config cannot mix.
+
+  Under ``jax.distributed`` every process calls it (parameters spanning
+  processes are gathered) and process 0 alone writes.
   """
+  params, buffers = jax.tree.map(jnp.asarray, host_arrays((params, buffers)))
   plan = adapter.plan(frozen, params, buffers)
   by_path = {
     row.path: (name, param) for name, m in modules.items() for param, row in m.items()
@@ -696,7 +700,9 @@ def _write_folder(
   method: HfMethod,
 ) -> pathlib.Path:
   """Writes both files (each replaced atomically), tensors named by
-  ``_stored_name``."""
+  ``_stored_name``; under ``jax.distributed``, process 0 alone."""
+  if jax.process_index() != 0:
+    return adapter_dir
   adapter_dir.mkdir(parents=True, exist_ok=True)
   weights = {
     _stored_name(n, method): np.ascontiguousarray(v, np.float32)
