@@ -35,3 +35,28 @@ def no_network(monkeypatch):
     return connect(sock, address)
 
   monkeypatch.setattr(socket.socket, 'connect', guarded)
+
+
+# A check repeated on several Llama layouts (``layout`` parameter: unrolled,
+# scan, scan_remat) runs on one of them in the fast suite, the one with the
+# most to get wrong (scan_remat, else scan: per-layer slicing under nn.scan),
+# and on all of them in `make test`: the repetition, not the coverage, is
+# what `make test-fast` leaves out.
+LAYOUT_PREFERENCE = ('scan_remat', 'scan', 'unrolled')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  layouts: dict[tuple[str, str], set[str]] = {}
+  for item in items:
+    layout = getattr(item, 'callspec', None) and item.callspec.params.get('layout')
+    if layout:
+      layouts.setdefault((item.path, item.originalname), set()).add(layout)
+  for item in items:
+    layout = getattr(item, 'callspec', None) and item.callspec.params.get('layout')
+    if not layout:
+      continue
+    present = layouts[(item.path, item.originalname)]
+    fast = next((name for name in LAYOUT_PREFERENCE if name in present), layout)
+    if layout != fast:
+      item.add_marker(pytest.mark.slow)

@@ -313,6 +313,7 @@ def test_generations_are_the_greedy_answers(tiny, houlsby, capsys, adapted):
 # Prompts, config and a run on the real SmolLM2.
 
 
+@pytest.mark.slow  # the real SmolLM2 tokenizer / weights
 def test_prompts_follow_the_chat_template_and_truncate_the_text():
   info = gguf_loading.read_tokenizer_info(smollm2_reader())
   tokenizer = gguf_loading.read_tokenizer(smollm2_reader())
@@ -357,6 +358,7 @@ def abstract_init(rules, frozen, hooks):
   return jax.eval_shape(init, jax.random.key(0), frozen)
 
 
+@pytest.mark.slow  # the real SmolLM2 tokenizer / weights
 def test_config_builds_and_its_rules_match_smollm2():
   model_config, abstract, hooks = smollm2_shapes()
   layers = model_config.num_layers

@@ -92,7 +92,17 @@ def trainable(rules) -> int:
   return pj.count(params)
 
 
-@pytest.mark.parametrize('method', ['random', 'magnitude', 'fisher', 'lt_sft'])
+# The fast suite checks one scorer of each kind (a score-free and a
+# gradient-based one); `make test` all four.
+@pytest.mark.parametrize(
+  'method',
+  [
+    'magnitude',
+    'fisher',
+    pytest.param('random', marks=pytest.mark.slow),
+    pytest.param('lt_sft', marks=pytest.mark.slow),
+  ],
+)
 def test_every_scorer_selects_the_per_leaf_budget(method):
   rules = selected_rules(f'method={method},p=0.05')
   assert trainable(rules) == HEAD + encoder_budget(0.05)

@@ -246,6 +246,8 @@ def shipped_bert():
 
 
 # An additive and a rescaling method; the contract test covers every method.
+# The shipped MiniLM: a real model (the tiny-model tests above are the fast ones).
+@pytest.mark.slow
 @pytest.mark.parametrize('spec', ['lora(rank=2, b_init="normal")', 'dora(rank=2)'])
 def test_shipped_bert_factored_equals_weight_space(spec):
   model, frozen, ids, mask = shipped_bert()

@@ -34,7 +34,29 @@ CASES = sorted(
   for path in FIXTURES.glob('*/expected.npz')
   if path.parent.name != 'smollm2_lora'
 )
+# The fast suite (`make test-fast`) checks these cases, one per module
+# family and kind of type (additive, rescaled, activation-side, task heads);
+# `make test` checks every case. The per-type test files check their own.
+FAST_CASES = {
+  'llama_lora',
+  'llama_dora',
+  'llama_ia3',
+  'bert_lora_cls',
+  'roberta_lora_cls',
+  'deberta_lora_cls',
+  'llama_cls_lora',
+  'llama_prefix_tuning',
+}
 TOLERANCE = 1e-5
+
+
+def fast_cases(names):
+  """``names`` as parameters, those outside ``FAST_CASES`` marked slow."""
+  return [
+    n if n in FAST_CASES else pytest.param(n, marks=pytest.mark.slow) for n in names
+  ]
+
+
 # Types whose adapters act at hook points (load_hf_adapter needs hooks).
 ACTIVATION_TYPES = ('PROMPT_TUNING', 'P_TUNING', 'PREFIX_TUNING', 'ADAPTION_PROMPT')
 
@@ -96,7 +118,7 @@ def load(case: str):
   return model, frozen, forward, modules, loaded
 
 
-@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('case', fast_cases(CASES))
 def test_logits_equal_peft(case):
   _, frozen, forward, _, loaded = load(case)
   want = expected(case)
@@ -113,7 +135,8 @@ def test_logits_equal_peft(case):
 
 
 @pytest.mark.parametrize(
-  'case', [c for c in CASES if any(k.startswith('merged/') for k in expected(c))]
+  'case',
+  fast_cases([c for c in CASES if any(k.startswith('merged/') for k in expected(c))]),
 )
 def test_merged_weights_equal_peft_merge_and_unload(case):
   """Every ``merged/<module>.<param>`` PEFT stored (linear weights, and norms
@@ -226,7 +249,9 @@ def peft_type(case: str) -> str:
 
 # The other types' export tests (with their own config checks) are in their
 # files: loha_lokr_test, adalora_ln_test, vera_fourierft_test, oft_boft_test.
-@pytest.mark.parametrize('case', [c for c in CASES if peft_type(c) in ('LORA', 'IA3')])
+@pytest.mark.parametrize(
+  'case', fast_cases([c for c in CASES if peft_type(c) in ('LORA', 'IA3')])
+)
 def test_export_writes_peft_tensors_and_reimports_identically(case, tmp_path):
   _, frozen, _, modules, loaded = load(case)
   folder, config, want_config, tensors = exported_fixture(
@@ -429,7 +454,7 @@ def test_pissa_and_milora_export_as_peft_converted_lora(tmp_path):
 
 
 @pytest.mark.parametrize(
-  'case', ['llama_dora', 'llama_ia3', 'llama_lokr', 'llama_prefix_tuning']
+  'case', fast_cases(['llama_dora', 'llama_ia3', 'llama_lokr', 'llama_prefix_tuning'])
 )
 def test_scan_layout_gives_peft_logits_on_the_scanned_model(case):
   """Rules at ``layers/...`` (weight methods under ``stacked``), parameters

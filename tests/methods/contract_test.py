@@ -142,16 +142,16 @@ def names_where(predicate):
 # `make test` runs the battery on every case; the fast suite (`make
 # test-fast`) runs it on these, one or two per kind of implementation
 # (additive low-rank, rescaled, rotated, Kronecker, SVD-initialised, copied,
-# masked, gated, shared-projection, spectral; soft prompts, bottlenecks,
-# gates on activations) and marks the other cases slow: the repetition, not
-# the coverage, is what the fast suite leaves out.
+# masked, gated, shared-projection, spectral; soft prompts (p_tuning's encoder
+# in `make test`), bottlenecks, gates on activations) and marks the other
+# cases slow: the repetition, not the coverage, is what the fast suite
+# leaves out.
 FAST = {
   'lora',
   'dora',
   'adalora',
   'ia3/feedforward',
   'oft',
-  'boft',
   'lokr',
   'pissa',
   'full',
@@ -164,7 +164,6 @@ FAST = {
   'prompt_tuning',
   'prefix_tuning/gated',
   'houlsby',
-  'p_tuning',
 }
 
 
