@@ -61,11 +61,48 @@ class TrainState(NamedTuple):
   ) -> 'TrainState':
     """Step 0 for ``(params, buffers) = adapter.init(key, frozen)``.
 
-    A ``schedule`` needs the ``frozen`` tree for its ``init``.
+    A ``schedule`` needs the ``frozen`` tree for its ``init``. When
+    ``params`` live on a device mesh (``NamedSharding``), every leaf the
+    state adds that is not already on it (the step, the key, the
+    optimizer's counters, the schedule's scalars) is replicated over that
+    mesh, so the step compiles once for the state it returns.
     """
     schedule_state = () if schedule is None else schedule.init(frozen, params, buffers)
     step = jnp.zeros((), jnp.int32)
-    return cls(params, buffers, optimizer.init(params), step, rng, schedule_state)
+    state = cls(params, buffers, optimizer.init(params), step, rng, schedule_state)
+    mesh = _mesh_of(params)
+    return state if mesh is None else _replicate_off_mesh(state, mesh)
+
+
+def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
+  """The mesh of the first leaf of ``tree`` placed with a ``NamedSharding``."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, 'sharding', None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def _replicate_off_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``tree`` with every array not on ``mesh`` replicated over it (typed
+  PRNG keys through their key data: ``device_put`` cannot place a key on
+  devices of other processes)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(x):
+    sharding = getattr(x, 'sharding', None)
+    if not isinstance(x, jax.Array) or (
+      isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
+    ):
+      return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(jax.random.key_data(x), replicated)
+      key = jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+      # As the step returns keys (a wrapped key is typed differently by jit).
+      return jax.jit(lambda k: k, out_shardings=replicated)(key)
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(place, tree)
 
 
 def make_train_step(

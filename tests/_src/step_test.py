@@ -165,6 +165,30 @@ def test_shard_map_matches_jit():
   )
 
 
+def test_state_of_mesh_placed_params_is_all_on_the_mesh_and_compiles_once():
+  """The step, key and Adam's counter follow θ onto the mesh: the step's
+  output state has the input's shardings, so a second call reuses the
+  compiled step."""
+  adapter, optimizer, frozen, _ = setup()
+  mesh = data_mesh()
+  replicated = NamedSharding(mesh, P())
+  params, buffers = adapter.init(jax.random.key(1), frozen)
+  params = jax.device_put(params, replicated)
+  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(2))
+  for leaf in jax.tree.leaves(state):
+    assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
+  assert jax.random.key_data(state.rng).tolist() == (
+    jax.random.key_data(jax.random.key(2)).tolist()
+  )
+  step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer))
+  frozen = jax.device_put(frozen, replicated)
+  for batch in batches(2):
+    state, _ = step(
+      state, frozen, jax.device_put(batch, NamedSharding(mesh, P('data')))
+    )
+  assert step._cache_size() == 1
+
+
 @pytest.mark.parametrize('factored', [False, True])
 @pytest.mark.parametrize('check_vma', [True, False])
 @pytest.mark.parametrize('with_regularizer', [False, True])
