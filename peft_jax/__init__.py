@@ -43,6 +43,7 @@ from peft_jax._src.registry import (
   wrapper_names,
 )
 from peft_jax._src.rules import Rule
+from peft_jax._src.sharding import adapter_shardings, optimizer_shardings
 from peft_jax._src.step import TrainState, make_train_step
 from peft_jax._src.tree import by_rules, count, describe, merge, unmerge
 from peft_jax.methods.adalora import adalora
@@ -115,6 +116,7 @@ __all__ = [
   'TreeAdapter',
   'adalora',
   'adapted',
+  'adapter_shardings',
   'adaption_prompt',
   'bitfit',
   'boft',
@@ -157,6 +159,7 @@ __all__ = [
   'mpc',
   'names',
   'oft',
+  'optimizer_shardings',
   'p_tuning',
   'parallel_adapter',
   'pfeiffer',
