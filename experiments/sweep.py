@@ -10,6 +10,7 @@ interrupted sweep continues where it stopped.
 """
 
 import argparse
+import difflib
 import pathlib
 import sys
 
@@ -19,18 +20,42 @@ from experiments.configs import common
 
 
 def run_sweep(config_spec: str, workdir: str, only: set[str] | None = None) -> str:
-  """Trains every sweep entry (or those whose method is in ``only``)."""
+  """Trains every sweep entry (or those whose method is in ``only``).
+
+  Raises:
+    PeftError: before anything trains, for a name in ``only`` that is not a
+      method of the sweep (with the closest ones).
+  """
   path, _, base_arg = config_spec.partition(':')
   module = common.load_module(path)
   if not hasattr(module, 'sweep'):
     raise pj.PeftError(f'config file {path!r} defines no sweep(arg)')
-  for entry in module.sweep(base_arg or None):
-    config = module.get_config(','.join(filter(None, [base_arg, entry])))
+  configs = [
+    module.get_config(','.join(filter(None, [base_arg, entry])))
+    for entry in module.sweep(base_arg or None)
+  ]
+  _check_only(only, {config.method for config in configs}, path)
+  for config in configs:
     if only and config.method not in only:
       continue
     print(f'=== {config.name}')
     train.train_and_evaluate(config, str(pathlib.Path(workdir) / config.name))
   return compare.write_comparison(pathlib.Path(workdir))
+
+
+def _check_only(only: set[str] | None, methods: set[str], path: str) -> None:
+  """Raises naming each ``--only`` name the sweep does not run."""
+  unknown = sorted((only or set()) - methods)
+  if not unknown:
+    return
+  close = {n: difflib.get_close_matches(n, methods, n=1) for n in unknown}
+  hints = ', '.join(
+    f'{n!r} (did you mean {c[0]!r}?)' if c else repr(n) for n, c in close.items()
+  )
+  raise pj.PeftError(
+    f'--only names {hints}, not in the sweep of {path}; its methods: '
+    f'{",".join(sorted(methods))}.'
+  )
 
 
 def main(argv=None) -> int:

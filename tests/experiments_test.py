@@ -293,6 +293,16 @@ def test_sweep_trains_activation_adapters_and_writes_the_comparison(
   assert buffers == {} and metadata['name'] == 'rotten_tomatoes_prompt_tuning'
 
 
+def test_sweep_only_with_a_name_it_does_not_run_stops_before_training(tmp_path, capsys):
+  """A misspelt method must not be dropped silently while the rest trains."""
+  args = ['--config', f'{CONFIG}:runlocal', '--workdir', str(tmp_path)]
+  assert sweep.main([*args, '--only', 'lora,ia4']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert "--only names 'ia4' (did you mean 'ia3'?), not in the sweep of" in err
+  assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
 # ---------------------------------------------------------------------------
 # The real MiniLM on the real data.
 
