@@ -117,3 +117,51 @@ def test_weights_off_any_mesh_are_a_one_line_error():
     pj.PeftError, match='no frozen leaf is placed with a NamedSharding'
   ):
     pj.adapter_shardings(pj.by_rules([('k', 'lora(rank=2)')]), {'k': jnp.ones((4, 3))})
+
+
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
+  """Saved from θ replicated over 8 data-parallel devices, restored into the
+  fresh state of a (data, fsdp, tensor) mesh: same values, the new
+  placement (the fresh state is the template)."""
+  rules = [('k', 'lora(rank=2)'), ('bias', 'bitfit()')]
+  adapter, optimizer = pj.by_rules(rules), optax.adam(1e-2)
+  weights = {'k': jax.random.normal(jax.random.key(0), (8, 6)), 'bias': jnp.ones((6,))}
+
+  def fresh_state(frozen):
+    shardings = pj.adapter_shardings(adapter, frozen)
+    params, buffers = jax.jit(adapter.init, out_shardings=shardings)(
+      jax.random.key(1), frozen
+    )
+    return pj.TrainState.create(params, buffers, optimizer, jax.random.key(2))
+
+  data = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  frozen = jax.device_put(weights, NamedSharding(data, P()))
+  state = fresh_state(frozen)
+
+  def loss_fn(w, batch, rng):
+    del rng
+    return jnp.mean((batch @ w['k'] + w['bias']) ** 2), {}
+
+  batch = jax.device_put(jnp.ones((8, 8)), NamedSharding(data, P('data')))
+  step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer))
+  state, _ = step(state, frozen, batch)
+  manager = pj.checkpoint_manager(str(tmp_path))
+  pj.save_checkpoint(manager, state, {'note': 'mesh A'})
+
+  target = fresh_state(placed(weights, mesh()))
+  restored, metadata = pj.restore_checkpoint(manager, target)
+  assert metadata == {'note': 'mesh A'}
+  jax.tree.map(
+    lambda got, want, like: (
+      np.testing.assert_array_equal(jax.device_get(got), jax.device_get(want)),
+      got.sharding == like.sharding
+      or pytest.fail(f'{got.sharding} != {like.sharding}'),
+    ),
+    restored._replace(rng=None),
+    state._replace(rng=None),
+    target._replace(rng=None),
+  )
+  assert restored.params['k'].a.sharding.spec == P('fsdp', None)
+  np.testing.assert_array_equal(
+    jax.random.key_data(restored.rng), jax.random.key_data(state.rng)
+  )
