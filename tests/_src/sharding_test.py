@@ -19,7 +19,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
-from tests.methods.contract_test import CASES
+from tests.methods.contract_test import CASES, cases
 
 # Shapes twice the contract's, and options that fit them.
 SPECS = {'vera/stored': 'vera(rank=4, shared_shape=(14, 10))'}
@@ -37,7 +37,8 @@ def placed(frozen: dict, m) -> dict:
   return {k: jax.device_put(v, NamedSharding(m, spec(v))) for k, v in frozen.items()}
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+# The contract test's fast cases in `make test-fast`, every method in `make test`.
+@pytest.mark.parametrize('name', cases(sorted(CASES)))
 def test_every_method_initialises_placed_and_computes_the_same_weight(name):
   spec, shape, _ = CASES[name]
   spec = SPECS.get(name, spec)
