@@ -141,16 +141,15 @@ def config(options: dict[str, dict]) -> dict[str, Any]:
   """``adapter_config.json`` fields for the per-module options: one
   ``init_r``, ``lora_alpha`` and ``orth_reg_weight``; the pruned modules'
   masks in ``rank_pattern``; a finished budget schedule."""
-  field = lambda key: {name: o[key] for name, o in options.items()}
-  init_r = hf_peft.uniform(field('init_r'), 'init_r')
+  init_r = hf_peft.common(options, 'init_r')
   rank_pattern = {
     f'{name}.{E}': list(o['kept']) for name, o in sorted(options.items()) if o['kept']
   }
   return {
     'init_r': init_r,
     'target_r': init_r,
-    'lora_alpha': hf_peft.uniform(field('lora_alpha'), 'lora_alpha'),
-    'orth_reg_weight': hf_peft.uniform(field('orth_reg_weight'), 'orth_reg_weight'),
+    'lora_alpha': hf_peft.common(options, 'lora_alpha'),
+    'orth_reg_weight': hf_peft.common(options, 'orth_reg_weight'),
     'rank_pattern': rank_pattern or None,
     'target_modules': sorted(options),
     'total_step': 1,

@@ -96,16 +96,14 @@ def write_point(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``AdaptionPromptConfig`` fields; the layers must be the top ones."""
-  field = lambda key: {point: o[key] for point, o in options.items()}
-  layers = sorted(field('layer').values())
-  total = hf_peft.uniform(field('num_layers'), 'num_layers')
+  layers, total = hf_peft.point_layers(options)
   if layers != list(range(total - len(layers), total)):
     raise PeftError(
       f'save_hf_adapter: adaption prompts in layers {layers} of {total}; PEFT '
       f'puts them in the top adapter_layers={len(layers)} layers.'
     )
   return {
-    'adapter_len': hf_peft.uniform(field('adapter_len'), 'adapter_len'),
+    'adapter_len': hf_peft.common(options, 'adapter_len'),
     'adapter_layers': len(layers),
     'target_modules': 'self_attn',
     'task_type': 'CAUSAL_LM',

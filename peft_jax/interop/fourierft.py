@@ -92,15 +92,14 @@ def write(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``adapter_config.json`` fields for the per-module options."""
-  field = lambda key: {name: o[key] for name, o in options.items()}
-  sizes = field('n_frequency')
+  sizes = hf_peft.option(options, 'n_frequency')
   common = collections.Counter(sizes.values()).most_common(1)[0][0]
   patterns = {_pattern_key(m): n for m, n in sorted(sizes.items()) if n != common}
   return {
     'n_frequency': common,
     'n_frequency_pattern': patterns,
-    'scaling': hf_peft.uniform(field('scaling'), 'scaling'),
-    'random_loc_seed': hf_peft.uniform(field('random_loc_seed'), 'random_loc_seed'),
+    'scaling': hf_peft.common(options, 'scaling'),
+    'random_loc_seed': hf_peft.common(options, 'random_loc_seed'),
     'target_modules': sorted(options),
     'bias': 'none',
     'fan_in_fan_out': False,

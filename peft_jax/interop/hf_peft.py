@@ -338,15 +338,31 @@ def load_hf_adapter(
     leaves, values, buffer_values = _read_points(config, tensors, method, hooks, where)
   rules = _rules(leaves)
   adapter = by_rules(rules)
+  params, buffers = _typed(where, adapter, frozen, hooks, values, buffer_values)
+  return HfAdapter(rules, adapter, params, buffers, config)
+
+
+def _typed(
+  where: str,
+  adapter: TreeAdapter,
+  frozen: Any,
+  hooks: Mapping[str, Any] | None,
+  values: Tensors,
+  buffer_values: Tensors,
+) -> tuple[AdapterParams, Buffers]:
+  """``(params, buffers)`` of ``adapter`` on ``frozen``, typed as its
+  ``init`` makes them, from flat ``{name: array}`` values (shapes checked,
+  dtypes cast)."""
   like = jax.eval_shape(
     lambda key, w: adapter.init(key, w, hooks), jax.random.key(0), frozen
   )
-  params = fill_like(where, 'params', values, like[0])
-  buffers = fill_like(where, 'buffers', buffer_values, like[1])
   as_like = lambda v, s: jnp.asarray(v, s.dtype)
-  params = jax.tree.map(as_like, params, like[0])
-  buffers = jax.tree.map(as_like, buffers, like[1])
-  return HfAdapter(rules, adapter, params, buffers, config)
+  return tuple(
+    jax.tree.map(as_like, fill_like(where, part, flat, tree), tree)
+    for part, flat, tree in zip(
+      ('params', 'buffers'), (values, buffer_values), like, strict=True
+    )
+  )
 
 
 def _read_points(
@@ -502,12 +518,13 @@ def scan_layout(
       (f'layers/{re.escape(path)}', spec if activation else f'stacked({spec!r})')
     )
   adapter = by_rules(rules)
-  params, buffers = (_stack_layers(tree) for tree in (hf.params, hf.buffers))
-  like = jax.eval_shape(
-    lambda key, w: adapter.init(key, w, hooks), jax.random.key(0), frozen
+  params, buffers = _typed(
+    'scan_layout',
+    adapter,
+    frozen,
+    hooks,
+    *(paths.flatten(_stack_layers(tree)) for tree in (hf.params, hf.buffers)),
   )
-  params = fill_like('scan_layout', 'params', paths.flatten(params), like[0])
-  buffers = fill_like('scan_layout', 'buffers', paths.flatten(buffers), like[1])
   return HfAdapter(rules, adapter, params, buffers, hf.config)
 
 
@@ -728,6 +745,23 @@ def common_or_patterns(
     field: common,
     pattern_field: {re.escape(m): v for m, v in sorted(values.items()) if v != common},
   }
+
+
+def option(options: dict[str, dict], key: str) -> dict[str, Any]:
+  """``{module name or hook point: its value of option key}``."""
+  return {name: o[key] for name, o in options.items()}
+
+
+def common(options: dict[str, dict], key: str) -> Any:
+  """The one value of option ``key`` that every module or hook point shares
+  (``uniform``)."""
+  return uniform(option(options, key), key)
+
+
+def point_layers(options: dict[str, dict]) -> tuple[list[int], int]:
+  """``(the points' layers, sorted; the model's number of layers)`` from
+  per-layer options ``{'layer': i, 'num_layers': L, ...}``."""
+  return sorted(o['layer'] for o in options.values()), common(options, 'num_layers')
 
 
 def uniform(values: dict[str, Any], field: str) -> Any:

@@ -78,10 +78,11 @@ def write(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``adapter_config.json`` fields for the per-module options."""
-  field = lambda key: {name: o[key] for name, o in options.items()}
   return {
-    **hf_peft.common_or_patterns(field('r'), 'r', 'rank_pattern'),
-    **hf_peft.common_or_patterns(field('alpha'), 'alpha', 'alpha_pattern'),
+    **hf_peft.common_or_patterns(hf_peft.option(options, 'r'), 'r', 'rank_pattern'),
+    **hf_peft.common_or_patterns(
+      hf_peft.option(options, 'alpha'), 'alpha', 'alpha_pattern'
+    ),
     'target_modules': sorted(options),
     'rank_dropout': 0.0,
     'module_dropout': 0.0,

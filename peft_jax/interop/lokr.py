@@ -155,14 +155,15 @@ def write(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``adapter_config.json`` fields for the per-module options."""
-  field = lambda key: {name: o[key] for name, o in options.items()}
   both = {name: o['decompose_both'] for name, o in options.items()}
   both = {name: v for name, v in both.items() if v is not None}
   return {
-    **hf_peft.common_or_patterns(field('r'), 'r', 'rank_pattern'),
-    **hf_peft.common_or_patterns(field('alpha'), 'alpha', 'alpha_pattern'),
+    **hf_peft.common_or_patterns(hf_peft.option(options, 'r'), 'r', 'rank_pattern'),
+    **hf_peft.common_or_patterns(
+      hf_peft.option(options, 'alpha'), 'alpha', 'alpha_pattern'
+    ),
     'decompose_both': hf_peft.uniform(both, 'decompose_both') if both else False,
-    'decompose_factor': hf_peft.uniform(field('decompose_factor'), 'decompose_factor'),
+    'decompose_factor': hf_peft.common(options, 'decompose_factor'),
     'target_modules': sorted(options),
     'rank_dropout': 0.0,
     'module_dropout': 0.0,

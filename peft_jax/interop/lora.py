@@ -126,12 +126,13 @@ def _residual(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``adapter_config.json`` fields for the per-module options."""
-  field = lambda key: {name: o[key] for name, o in options.items()}
   return {
-    **hf_peft.common_or_patterns(field('r'), 'r', 'rank_pattern'),
-    **hf_peft.common_or_patterns(field('lora_alpha'), 'lora_alpha', 'alpha_pattern'),
-    'use_rslora': hf_peft.uniform(field('use_rslora'), 'use_rslora'),
-    'use_dora': hf_peft.uniform(field('use_dora'), 'use_dora'),
+    **hf_peft.common_or_patterns(hf_peft.option(options, 'r'), 'r', 'rank_pattern'),
+    **hf_peft.common_or_patterns(
+      hf_peft.option(options, 'lora_alpha'), 'lora_alpha', 'alpha_pattern'
+    ),
+    'use_rslora': hf_peft.common(options, 'use_rslora'),
+    'use_dora': hf_peft.common(options, 'use_dora'),
     'target_modules': sorted(options),
     'lora_dropout': 0.0,
     'bias': 'none',

@@ -114,12 +114,11 @@ def block_fields(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``adapter_config.json`` fields for the per-module options."""
-  field = lambda key: {name: o[key] for name, o in options.items()}
-  terms = hf_peft.uniform(field('neumann_terms'), 'neumann_terms')
-  coft_eps = hf_peft.uniform(field('coft_eps'), 'coft_eps')
+  terms = hf_peft.common(options, 'neumann_terms')
+  coft_eps = hf_peft.common(options, 'coft_eps')
   return {
     **block_fields(options, 'oft_block_size', 'r'),
-    'block_share': hf_peft.uniform(field('block_share'), 'block_share'),
+    'block_share': hf_peft.common(options, 'block_share'),
     'use_cayley_neumann': terms > 0,
     'num_cayley_neumann_terms': terms or NEUMANN_TERMS,
     'coft': coft_eps > 0,

@@ -102,23 +102,17 @@ def write_point(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``PrefixTuningConfig`` fields; every layer must have its prefix."""
-  field = lambda key: {point: o[key] for point, o in options.items()}
-  layers = sorted(field('layer').values())
-  total = hf_peft.uniform(field('num_layers'), 'num_layers')
+  layers, total = hf_peft.point_layers(options)
   if layers != list(range(total)):
     raise PeftError(
       f'save_hf_adapter: prefix tuning in layers {layers} of {total}; PEFT '
       'puts a prefix in every layer.'
     )
-  width = hf_peft.uniform(field('token_dim'), 'token_dim')
+  width = hf_peft.common(options, 'token_dim')
   return {
-    'num_virtual_tokens': hf_peft.uniform(
-      field('num_virtual_tokens'), 'num_virtual_tokens'
-    ),
+    'num_virtual_tokens': hf_peft.common(options, 'num_virtual_tokens'),
     'token_dim': width,
-    'num_attention_heads': hf_peft.uniform(
-      field('num_attention_heads'), 'num_attention_heads'
-    ),
+    'num_attention_heads': hf_peft.common(options, 'num_attention_heads'),
     'num_layers': total,
     'num_transformer_submodules': 1,
     'encoder_hidden_size': width,

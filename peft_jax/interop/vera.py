@@ -100,13 +100,10 @@ def write(
 
 def config(options: dict[str, dict]) -> dict[str, Any]:
   """``adapter_config.json`` fields for the per-module options."""
-  field = lambda key: {name: o[key] for name, o in options.items()}
   return {
-    'r': hf_peft.uniform(field('r'), 'r'),
-    'd_initial': hf_peft.uniform(field('d_initial'), 'd_initial'),
-    'projection_prng_key': hf_peft.uniform(
-      field('projection_prng_key'), 'projection_prng_key'
-    ),
+    'r': hf_peft.common(options, 'r'),
+    'd_initial': hf_peft.common(options, 'd_initial'),
+    'projection_prng_key': hf_peft.common(options, 'projection_prng_key'),
     'target_modules': sorted(options),
     'save_projection': True,
     'vera_dropout': 0.0,
