@@ -90,18 +90,49 @@ def optimizer_shardings(
   )
 
 
-def _mesh(tree: Any) -> Mesh:
-  """The mesh of the first leaf placed with (or being) a ``NamedSharding``."""
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh of the first leaf placed with (or being) a ``NamedSharding``;
+  None if there is none."""
   for leaf in jax.tree.leaves(tree):
     sharding = (
       leaf if isinstance(leaf, NamedSharding) else getattr(leaf, 'sharding', None)
     )
     if isinstance(sharding, NamedSharding):
       return sharding.mesh
-  raise PeftError(
-    'adapter_shardings: no frozen leaf is placed with a NamedSharding; place '
-    'the weights on a mesh first (jax.device_put(frozen, shardings)).'
-  )
+  return None
+
+
+def replicate_off_mesh(tree: Any, mesh: Mesh) -> Any:
+  """``tree`` with every array not on ``mesh`` replicated over it (typed
+  PRNG keys through their key data: ``device_put`` cannot place a key on
+  devices of other processes)."""
+  replicated = NamedSharding(mesh, P())
+
+  def place(x):
+    sharding = getattr(x, 'sharding', None)
+    if not isinstance(x, jax.Array) or (
+      isinstance(sharding, NamedSharding) and sharding.mesh == mesh
+    ):
+      return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(jax.random.key_data(x), replicated)
+      key = jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+      # As the step returns keys (a wrapped key is typed differently by jit).
+      return jax.jit(lambda k: k, out_shardings=replicated)(key)
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(place, tree)
+
+
+def _mesh(tree: Any) -> Mesh:
+  """``mesh_of(tree)``, or a one-line error when no leaf is on a mesh."""
+  mesh = mesh_of(tree)
+  if mesh is None:
+    raise PeftError(
+      'adapter_shardings: no frozen leaf is placed with a NamedSharding; place '
+      'the weights on a mesh first (jax.device_put(frozen, shardings)).'
+    )
+  return mesh
 
 
 def _spec(leaf: Any) -> P:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft_jax._src import noise
+from peft_jax._src import noise, sharding
 from peft_jax._src.base import (
   AdapterParams,
   Array,
@@ -70,39 +70,8 @@ class TrainState(NamedTuple):
     schedule_state = () if schedule is None else schedule.init(frozen, params, buffers)
     step = jnp.zeros((), jnp.int32)
     state = cls(params, buffers, optimizer.init(params), step, rng, schedule_state)
-    mesh = _mesh_of(params)
-    return state if mesh is None else _replicate_off_mesh(state, mesh)
-
-
-def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
-  """The mesh of the first leaf of ``tree`` placed with a ``NamedSharding``."""
-  for leaf in jax.tree.leaves(tree):
-    sharding = getattr(leaf, 'sharding', None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      return sharding.mesh
-  return None
-
-
-def _replicate_off_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """``tree`` with every array not on ``mesh`` replicated over it (typed
-  PRNG keys through their key data: ``device_put`` cannot place a key on
-  devices of other processes)."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def place(x):
-    sharding = getattr(x, 'sharding', None)
-    if not isinstance(x, jax.Array) or (
-      isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
-    ):
-      return x
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      data = jax.device_put(jax.random.key_data(x), replicated)
-      key = jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-      # As the step returns keys (a wrapped key is typed differently by jit).
-      return jax.jit(lambda k: k, out_shardings=replicated)(key)
-    return jax.device_put(x, replicated)
-
-  return jax.tree.map(place, tree)
+    mesh = sharding.mesh_of(params)
+    return state if mesh is None else sharding.replicate_off_mesh(state, mesh)
 
 
 def make_train_step(
