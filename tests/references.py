@@ -206,3 +206,9 @@ def hf_bert_classifier(arrays: dict, part: str):
     config, num_labels=hf['num_labels'], pooling='cls'
   )
   return model, frozen
+
+
+def slow_unless(names, fast):
+  """``names`` as test parameters, those not in ``fast`` marked slow (run by
+  `make test`, skipped by `make test-fast`)."""
+  return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]

@@ -52,9 +52,7 @@ TOLERANCE = 1e-5
 
 def fast_cases(names):
   """``names`` as parameters, those outside ``FAST_CASES`` marked slow."""
-  return [
-    n if n in FAST_CASES else pytest.param(n, marks=pytest.mark.slow) for n in names
-  ]
+  return references.slow_unless(names, FAST_CASES)
 
 
 # Types whose adapters act at hook points (load_hf_adapter needs hooks).

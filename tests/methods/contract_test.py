@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
 from peft_jax._src import registry
+from tests import references
 
 # name -> (spec, leaf shape, identity at init per the spec)
 CASES = {
@@ -169,7 +170,7 @@ FAST = {
 
 def cases(names):
   """``names`` as parameters, those outside ``FAST`` marked slow."""
-  return [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in names]
+  return references.slow_unless(names, FAST)
 
 
 MERGEABLE = names_where(lambda a: a.mergeable)
