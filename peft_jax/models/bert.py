@@ -71,12 +71,28 @@ import numpy as np
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import AttentionKV, hook_point
 from peft_jax.models import checkpoints
+from peft_jax.models.partitioning import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
 
 POOLINGS = ('mean', 'cls')
 _ROBERTA_MODEL_TYPES = ('roberta', 'xlm-roberta')
+
+
+# Logical axes of the weights (``peft_jax.models.partitioning``); the
+# position and segment tables, LayerNorms and biases of d-sized outputs are
+# small and replicated.
+PARAM_AXES = (
+  (r'.*/word_embeddings/embedding', ('table', None)),
+  (r'.*/attention/(query|key|value)/kernel', ('embed', 'heads')),
+  (r'.*/attention/(query|key|value)/bias', ('heads',)),
+  (r'.*/attention/output/kernel', ('heads', 'embed')),
+  (r'.*/intermediate/kernel', ('embed', 'mlp')),
+  (r'.*/intermediate/bias', ('mlp',)),
+  (r'.*/layer_\d+/output/kernel', ('mlp', 'embed')),
+  (r'.*(pooler/dense|classifier)/kernel', ('embed', None)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +263,7 @@ class BertEmbeddings(nn.Module):
     x += embed(cfg.max_position_embeddings, 'position_embeddings')(positions)
     x += embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
+    x = constrain(x, 'batch', None, None)
     return nn.Dropout(cfg.hidden_dropout)(
       x, deterministic=deterministic
     ), attention_mask
@@ -275,7 +292,13 @@ class BertAttention(nn.Module):
       ``(batch, seq, hidden)`` hidden states.
     """
     cfg = self.config
-    heads = lambda y: y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
+    heads = lambda y: constrain(
+      y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim),
+      'batch',
+      None,
+      'heads',
+      None,
+    )
     q, k, v = (
       heads(nn.Dense(cfg.hidden_size, name=name)(x))
       for name in ('query', 'key', 'value')
@@ -317,14 +340,14 @@ class BertLayer(nn.Module):
     """
     cfg = self.config
     x = BertAttention(cfg, name='attention')(x, mask_bias, deterministic=deterministic)
-    h = nn.gelu(
-      nn.Dense(cfg.intermediate_size, name='intermediate')(x), approximate=False
-    )
+    h = nn.Dense(cfg.intermediate_size, name='intermediate')(x)
+    h = nn.gelu(constrain(h, 'batch', None, 'mlp'), approximate=False)
     h = hook_point(self, 'ffn_intermediate', h)
     h = hook_point(self, 'ffn_output', nn.Dense(cfg.hidden_size, name='output')(h))
     _, h = hook_point(self, 'ffn_block', (x, h))
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='output_layer_norm')(x + h)
+    y = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='output_layer_norm')(x + h)
+    return constrain(y, 'batch', None, None)
 
 
 class BertEncoder(nn.Module):

@@ -106,12 +106,28 @@ import numpy as np
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import AttentionKV, hook_point
 from peft_jax.models import checkpoints
+from peft_jax.models.partitioning import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
 
 POS_ATT_TYPES = ('c2p', 'p2c')
 REL_EMBEDDING_NORMS = ('none', 'layer_norm')
+
+
+# Logical axes of the weights (``peft_jax.models.partitioning``); embedding
+# tables other than the words', LayerNorms and d-sized biases are small and
+# replicated.
+PARAM_AXES = (
+  (r'.*/word_embeddings/embedding', ('table', None)),
+  (r'.*/self/(query|key|value|pos_query|pos_key)_proj/kernel', ('embed', 'heads')),
+  (r'.*/self/(query|key|value|pos_query|pos_key)_proj/bias', ('heads',)),
+  (r'.*/attention/output/dense/kernel', ('heads', 'embed')),
+  (r'.*/intermediate/dense/kernel', ('embed', 'mlp')),
+  (r'.*/intermediate/dense/bias', ('mlp',)),
+  (r'.*/layer_\d+/output/dense/kernel', ('mlp', 'embed')),
+  (r'.*(pooler/dense|classifier)/kernel', ('embed', None)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,6 +462,7 @@ class DebertaV2Embeddings(nn.Module):
       x = _dense(cfg.hidden_size, 'embed_proj', use_bias=False)(x)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='LayerNorm')(x)
     x = x * attention_mask[..., None].astype(x.dtype)
+    x = constrain(x, 'batch', None, None)
     return nn.Dropout(cfg.hidden_dropout)(
       x, deterministic=deterministic
     ), attention_mask
@@ -492,7 +509,13 @@ class DisentangledSelfAttention(nn.Module):
     """
     cfg = self.config
     b, s, _ = x.shape
-    heads = lambda y: y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
+    heads = lambda y: constrain(
+      y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim),
+      'batch',
+      None,
+      'heads',
+      None,
+    )
     query_proj = _dense(cfg.hidden_size, 'query_proj')
     key_proj = _dense(cfg.hidden_size, 'key_proj')
     q = heads(query_proj(x))
@@ -602,7 +625,8 @@ class DebertaV2SelfOutput(nn.Module):
     y = hook_point(self.parent, f'{self.sublayer}_output', y)
     _, y = hook_point(self.parent, f'{self.sublayer}_block', (residual, y))
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='LayerNorm')(residual + y)
+    y = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='LayerNorm')(residual + y)
+    return constrain(y, 'batch', None, None)
 
 
 class DebertaV2Intermediate(nn.Module):
@@ -620,7 +644,7 @@ class DebertaV2Intermediate(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Returns the ``(batch, seq, intermediate_size)`` activation."""
     h = _dense(self.config.intermediate_size, 'dense')(x)
-    h = nn.gelu(h, approximate=False)
+    h = nn.gelu(constrain(h, 'batch', None, 'mlp'), approximate=False)
     return hook_point(self.parent, 'ffn_intermediate', h)
 
 

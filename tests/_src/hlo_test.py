@@ -1,10 +1,15 @@
-"""What the compiled data-parallel step communicates (XLA's HLO text).
+"""What the compiled sharded step communicates (XLA's HLO text).
 
-A LoRA step on a tiny Llama, batch sharded over 8 simulated devices, θ and
-the frozen weights replicated: on the factored path every all-reduce is
-adapter-sized (no kernel-sized weight gradient crosses devices, and the
-reduced bytes are those of θ's gradient plus the scalar metrics); in weight
-space XLA reduces kernel-sized gradients, which shows the count can tell.
+Data parallel: a LoRA step on a tiny Llama, batch sharded over 8 simulated
+devices, θ and the frozen weights replicated: on the factored path every
+all-reduce is adapter-sized (no kernel-sized weight gradient crosses
+devices, and the reduced bytes are those of θ's gradient plus the scalar
+metrics); in weight space XLA reduces kernel-sized gradients, which shows
+the count can tell.
+
+FSDP with scanned layers: the stacked kernels are split over 8 devices on
+``d_model`` (``llama.PARAM_AXES``) and the step gathers one layer's kernel
+at a time, inside the scan's loop, never a whole ``(L, d_in, d_out)`` stack.
 """
 
 import re
@@ -18,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
-from peft_jax.models import llama
+from peft_jax.models import llama, partitioning
 
 CONFIG = llama.LlamaConfig(
   vocab_size=64,
@@ -84,3 +89,63 @@ def test_factored_step_all_reduces_only_adapter_sized_gradients():
   assert sum(sizes) <= theta_bytes + 64  # θ's gradient and scalar metrics
   weight_space, _, _ = compiled_step_text(factored=False)
   assert max(all_reduce_bytes(weight_space)) >= kernel_bytes
+
+
+def all_gathers_by_computation(hlo: str) -> dict[str, list[tuple[int, ...]]]:
+  """``{computation: [result shape of each all-gather]}`` and, under the key
+  ``'while bodies'``, the names of the computations that are loop bodies."""
+  found, computation, bodies = {}, None, []
+  for line in hlo.splitlines():
+    if line and not line.startswith(' ') and line.rstrip().endswith('{'):
+      computation = line.split()[1] if line.startswith('ENTRY') else line.split()[0]
+    bodies += re.findall(r'body=(%[\w.\-]+)', line)
+    if ' all-gather(' in line or ' all-gather-start(' in line:
+      result = line.split('=', 1)[1].split('all-gather', 1)[0]
+      for _, dims in OPERAND.findall(result):
+        shape = tuple(int(d) for d in dims.split(',') if d)
+        found.setdefault(computation, []).append(shape)
+  found['while bodies'] = bodies
+  return found
+
+
+@pytest.mark.slow  # compiles a scanned Llama train step
+def test_fsdp_with_scanned_layers_gathers_one_layer_at_a_time():
+  # vocab 80: no non-layer weight shares a kernel's shape.
+  config = llama.LlamaConfig(
+    **{**vars(CONFIG), 'scan_layers': True, 'num_layers': 3, 'vocab_size': 80}
+  )
+  model = llama.LlamaForCausalLM(config)
+  ids = jnp.zeros((8, 16), jnp.int32)
+  mesh = partitioning.make_mesh(data=1, fsdp=8)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), ids)['params']
+  frozen = jax.jit(
+    lambda key: model.init(key, ids)['params'],
+    out_shardings=partitioning.param_shardings(abstract, llama.PARAM_AXES, mesh),
+  )(jax.random.key(0))
+  adapter = pj.by_rules([(r'layers/.*_proj/kernel', pj.stacked('lora(rank=4)'))])
+  params, buffers = jax.jit(
+    adapter.init, out_shardings=pj.adapter_shardings(adapter, frozen)
+  )(jax.random.key(1), frozen)
+  sgd = optax.sgd(0.1)
+  state = pj.TrainState.create(params, buffers, sgd, jax.random.key(2))
+
+  def loss_fn(weights, batch, rng):
+    del rng
+    return jnp.mean(model.apply({'params': weights}, batch) ** 2), {}
+
+  step = jax.jit(pj.make_train_step(loss_fn, adapter, sgd, factored=True))
+  batch = jax.device_put(ids, partitioning.batch_sharding(mesh, ids.shape))
+  with jax.set_mesh(mesh):
+    text = step.lower(state, frozen, batch).compile().as_text()
+
+  gathers = all_gathers_by_computation(text)
+  bodies = set(gathers.pop('while bodies'))
+  stacked = {x.shape for x in jax.tree.leaves(frozen['layers']) if x.ndim == 3}
+  layer = {shape[1:] for shape in stacked}
+  assert not any(shape in stacked for shapes in gathers.values() for shape in shapes)
+  in_bodies = [shape for name in bodies for shape in gathers.get(name, [])]
+  outside = [
+    shape for name, shapes in gathers.items() if name not in bodies for shape in shapes
+  ]
+  assert layer <= set(in_bodies)  # each kind of kernel, gathered per layer
+  assert not layer & set(outside)

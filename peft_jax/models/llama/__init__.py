@@ -113,6 +113,7 @@ from peft_jax.models.llama.conversion import (
 )
 from peft_jax.models.llama.generation import generate, init_cache
 from peft_jax.models.llama.model import (
+  PARAM_AXES,
   ROPE_TYPES,
   RUNTIME_OPTIONS,
   LlamaAttention,
@@ -129,6 +130,7 @@ from peft_jax.models.llama.model import (
 )
 
 __all__ = [
+  'PARAM_AXES',
   'ROPE_TYPES',
   'RUNTIME_OPTIONS',
   'LlamaAttention',

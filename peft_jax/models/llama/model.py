@@ -17,6 +17,7 @@ import numpy as np
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import AttentionKV, hook_point
+from peft_jax.models.partitioning import constrain
 
 Array = jax.Array
 Cache = dict[str, Array]
@@ -30,6 +31,19 @@ _LLAMA3_KEYS = (
   'original_max_position_embeddings',
 )
 _SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'qwen2')
+# Logical axes of the weights (``peft_jax.models.partitioning``); under
+# ``scan_layers`` the leading layer axis is kept whole.
+PARAM_AXES = (
+  (r'embed_tokens/embedding', ('table', None)),
+  (r'.*/q_proj/kernel', ('embed', 'heads')),
+  (r'.*/q_proj/bias', ('heads',)),
+  (r'.*/(k|v)_proj/kernel', ('embed', 'kv_heads')),
+  (r'.*/(k|v)_proj/bias', ('kv_heads',)),
+  (r'.*/o_proj/kernel', ('heads', 'embed')),
+  (r'.*/(gate|up)_proj/kernel', ('embed', 'mlp')),
+  (r'.*/down_proj/kernel', ('mlp', 'embed')),
+  (r'lm_head/kernel', ('embed', 'vocab')),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +446,8 @@ class LlamaAttention(nn.Module):
     q = _dense(cfg, nh * hd, cfg.attention_bias, 'q_proj')(x).reshape(b, t, nh, hd)
     k = k_proj(x).reshape(b, t, nk, hd)
     v = v_proj(x).reshape(b, t, nk, hd)
+    q = constrain(q, 'batch', None, 'heads', None)
+    k, v = (constrain(a, 'batch', None, 'kv_heads', None) for a in (k, v))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k, v, _, _ = hook_point(self, 'attention_kv', AttentionKV(k, v, None, x))
     prefix = _check_kv(k, v, (b, t, nk, hd))
@@ -605,6 +621,7 @@ class LlamaMLP(nn.Module):
     cfg = self.config
     gate = _dense(cfg, cfg.intermediate_size, False, 'gate_proj')(x)
     up = _dense(cfg, cfg.intermediate_size, False, 'up_proj')(x)
+    gate, up = (constrain(a, 'batch', None, 'mlp') for a in (gate, up))
     h = hook_point(self, 'ffn_intermediate', nn.silu(gate) * up)
     h = hook_point(
       self, 'ffn_output', _dense(cfg, cfg.hidden_size, False, 'down_proj')(h)
@@ -654,7 +671,7 @@ class LlamaDecoderLayer(nn.Module):
     )
     h = h + a
     h = h + LlamaMLP(cfg, name='mlp')(norm('post_attention_layernorm')(h))
-    return h, layer_cache
+    return constrain(h, 'batch', None, None), layer_cache
 
 
 class _LlamaDecoder(nn.Module):
@@ -688,7 +705,9 @@ class _LlamaDecoder(nn.Module):
       name='embed_tokens',
     )
     h, attention_mask = hook_point(
-      self, 'input_embeddings', (embed(input_ids), attention_mask)
+      self,
+      'input_embeddings',
+      (constrain(embed(input_ids), 'batch', None, None), attention_mask),
     )
     t = input_ids.shape[1]
     prompt = h.shape[1] - t
@@ -799,7 +818,7 @@ class LlamaForCausalLM(_LlamaDecoder):
       logits = embed.attend(h)
     else:
       logits = _dense(cfg, cfg.vocab_size, False, 'lm_head')(h)
-    return logits.astype(jnp.float32)
+    return constrain(logits, 'batch', None, 'vocab').astype(jnp.float32)
 
 
 class LlamaForSequenceClassification(_LlamaDecoder):
