@@ -1,5 +1,14 @@
 r"""The one trainer: ``python -m experiments.train --config FILE[:ARG] --workdir DIR``.
 
+``--mesh data=D,fsdp=F,tensor=T`` (or ``config.mesh``) lays the run out on
+a device mesh (``peft_jax.models.partitioning``); by default every device,
+of every process, is on ``data``. The frozen weights are placed by the
+model's logical axes, θ and the optimizer state follow them, each process
+places only its rows of each batch, and the step compiles once. A
+checkpoint restores onto any mesh (the mesh is not part of the run's
+identity); under ``jax.distributed`` only process 0 writes files other than
+the checkpoints (which orbax writes together).
+
 A run evaluates the model before training, trains the adapter parameters
 chosen by ``config.adapters`` with a jit-compiled optax step, checkpoints
 with orbax (resuming from ``DIR`` when a checkpoint is there), evaluates
@@ -34,16 +43,27 @@ from tensorboardX import SummaryWriter
 import peft_jax as pj
 from experiments import selection, tasks
 from experiments.configs import common
+from peft_jax.models import partitioning
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files (process 0)."""
+  return jax.process_index() == 0
 
 
 class MetricsWriter:
-  """Appends metrics to ``metrics.jsonl`` and to TensorBoard."""
+  """Appends metrics to ``metrics.jsonl`` and to TensorBoard (process 0;
+  on other processes it writes nothing)."""
 
   def __init__(self, workdir: pathlib.Path):
-    self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115
-    self._board = SummaryWriter(str(workdir / 'tensorboard'))
+    self._jsonl = self._board = None
+    if is_writer():
+      self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115
+      self._board = SummaryWriter(str(workdir / 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    if self._jsonl is None:
+      return
     self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self._jsonl.flush()
     for name, value in metrics.items():
@@ -53,8 +73,9 @@ class MetricsWriter:
     return self
 
   def __exit__(self, *exc) -> None:
-    self._jsonl.close()
-    self._board.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._board.close()
 
 
 def claim_workdir(workdir: pathlib.Path, config) -> None:
@@ -72,7 +93,7 @@ def claim_workdir(workdir: pathlib.Path, config) -> None:
         f'{workdir} holds a run with a different config (keys {", ".join(changed)} '
         'differ); use a new --workdir to keep both'
       )
-  else:
+  elif is_writer():
     path.write_text(json.dumps(wanted, indent=2))
 
 
@@ -95,6 +116,7 @@ def environment() -> dict[str, str]:
   device = jax.devices()[0]
   return {
     'device': f'{device.platform}:{device.device_kind} x{jax.device_count()}',
+    'processes': str(jax.process_count()),
     'cpu_count': str(os.cpu_count()),
     'jax': jax.__version__,
     'peft_jax_python': platform.python_version(),
@@ -107,8 +129,8 @@ def changed_count(run: 'Run', state: pj.TrainState) -> int | None:
   where the tree is not mergeable): ``‖θ − θ0‖₀``, measured."""
   if not run.tree.mergeable:
     return None
-  merged = pj.merge(run.tree, run.task.frozen, state.params, state.buffers)
-  pairs = zip(jax.tree.leaves(merged), jax.tree.leaves(run.task.frozen), strict=True)
+  merged = pj.merge(run.tree, run.frozen, state.params, state.buffers)
+  pairs = zip(jax.tree.leaves(merged), jax.tree.leaves(run.frozen), strict=True)
   return sum(int(jax.numpy.count_nonzero(a != b)) for a, b in pairs)
 
 
@@ -150,37 +172,73 @@ class Run(NamedTuple):
   """The fixed parts of one run: what every step and evaluation uses."""
 
   config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
   task: tasks.Task
+  frozen: pj.Params  # task.frozen placed on the mesh
   rules: list  # config.adapters, after the selection's sparse rules if any
   tree: pj.TreeAdapter
   optimizer: optax.GradientTransformation
   schedule: pj.Schedule | None
 
 
-def setup(config, workdir: pathlib.Path) -> Run:
-  """Builds the task, selects entries (selective runs), builds the tree
-  adapter; writes ``describe.txt``."""
+def make_mesh(config, sizes: dict[str, int] | None = None) -> jax.sharding.Mesh:
+  """The run's ``(data, fsdp, tensor)`` mesh: ``config.mesh`` updated by
+  ``sizes`` (the command line's ``--mesh``); unset axes are 1 except
+  ``data``, which takes the devices the others leave. The batch must split
+  over ``data × fsdp``."""
+  wanted = {**(config.get('mesh') or {}), **(sizes or {})}
+  unknown = set(wanted) - set(partitioning.MESH_AXES)
+  if unknown:
+    raise pj.PeftError(
+      f'mesh axes {sorted(unknown)} are unknown; expected '
+      f'{", ".join(partitioning.MESH_AXES)}'
+    )
+  mesh = partitioning.make_mesh(**wanted)
+  rows = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.batch_size % rows:
+    raise pj.PeftError(
+      f'batch_size={config.batch_size} does not split over data x fsdp = {rows} '
+      'devices; pick a batch size or mesh where it does'
+    )
+  return mesh
+
+
+def setup(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> Run:
+  """Builds the task and places its weights on ``mesh``, selects entries
+  (selective runs), builds the tree adapter; writes ``describe.txt``."""
   task = tasks.build(config)
   print(task.describe)
+  frozen = partitioning.place(
+    task.frozen, partitioning.param_shardings(task.frozen, task.param_axes, mesh)
+  )
   rules = selection.rules_for(config, task)
   tree = pj.by_rules(rules)
-  with open(workdir / 'describe.txt', 'w') as f:
-    pj.describe(rules, task.frozen, task.hooks, print_fn=lambda t: f.write(t + '\n'))
+  if is_writer():
+    with open(workdir / 'describe.txt', 'w') as f:
+      write = lambda t: f.write(t + '\n')
+      pj.describe(rules, task.frozen, task.hooks, print_fn=write)
   schedule = make_schedule(config, tree)
-  return Run(config, task, rules, tree, make_optimizer(config), schedule)
+  return Run(config, mesh, task, frozen, rules, tree, make_optimizer(config), schedule)
 
 
 def initial_state(run: Run) -> pj.TrainState:
-  """Step 0: the adapter's fresh parameters and buffers, the optimizer state."""
+  """Step 0: the adapter's fresh parameters and buffers, initialised already
+  placed next to the weights they adapt (``pj.adapter_shardings``), and the
+  optimizer state."""
   init_key, rng = jax.random.split(jax.random.key(run.config.seed))
-  params, buffers = run.tree.init(init_key, run.task.frozen, run.task.hooks)
+  hooks = run.task.hooks
+  init = jax.jit(
+    lambda key, frozen: run.tree.init(key, frozen, hooks),
+    out_shardings=pj.adapter_shardings(run.tree, run.frozen, hooks),
+  )
+  params, buffers = init(init_key, run.frozen)
   return pj.TrainState.create(
     params,
     buffers,
     run.optimizer,
     rng,
     schedule=run.schedule,
-    frozen=run.task.frozen,
+    frozen=run.frozen,
   )
 
 
@@ -188,7 +246,7 @@ def start_or_resume(run: Run, manager, writer: MetricsWriter):
   """``(state, before)``: the latest checkpoint, else step 0 evaluated."""
   state = initial_state(run)
   if manager.latest_step() is None:
-    before = run.task.evaluate(run.tree, state.params, state.buffers)
+    before = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
     writer.write(0, {f'before_{k}': v for k, v in before.items()})
   else:
     state, metadata = pj.restore_checkpoint(manager, state)
@@ -209,15 +267,20 @@ def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
     schedule=run.schedule,
   )
   start = int(state.step)
+  batch = lambda position: partitioning.process_batch(
+    run.mesh, task.train_batch(position)
+  )
   step_fn = (
     jax.jit(train_step, donate_argnums=0)
-    .lower(state, task.frozen, task.train_batch(start))
+    .lower(state, run.frozen, batch(start))
     .compile()
   )
   memory = step_memory_mib(step_fn)
-  with tqdm.tqdm(range(start, config.steps), initial=start, total=config.steps) as bar:
+  positions = range(start, config.steps)
+  bar = tqdm.tqdm(positions, initial=start, total=config.steps, disable=not is_writer())
+  with bar:
     for position in bar:
-      state, metrics = step_fn(state, task.frozen, task.train_batch(position))
+      state, metrics = step_fn(state, run.frozen, batch(position))
       step = position + 1
       if step % config.log_every == 0 or step == config.steps:
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -248,8 +311,11 @@ def step_memory_mib(compiled) -> float:
   return used / 2**20
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes, or just reports) the experiment; returns the results row."""
+def train_and_evaluate(
+  config, workdir: str, mesh: dict[str, int] | None = None
+) -> dict:
+  """Runs (or resumes, or just reports) the experiment; returns the results
+  row. ``mesh``: axis sizes over ``config.mesh`` (see ``make_mesh``)."""
   workdir = pathlib.Path(workdir)
   results_path = workdir / 'results.json'
   claim_workdir(workdir, config)
@@ -257,14 +323,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f'{workdir} is complete; results in {results_path}')
     return json.loads(results_path.read_text())
 
-  run = setup(config, workdir)
+  device_mesh = make_mesh(config, mesh)
+  with jax.set_mesh(device_mesh):  # the models' activation shardings
+    return run_on_mesh(config, workdir, device_mesh)
+
+
+def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
+  """``train_and_evaluate`` once the mesh is chosen."""
+  run = setup(config, workdir, mesh)
   manager = pj.checkpoint_manager(str(workdir / 'checkpoints'))
   with MetricsWriter(workdir) as writer:
     state, before = start_or_resume(run, manager, writer)
     start, t0 = int(state.step), time.perf_counter()
     state, memory = train_loop(run, state, manager, writer, before)
     train_seconds = time.perf_counter() - t0
-    after = run.task.evaluate(run.tree, state.params, state.buffers)
+    after = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
     writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
   print('after:', after)
   pj.save_adapter(
@@ -279,7 +352,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   )
   row['changed_params'] = changed_count(run, state)
   row['step_memory_mib'] = memory
-  results_path.write_text(json.dumps(row, indent=2))
+  row['mesh'] = ','.join(f'{k}={v}' for k, v in mesh.shape.items())
+  if is_writer():
+    (workdir / 'results.json').write_text(json.dumps(row, indent=2))
   return row
 
 
@@ -287,9 +362,15 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', required=True, help='FILE.py[:key=value,...]')
   parser.add_argument('--workdir', required=True, help='output directory')
+  parser.add_argument(
+    '--mesh',
+    default='',
+    help='device mesh sizes, e.g. data=2,fsdp=4 (default: all devices on data)',
+  )
   args = parser.parse_args(argv)
   try:
-    row = train_and_evaluate(common.load_config(args.config), args.workdir)
+    mesh = partitioning.parse_mesh(args.mesh)
+    row = train_and_evaluate(common.load_config(args.config), args.workdir, mesh)
   except pj.PeftError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -363,3 +363,72 @@ def test_real_minilm_trains_prompt_tuning_and_houlsby(tmp_path):
     before = fixed_set_loss(task, tree, fresh.params, fresh.buffers)
     after = fixed_set_loss(task, tree, params, buffers)
     assert after < before - 0.04, (method, before, after)
+
+
+def test_bad_meshes_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+  for mesh, message in [
+    ('model=2', "mesh axis 'model' is unknown"),
+    ('data=3', 'does not fit 8 devices'),
+    ('data=two', "'data=two' is not an integer"),
+  ]:
+    workdir = tmp_path / mesh
+    argv = ['--config', f'{CONFIG}:runlocal', '--workdir', str(workdir), '--mesh', mesh]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err and err.count('\n') == 1
+  config = local_config('lora')  # batch_size 8
+  config.batch_size = 12
+  with pytest.raises(
+    pj.PeftError, match=r'batch_size=12 does not split over data x fsdp = 8'
+  ):
+    train.make_mesh(config)
+  config.mesh = {'data': 2, 'tensor': 4}  # 12 rows split over 2
+  assert dict(train.make_mesh(config).shape) == {'data': 2, 'fsdp': 1, 'tensor': 4}
+  assert dict(train.make_mesh(config, {'tensor': 2, 'fsdp': 2}).shape) == {
+    'data': 2,
+    'fsdp': 2,
+    'tensor': 2,
+  }
+
+
+@pytest.mark.slow
+def test_a_run_on_a_2d_mesh_resumes_on_fsdp_and_matches_data_parallel(
+  lora_run, xla_cache, tmp_path, monkeypatch
+):
+  """The same LoRA training on (data 2, fsdp 2, tensor 2), interrupted after
+  its step-2 checkpoint and resumed with the weights split 8 ways on fsdp,
+  ends with the adapter of the data-parallel run (``lora_run``, 8 devices on
+  ``data``), up to float reduction order."""
+  straight_dir, straight_row = lora_run
+  workdir = tmp_path / 'meshes'
+
+  def build_then_stop_at_step_2(config):
+    task = build_tiny(config)
+
+    def train_batch(step):
+      if step == 2:
+        raise KeyboardInterrupt
+      return task.train_batch(step)
+
+    return task._replace(train_batch=train_batch)
+
+  config = local_config('lora')
+  with references.compilation_cache(xla_cache):
+    monkeypatch.setattr(tasks, 'build', build_then_stop_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(
+        config, str(workdir), {'data': 2, 'fsdp': 2, 'tensor': 2}
+      )
+    monkeypatch.setattr(tasks, 'build', build_tiny)
+    row = train.train_and_evaluate(config, str(workdir), {'data': 1, 'fsdp': 8})
+  assert (
+    row['mesh'] == 'data=1,fsdp=8,tensor=1'
+    and straight_row['mesh'] == 'data=8,fsdp=1,tensor=1'
+  )
+  straight = safetensors_numpy.load_file(str(straight_dir / 'adapter.safetensors'))
+  resumed = safetensors_numpy.load_file(str(workdir / 'adapter.safetensors'))
+  assert straight.keys() == resumed.keys()
+  for name in straight:
+    np.testing.assert_allclose(
+      resumed[name], straight[name], rtol=1e-5, atol=1e-6, err_msg=name
+    )

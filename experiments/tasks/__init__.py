@@ -11,6 +11,7 @@ import jax
 
 import peft_jax as pj
 from peft_jax.data import batching
+from peft_jax.models import partitioning
 
 
 class Task(NamedTuple):
@@ -23,19 +24,26 @@ class Task(NamedTuple):
       (``peft_jax.hook_points``), for rules that select activation adapters.
     loss_fn: ``(weights, batch, rng) -> (loss, metrics)``.
     train_batch: ``step -> batch``, deterministic in the step.
-    evaluate: ``(tree, params, buffers) -> {metric: float}`` on the
-      validation and test splits, for the tree adapter and its parameters
+    evaluate: ``(tree, frozen, params, buffers) -> {metric: float}`` on
+      the validation and test splits, for the tree adapter and its
+      parameters over ``frozen`` (the task's, or a copy placed on a mesh)
       (tasks run the model through ``peft_jax.adapted(..., factored=True)``,
       so non-mergeable and activation-side methods work).
     describe: one line on the model and data, for logs.
+    param_axes: the model family's ``PARAM_AXES`` (logical axes of
+      ``frozen``'s leaves, ``peft_jax.models.partitioning``), for placing
+      it on a mesh; ``()`` replicates every leaf.
   """
 
   frozen: pj.Params
   hooks: dict[str, pj.HookPoint]
   loss_fn: Callable
   train_batch: Callable[[int], Any]
-  evaluate: Callable[[pj.TreeAdapter, pj.AdapterParams, pj.Buffers], dict[str, float]]
+  evaluate: Callable[
+    [pj.TreeAdapter, pj.Params, pj.AdapterParams, pj.Buffers], dict[str, float]
+  ]
   describe: str
+  param_axes: partitioning.AxesTable = ()
 
 
 def build(config) -> Task:

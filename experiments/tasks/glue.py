@@ -81,8 +81,8 @@ def make_loss_fn(logits, task: glue.Task):
   return loss_fn
 
 
-def make_evaluate(logits, frozen, arrays: dict[str, Arrays], config):
-  """``evaluate(tree, params, buffers)``: the task's metrics on every split
+def make_evaluate(logits, arrays: dict[str, Arrays], config):
+  """``evaluate(tree, frozen, params, buffers)``: the task's metrics on every split
   but train, through ``peft_jax.adapted(..., factored=True)`` (so methods
   with no weight-space form and activation adapters work)."""
 
@@ -90,19 +90,19 @@ def make_evaluate(logits, frozen, arrays: dict[str, Arrays], config):
   def outputs(tree, frozen, params, buffers, batch):
     return pj.adapted(tree, logits, factored=True)(frozen, params, buffers, batch)
 
-  def split_metrics(tree, params, buffers, split: Arrays) -> dict[str, float]:
+  def split_metrics(tree, frozen, params, buffers, split: Arrays) -> dict[str, float]:
     chunks = [
       np.asarray(outputs(tree, frozen, params, buffers, batch))[batch['weight'] > 0]
       for batch in batching.eval_batches(split, config.eval_batch_size)
     ]
     return glue.metrics(config.data.task, np.concatenate(chunks), split['label'])
 
-  def evaluate(tree, params, buffers):
+  def evaluate(tree, frozen, params, buffers):
     return {
       f'{name}_{metric}': value
       for name, split in arrays.items()
       if name != 'train'
-      for metric, value in split_metrics(tree, params, buffers, split).items()
+      for metric, value in split_metrics(tree, frozen, params, buffers, split).items()
     }
 
   return evaluate
@@ -132,8 +132,9 @@ def make_task(
     hooks=pj.hook_points(model, *sample),
     loss_fn=make_loss_fn(logits, task),
     train_batch=batches.__getitem__,
-    evaluate=make_evaluate(logits, frozen, arrays, config),
+    evaluate=make_evaluate(logits, arrays, config),
     describe=describe,
+    param_axes=bert.PARAM_AXES,
   )
 
 

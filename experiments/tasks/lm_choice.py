@@ -351,8 +351,8 @@ def encode_data(config, dataset, tokenizer, info) -> Data:
   return Data(splits, prompts, train, evals, choice_ids, choice_mask, dataset.LABELS)
 
 
-def make_show_generations(config, model_config, frozen, tokenizer, eos_id, data):
-  """``show(tree, params, buffers)``: prints greedy answers to the first test
+def make_show_generations(config, model_config, tokenizer, eos_id, data):
+  """``show(tree, frozen, params, buffers)``: prints greedy answers to the first test
   prompts, generated through ``peft_jax.adapted`` (weight-space methods
   applied, activation adapters at their hook points) by the scanned-layer
   model (one compile for all layers)."""
@@ -372,7 +372,7 @@ def make_show_generations(config, model_config, frozen, tokenizer, eos_id, data)
       for i in samples
     ]
 
-  def show(tree, params, buffers):
+  def show(tree, frozen, params, buffers):
     if not samples:
       return
     print('greedy generations:')
@@ -386,8 +386,8 @@ def make_show_generations(config, model_config, frozen, tokenizer, eos_id, data)
   return show
 
 
-def make_evaluate(config, model, frozen, data: Data, show):
-  """``evaluate(tree, params, buffers)``: validation and test accuracy of the
+def make_evaluate(config, model, data: Data, show):
+  """``evaluate(tree, frozen, params, buffers)``: validation and test accuracy of the
   best-scoring answer (through ``peft_jax.adapted(..., factored=True)``, so
   methods with no weight-space form and activation adapters work), then
   ``show`` the generations."""
@@ -408,13 +408,13 @@ def make_evaluate(config, model, frozen, data: Data, show):
     best = jnp.argmax(adapted_scores(frozen, params, buffers, batch), -1)
     return jnp.sum((best == batch['label']) * batch['weight'])
 
-  def evaluate(tree, params, buffers):
+  def evaluate(tree, frozen, params, buffers):
     metrics = tasks.accuracies(
       lambda batch: correct(tree, frozen, params, buffers, batch),
       data.evals,
       config.eval_batch_size,
     )
-    show(tree, params, buffers)
+    show(tree, frozen, params, buffers)
     return metrics
 
   return evaluate
@@ -427,9 +427,7 @@ def make_task(config, model_config, frozen, tokenizer, info, source: str) -> tas
   data = encode_data(config, dataset, tokenizer, info)
   model = llama.LlamaForCausalLM(model_config)
   sample = data.train['input_ids'][:1], data.train['attention_mask'][:1]
-  show = make_show_generations(
-    config, model_config, frozen, tokenizer, info.eos_id, data
-  )
+  show = make_show_generations(config, model_config, tokenizer, info.eos_id, data)
   sizes = {k: len(v.texts) for k, v in data.splits.items()}
   return tasks.Task(
     frozen=frozen,
@@ -438,7 +436,8 @@ def make_task(config, model_config, frozen, tokenizer, info, source: str) -> tas
     train_batch=functools.partial(
       batching.train_batch, data.train, config.batch_size, seed=config.seed
     ),
-    evaluate=make_evaluate(config, model, frozen, data, show),
+    evaluate=make_evaluate(config, model, data, show),
+    param_axes=llama.PARAM_AXES,
     describe=(
       f'{source} answering {"/".join(data.answers)} on {config.data.name} '
       f'{sizes}, max_length={config.model.max_length}'

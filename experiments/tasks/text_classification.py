@@ -48,8 +48,8 @@ def load_arrays(config, tokenizer) -> dict[str, Arrays]:
   return arrays
 
 
-def make_evaluate(logits, frozen, arrays: dict[str, Arrays], batch_size: int):
-  """``evaluate(tree, params, buffers)``: validation and test accuracy.
+def make_evaluate(logits, arrays: dict[str, Arrays], batch_size: int):
+  """``evaluate(tree, frozen, params, buffers)``: validation and test accuracy.
 
   The model runs through ``peft_jax.adapted(..., factored=True)``, which
   also serves methods with no weight-space form and activation adapters.
@@ -60,7 +60,7 @@ def make_evaluate(logits, frozen, arrays: dict[str, Arrays], batch_size: int):
     out = pj.adapted(tree, logits, factored=True)(frozen, params, buffers, batch)
     return jnp.sum((jnp.argmax(out, -1) == batch['label']) * batch['weight'])
 
-  def evaluate(tree, params, buffers):
+  def evaluate(tree, frozen, params, buffers):
     return tasks.accuracies(
       lambda batch: correct(tree, frozen, params, buffers, batch),
       {name: arrays[name] for name in ('validation', 'test')},
@@ -104,8 +104,9 @@ def make_task(
     train_batch=functools.partial(
       batching.train_batch, arrays['train'], config.batch_size, seed=config.seed
     ),
-    evaluate=make_evaluate(logits, frozen, arrays, config.eval_batch_size),
+    evaluate=make_evaluate(logits, arrays, config.eval_batch_size),
     describe=describe,
+    param_axes=bert.PARAM_AXES,
   )
 
 

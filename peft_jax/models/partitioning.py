@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -166,3 +167,32 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 def _text(sizes: dict[str, int]) -> str:
   return ','.join(f'{k}={v}' for k, v in sizes.items())
+
+
+def place(tree, shardings):
+  """``tree``'s arrays on ``shardings`` (a matching tree), each process
+  writing only its own shards: works for meshes that span processes, where
+  ``jax.device_put`` of a one-device array does not."""
+
+  def one(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def process_batch(mesh: Mesh, batch):
+  """The global batch arrays for ``batch`` (``{name: (B, ...)}``, the same
+  on every process), each process placing only the rows its devices hold
+  (``jax.make_array_from_process_local_data``)."""
+
+  def one(x):
+    sharding = batch_sharding(mesh, x.shape)
+    rows = [
+      index[0].indices(x.shape[0])[:2]
+      for index in sharding.addressable_devices_indices_map(x.shape).values()
+    ]
+    start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+    return jax.make_array_from_process_local_data(sharding, x[start:stop], x.shape)
+
+  return jax.tree.map(one, batch)

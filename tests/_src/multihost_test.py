@@ -35,14 +35,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_save_adapter_gathers_and_writes_from_process_0(tmp_path):
+def two_processes(worker: pathlib.Path, *args: str, timeout: float = 240) -> list[str]:
+  """Runs ``python worker RANK PORT *args`` for ranks 0 and 1 (a 2-process
+  ``jax.distributed`` job on localhost); returns their logs, asserting both
+  exit 0."""
   port = str(free_port())
-  worker = pathlib.Path(__file__).with_name('multihost_worker.py')
   env = {**os.environ, 'PYTHONPATH': str(ROOT)}
   procs = [
     subprocess.Popen(
-      [sys.executable, str(worker), str(rank), port, str(tmp_path)],
+      [sys.executable, str(worker), str(rank), port, *args],
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
@@ -50,8 +51,14 @@ def test_save_adapter_gathers_and_writes_from_process_0(tmp_path):
     )
     for rank in (0, 1)
   ]
-  logs = [p.communicate(timeout=240)[0] for p in procs]
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  return logs
+
+
+@pytest.mark.slow
+def test_save_adapter_gathers_and_writes_from_process_0(tmp_path):
+  two_processes(pathlib.Path(__file__).with_name('multihost_worker.py'), str(tmp_path))
   assert not (tmp_path / 'adapter_1.safetensors').exists()
   adapter, frozen, (want, _) = adapter_frozen_and_theta()
   like = jax.eval_shape(adapter.init, jax.random.key(1), frozen)

@@ -461,7 +461,7 @@ def test_task_loss_and_evaluation_on_a_tiny_roberta(task, checkpoint_dir, data_d
   )
   tree = pj.by_rules(config.adapters)
   params, buffers = tree.init(jax.random.key(1), built.frozen, built.hooks)
-  results = built.evaluate(tree, params, buffers)
+  results = built.evaluate(tree, built.frozen, params, buffers)
   names = {'stsb': ('pearson', 'spearman'), 'copa': ('accuracy',)}
   for split in ('validation', 'test'):
     assert f'{split}_score' in results
