@@ -367,7 +367,15 @@ def main(argv=None) -> int:
     default='',
     help='device mesh sizes, e.g. data=2,fsdp=4 (default: all devices on data)',
   )
+  parser.add_argument(
+    '--distributed',
+    action='store_true',
+    help='call jax.distributed.initialize() first (one process per host of a '
+    'TPU pod slice or GPU cluster, found from the environment)',
+  )
   args = parser.parse_args(argv)
+  if args.distributed:
+    jax.distributed.initialize()
   try:
     mesh = partitioning.parse_mesh(args.mesh)
     row = train_and_evaluate(common.load_config(args.config), args.workdir, mesh)

@@ -7,9 +7,7 @@ files."""
 import json
 import pathlib
 
-import numpy as np
 import pytest
-from safetensors import numpy as safetensors_numpy
 
 from experiments import tasks, train
 from tests import experiments_test
@@ -38,10 +36,9 @@ def test_two_processes_train_resume_on_another_mesh_and_match_one(
   assert row['after_test_accuracy'] == one['after_test_accuracy']
   lines = (two / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(line)['step'] for line in lines if 'loss' in line] == [1, 2, 3]
-  want = safetensors_numpy.load_file(str(tmp_path / 'one_process/adapter.safetensors'))
-  got = safetensors_numpy.load_file(str(two / 'adapter.safetensors'))
-  assert want.keys() == got.keys()
-  for name in want:
-    np.testing.assert_allclose(
-      got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name
-    )
+  experiments_test.assert_same_adapter(
+    tmp_path / 'one_process/adapter.safetensors',
+    two / 'adapter.safetensors',
+    rtol=1e-5,
+    atol=1e-6,
+  )

@@ -28,20 +28,9 @@ class Stop(Exception):
   """The interruption: raised by the data at step ``STOP``."""
 
 
-def build(config):
-  task = experiments_test.build_tiny(config)
-
-  def train_batch(step):
-    if step == STOP:
-      raise Stop
-    return task.train_batch(step)
-
-  return task._replace(train_batch=train_batch)
-
-
 def main():
   assert jax.process_count() == 2 and jax.device_count() == 8
-  tasks.build = build
+  tasks.build = experiments_test.build_tiny_stopping_at(STOP, Stop)
   config = experiments_test.local_config('lora')
   try:
     train.train_and_evaluate(config, WORKDIR, partitioning.parse_mesh(MESH))

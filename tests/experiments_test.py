@@ -36,6 +36,10 @@ TINY = bert.BertConfig(
   attention_dropout=0.0,
 )
 SEQ = 12
+# Real-model trainings run on one device: the 8 simulated devices share the
+# machine's CPU cores (2 in CI), so a mesh only slows them down; the meshes
+# are tested on the tiny task.
+ONE_DEVICE = {'data': 1}
 HEAD = TINY.hidden_size * 2 + 2  # classifier kernel (d, 2) and bias (2,)
 
 
@@ -62,6 +66,36 @@ def build_tiny(config) -> tasks.Task:
   sample = arrays['train']['input_ids'][:1], arrays['train']['attention_mask'][:1]
   encoder = bert.BertModel(TINY).init(jax.random.key(1), *sample)['params']
   return text_classification.make_task(config, TINY, encoder, arrays, 'tiny BERT')
+
+
+def build_tiny_stopping_at(stop: int, error: type[BaseException] = KeyboardInterrupt):
+  """``build_tiny`` whose data raises ``error`` at step ``stop``: a run
+  interrupted after the checkpoints before that step."""
+
+  def build(config) -> tasks.Task:
+    task = build_tiny(config)
+
+    def train_batch(step):
+      if step == stop:
+        raise error
+      return task.train_batch(step)
+
+    return task._replace(train_batch=train_batch)
+
+  return build
+
+
+def assert_same_adapter(want_path, got_path, **tolerance) -> None:
+  """The two safetensors adapter files hold the same arrays (bit for bit,
+  or within ``assert_allclose``'s ``tolerance``)."""
+  want = safetensors_numpy.load_file(str(want_path))
+  got = safetensors_numpy.load_file(str(got_path))
+  assert want.keys() == got.keys()
+  for name in want:
+    if tolerance:
+      np.testing.assert_allclose(got[name], want[name], err_msg=name, **tolerance)
+    else:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 @pytest.fixture
@@ -222,29 +256,16 @@ def test_interrupted_run_resumes_to_the_same_adapter(
 def check_resume(lora_run, tmp_path, monkeypatch):
   config = local_config('lora')
   straight_dir, _ = lora_run
-
-  def build_then_crash_at_step_2(config):
-    task = build_tiny(config)
-
-    def train_batch(step):
-      if step == 2:
-        raise KeyboardInterrupt
-      return task.train_batch(step)
-
-    return task._replace(train_batch=train_batch)
-
-  monkeypatch.setattr(tasks, 'build', build_then_crash_at_step_2)
+  monkeypatch.setattr(tasks, 'build', build_tiny_stopping_at(2))
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert not (tmp_path / 'resumed' / 'results.json').exists()
   monkeypatch.setattr(tasks, 'build', build_tiny)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
 
-  straight = safetensors_numpy.load_file(str(straight_dir / 'adapter.safetensors'))
-  resumed = safetensors_numpy.load_file(str(tmp_path / 'resumed/adapter.safetensors'))
-  assert straight.keys() == resumed.keys()
-  for name in straight:
-    np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+  assert_same_adapter(
+    straight_dir / 'adapter.safetensors', tmp_path / 'resumed/adapter.safetensors'
+  )
 
 
 @pytest.mark.slow
@@ -315,7 +336,7 @@ def losses_of(workdir) -> list[float]:
 def test_real_minilm_loss_falls_in_a_few_dozen_steps(tmp_path):
   config = common.load_config(f'{CONFIG}:steps=40')
   config.log_every, config.data.eval_limit = 1, 200
-  row = train.train_and_evaluate(config, str(tmp_path))
+  row = train.train_and_evaluate(config, str(tmp_path), ONE_DEVICE)
   # Head, then SSB on key, value (384 + 384 each) and FFN-in (384 + 1536).
   assert row['trainable_params'] == 384 * 2 + 2 + 6 * (2 * (384 + 384) + 384 + 1536)
   losses = losses_of(tmp_path)
@@ -348,15 +369,12 @@ def test_real_minilm_trains_prompt_tuning_and_houlsby(tmp_path):
   for method, trainable in expected.items():
     config = common.load_config(f'{CONFIG}:method={method},steps=30')
     config.data.eval_limit = 64
-    row = train.train_and_evaluate(config, str(tmp_path / method))
+    row = train.train_and_evaluate(config, str(tmp_path / method), ONE_DEVICE)
     saved = json.loads((tmp_path / method / 'results.json').read_text())
     assert saved['trainable_params'] == row['trainable_params'] == trainable, method
     # The loss on fixed examples falls from the fresh adapter to the trained one.
-    task = tasks.build(config)
-    tree = pj.by_rules(config.adapters)
-    fresh = train.initial_state(
-      train.Run(config, task, config.adapters, tree, train.make_optimizer(config), None)
-    )
+    run = train.setup(config, tmp_path / method, train.make_mesh(config, ONE_DEVICE))
+    task, tree, fresh = run.task, run.tree, train.initial_state(run)
     params, buffers, _ = pj.load_adapter(
       str(tmp_path / method / 'adapter.safetensors'), like=(fresh.params, fresh.buffers)
     )
@@ -365,10 +383,18 @@ def test_real_minilm_trains_prompt_tuning_and_houlsby(tmp_path):
     assert after < before - 0.04, (method, before, after)
 
 
-def test_bad_meshes_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+def test_bad_meshes_are_one_line_errors_before_anything_is_written(
+  tmp_path, capsys, monkeypatch
+):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda: calls.append('init'))
+  argv = ['--config', f'{CONFIG}:runlocal', '--workdir', str(tmp_path / 'd')]
+  assert train.main([*argv, '--distributed', '--mesh', 'data=16']) == 2
+  assert calls == ['init']  # --distributed joins the cluster before anything else
+  capsys.readouterr()
   for mesh, message in [
     ('model=2', "mesh axis 'model' is unknown"),
-    ('data=3', 'does not fit 8 devices'),
+    ('data=16', 'does not fit 8 devices'),
     ('data=two', "'data=two' is not an integer"),
   ]:
     workdir = tmp_path / mesh
@@ -401,20 +427,9 @@ def test_a_run_on_a_2d_mesh_resumes_on_fsdp_and_matches_data_parallel(
   ``data``), up to float reduction order."""
   straight_dir, straight_row = lora_run
   workdir = tmp_path / 'meshes'
-
-  def build_then_stop_at_step_2(config):
-    task = build_tiny(config)
-
-    def train_batch(step):
-      if step == 2:
-        raise KeyboardInterrupt
-      return task.train_batch(step)
-
-    return task._replace(train_batch=train_batch)
-
   config = local_config('lora')
   with references.compilation_cache(xla_cache):
-    monkeypatch.setattr(tasks, 'build', build_then_stop_at_step_2)
+    monkeypatch.setattr(tasks, 'build', build_tiny_stopping_at(2))
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(
         config, str(workdir), {'data': 2, 'fsdp': 2, 'tensor': 2}
@@ -425,10 +440,9 @@ def test_a_run_on_a_2d_mesh_resumes_on_fsdp_and_matches_data_parallel(
     row['mesh'] == 'data=1,fsdp=8,tensor=1'
     and straight_row['mesh'] == 'data=8,fsdp=1,tensor=1'
   )
-  straight = safetensors_numpy.load_file(str(straight_dir / 'adapter.safetensors'))
-  resumed = safetensors_numpy.load_file(str(workdir / 'adapter.safetensors'))
-  assert straight.keys() == resumed.keys()
-  for name in straight:
-    np.testing.assert_allclose(
-      resumed[name], straight[name], rtol=1e-5, atol=1e-6, err_msg=name
-    )
+  assert_same_adapter(
+    straight_dir / 'adapter.safetensors',
+    workdir / 'adapter.safetensors',
+    rtol=1e-5,
+    atol=1e-6,
+  )

@@ -22,6 +22,7 @@ model runs on any mesh and, outside a mesh context, ``constrain`` does
 nothing. Placement never changes the numbers a model computes.
 """
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -50,34 +51,40 @@ AxesTable = Sequence[tuple[str, tuple[str | None, ...]]]
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
-  """A ``(data, fsdp, tensor)`` mesh over all devices (of every process).
+  """A ``(data, fsdp, tensor)`` mesh over the devices (of every process).
 
-  One size may be ``-1``: what the others leave. Axes are ``Auto``: XLA
-  propagates the weights' and ``constrain``'s shardings.
+  One size may be ``-1``: what the others leave of all devices. Sizes that
+  multiply to fewer than all devices take the first ones (one process
+  only; e.g. ``data=1`` for one device). Axes are ``Auto``: XLA propagates
+  the weights' and ``constrain``'s shardings.
 
   Raises:
-    PeftError: if the sizes do not multiply to the device count.
+    PeftError: if the sizes are not positive, or do not fit the devices.
   """
   sizes = {'data': data, 'fsdp': fsdp, 'tensor': tensor}
-  count = jax.device_count()
-  bad = [f'{k}={v}' for k, v in sizes.items() if v == 0 or v < -1]
-  if bad or list(sizes.values()).count(-1) > 1:
+  devices = jax.devices()
+  if (
+    any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1
+  ):
     raise PeftError(
       f'mesh {_text(sizes)}: sizes must be positive, at most one -1 (the rest)'
     )
-  fixed = 1
-  for v in sizes.values():
-    fixed *= max(v, 1)
-  if -1 in sizes.values() and count % fixed == 0:
-    sizes = {k: count // fixed if v == -1 else v for k, v in sizes.items()}
-    fixed = count
-  if fixed != count:
+  fixed = math.prod(max(v, 1) for v in sizes.values())
+  if -1 in sizes.values() and len(devices) % fixed == 0:
+    sizes = {k: len(devices) // fixed if v == -1 else v for k, v in sizes.items()}
+    fixed = len(devices)
+  fits = fixed == len(devices) or (fixed < len(devices) and jax.process_count() == 1)
+  if -1 in sizes.values() or not fits:
     raise PeftError(
-      f'mesh {_text(sizes)} does not fit {count} devices (the sizes must '
-      'multiply to the device count)'
+      f'mesh {_text(sizes)} does not fit {len(devices)} devices of '
+      f'{jax.process_count()} process(es) (the sizes must multiply to the device '
+      'count, or to fewer in one process)'
     )
   return jax.make_mesh(
-    tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+    tuple(sizes.values()),
+    MESH_AXES,
+    axis_types=(AxisType.Auto,) * len(MESH_AXES),
+    devices=devices[:fixed],
   )
 
 

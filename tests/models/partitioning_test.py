@@ -74,9 +74,11 @@ def test_constrain_is_the_identity_outside_a_mesh():
     (dict(fsdp=4), (2, 4, 1)),
     (dict(data=1, tensor=-1), (1, 1, 8)),
     (dict(data=2, fsdp=2, tensor=2), (2, 2, 2)),
+    (dict(data=1), (1, 1, 1)),  # fewer than all: the first devices
+    (dict(data=3), (3, 1, 1)),
   ],
 )
-def test_make_mesh_fills_the_one_free_axis(sizes, expected):
+def test_make_mesh_fills_the_free_axis_or_takes_the_first_devices(sizes, expected):
   mesh = partitioning.make_mesh(**sizes)
   assert mesh.axis_names == partitioning.MESH_AXES
   assert tuple(mesh.axis_sizes) == expected
@@ -85,7 +87,8 @@ def test_make_mesh_fills_the_one_free_axis(sizes, expected):
 @pytest.mark.parametrize(
   'sizes, message',
   [
-    (dict(data=3), 'does not fit 8 devices'),
+    (dict(data=16), 'does not fit 8 devices'),
+    (dict(data=3, fsdp=3), 'does not fit 8 devices'),
     (dict(fsdp=3), 'does not fit 8 devices'),
     (dict(data=-1, fsdp=-1), 'at most one -1'),
     (dict(tensor=0), 'sizes must be positive'),
