@@ -12,7 +12,8 @@ the modules) with logical names; ``RULES`` maps the names to the mesh axes
                                         parallelism: q/k/v/gate/up split on
                                         ``d_out``, o/down on ``d_in``, the
                                         attention heads and FFN activations
-                                        split alike.
+                                        split alike;
+  ``table``     -> ``('tensor', 'fsdp')``  an embedding table's rows.
 
 A mesh with sizes ``(data, fsdp, tensor)`` then gives data parallelism
 (``fsdp = tensor = 1``), FSDP (``fsdp > 1``), tensor parallelism, or any
@@ -126,9 +127,7 @@ def spec(
     axes = []
     for axis in wanted:
       split = usable.get(axis)
-      parts = 1
-      for a in axes:
-        parts *= usable[a]
+      parts = math.prod(usable[a] for a in axes)
       if split and axis not in used and length % (parts * split) == 0:
         axes.append(axis)
     used.update(axes)
