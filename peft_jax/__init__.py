@@ -35,6 +35,8 @@ from peft_jax._src.checkpoint import (
 from peft_jax._src.factored import FactoredFallbackWarning, adapted
 from peft_jax._src.hooks import AttentionKV, HookPoint, hook_point, hook_points
 from peft_jax._src.noise import Noise
+from peft_jax._src.quantization import quantize
+from peft_jax._src.quantized_array import QuantizedArray, dequantize
 from peft_jax._src.registry import (
   get,
   names,
@@ -109,6 +111,7 @@ __all__ = [
   'Params',
   'PeftError',
   'Plan',
+  'QuantizedArray',
   'Rule',
   'Schedule',
   'Shared',
@@ -126,6 +129,7 @@ __all__ = [
   'compacter',
   'compacter_adapter',
   'count',
+  'dequantize',
   'describe',
   'diff_pruning',
   'dora',
@@ -168,6 +172,7 @@ __all__ = [
   'prompt_from_text',
   'prompt_from_vocabulary',
   'prompt_tuning',
+  'quantize',
   'register',
   'register_wrapper',
   'restore_checkpoint',

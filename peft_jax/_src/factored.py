@@ -28,6 +28,14 @@ interpreter in which each such kernel is an ``Adapted(w, θ)`` value.
   ``lax.scan`` over layers stay factored when their method is
   ``stacked(method)`` (adapter parameters stacked the same way; the scan
   slices kernel and parameters together).
+* A quantized frozen kernel (``QuantizedArray``, ``peft_jax.quantize``) is
+  an ``Adapted`` value with ``adapter=None``: a ``dot_general`` with it is
+  ``quantization.dequantized_linear`` (``w`` formed at that use, formed
+  again in the backward pass rather than kept); any other use (a gather, a
+  transpose) dequantizes it there under ``quantization.recomputed`` (not a
+  fallback: no warning). An adapted quantized kernel runs its method's
+  factored form interpreted the same way, so LoRA's ``x @ w`` inside it is
+  a dequantized matmul too.
 * Any other use of an adapted kernel — ``x @ wᵀ`` (tied embeddings), a
   gather, a reshape, a ``while`` loop — falls back to the weight-space form
   ``w' = apply(w, θ)`` at that use, with a ``FactoredFallbackWarning`` naming
@@ -44,8 +52,9 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax._src import hooks, paths
+from peft_jax._src import hooks, paths, quantization
 from peft_jax._src.base import Adapter, Entry, Params, PeftError, TreeAdapter
+from peft_jax._src.quantized_array import is_quantized
 from peft_jax._src.tree import with_name
 
 
@@ -55,13 +64,14 @@ class FactoredFallbackWarning(UserWarning):
 
 @jax.tree_util.register_pytree_node_class
 class Adapted:
-  """A frozen kernel with its adapter parameters, standing in for ``w'``.
+  """A frozen kernel with its adapter parameters, standing in for ``w'``;
+  or, with ``adapter=None``, a quantized kernel standing in for ``w``.
 
   A pytree (children ``w``, ``params``, ``buffers``), so ``scan`` slices
   stacked ones and ``checkpoint``/``cond`` pass them through.
   """
 
-  def __init__(self, w, params, buffers, adapter: Adapter, name: str):
+  def __init__(self, w, params, buffers, adapter: Adapter | None, name: str):
     self.w, self.params, self.buffers = w, params, buffers
     self.adapter, self.name = adapter, name
 
@@ -73,6 +83,9 @@ class Adapted:
     return cls(*children, *aux)
 
   def materialize(self, reason: str) -> jax.Array:
+    w = quantization.values(self.w)
+    if self.adapter is None:
+      return w
     if self.adapter.apply is None:
       raise PeftError(
         f'{self.name}: {self.adapter.name or "its method"} has no weight-space '
@@ -84,7 +97,7 @@ class Adapted:
       FactoredFallbackWarning,
       stacklevel=2,
     )
-    return self.adapter.apply(self.w, self.params, self.buffers)
+    return self.adapter.apply(w, self.params, self.buffers)
 
   def replace(self, **changes) -> 'Adapted':
     fields = dict(
@@ -99,6 +112,16 @@ def _is_adapted(x: Any) -> bool:
 
 def _materialize_all(values: list, reason: str) -> list:
   return [v.materialize(reason) if _is_adapted(v) else v for v in values]
+
+
+def _bind_materialized(eqn, invals: list, reason: str) -> list:
+  """``eqn`` on its operands with every ``Adapted`` one materialised; where
+  one is quantized, under ``quantization.recomputed`` (not kept for the
+  backward pass)."""
+  run = lambda *vals: _bind(eqn, _materialize_all(list(vals), reason))
+  if any(_is_adapted(v) and is_quantized(v.w) for v in invals):
+    run = quantization.recomputed(run)
+  return run(*invals)
 
 
 class _DotGeneral(NamedTuple):
@@ -124,11 +147,38 @@ def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
   """``x`` contracted on ``x_axes`` with ``w'``, in dot_general's output order."""
   n_in = len(x_axes)
   moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
-  y = kernel.adapter.linear.factored(moved, kernel.w, kernel.params, kernel.buffers)
+  y = _run_factored(moved, kernel)
   if kernel_first:  # dot_general(w, x): output (*w_free, *x_free).
     n_out = np.ndim(kernel.w) - n_in
     y = jnp.moveaxis(y, tuple(range(y.ndim - n_out, y.ndim)), tuple(range(n_out)))
   return y if out_dtype is None else y.astype(out_dtype)
+
+
+def _run_factored(x, kernel: Adapted):
+  """The method's factored form on ``x`` (input axes last). A quantized ``w``
+  enters it as a plain quantized kernel, interpreted: its ``x @ w`` is
+  ``quantization.dequantized_linear``, any other use is dequantized there."""
+  factored = kernel.adapter.linear.factored
+  if not is_quantized(kernel.w):
+    return factored(x, kernel.w, kernel.params, kernel.buffers)
+  args = (x, kernel.params, kernel.buffers)
+  run = lambda w, x, params, buffers: factored(x, w, params, buffers)
+  traced = _as_traced(kernel.name, kernel.w)
+  closed, out_shape = jax.make_jaxpr(run, return_shape=True)(traced, *args)
+  plain = Adapted(kernel.w, None, None, None, kernel.name)
+  out = evaluate(closed.jaxpr, closed.consts, [plain, *jax.tree.leaves(args)])
+  return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+
+def _quantized_dot(eqn, lhs, rhs) -> list | None:
+  """A ``dot_general`` of a plain quantized kernel with an array, as
+  ``quantization.dequantized_linear``; ``None`` for other operands."""
+  for x, kernel, kernel_first in ((lhs, rhs, False), (rhs, lhs, True)):
+    if _is_adapted(kernel) and kernel.adapter is None and not _is_adapted(x):
+      order = (lambda x, w: [w, x]) if kernel_first else (lambda x, w: [x, w])
+      fn = lambda x, w, order=order: _bind(eqn, order(x, w))[0]
+      return [quantization.dequantized_linear(fn, x, kernel.w)]
+  return None
 
 
 def _dot_general(eqn, lhs, rhs) -> list:
@@ -139,13 +189,17 @@ def _dot_general(eqn, lhs, rhs) -> list:
     w_contract = dot.lhs_contract if kernel_first else dot.rhs_contract
     if (
       _is_adapted(kernel)
+      and kernel.adapter is not None
       and not _is_adapted(x)
       and not dot.batch
       and w_contract == tuple(range(kernel.adapter.linear.in_axes))
       and np.ndim(kernel.w) > len(w_contract)
     ):
       return [_factored_dot(x, kernel, x_contract, kernel_first, dot.out_dtype)]
-  return _bind(eqn, _materialize_all([lhs, rhs], 'a dot_general that is not x @ w'))
+  quantized = _quantized_dot(eqn, lhs, rhs)
+  if quantized is not None:
+    return quantized
+  return _bind_materialized(eqn, [lhs, rhs], 'a dot_general that is not x @ w')
 
 
 def _on_kernel(eqn, value) -> list:
@@ -153,13 +207,21 @@ def _on_kernel(eqn, value) -> list:
   ``pvary``, which shard_map's ``check_vma`` inserts where a replicated
   kernel meets sharded activations): applied to ``w``, ``θ`` kept. The
   factored matmul then meets the sharded ``x`` as the original did (JAX
-  inserts the ``pvary`` of ``θ`` itself)."""
-  return [value.replace(w=eqn.primitive.bind(value.w, **eqn.params))]
+  inserts the ``pvary`` of ``θ`` itself). A quantized ``w`` is cast by its
+  dequantized dtype, and ``pvary`` applies to its codes and scales."""
+  w = value.w
+  if not is_quantized(w):
+    w = eqn.primitive.bind(w, **eqn.params)
+  elif eqn.primitive.name == 'convert_element_type':
+    w = w.astype(eqn.params['new_dtype'])
+  else:
+    w = jax.tree.map(lambda part: eqn.primitive.bind(part, **eqn.params), w)
+  return [value.replace(w=w)]
 
 
 def _unstack(x):
   """A stacked ``Adapted`` scanned over: its slices use the per-layer method."""
-  if not _is_adapted(x):
+  if not _is_adapted(x) or x.adapter is None:
     return x
   if x.adapter.linear.per_layer is None:
     return x.materialize('a scan over its leading axis (not a stacked(...) method)')
@@ -266,7 +328,7 @@ def evaluate(jaxpr, consts, args) -> list:
     elif eqn.primitive.name in _RULES:
       outvals = _RULES[eqn.primitive.name](eqn, invals)
     else:
-      outvals = _bind(eqn, _materialize_all(invals, f'{eqn.primitive.name}'))
+      outvals = _bind_materialized(eqn, invals, eqn.primitive.name)
     for var, value in zip(eqn.outvars, outvals, strict=True):
       env[var] = value
   return [read(v) for v in jaxpr.outvars]
@@ -307,10 +369,24 @@ def _split(adapter: TreeAdapter, frozen, params, buffers, factored: bool):
     if name in fast or name not in plan.weights:
       return w
     e = plan.weights[name]
-    return with_name(name, e.adapter.apply, w, e.params, e.buffers)
+    return with_name(name, e.adapter.apply, quantization.values(w), e.params, e.buffers)
 
   weights = paths.map_named(weight_space, frozen)
   return hooks.install(weights, plan.hooks), fast
+
+
+def _as_traced(name: str, w: Any) -> Any:
+  """A quantized leaf as the float array ``fn`` sees (shape and dtype)."""
+  return jax.ShapeDtypeStruct(w.shape, w.dtype) if is_quantized(w) else w
+
+
+def _kernel_value(name: str, w: Any, fast: dict[str, Entry]) -> Any:
+  """What the interpreter holds for leaf ``w``: ``Adapted`` when it runs
+  factored or is quantized, else ``w``."""
+  if name in fast:
+    e = fast[name]
+    return Adapted(w, e.params, e.buffers, e.adapter, name)
+  return Adapted(w, None, None, None, name) if is_quantized(w) else w
 
 
 def adapted(
@@ -321,6 +397,8 @@ def adapted(
   ``g`` runs ``fn`` on the adapted weights with activation adapters at their
   hook points. ``factored=True`` computes every ``x @ w'`` of an adapted
   kernel by the method's factored form (same result up to float rounding).
+  Quantized frozen leaves (``peft_jax.quantize``) are dequantized at each
+  use and recomputed, not kept, for the backward pass.
   Jit, grad and vmap compose with ``g``.
 
   Args:
@@ -336,15 +414,14 @@ def adapted(
 
   def g(frozen: Params, params, buffers, *args):
     weights, fast = _split(adapter, frozen, params, buffers, factored)
-    if not fast:
+    leaves = jax.tree.leaves(weights, is_leaf=is_quantized)
+    if not fast and not any(map(is_quantized, leaves)):
       return fn(weights, *args)
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(weights, *args)
+    traced = paths.map_named(_as_traced, weights)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(traced, *args)
     names = jax.tree.leaves(paths.map_named(lambda name, w: name, weights))
     weight_leaves = [
-      Adapted(leaf, fast[name].params, fast[name].buffers, fast[name].adapter, name)
-      if name in fast
-      else leaf
-      for name, leaf in zip(names, jax.tree.leaves(weights), strict=True)
+      _kernel_value(name, leaf, fast) for name, leaf in zip(names, leaves, strict=True)
     ]
     out = evaluate(closed.jaxpr, closed.consts, weight_leaves + jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)

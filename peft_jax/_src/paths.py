@@ -5,7 +5,8 @@ A Linen ``variables['params']`` dict and an NNX ``State`` (from
 ``Variable`` wrappers are looked through (their ``value`` is the leaf) and
 rebuilt on the way out, so ``nnx.merge(graphdef, mapped_state)`` works. The
 fields of typed adapter parameters (NamedTuples) are named by attribute:
-``dense/kernel/a``.
+``dense/kernel/a``. A quantized frozen weight (``QuantizedArray``) is one
+leaf.
 """
 
 import zlib
@@ -16,6 +17,7 @@ import jax
 from flax import nnx
 
 from peft_jax._src.base import Params
+from peft_jax._src.quantized_array import is_quantized
 
 SEPARATOR = '/'
 
@@ -29,13 +31,17 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def _is_leaf(x: Any) -> bool:
+  return _is_variable(x) or is_quantized(x)
+
+
 def _name(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path, simple=True, separator=SEPARATOR)
 
 
 def named_leaves(tree: Params) -> Iterator[tuple[str, Any]]:
   """Yields ``(name, leaf)`` for every leaf of ``tree``, in tree order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
   for path, leaf in flat:
     yield _name(path), (leaf.get_value() if _is_variable(leaf) else leaf)
 
@@ -48,7 +54,7 @@ def map_named(fn: Callable[[str, Any], Any], tree: Params) -> Params:
       return leaf.replace(fn(_name(path), leaf.get_value()))
     return fn(_name(path), leaf)
 
-  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_variable)
+  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_leaf)
 
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:

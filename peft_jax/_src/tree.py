@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax._src import paths, registry, shared
+from peft_jax._src import paths, quantization, registry, shared
 from peft_jax._src.base import (
   ActivationAdapter,
   Adapter,
@@ -173,7 +173,8 @@ def _init_weights(key: Array, frozen: Params, chosen: Mapping[str, Adapter]) -> 
   flat = paths.flatten(frozen)
   out = {}
   for name, adapter in chosen.items():
-    out[name] = with_name(name, adapter.init, leaf_key(key, name), flat[name])
+    w = quantization.values(flat[name])
+    out[name] = with_name(name, adapter.init, leaf_key(key, name), w)
     _check_typed(name, adapter, out[name][0])
   return out
 
@@ -246,7 +247,7 @@ def _map_weights(plan: Callable, fn: Callable, frozen: Params, params, buffers):
   def visit(name, w):
     if name not in chosen:
       return w
-    return with_name(name, fn, chosen[name], w)
+    return with_name(name, fn, chosen[name], quantization.values(w))
 
   return paths.map_named(visit, frozen)
 
@@ -268,7 +269,9 @@ def _regularize(plan: Callable, reduction: str, frozen: Params, params, buffers)
   """The sum, or the mean, of the penalty terms of every adapted matrix."""
   flat = paths.flatten(frozen)
   terms = [
-    jnp.ravel(e.adapter.regularizer(flat[name], e.params, e.buffers))
+    jnp.ravel(
+      e.adapter.regularizer(quantization.values(flat[name]), e.params, e.buffers)
+    )
     for name, e in plan(frozen, params, buffers).weights.items()
     if e.adapter.regularizer is not None
   ]
@@ -378,8 +381,9 @@ def describe(
     adapter = rule.adapter if rule else None
     n, counts = 0, ('0', '-')
     if adapter is not None and point is None:
-      n = count(jax.eval_shape(adapter.init, jax.random.key(0), value)[0])
-      counts = _update_counts(adapter, leaf_key(jax.random.key(0), name), value)
+      w = quantization.values(value)
+      n = count(jax.eval_shape(adapter.init, jax.random.key(0), w)[0])
+      counts = _update_counts(adapter, leaf_key(jax.random.key(0), name), w)
     elif adapter is not None:
       init = functools.partial(_init_stacked, adapter.init, stack=point.stack)
       n, counts = count(jax.eval_shape(init, jax.random.key(0), value)[0]), ('-', '-')

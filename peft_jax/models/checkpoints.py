@@ -34,6 +34,7 @@ import transformers
 from flax import traverse_util
 
 from peft_jax._src.base import PeftError
+from peft_jax._src.quantized_array import is_quantized
 
 Params = dict[str, Any]
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -195,7 +196,7 @@ def convert(tensors: Mapping[str, np.ndarray], layout: Layout) -> Params:
 
   Returns:
     The ``params`` tree: ``transform(float32 array)`` at each row's path,
-    in ``layout.dtype``.
+    in ``layout.dtype`` (``QuantizedArray`` tensors stay quantized).
 
   Raises:
     PeftError: naming the missing tensors, the unexpected ones (neither in
@@ -207,12 +208,26 @@ def convert(tensors: Mapping[str, np.ndarray], layout: Layout) -> Params:
   _check_names(tensors, rows, layout)
   flat = {}
   for row in rows:
-    w = np.asarray(tensors[row.name], np.float32)
+    w = _as_float32(tensors[row.name])
     w = w if row.transform is None else row.transform(w)
-    flat[row.path] = jnp.asarray(w, layout.dtype)
+    flat[row.path] = _as_param(w, layout.dtype)
   params = traverse_util.unflatten_dict(flat, sep='/')
   _check_shapes(params, abstract)
   return params
+
+
+def _as_float32(w: Any) -> Any:
+  """A stored tensor as float32 NumPy; a ``QuantizedArray`` as it is (its
+  transforms are the transpose and row permutations it supports)."""
+  return w if is_quantized(w) else np.asarray(w, np.float32)
+
+
+def _as_param(w: Any, dtype: Any) -> Any:
+  """A converted tensor as a ``dtype`` device array; a ``QuantizedArray``
+  keeps its codes and dequantizes to ``dtype``."""
+  if is_quantized(w):
+    return jax.tree.map(jnp.asarray, w.astype(dtype))
+  return jnp.asarray(w, dtype)
 
 
 def _strip(name: str, prefixes: tuple[str, ...]) -> str:

@@ -2,7 +2,9 @@
 
 Uses only the pure-Python ``gguf`` package and ``tokenizers`` (no torch, no
 llama.cpp): every tensor is dequantized with ``gguf.quants.dequantize`` to
-float32, and converted by the Hugging Face table of ``peft_jax.models.llama``
+float32 (or, with ``keep_quantized=True``, Q8_0/Q4_0/Q4_1 blocks are kept as
+``pj.QuantizedArray`` leaves holding the file's codes and float16 scales),
+and converted by the Hugging Face table of ``peft_jax.models.llama``
 (``llama.hf_layout``) with GGUF names, after the query/key rows are
 un-permuted back to the Hugging Face layout (``gguf_layout``).
 
@@ -36,7 +38,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from peft_jax._src import quantized_array
 from peft_jax._src.base import PeftError
+from peft_jax._src.quantized_array import QuantizedArray, is_quantized
 from peft_jax.models import checkpoints, llama
 
 Params = dict[str, Any]
@@ -239,7 +243,8 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     The tensor in the Hugging Face row order, same shape.
   """
   hd = w.shape[0] // num_heads
-  return w.reshape(num_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  rows = np.arange(w.shape[0]).reshape(num_heads, hd // 2, 2).swapaxes(1, 2).ravel()
+  return w.take_rows(rows) if is_quantized(w) else w[rows]
 
 
 def permute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -260,6 +265,47 @@ def _dequantize(tensor: Any) -> np.ndarray:
   """A GGUF tensor as float32 in PyTorch axis order (``(out, in)``)."""
   w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
   return np.asarray(w, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+
+
+# GGUF block type -> (our kind, has a minimum m); blocks of 32 along a row:
+# Q8_0 = f16 d + 32 int8 q (w = d·q); Q4_0 = f16 d + 16 bytes (w = d·(q − 8));
+# Q4_1 = f16 d + f16 m + 16 bytes (w = d·q + m). A 4-bit block stores q_j in
+# the low nibble of byte j and q_{j+16} in its high nibble.
+_KEPT_BLOCKS = {
+  gguf.GGMLQuantizationType.Q8_0: ('int8', False),
+  gguf.GGMLQuantizationType.Q4_0: ('int4', False),
+  gguf.GGMLQuantizationType.Q4_1: ('uint4', True),
+}
+_BLOCK = 32
+
+
+def kept_quantized(tensor: Any) -> QuantizedArray | np.ndarray:
+  """A GGUF tensor in PyTorch axis order: its Q8_0/Q4_0/Q4_1 blocks as a
+  ``QuantizedArray`` (groups of 32 along the last axis, float16 scales and
+  minimums, exactly the file's values), any other type dequantized to float32
+  (``_dequantize``)."""
+  if tensor.tensor_type not in _KEPT_BLOCKS:
+    return _dequantize(tensor)
+  kind, has_min = _KEPT_BLOCKS[tensor.tensor_type]
+  shape = tuple(reversed(tensor.shape.tolist()))
+  blocks = np.asarray(tensor.data).reshape(*shape[:-1], shape[-1] // _BLOCK, -1)
+  header = 4 if has_min else 2
+  halves = blocks[..., :header].copy().view(np.float16)
+  payload = blocks[..., header:]
+  if kind == 'int8':
+    codes = payload.copy().view(np.int8).reshape(shape)
+  else:
+    nibbles = np.concatenate([payload & 15, payload >> 4], axis=-1).reshape(shape)
+    codes = quantized_array.pack_four_bit(nibbles, axis=-1)
+  return QuantizedArray(
+    codes=codes,
+    scales=halves[..., 0],
+    offsets=halves[..., 1] if has_min else None,
+    kind=kind,
+    group_size=_BLOCK,
+    axis=-1,
+    dtype=np.dtype(np.float32),
+  )
 
 
 def gguf_layout(config: llama.LlamaConfig) -> checkpoints.Layout:
@@ -312,17 +358,24 @@ def _unpermuted(
 
 
 def read_params(
-  path_or_reader: str | os.PathLike | gguf.GGUFReader, config: llama.LlamaConfig
+  path_or_reader: str | os.PathLike | gguf.GGUFReader,
+  config: llama.LlamaConfig,
+  *,
+  keep_quantized: bool = False,
 ) -> Params:
-  """Dequantizes a GGUF file's tensors into the Linen param tree.
+  """Reads a GGUF file's tensors into the Linen param tree.
 
   Args:
     path_or_reader: a GGUF path or an open ``gguf.GGUFReader``.
     config: the model config (``read_config``).
+    keep_quantized: keep Q8_0/Q4_0/Q4_1 tensors as ``pj.QuantizedArray``
+      leaves (``kept_quantized``; ``pj.adapted`` dequantizes them at each
+      use) instead of dequantizing every tensor to float32.
 
   Returns:
     The ``params`` tree of ``LlamaForCausalLM(config)`` in
-    ``config.param_dtype`` (scanned when ``config.scan_layers``).
+    ``config.param_dtype`` (quantized leaves dequantize to it), scanned
+    when ``config.scan_layers``.
 
   Raises:
     PeftError: naming unexpected or missing tensors (``gguf_layout``).
@@ -330,7 +383,8 @@ def read_params(
   r = path_or_reader
   if not isinstance(r, gguf.GGUFReader):
     r = _reader(r)
-  tensors = {tensor.name: _dequantize(tensor) for tensor in r.tensors}
+  read = kept_quantized if keep_quantized else _dequantize
+  tensors = {tensor.name: read(tensor) for tensor in r.tensors}
   params = checkpoints.convert(tensors, gguf_layout(config))
   return llama.stack_layers(params) if config.scan_layers else params
 
@@ -432,12 +486,14 @@ def read_tokenizer(
 
 
 def load_gguf(
-  path: str | os.PathLike, **runtime_options: Any
+  path: str | os.PathLike, *, keep_quantized: bool = False, **runtime_options: Any
 ) -> tuple[llama.LlamaConfig, Params, tokenizers.Tokenizer]:
-  """Loads config, dequantized params and tokenizer from a llama GGUF file.
+  """Loads config, params and tokenizer from a llama GGUF file.
 
   Args:
     path: the ``.gguf`` file.
+    keep_quantized: keep the file's Q8_0/Q4_0/Q4_1 blocks quantized
+      (``read_params``); by default every tensor is dequantized to float32.
     **runtime_options: any of ``llama.RUNTIME_OPTIONS`` (``dtype``,
       ``param_dtype``, ``scan_layers``, ``remat``, ``attention_impl``).
 
@@ -452,7 +508,7 @@ def load_gguf(
   r = _reader(path)
   config = read_config(r, **runtime_options)
   try:
-    params = read_params(r, config)
+    params = read_params(r, config, keep_quantized=keep_quantized)
   except PeftError as e:
     raise PeftError(f'{path}: {e}') from None
   return config, params, read_tokenizer(r)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import peft_jax as pj
+from peft_jax._src import paths
 from peft_jax.models import checkpoints, gguf_loading, llama
 
 TINY = dict(
@@ -70,14 +71,14 @@ def write_tiny_gguf(path, tied, seed=0):
   """A tiny llama GGUF as llama.cpp writes it; returns the HF-layout weights.
 
   Returns ``{torch name: float32 array}`` as the loader should recover them
-  (the Q8_0 tensors already round-tripped through the quantizer).
+  (the Q8_0/Q4_0/Q4_1 tensors already round-tripped through the quantizer).
   """
   cfg = llama.LlamaConfig(**TINY, tie_word_embeddings=tied)
   rng = np.random.default_rng(seed)
   normal = lambda *s, std=0.15: (std * rng.standard_normal(s)).astype(np.float32)
   d, ffn, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
   nh, nk = cfg.num_heads, cfg.num_kv_heads
-  q8 = gguf.GGMLQuantizationType.Q8_0
+  blocks = gguf.GGMLQuantizationType
   writer = gguf.GGUFWriter(str(path), 'llama')
   writer.add_block_count(cfg.num_layers)
   writer.add_context_length(cfg.max_position_embeddings)
@@ -98,32 +99,40 @@ def write_tiny_gguf(path, tied, seed=0):
   writer.add_chat_template(CHATML)
   hf = {}
 
-  def add(gguf_name, torch_name, w, quantize=False, heads=None):
-    """heads: None, or llama.cpp's (n_head, n_head_kv) permute arguments."""
+  def add(gguf_name, torch_name, w, block=None, heads=None):
+    """block: None (float32) or a GGML block type; heads: None, or
+    llama.cpp's (n_head, n_head_kv) permute arguments."""
     stored = w if heads is None else llama_cpp_permute(w, *heads)
-    if quantize:
-      data = gguf.quants.quantize(stored, q8)
-      writer.add_tensor(gguf_name, data, raw_dtype=q8)
-      w = gguf.quants.dequantize(data, q8).reshape(w.shape)
+    if block is not None:
+      data = gguf.quants.quantize(stored, block)
+      writer.add_tensor(gguf_name, data, raw_dtype=block)
+      w = gguf.quants.dequantize(data, block).reshape(w.shape)
       if heads is not None:
         w = gguf_loading.unpermute_qk(w, heads[1] or heads[0])
     else:
       writer.add_tensor(gguf_name, stored)
     hf[torch_name] = w
 
-  add('token_embd.weight', 'model.embed_tokens.weight', normal(97, d, std=1.0), True)
+  embedding = normal(97, d, std=1.0)
+  add('token_embd.weight', 'model.embed_tokens.weight', embedding, blocks.Q8_0)
   for i in range(cfg.num_layers):
     b, t = f'blk.{i}', f'model.layers.{i}'
     add(f'{b}.attn_norm.weight', f'{t}.input_layernorm.weight', 1 + normal(d))
     q, k = normal(nh * hd, d), normal(nk * hd, d)
-    add(f'{b}.attn_q.weight', f'{t}.self_attn.q_proj.weight', q, i == 0, (nh, None))
-    add(f'{b}.attn_k.weight', f'{t}.self_attn.k_proj.weight', k, i == 1, (nh, nk))
+    add(
+      f'{b}.attn_q.weight', f'{t}.self_attn.q_proj.weight', q, blocks.Q4_1, (nh, None)
+    )
+    add(f'{b}.attn_k.weight', f'{t}.self_attn.k_proj.weight', k, blocks.Q4_0, (nh, nk))
     add(f'{b}.attn_v.weight', f'{t}.self_attn.v_proj.weight', normal(nk * hd, d))
     add(f'{b}.attn_output.weight', f'{t}.self_attn.o_proj.weight', normal(d, nh * hd))
     add(f'{b}.ffn_norm.weight', f'{t}.post_attention_layernorm.weight', 1 + normal(d))
-    add(f'{b}.ffn_gate.weight', f'{t}.mlp.gate_proj.weight', normal(ffn, d), True)
+    add(
+      f'{b}.ffn_gate.weight', f'{t}.mlp.gate_proj.weight', normal(ffn, d), blocks.Q8_0
+    )
     add(f'{b}.ffn_up.weight', f'{t}.mlp.up_proj.weight', normal(ffn, d))
-    add(f'{b}.ffn_down.weight', f'{t}.mlp.down_proj.weight', normal(d, ffn), True)
+    add(
+      f'{b}.ffn_down.weight', f'{t}.mlp.down_proj.weight', normal(d, ffn), blocks.Q4_1
+    )
   add('output_norm.weight', 'model.norm.weight', 1 + normal(d))
   if not tied:
     add('output.weight', 'lm_head.weight', normal(97, d, std=0.3))
@@ -154,6 +163,41 @@ def test_tiny_gguf_loads_to_the_hf_layout(tied, tmp_path):
   info = gguf_loading.read_tokenizer_info(path)
   assert (info.bos_id, info.eos_id, info.add_bos) == (1, 2, False)
   assert info.chat_template == CHATML
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_tiny_gguf_keeps_its_blocks_quantized(scan_layers, tmp_path):
+  """Q8_0/Q4_0/Q4_1 tensors load as QuantizedArray leaves that dequantize to
+  exactly what gguf's own dequantizer gives (transposed, Q/K rows
+  un-permuted), and the model runs on them as on the float weights."""
+  path = tmp_path / 'tiny.gguf'
+  write_tiny_gguf(path, tied=True)
+  config, floats, _ = gguf_loading.load_gguf(path, scan_layers=scan_layers)
+  _, kept, _ = gguf_loading.load_gguf(
+    path, keep_quantized=True, scan_layers=scan_layers
+  )
+  kinds = {
+    name: leaf.kind
+    for name, leaf in paths.flatten(kept).items()
+    if isinstance(leaf, pj.QuantizedArray)
+  }
+  layer = 'layers/' if scan_layers else 'layers_0/'
+  assert kinds['embed_tokens/embedding'] == 'int8'
+  assert kinds[f'{layer}mlp/down_proj/kernel'] == 'uint4'
+  assert kinds[f'{layer}self_attn/k_proj/kernel'] == 'int4'
+  dequantized = jax.tree.map(
+    lambda x: pj.dequantize(x) if isinstance(x, pj.QuantizedArray) else x,
+    kept,
+    is_leaf=lambda x: isinstance(x, pj.QuantizedArray),
+  )
+  jax.tree.map(np.testing.assert_array_equal, dequantized, floats)
+  model = llama.LlamaForCausalLM(config)
+  ids = jnp.array([[1, 5, 9, 40, 3]])
+  tree = pj.by_rules([])
+  run = pj.adapted(tree, lambda w, ids: model.apply({'params': w}, ids))
+  np.testing.assert_allclose(
+    run(kept, {}, {}, ids), model.apply({'params': floats}, ids), atol=1e-5
+  )
 
 
 def test_chatml_rendering_without_jinja():
