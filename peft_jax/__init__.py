@@ -3,7 +3,9 @@
 Every method is a factory returning an ``Adapter`` (weight space, per leaf)
 or an ``ActivationAdapter`` (at a hook point); ``by_rules`` lifts them to a
 ``TreeAdapter`` over a whole model; ``adapted`` runs a model with it;
-``make_train_step`` trains its parameters with optax. See README.md.
+``make_train_step`` trains its parameters with optax; ``save_adapter`` and
+``load_adapter_file`` keep them in a small file; ``from_pretrained`` does it
+all on a Hugging Face, GGUF or shipped model in one call. See README.md.
 """
 
 from peft_jax import methods as methods  # registers every method
@@ -26,8 +28,10 @@ from peft_jax._src.base import (
   TreeAdapter,
 )
 from peft_jax._src.checkpoint import (
+  LoadedAdapter,
   checkpoint_manager,
   load_adapter,
+  load_adapter_file,
   restore_checkpoint,
   save_adapter,
   save_checkpoint,
@@ -35,8 +39,9 @@ from peft_jax._src.checkpoint import (
 from peft_jax._src.factored import FactoredFallbackWarning, adapted
 from peft_jax._src.hooks import AttentionKV, HookPoint, hook_point, hook_points
 from peft_jax._src.noise import Noise
-from peft_jax._src.quantization import quantize
-from peft_jax._src.quantized_array import QuantizedArray, dequantize
+from peft_jax._src.quantization import dequantize_tree as dequantize
+from peft_jax._src.quantization import quantize, stored_bytes
+from peft_jax._src.quantized_array import QuantizedArray, is_quantized
 from peft_jax._src.registry import (
   get,
   names,
@@ -44,7 +49,8 @@ from peft_jax._src.registry import (
   register_wrapper,
   wrapper_names,
 )
-from peft_jax._src.rules import Rule
+from peft_jax._src.rules import Rule, deserialize_rules, serialize_rules
+from peft_jax._src.selectors import get_selector, register_selector, selector_names
 from peft_jax._src.sharding import adapter_shardings, optimizer_shardings
 from peft_jax._src.step import TrainState, make_train_step
 from peft_jax._src.tree import by_rules, count, describe, merge, unmerge
@@ -107,9 +113,11 @@ __all__ = [
   'FactoredFallbackWarning',
   'HookPoint',
   'Linear',
+  'LoadedAdapter',
   'Noise',
   'Params',
   'PeftError',
+  'PeftModel',
   'Plan',
   'QuantizedArray',
   'Rule',
@@ -131,14 +139,17 @@ __all__ = [
   'count',
   'dequantize',
   'describe',
+  'deserialize_rules',
   'diff_pruning',
   'dora',
   'flexlora',
   'flora',
   'fourierft',
+  'from_pretrained',
   'full',
   'gated_lora',
   'get',
+  'get_selector',
   'hook_point',
   'hook_points',
   'houlsby',
@@ -147,9 +158,11 @@ __all__ = [
   'intrinsic_said',
   'is_bias',
   'is_layer_norm',
+  'is_quantized',
   'liera',
   'ln_tuning',
   'load_adapter',
+  'load_adapter_file',
   'loha',
   'lokr',
   'lora',
@@ -174,6 +187,7 @@ __all__ = [
   'prompt_tuning',
   'quantize',
   'register',
+  'register_selector',
   'register_wrapper',
   'restore_checkpoint',
   'sam_parser',
@@ -182,12 +196,15 @@ __all__ = [
   'scaled_parallel',
   'schedules',
   'selection',
+  'selector_names',
+  'serialize_rules',
   'sparse',
   'sparse_rules',
   'spectral_adapter',
   'ssb',
   'ssl',
   'stacked',
+  'stored_bytes',
   'svdiff',
   'trilora',
   'unmerge',
@@ -195,3 +212,14 @@ __all__ = [
   'wrapper_names',
   'wrappers',
 ]
+
+
+def __getattr__(name: str):
+  """``PeftModel`` and ``from_pretrained`` (``peft_jax.pretrained``), imported
+  on first use: they load models and tokenizers (transformers), which
+  ``import peft_jax`` does not need."""
+  if name in ('PeftModel', 'from_pretrained'):
+    from peft_jax import pretrained
+
+    return getattr(pretrained, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

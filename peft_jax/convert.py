@@ -8,16 +8,13 @@ safetensors; Llama/Mistral/Qwen2, BERT/RoBERTa with or without a classifier),
 a llama ``.gguf`` file, or ``smollm2`` / ``minilm`` (the shipped models): it
 names the modules and gives their shapes. A peft_jax adapter file is what
 ``pj.save_adapter`` writes (the trainer's ``adapter.safetensors``): params,
-buffers and the rules as metadata.
+buffers and the rules as metadata (``pj.save_adapter(..., rules=...)``).
 Existing outputs are never replaced unless ``--overwrite`` is given.
 """
 
 import argparse
 import pathlib
 import sys
-
-import jax
-import jax.numpy as jnp
 
 import peft_jax as pj
 from peft_jax import interop
@@ -27,40 +24,31 @@ def from_hf(adapter_dir: str, out: pathlib.Path, model_dir: str) -> str:
   """PEFT folder -> peft_jax adapter file; returns a one-line summary."""
   model, frozen = interop.load_base(model_dir)
   modules = interop.hf_modules(model)
-  loaded = interop.load_hf_adapter(adapter_dir, modules, frozen, _hooks(model))
-  rules = [[selector, pj.get(spec).name] for selector, spec in loaded.rules]
-  metadata = {'adapters': rules, 'hf_peft_config': loaded.config}
+  hooks = interop.example_hook_points(model)
+  loaded = interop.load_hf_adapter(adapter_dir, modules, frozen, hooks)
+  metadata = {'base_model': str(model_dir), 'hf_peft_config': loaded.config}
   out.parent.mkdir(parents=True, exist_ok=True)
-  pj.save_adapter(str(out), loaded.params, loaded.buffers, metadata)
-  return f'wrote {out}: {len(rules)} rule(s), {pj.count(loaded.params):,} parameters'
+  pj.save_adapter(str(out), loaded.params, loaded.buffers, metadata, rules=loaded.rules)
+  return (
+    f'wrote {out}: {len(loaded.rules)} rule(s), {pj.count(loaded.params):,} parameters'
+  )
 
 
 def to_hf(adapter_file: str, out: pathlib.Path, model_dir: str, task_type: str) -> str:
   """peft_jax adapter file -> PEFT folder; returns a one-line summary."""
   if not pathlib.Path(adapter_file).is_file():
     raise pj.PeftError(f'{adapter_file} does not exist; expected an adapter file.')
-  _, _, metadata = pj.load_adapter(adapter_file)
-  if not metadata.get('adapters'):
-    raise pj.PeftError(
-      f"{adapter_file}: no 'adapters' rules in its metadata; expected a file "
-      'written by pj.save_adapter with the rules (as the trainer writes).'
-    )
   model, frozen = interop.load_base(model_dir)
-  tree = pj.by_rules([tuple(rule) for rule in metadata['adapters']])
-  like = jax.eval_shape(tree.init, jax.random.key(0), frozen, _hooks(model))
-  params, buffers, _ = pj.load_adapter(adapter_file, like)
+  hooks = interop.example_hook_points(model)
+  loaded = pj.load_adapter_file(adapter_file, frozen, hooks)
   fields = {'base_model_name_or_path': str(model_dir)}
   if task_type:
     fields['task_type'] = task_type
   modules = interop.hf_modules(model)
-  interop.save_hf_adapter(out, tree, frozen, params, buffers, modules, **fields)
-  return f'wrote {out}: {pj.count(params):,} parameters'
-
-
-def _hooks(model) -> dict:
-  """The model's hook points (their shapes for a short input), for adapters
-  that act on activations."""
-  return pj.hook_points(model, jnp.zeros((1, 8), jnp.int32))
+  interop.save_hf_adapter(
+    out, loaded.adapter, frozen, loaded.params, loaded.buffers, modules, **fields
+  )
+  return f'wrote {out}: {pj.count(loaded.params):,} parameters'
 
 
 def _refuse_overwrite(out: pathlib.Path, to_hf_folder: bool) -> None:

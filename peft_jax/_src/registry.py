@@ -21,8 +21,11 @@ import collections
 import difflib
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from peft_jax._src.base import ActivationAdapter, Adapter, PeftError
 
@@ -231,3 +234,84 @@ def get(spec: str | AnyAdapter) -> AnyAdapter:
     hint = f'did you mean {", ".join(close)}? ' if close else ''
     raise PeftError(f'unknown method {name!r}; {hint}registered: {", ".join(known)}')
   return factory(*args, **kwargs)
+
+
+def rebuilds(adapter: AnyAdapter) -> bool:
+  """Whether ``get(adapter.name)`` builds an adapter that works as ``adapter``.
+
+  Every field but ``init`` must match: the same object, or a function of the
+  same code over equal closed-over values (hyper-parameters, a wrapped
+  adapter), so a wrapper built around an adapter object, or an adapter built
+  again after the cache dropped it, counts as rebuilt. ``init`` may differ:
+  an adapter file holds what ``init`` made, and loading checks its structure
+  (``sparse_rules`` gives ``sparse`` adapters the init of a mask). A
+  hand-built adapter (no name) or one whose ``apply`` was replaced is not
+  rebuilt.
+
+  Returns:
+    ``True`` when ``adapter.name`` can stand for ``adapter`` in a file.
+  """
+  if not adapter.name:
+    return False
+  try:
+    rebuilt = get(adapter.name)
+  except PeftError:
+    return False
+  if type(rebuilt) is not type(adapter):
+    return False
+  return all(
+    _equivalent(getattr(adapter, field), getattr(rebuilt, field), set())
+    for field in adapter._fields
+    if field != 'init'
+  )
+
+
+_EMPTY = object()  # an empty closure cell
+
+
+def _cells(fn: types.FunctionType) -> tuple:
+  def content(cell):
+    try:
+      return cell.cell_contents
+    except ValueError:
+      return _EMPTY
+
+  return tuple(content(cell) for cell in fn.__closure__ or ())
+
+
+def _equivalent(a: Any, b: Any, seen: set) -> bool:
+  """``a`` and ``b`` compute the same: equal values, or functions of one
+  code object (also under ``jax.jit``) whose defaults and closed-over values
+  are equivalent."""
+  if a is b:
+    return True
+  if type(a) is not type(b):
+    return False
+  if (id(a), id(b)) in seen:  # A cycle (a function closing over itself).
+    return True
+  seen.add((id(a), id(b)))
+  if isinstance(a, types.FunctionType):
+    return a.__code__ is b.__code__ and all(
+      _equivalent(x, y, seen)
+      for x, y in [
+        (a.__defaults__, b.__defaults__),
+        (a.__kwdefaults__, b.__kwdefaults__),
+        (_cells(a), _cells(b)),
+      ]
+    )
+  if isinstance(a, functools.partial):
+    return _equivalent((a.func, a.args, a.keywords), (b.func, b.args, b.keywords), seen)
+  if hasattr(a, '__wrapped__'):  # jax.jit of a function, and other wrappers
+    return _equivalent(a.__wrapped__, getattr(b, '__wrapped__', None), seen)
+  if isinstance(a, (tuple, list)):
+    return len(a) == len(b) and all(
+      _equivalent(x, y, seen) for x, y in zip(a, b, strict=True)
+    )
+  if isinstance(a, dict):
+    return a.keys() == b.keys() and all(_equivalent(a[k], b[k], seen) for k in a)
+  if hasattr(a, 'shape') and hasattr(a, 'dtype'):  # NumPy or JAX arrays
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+  try:
+    return bool(a == b)
+  except (TypeError, ValueError):
+    return False

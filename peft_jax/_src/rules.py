@@ -10,6 +10,10 @@ order and the first match wins; what no rule matches stays frozen. With
 ``strict=True`` a rule that matches nothing is an error naming the rule and
 the closest names, so a mistyped pattern fails loudly instead of training
 nothing.
+
+``serialize_rules`` writes rules as JSON for adapter files (a predicate by
+its registered name, an adapter by its canonical spec) and
+``deserialize_rules`` reads them back.
 """
 
 import difflib
@@ -17,7 +21,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from peft_jax._src import paths, registry
+from peft_jax._src import paths, registry, selectors
 from peft_jax._src.base import ActivationAdapter, Adapter, Params, PeftError
 
 Selector = str | Callable[[str, Any], bool]
@@ -97,6 +101,90 @@ def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:
       raise PeftError(f'rule {index} ({describe_selector(selector)}): {e}') from None
     compiled.append(CompiledRule(index, selector, matches, adapter))
   return compiled
+
+
+def serialize_rules(rules: Sequence[Rule]) -> list[list]:
+  """Rules as JSON, for the metadata of adapter files.
+
+  A regex selector stays as it is and a registered predicate becomes
+  ``{'predicate': name}`` (``register_selector``); a spec string or an
+  adapter becomes its canonical spec string (an adapter only when
+  ``get(adapter.name)`` rebuilds it: ``registry.rebuilds``), ``None`` stays
+  ``None``.
+
+  Args:
+    rules: ``(selector, spec)`` pairs, as for ``by_rules``.
+
+  Returns:
+    ``[[selector, spec], ...]``; ``deserialize_rules`` reads it back.
+
+  Raises:
+    PeftError: for a rule that a file cannot record, naming the rule's index
+      and value and how to make it recordable.
+  """
+  return [
+    [_selector_json(rule), _spec_json(rule, spec)]
+    for rule, (_, spec) in zip(compile_rules(rules), rules, strict=True)
+  ]
+
+
+def _selector_json(rule: CompiledRule) -> str | dict[str, str]:
+  if isinstance(rule.selector, str):
+    return rule.selector
+  name = selectors.selector_name(rule.selector)
+  if name is None:
+    raise PeftError(
+      f'rule {rule.index}: selector {describe_selector(rule.selector)} is a '
+      'predicate that is not registered, so an adapter file cannot record it; '
+      "use a regex selector, or register it with @pj.register_selector('name')"
+    )
+  return {'predicate': name}
+
+
+def _spec_json(rule: CompiledRule, spec: Spec) -> str | None:
+  if rule.adapter is None:
+    return None
+  if isinstance(spec, str) or registry.rebuilds(rule.adapter):
+    return rule.adapter.name
+  what = (
+    f'adapter {rule.adapter.name!r} differs from what pj.get of its name builds'
+    if rule.adapter.name
+    else 'a hand-built adapter (no name)'
+  )
+  raise PeftError(
+    f'rule {rule.index} ({describe_selector(rule.selector)}): {what}, so an '
+    'adapter file cannot record it; give a spec string, or register a method '
+    "that builds it with @pj.register('name')"
+  )
+
+
+def deserialize_rules(data: Sequence[Sequence]) -> list[Rule]:
+  """The rules that ``serialize_rules`` wrote, ready for ``by_rules``.
+
+  Returns:
+    ``[(selector, spec), ...]``: regexes and spec strings as written, each
+    ``{'predicate': name}`` replaced by the registered predicate.
+
+  Raises:
+    PeftError: for an entry that is not a ``[selector, spec]`` pair or an
+      unknown predicate name.
+  """
+  rules = []
+  for index, rule in enumerate(data):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      raise PeftError(f'rule {index}: {rule!r} is not a [selector, spec] pair')
+    selector, spec = rule
+    if isinstance(selector, dict):
+      if set(selector) != {'predicate'}:
+        raise PeftError(
+          f"rule {index}: selector {selector!r} is not a regex or {{'predicate': name}}"
+        )
+      try:
+        selector = selectors.get_selector(selector['predicate'])
+      except PeftError as e:
+        raise PeftError(f'rule {index}: {e}') from None
+    rules.append((selector, spec))
+  return rules
 
 
 def _first_match(rules, kind: str, name: str, value) -> CompiledRule | None:

@@ -28,7 +28,13 @@ from peft_jax.interop import (
   prompt_tuning as prompt_tuning,  # registers PROMPT_TUNING, P_TUNING
 )
 from peft_jax.interop import vera as vera  # registers VERA
-from peft_jax.interop.families import hf_modules, load_base
+from peft_jax.interop.families import (
+  example_hook_points,
+  hf_modules,
+  load_base,
+  load_tokenizer,
+  resolve_base,
+)
 from peft_jax.interop.hf_peft import (
   HfAdapter,
   HfMethod,
@@ -42,11 +48,14 @@ from peft_jax.interop.hf_peft import (
 __all__ = [
   'HfAdapter',
   'HfMethod',
+  'example_hook_points',
   'hf_modules',
   'is_target',
   'load_base',
   'load_hf_adapter',
+  'load_tokenizer',
   'pattern_value',
+  'resolve_base',
   'save_hf_adapter',
   'scan_layout',
 ]

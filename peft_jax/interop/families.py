@@ -1,12 +1,22 @@
 """Which module table (``hf_modules`` beside each family's loader) a model
-uses, and loading a base model of a supported family from its folder."""
+uses, and loading a base model of a supported family (and its tokenizer)
+from its folder."""
 
 import os
+import pathlib
 from typing import Any
 
+import jax.numpy as jnp
+import transformers
+
 from peft_jax._src.base import Params, PeftError
+from peft_jax._src.hooks import HookPoint, hook_points
 from peft_jax.models import bert, checkpoints, deberta, gguf_loading, llama
 from peft_jax.models.checkpoints import Module
+
+SHIPPED = {'smollm2': gguf_loading.smollm2_path, 'minilm': bert.minilm_dir}
+# Any of these files makes a checkpoint folder hold a tokenizer.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt')
 
 
 def hf_modules(model: Any) -> dict[str, Module]:
@@ -75,11 +85,8 @@ def load_base(model_dir: str | os.PathLike) -> tuple[Any, Params]:
   Raises:
     PeftError: for a missing file or an unsupported ``model_type``.
   """
-  if str(model_dir) == 'smollm2':
-    model_dir = gguf_loading.smollm2_path()
-  elif str(model_dir) == 'minilm':
-    model_dir = bert.minilm_dir()
-  if str(model_dir).endswith('.gguf'):
+  model_dir = resolve_base(model_dir)
+  if model_dir.endswith('.gguf'):
     config, params, _ = gguf_loading.load_gguf(model_dir)
     return llama.LlamaForCausalLM(config), params
   hf_config = checkpoints.read_hf_config(model_dir)
@@ -118,3 +125,32 @@ def _has_classifier(model_dir: str | os.PathLike) -> bool:
   """Whether the checkpoint stores a task head (``classifier.*``: BERT's and
   DeBERTa's ``classifier``, RoBERTa's ``classifier.dense``/``out_proj``)."""
   return any(n.startswith('classifier.') for n in checkpoints.tensor_names(model_dir))
+
+
+def resolve_base(model_dir: str | os.PathLike) -> str:
+  """The path of a base model reference: a shipped name (``SHIPPED``:
+  ``'smollm2'``, ``'minilm'``) becomes its installed path; a path stays."""
+  shipped = SHIPPED.get(str(model_dir))
+  return shipped() if shipped else str(model_dir)
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Any | None:
+  """The tokenizer of a base model reference (as for ``load_base``).
+
+  Returns:
+    A ``.gguf`` file's rebuilt ``tokenizers.Tokenizer``, a folder's
+    transformers tokenizer, or ``None`` for a folder without tokenizer files
+    (``TOKENIZER_FILES``).
+  """
+  path = resolve_base(model_dir)
+  if path.endswith('.gguf'):
+    return gguf_loading.read_tokenizer(path)
+  if not any((pathlib.Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    return None
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def example_hook_points(model: Any) -> dict[str, HookPoint]:
+  """The hook points of one of our models on a short input (one row of 8
+  token ids), for adapters that act on activations."""
+  return hook_points(model, jnp.zeros((1, 8), jnp.int32))

@@ -4,8 +4,10 @@ from peft_jax._src import checks
 from peft_jax._src.base import Adapter
 from peft_jax._src.registry import register
 from peft_jax._src.replace import replace_leaf
+from peft_jax._src.selectors import register_selector
 
 
+@register_selector('is_bias')
 def is_bias(name: str, leaf) -> bool:
   """Predicate selecting BitFit's leaves: 1-D leaves named ``.../bias``.
 

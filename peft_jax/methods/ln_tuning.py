@@ -8,6 +8,7 @@ from peft_jax._src import checks
 from peft_jax._src.base import Adapter, PeftError
 from peft_jax._src.registry import register
 from peft_jax._src.replace import replace_leaf
+from peft_jax._src.selectors import register_selector
 
 NORM_WORDS = frozenset({'ln', 'norm', 'layernorm', 'rmsnorm'})
 
@@ -21,6 +22,7 @@ def _words(segment: str) -> list[str]:
   return [word for word in re.split(r'[^a-z]+', segment.lower()) if word]
 
 
+@register_selector('is_layer_norm')
 def is_layer_norm(name: str, leaf) -> bool:
   """Predicate selecting LN-tuning's leaves: 1-D leaves of a norm module.
 

@@ -1,12 +1,18 @@
-"""Orbax checkpoints resume a run exactly; adapter files round-trip."""
+"""Orbax checkpoints resume a run exactly; adapter files round-trip, and
+rebuild their adapter from the rules they record."""
 
+import json
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
+from peft_jax._src import selectors
 from tests import references
 from tests._src.step_test import batches, frozen_mlp, loss_fn
 
@@ -91,7 +97,11 @@ def test_adapter_file_round_trip_is_small_and_exact(tmp_path):
   pj.save_adapter(str(path), state.params, state.buffers, meta)
   like = jax.eval_shape(pj.by_rules(RULES).init, jax.random.key(0), frozen)
   params, buffers, loaded_meta = pj.load_adapter(str(path), like)
-  assert loaded_meta == meta
+  assert loaded_meta == {
+    **meta,
+    'format_version': 1,
+    'peft_jax_version': loaded_meta['peft_jax_version'],
+  }
   assert jax.tree.structure((params, buffers)) == jax.tree.structure(like)
   jax.tree.map(np.testing.assert_array_equal, params, state.params)
   jax.tree.map(np.testing.assert_array_equal, buffers, state.buffers)
@@ -116,3 +126,180 @@ def test_loading_into_a_different_adapter_is_a_clear_error(tmp_path):
   params, buffers, _ = pj.load_adapter(str(path))  # untyped: nested dicts
   assert set(params['body']['kernel']) == {'a', 'b'}
   assert set(buffers['body']['kernel']) == {'a0', 'b0'}
+
+
+# ---------------------------------------------------------------------------
+# Self-describing files: the rules in the metadata, one call to load.
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(name='norm')(nn.Dense(8, name='dense')(x))
+    h = pj.hook_point(self, 'ffn_output', h)
+    return nn.Dense(3, name='head')(jax.nn.relu(h))
+
+
+def net_rules(head_mask):
+  return [
+    # Adapter values whose init holds the mask (pj.get of the name would
+    # draw random entries): recorded by name, the indices are in the file.
+    *pj.sparse_rules({'head': {'kernel': head_mask}}),
+    ('dense/kernel', 'lora(rank=2, alpha=4)'),  # a spec string
+    (pj.is_layer_norm, pj.ln_tuning()),  # a registered predicate, an Adapter
+    ('head/bias', None),  # frozen (is_bias would take it)
+    (pj.is_bias, 'bitfit()'),  # a registered predicate, a spec string
+    ('ffn_output', pj.houlsby(reduction_factor=2)),  # an ActivationAdapter
+  ]
+
+
+def perturbed(tree, seed):
+  """Every float leaf of ``tree`` moved by N(0, 0.5²): no identity at init
+  (NumPy draws: no compile per leaf shape)."""
+  rng = np.random.default_rng(seed)
+
+  def move(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return jnp.asarray(x + 0.5 * rng.normal(size=x.shape).astype(x.dtype))
+
+  return jax.tree.map(move, tree)
+
+
+def test_a_file_rebuilds_its_adapter_from_the_rules_it_records(tmp_path):
+  model, x = Net(), jnp.ones((2, 5))
+  frozen = model.init(jax.random.key(0), x)['params']
+  hooks = pj.hook_points(model, x)
+  mask = np.zeros((8, 3), bool)
+  mask[[0, 5, 7], [2, 0, 1]] = True
+  rules = net_rules(mask)
+  tree = pj.by_rules(rules)
+  params, buffers = tree.init(jax.random.key(1), frozen, hooks)
+  params = perturbed(params, 2)
+  forward = lambda w, x: model.apply({'params': w}, x)
+  fresh = jax.random.normal(jax.random.key(3), (4, 5))  # inputs never seen
+  want = pj.adapted(tree, forward)(frozen, params, buffers, fresh)
+
+  path = str(tmp_path / 'adapter.safetensors')
+  pj.save_adapter(path, params, buffers, {'base_model': 'net'}, rules=rules)
+  loaded = pj.load_adapter_file(path, frozen, hooks)
+
+  got = pj.adapted(loaded.adapter, forward)(
+    frozen, loaded.params, loaded.buffers, fresh
+  )
+  np.testing.assert_array_equal(got, want)
+  assert loaded.adapter.name == tree.name
+  assert jax.tree.structure(loaded.params) == jax.tree.structure(params)
+  recorded = loaded.metadata['adapters']
+  assert recorded[0][0] == 'head/kernel' and recorded[0][1].startswith('sparse(k=3')
+  assert recorded[2][0] == {'predicate': 'is_layer_norm'}
+  assert recorded[3] == ['head/bias', None]
+  assert recorded[4] == [{'predicate': 'is_bias'}, pj.bitfit().name]
+  assert recorded[5][1] == pj.houlsby(reduction_factor=2).name
+  assert loaded.metadata['base_model'] == 'net'
+  assert loaded.metadata['format_version'] == 1
+  assert loaded.metadata['peft_jax_version']
+
+
+def test_rules_round_trip_through_json():
+  rules = [
+    ('a/.*', pj.stacked(pj.lora(rank=2))),  # a wrapper around an adapter object
+    (pj.is_bias, None),
+  ]
+  data = pj.serialize_rules(rules)
+  assert data == [
+    ['a/.*', pj.stacked('lora(rank=2)').name],
+    [{'predicate': 'is_bias'}, None],
+  ]
+  assert pj.deserialize_rules(data) == [('a/.*', data[0][1]), (pj.is_bias, None)]
+
+
+def one_line_error(call, match):
+  with pytest.raises(pj.PeftError, match=match) as info:
+    call()
+  assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize(
+  'rule, message',
+  [
+    (
+      (lambda name, leaf: leaf.ndim == 1, 'bitfit()'),
+      'rule 1: selector <lambda> is a predicate that is not registered, so an '
+      'adapter file cannot record it; use a regex selector, or register it with '
+      '@pj.register_selector',
+    ),
+    (
+      ('body/kernel', pj.lora(rank=2)._replace(name='')),
+      r"rule 1 \('body/kernel'\): a hand-built adapter \(no name\), so an adapter "
+      'file cannot record it; give a spec string, or register a method',
+    ),
+    (
+      ('body/kernel', pj.lora(rank=2)._replace(apply=lambda w, p, b: w)),
+      r"rule 1 \('body/kernel'\): adapter \"lora\(rank=2, .*\)\" differs from what "
+      'pj.get of its name builds',
+    ),
+  ],
+)
+def test_a_rule_a_file_cannot_record_is_a_one_line_error(tmp_path, rule, message):
+  _, state, _ = fresh()
+  path = tmp_path / 'adapter.safetensors'
+  rules = [('head/kernel', 'lora(rank=1)'), rule]
+  save = lambda: pj.save_adapter(str(path), state.params, state.buffers, rules=rules)
+  one_line_error(save, message)
+  assert not path.exists()
+
+
+def test_a_registered_predicate_is_recorded_by_name(tmp_path, monkeypatch):
+  monkeypatch.setattr(selectors, '_SELECTORS', dict(selectors._SELECTORS))
+
+  @pj.register_selector('is_head_kernel')
+  def is_head_kernel(name, leaf):
+    return name == 'head/kernel'
+
+  assert 'is_head_kernel' in pj.selector_names()
+  assert pj.get_selector('is_head_kernel') is is_head_kernel
+  one_line_error(
+    lambda: pj.register_selector('is_head_kernel')(is_head_kernel),
+    'already registered',
+  )
+  frozen = frozen_mlp()
+  rules = [(is_head_kernel, 'lora(rank=1)')]
+  params, buffers = pj.by_rules(rules).init(jax.random.key(0), frozen)
+  path = str(tmp_path / 'adapter.safetensors')
+  pj.save_adapter(path, perturbed(params, 1), buffers, rules=rules)
+  loaded = pj.load_adapter_file(path, frozen)
+  assert loaded.metadata['adapters'][0][0] == {'predicate': 'is_head_kernel'}
+  want = pj.merge(pj.by_rules(rules), frozen, perturbed(params, 1), buffers)
+  got = pj.merge(loaded.adapter, frozen, loaded.params, loaded.buffers)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_loading_a_file_without_rules_or_with_unknown_ones_is_a_clear_error(tmp_path):
+  frozen, state, _ = fresh()
+  path = str(tmp_path / 'adapter.safetensors')
+  pj.save_adapter(path, state.params, state.buffers, {'name': 'x'})
+  one_line_error(
+    lambda: pj.load_adapter_file(path, frozen),
+    "records no rules \\('adapters'\\); save it with pj.save_adapter\\(..., rules=",
+  )
+  one_line_error(
+    lambda: pj.deserialize_rules([[{'predicate': 'is_biass'}, 'bitfit()']]),
+    "rule 0: unknown selector 'is_biass'; did you mean is_bias",
+  )
+  one_line_error(
+    lambda: pj.load_adapter_file(str(tmp_path / 'missing.safetensors'), frozen),
+    'missing.safetensors is not a file; expected an adapter file',
+  )
+  pj.save_adapter(path, state.params, state.buffers, rules=[('head/.*', 'full()')])
+  one_line_error(
+    lambda: pj.load_adapter_file(path, frozen),
+    'adapter.safetensors: the params do not match this adapter',
+  )
+  newer = str(tmp_path / 'newer.safetensors')
+  metadata = {'peft_jax': json.dumps({'format_version': 2, 'adapters': []})}
+  safetensors_numpy.save_file({}, newer, metadata=metadata)
+  one_line_error(
+    lambda: pj.load_adapter(newer),
+    'format_version 2 is newer than this peft_jax reads \\(1\\); upgrade',
+  )
