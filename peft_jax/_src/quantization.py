@@ -36,6 +36,12 @@ def values(w: Any) -> Any:
   return dequantize(w) if is_quantized(w) else w
 
 
+def dequantize_tree(tree: Params) -> Params:
+  """``tree`` with every ``QuantizedArray`` leaf dequantized (``tree`` may
+  itself be one): plain arrays, e.g. to export or to compare weights."""
+  return jax.tree.map(values, tree, is_leaf=is_quantized)
+
+
 def _selector(select: str | Callable[[str, Any], bool]) -> Callable[[str, Any], bool]:
   if callable(select):
     return select

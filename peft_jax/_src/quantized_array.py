@@ -101,6 +101,12 @@ class QuantizedArray:
   axis: int
   dtype: Any
 
+  def __repr__(self) -> str:
+    return (
+      f'QuantizedArray({self.kind}, shape={self.shape}, group_size='
+      f'{self.group_size}, axis={self.axis}, dtype={jnp.dtype(self.dtype).name})'
+    )
+
   @property
   def shape(self) -> tuple[int, ...]:
     shape = list(np.shape(self.codes))
@@ -115,6 +121,11 @@ class QuantizedArray:
   @property
   def size(self) -> int:
     return int(np.prod(self.shape))
+
+  @property
+  def sharding(self) -> Any:
+    """The codes' sharding (``None`` for NumPy codes)."""
+    return getattr(self.codes, 'sharding', None)
 
   @property
   def nbytes(self) -> int:

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from peft_jax._src import paths
 from peft_jax._src.base import PeftError
+from peft_jax._src.quantized_array import is_quantized
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 Rules = dict[str, str | tuple[str, ...] | None]
@@ -152,16 +153,19 @@ def param_shardings(
 ) -> object:
   """``NamedSharding``s for a weight tree (arrays or shape structs) from its
   family's ``table``. A leaf with one more axis than its entry (the layer
-  axis of ``scan_layers``) keeps that axis whole."""
+  axis of ``scan_layers``) keeps that axis whole. A ``QuantizedArray``'s
+  codes and scales are each split by the leaf's axes where they divide (a
+  ``QuantizedArray`` of shardings)."""
   compiled = [(re.compile(pattern), axes) for pattern, axes in table]
 
-  def sharding(name: str, leaf) -> NamedSharding:
+  def sharding(name: str, leaf):
     axes = next((a for p, a in compiled if p.fullmatch(name)), ())
     if len(axes) + 1 == leaf.ndim:
       axes = (None, *axes)
     if len(axes) != leaf.ndim:
       axes = (None,) * leaf.ndim
-    return NamedSharding(mesh, spec(axes, leaf.shape, mesh, rules))
+    of = lambda part: NamedSharding(mesh, spec(axes, part.shape, mesh, rules))
+    return jax.tree.map(of, leaf) if is_quantized(leaf) else of(leaf)
 
   return paths.map_named(sharding, params)
 

@@ -85,10 +85,6 @@ class TiedDense(nn.Module):
     return embed.attend(h)
 
 
-def dequantized(tree):
-  return jax.tree.map(quantization.values, tree, is_leaf=quantized_array.is_quantized)
-
-
 def run_both(model, frozen_float, quantized, rules, ids, factored):
   """Outputs and θ-gradients on the quantized weights and on the same
   weights dequantized up front (plain arrays)."""
@@ -100,7 +96,7 @@ def run_both(model, frozen_float, quantized, rules, ids, factored):
   out = lambda frozen: references.outputs_and_grad(
     lambda p: run(frozen, p, buffers, ids)
   )(params)
-  return out(quantized), out(dequantized(quantized))
+  return out(quantized), out(pj.dequantize(quantized))
 
 
 def assert_close_trees(got, want, tol):

@@ -264,3 +264,26 @@ def test_fsdp_on_the_output_axis_of_every_kernel_compiles_cleanly(capfd):
   counts = _step_collectives('llama', mesh, weights=on_d_out)
   assert counts['all-to-all'] <= 1 and counts['collective-permute'] == 0
   assert INVOLUNTARY not in capfd.readouterr().err
+
+
+def test_quantized_weights_place_codes_and_scales_by_the_table():
+  """A QuantizedArray's codes and scales split by the kernel's logical axes;
+  the factored LoRA forward on the 2-D mesh equals one device's."""
+  model = llama.LlamaForCausalLM(LLAMA)
+  ids = jax.random.randint(jax.random.key(3), (8, 16), 0, LLAMA.vocab_size)
+  frozen = pj.quantize(references.initialised(model), 'nf4', group_size=16)
+  tree = pj.by_rules([(r'.*_proj/kernel', 'lora(rank=4)')])
+  params, buffers = tree.init(jax.random.key(1), frozen)
+  params = references.perturb(params, seed=2, scale=0.1)
+  run = pj.adapted(tree, lambda w, ids: model.apply({'params': w}, ids), factored=True)
+  want = run(frozen, params, buffers, ids)
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  with jax.set_mesh(mesh):
+    shardings = partitioning.param_shardings(frozen, llama.PARAM_AXES, mesh)
+    placed = partitioning.place(frozen, shardings)
+    up = placed['layers_0']['mlp']['up_proj']['kernel']
+    assert up.codes.sharding.spec == P('fsdp', 'tensor')
+    assert up.scales.sharding.spec == P('fsdp', 'tensor')  # 2 groups along d_in
+    theta = jax.device_put((params, buffers), pj.adapter_shardings(tree, placed))
+    got = jax.jit(run)(placed, *theta, ids)
+  np.testing.assert_allclose(got, want, atol=2e-5)
