@@ -6,18 +6,33 @@ reads ``*/results.json`` under the directory and writes ``comparison.md``
 and ``comparison.png`` (test accuracy against trainable parameters) there;
 with several seeds per method also ``seeds.md``, ``stability.png`` and
 ``sparsity.png`` (``experiments.seeds``).
+
+Only runs of one setting (``SETTING``: the same task, model, data set,
+steps, batch size and evaluation limit) share a table: a directory with
+several settings gets one table per setting in ``comparison.md``, each
+headed by what its runs are ("3 runs of minilm on rotten_tomatoes, 500
+steps of batch 32, ...") and each with its own figures, numbered
+(``comparison_1.png``, ``seeds_1.md``, ...).
 """
 
 import argparse
 import json
 import pathlib
+import textwrap
 
 import matplotlib
 
 matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
 from experiments import headline, seeds
+
+# What makes runs comparable: runs that differ in any of these results-row
+# fields are tabled apart (a field a row lacks, written before the field
+# existed, counts as its own value).
+SETTING = ('task', 'model', 'dataset', 'steps', 'batch_size', 'eval_limit')
 
 # (title, the cell of a row); ``{m}`` in a title is the headline metric's name.
 COLUMNS = (
@@ -42,52 +57,125 @@ def load_rows(directory: pathlib.Path) -> list[dict]:
   return sorted(found, key=lambda r: r['trainable_params'])
 
 
+def by_setting(rows: list[dict]) -> list[list[dict]]:
+  """``rows`` split by their ``SETTING`` fields, in order of first
+  appearance, each part in the order given."""
+  parts = {}
+  for row in rows:
+    parts.setdefault(tuple(row.get(k, '?') for k in SETTING), []).append(row)
+  return list(parts.values())
+
+
+def _seeds(rows: list[dict]) -> list:
+  """The rows' distinct seeds, sorted (rows written before seeds were
+  recorded have none)."""
+  return sorted({r['seed'] for r in rows if 'seed' in r})
+
+
+def _plural(count: int, word: str) -> str:
+  return f'{count} {word}{"s" * (count != 1)}'
+
+
+def describe(rows: list[dict]) -> str:
+  """What the runs of one setting are, e.g. ``'3 runs of minilm on
+  rotten_tomatoes, 500 steps of batch 32, every evaluation example, seeds
+  0, 1, 2'``."""
+  first, found = rows[0], _seeds(rows)
+  limit = first.get('eval_limit', '?')
+  if limit is None:
+    evaluated = 'every evaluation example'
+  elif limit == '?':
+    evaluated = 'evaluation limit not recorded'
+  else:
+    evaluated = f'the first {limit} examples of each evaluation split'
+  seeds_text = 'seed' + 's' * (len(found) != 1) + ' ' + ', '.join(map(str, found))
+  return (
+    f'{_plural(len(rows), "run")} of {first.get("model", "?")} on '
+    f'{first.get("dataset", "?")}, {first["steps"]} steps of batch '
+    f'{first["batch_size"]}, {evaluated}, '
+    f'{seeds_text if found else "seeds not recorded"}'
+  )
+
+
+def title(rows: list[dict]) -> str:
+  """A plot title for the runs of one setting: model, data, steps, seeds."""
+  first, found = rows[0], _seeds(rows)
+  return (
+    f'{first.get("model", "?")} on {first.get("dataset", "?")}: '
+    f'{first["steps"]} steps, '
+    f'{_plural(len(found), "seed") if found else "seeds not recorded"}'
+  )
+
+
 def markdown_table(results: list[dict]) -> str:
   """One Markdown row per run, plus where and when it was measured."""
   name = headline.label(results)
-  header = '| ' + ' | '.join(title.format(m=name) for title, _ in COLUMNS) + ' |'
+  header = '| ' + ' | '.join(head.format(m=name) for head, _ in COLUMNS) + ' |'
   rule = '|' + '|'.join('---' for _ in COLUMNS) + '|'
   body = ['| ' + ' | '.join(cell(r) for _, cell in COLUMNS) + ' |' for r in results]
   first = results[0]
+  machines = sorted({f'{r["device"]} ({r["cpu_count"]} CPUs)' for r in results})
   footer = (
     f'\n{first["steps"]} steps, batch {first["batch_size"]}; measured on '
-    f'{first["device"]} ({first["cpu_count"]} CPUs), jax {first["jax"]}, '
+    f'{", ".join(machines)}, jax {", ".join(sorted({r["jax"] for r in results}))}, '
     f'{headline.dates(results)}.'
   )
   return '\n'.join([header, rule, *body]) + '\n' + footer + '\n'
 
 
-def plot(results: list[dict], path: pathlib.Path) -> None:
-  """Test metric against trainable parameters (log scale), one point a run."""
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-  for row in results:
-    point = (row['trainable_params'], 100 * headline.value(row))
-    ax.scatter(*point)
-    ax.annotate(row['method'], point, textcoords='offset points', xytext=(5, 4))
-  before = 100 * headline.value(results[0], when='before')
+def figure(results: list[dict]) -> Figure:
+  """Test metric against trainable parameters (log scale) for the runs of
+  one setting: a point a run, each method (group) named once at its mean,
+  the mean before training as a line, and ``title`` on top."""
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+  for name, rows in seeds.groups(results).items():
+    x = [r['trainable_params'] for r in rows]
+    y = [100 * headline.value(r) for r in rows]
+    ax.scatter(x, y)
+    ax.annotate(
+      name, (np.mean(x), np.mean(y)), textcoords='offset points', xytext=(5, 4)
+    )
+  before = 100 * np.mean([headline.value(r, when='before') for r in results])
   ax.axhline(
-    before, color='grey', linestyle=':', label=f'untrained head ({before:.1f}%)'
+    before, color='grey', linestyle=':', label=f'before training ({before:.1f}%)'
   )
   ax.set_xscale('log')
   ax.set_xlabel('trainable parameters')
   ax.set_ylabel(f'test {headline.label(results)} (%)')
-  ax.set_title(results[0]['name'].rsplit('_', 1)[0])
+  ax.set_title(textwrap.fill(title(results), 60))
   ax.legend(loc='lower right')
   fig.tight_layout()
-  fig.savefig(path)
+  return fig
+
+
+def plot(results: list[dict], path: pathlib.Path) -> None:
+  """Saves ``figure(results)`` to ``path``, method names never clipped."""
+  fig = figure(results)
+  fig.savefig(path, bbox_inches='tight')  # The canvas grows to every label.
   plt.close(fig)
 
 
 def write_comparison(directory: pathlib.Path) -> str:
-  """Writes ``comparison.md`` and ``comparison.png``; returns the table."""
+  """Writes ``comparison.md`` (a table per setting, ``by_setting``), each
+  setting's plot and its seed summary (``seeds.write_seed_summary``);
+  returns the tables, then the summaries."""
   results = load_rows(directory)
   if not results:
     raise FileNotFoundError(f'no */results.json under {directory}')
-  table = markdown_table(results)
-  (directory / 'comparison.md').write_text(table)
-  plot(results, directory / 'comparison.png')
-  summary = seeds.write_seed_summary(results, directory)
-  return table if summary is None else f'{table}\n{summary}'
+  settings = by_setting(results)
+  tables, summaries = [], []
+  for number, rows in enumerate(settings, 1):
+    suffix = f'_{number}' if len(settings) > 1 else ''
+    plot(rows, directory / f'comparison{suffix}.png')
+    tables.append(
+      f'{describe(rows)} (comparison{suffix}.png)\n\n{markdown_table(rows)}'
+    )
+    summary = seeds.write_seed_summary(rows, directory, title(rows), suffix)
+    if summary:
+      summaries.append(f'{describe(rows)} (seeds{suffix}.md)\n\n{summary}')
+  text = '\n'.join(tables)
+  (directory / 'comparison.md').write_text(text)
+  return '\n'.join([text, *summaries])
 
 
 def main(argv=None) -> None:

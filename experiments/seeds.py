@@ -7,7 +7,9 @@ Rows (``results.json``) are grouped by ``row['group']`` (the config's
 accuracy, or a GLUE task's score; mean ± sample std over seeds),
 ``stability.png`` (the std per group, the paper's stability view) and, for
 groups that differ only in sparsity (``'sam p=0.005'``), ``sparsity.png``
-(mean ± std against ``p``, the paper's Figure 3).
+(mean ± std against ``p``, the paper's Figure 3); the rows of each of
+compare's settings (``compare.by_setting``) apart, with the setting's
+number as a suffix when there are several.
 """
 
 import pathlib
@@ -86,7 +88,9 @@ def seed_table(grouped: dict[str, list[dict]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot_stability(grouped: dict[str, list[dict]], path: pathlib.Path) -> None:
+def plot_stability(
+  grouped: dict[str, list[dict]], path: pathlib.Path, title: str = ''
+) -> None:
   """Bars: the mean test metric with ±std error bars, and the std alone."""
   names = list(grouped)
   stats = [mean_std(_percent(grouped[n])) for n in names]
@@ -99,12 +103,15 @@ def plot_stability(grouped: dict[str, list[dict]], path: pathlib.Path) -> None:
   right.set_ylabel('std over seeds (points)')
   for ax in (left, right):
     ax.set_xticks(x, names, rotation=45, ha='right')
+  fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path)
+  fig.savefig(path, bbox_inches='tight')
   plt.close(fig)
 
 
-def plot_sparsity(grouped: dict[str, list[dict]], path: pathlib.Path) -> bool:
+def plot_sparsity(
+  grouped: dict[str, list[dict]], path: pathlib.Path, title: str = ''
+) -> bool:
   """Mean ± std test metric against ``p`` per method; False if no such group."""
   curves = defaultdict(list)
   for name, rows in grouped.items():
@@ -120,20 +127,24 @@ def plot_sparsity(grouped: dict[str, list[dict]], path: pathlib.Path) -> bool:
   ax.set_xscale('log')
   ax.set_xlabel('p (share of encoder entries trained)')
   ax.set_ylabel(f'test {_label(grouped)} (%), mean ± std')
+  ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  fig.savefig(path, bbox_inches='tight')
   plt.close(fig)
   return True
 
 
-def write_seed_summary(rows: list[dict], directory: pathlib.Path) -> str | None:
-  """Writes ``seeds.md`` and the figures when a group has several seeds."""
+def write_seed_summary(
+  rows: list[dict], directory: pathlib.Path, title: str = '', suffix: str = ''
+) -> str | None:
+  """Writes ``seeds{suffix}.md`` and the figures (titled ``title``) when a
+  group has several seeds; returns the table, or None."""
   grouped = groups(rows)
   if all(len(g) == 1 for g in grouped.values()):
     return None
   table = seed_table(grouped)
-  (directory / 'seeds.md').write_text(table)
-  plot_stability(grouped, directory / 'stability.png')
-  plot_sparsity(grouped, directory / 'sparsity.png')
+  (directory / f'seeds{suffix}.md').write_text(table)
+  plot_stability(grouped, directory / f'stability{suffix}.png', title)
+  plot_sparsity(grouped, directory / f'sparsity{suffix}.png', title)
   return table

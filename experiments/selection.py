@@ -80,11 +80,3 @@ def _dense_run(config, spec, task: tasks.Task):
   for t in range(spec.dense_steps):
     state, _ = step(state, task.frozen, task.train_batch(t))
   return pj.merge(tree, task.frozen, state.params, state.buffers)
-
-
-def rule_specs(rules) -> list[list]:
-  """JSON-able ``[selector, spec string]`` pairs (adapters by their name)."""
-  name = lambda spec: (
-    spec.name if isinstance(spec, pj.Adapter | pj.ActivationAdapter) else spec
-  )
-  return [[selector, name(spec)] for selector, spec in rules]

@@ -11,7 +11,6 @@ on that device mesh (``experiments.train``).
 """
 
 import argparse
-import difflib
 import pathlib
 import sys
 
@@ -56,10 +55,7 @@ def _check_only(only: set[str] | None, methods: set[str], path: str) -> None:
   unknown = sorted((only or set()) - methods)
   if not unknown:
     return
-  close = {n: difflib.get_close_matches(n, methods, n=1) for n in unknown}
-  hints = ', '.join(
-    f'{n!r} (did you mean {c[0]!r}?)' if c else repr(n) for n, c in close.items()
-  )
+  hints = ', '.join(f'{n!r}{common.did_you_mean(n, methods)}' for n in unknown)
   raise pj.PeftError(
     f'--only names {hints}, not in the sweep of {path}; its methods: '
     f'{",".join(sorted(methods))}.'

@@ -37,7 +37,6 @@ from typing import NamedTuple
 import jax
 import ml_collections
 import optax
-import tqdm
 from tensorboardX import SummaryWriter
 
 import peft_jax as pj
@@ -80,6 +79,8 @@ class MetricsWriter:
 
 def claim_workdir(workdir: pathlib.Path, config) -> None:
   """Creates ``workdir`` and records the config; refuses a different run's dir."""
+  if workdir.exists() and not workdir.is_dir():
+    raise pj.PeftError(f'--workdir {str(workdir)!r} is a file, not a directory')
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / 'config.json'
   wanted = json.loads(config.to_json())
@@ -130,17 +131,31 @@ def changed_count(run: 'Run', state: pj.TrainState) -> int | None:
   if not run.tree.mergeable:
     return None
   merged = pj.merge(run.tree, run.frozen, state.params, state.buffers)
-  pairs = zip(jax.tree.leaves(merged), jax.tree.leaves(run.frozen), strict=True)
+  merged, frozen = pj.dequantize((merged, run.frozen))  # quantized: their values
+  pairs = zip(*map(jax.tree.leaves, (merged, frozen)), strict=True)
   return sum(int(jax.numpy.count_nonzero(a != b)) for a, b in pairs)
 
 
-def results_row(config, params, total, before, after, train_seconds, steps_run):
-  """The one-line summary of a run that comparison tables are built from."""
+def results_row(config, params, total, before, after, loop: 'LoopStats', steps_run):
+  """The one-line summary of a run that comparison tables are built from.
+
+  ``task``, ``model``, ``dataset``, ``steps``, ``batch_size`` and
+  ``eval_limit`` (None: every example) say which runs are comparable
+  (``experiments.compare``); ``<before|after>_<split>_examples`` count the
+  examples each evaluation metric is over. ``train_seconds`` is the wall time
+  of the ``steps_run`` steps this process ran (after a resume: those after
+  the checkpoint), each step's batch, dispatch and wait for its loss; it
+  leaves out the step's compile (``compile_seconds``), logging,
+  checkpoints and evaluations. ``ms_per_step`` is its mean.
+  """
   trainable = pj.count(params)
   return {
     'name': config.name,
+    'task': config.task,
+    **model_and_dataset(config),
     'method': config.method,
     'group': config.get('group', config.method),
+    'seed': config.seed,
     'adapters': [list(rule) for rule in config.adapters],
     'selection': config.get('selection') and config.selection.to_dict(),
     'trainable_params': trainable,
@@ -148,14 +163,57 @@ def results_row(config, params, total, before, after, train_seconds, steps_run):
     'trainable_percent': 100.0 * trainable / total,
     'steps': config.steps,
     'batch_size': config.batch_size,
+    'eval_limit': config.data.get('eval_limit'),
     'lr': config.lr,
     **{f'before_{k}': v for k, v in before.items()},
     **{f'after_{k}': v for k, v in after.items()},
     'metric': 'score' if 'test_score' in after else 'accuracy',
-    'train_seconds': train_seconds,
-    'ms_per_step': 1000.0 * train_seconds / max(steps_run, 1),
+    'train_seconds': loop.train_seconds,
+    'ms_per_step': 1000.0 * loop.train_seconds / max(steps_run, 1),
+    'compile_seconds': loop.compile_seconds,
+    'step_memory_mib': loop.step_memory_mib,
     **environment(),
   }
+
+
+def model_and_dataset(config) -> dict[str, str]:
+  """The run's ``model`` (checkpoint name, or its directory's) and ``dataset``
+  (data set or GLUE task) by name, for grouping results rows."""
+  model, data = config.model, config.data
+  return {
+    'model': model.get('checkpoint') or pathlib.Path(model.checkpoint_dir).name,
+    'dataset': data.get('name') or data.task,
+  }
+
+
+# Fields the trainer divides or loops by.
+POSITIVE_FIELDS = (
+  'steps',
+  'batch_size',
+  'eval_batch_size',
+  'log_every',
+  'checkpoint_every',
+)
+
+
+def is_positive_int(value) -> bool:
+  """Whether ``value`` is an int > 0 (``True`` is not a step count)."""
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_config(config) -> None:
+  """Raises a one-line ``PeftError`` naming a field the trainer cannot run
+  with: a ``POSITIVE_FIELDS`` entry that is not a positive int, or an
+  ``eval_limit`` that is neither None nor one."""
+  for name in POSITIVE_FIELDS:
+    if not is_positive_int(config[name]):
+      raise pj.PeftError(f'{name}={config[name]!r} should be a positive int')
+  limit = config.data.get('eval_limit')
+  if limit is not None and not is_positive_int(limit):
+    raise pj.PeftError(
+      f'eval_limit={limit!r} should be a positive int, the examples per '
+      'evaluation split (all of them: 0 after --config FILE:, None in a config)'
+    )
 
 
 def make_schedule(config, tree: pj.TreeAdapter) -> pj.Schedule | None:
@@ -260,8 +318,21 @@ def start_or_resume(run: Run, manager, writer: MetricsWriter):
   return state, before
 
 
+class LoopStats(NamedTuple):
+  """What ``train_loop`` measured (see ``results_row``)."""
+
+  step_memory_mib: float  # step_memory_mib of the compiled step
+  compile_seconds: float  # lowering and compiling the step
+  train_seconds: float  # the steps: batch, dispatch, wait for the loss
+
+
 def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
-  """Steps from ``state.step`` to ``config.steps``: logs, checkpoints."""
+  """Steps from ``state.step`` to ``config.steps``: logs, checkpoints.
+
+  Returns:
+    ``(state, LoopStats)``: the trained state, and the step's memory and
+    compile time and the steps' time.
+  """
   config, task = run.config, run.task
   train_step = pj.make_train_step(
     task.loss_fn,
@@ -274,17 +345,22 @@ def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
   batch = lambda position: partitioning.process_batch(
     run.mesh, task.train_batch(position)
   )
-  step_fn = (
-    jax.jit(train_step, donate_argnums=0)
-    .lower(state, run.frozen, batch(start))
-    .compile()
-  )
-  memory = step_memory_mib(step_fn)
+  example = batch(start)
+  compile_start = time.perf_counter()
+  step_fn = jax.jit(train_step, donate_argnums=0).lower(state, run.frozen, example)
+  step_fn = step_fn.compile()
+  compile_seconds = time.perf_counter() - compile_start
+  train_seconds = 0.0
   positions = range(start, config.steps)
-  bar = tqdm.tqdm(positions, initial=start, total=config.steps, disable=not is_writer())
-  with bar:
+  with tasks.progress(positions, initial=start, total=config.steps) as bar:
     for position in bar:
+      step_start = time.perf_counter()
       state, metrics = step_fn(state, run.frozen, batch(position))
+      # Wait for the step: dispatch returns at once, so without this the bar
+      # (and train_seconds) saw near-free steps, then a log step waiting for
+      # all of them.
+      jax.block_until_ready(metrics['loss'])
+      train_seconds += time.perf_counter() - step_start
       step = position + 1
       if step % config.log_every == 0 or step == config.steps:
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -297,7 +373,7 @@ def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
           'config': json.loads(config.to_json()),
         }
         pj.save_checkpoint(manager, state, metadata)
-  return state, memory
+  return state, LoopStats(step_memory_mib(step_fn), compile_seconds, train_seconds)
 
 
 def step_memory_mib(compiled) -> float:
@@ -320,6 +396,7 @@ def train_and_evaluate(
 ) -> dict:
   """Runs (or resumes, or just reports) the experiment; returns the results
   row. ``mesh``: axis sizes over ``config.mesh`` (see ``make_mesh``)."""
+  check_config(config)
   workdir = pathlib.Path(workdir)
   results_path = workdir / 'results.json'
   claim_workdir(workdir, config)
@@ -338,9 +415,8 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
   manager = pj.checkpoint_manager(str(workdir / 'checkpoints'))
   with MetricsWriter(workdir) as writer:
     state, before = start_or_resume(run, manager, writer)
-    start, t0 = int(state.step), time.perf_counter()
-    state, memory = train_loop(run, state, manager, writer, before)
-    train_seconds = time.perf_counter() - t0
+    start = int(state.step)
+    state, loop = train_loop(run, state, manager, writer, before)
     after = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
     writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
   print('after:', after)
@@ -348,23 +424,58 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
     str(workdir / 'adapter.safetensors'),
     state.params,
     state.buffers,
-    {'adapters': selection.rule_specs(run.rules), 'name': config.name},
+    {**run.task.adapter_metadata, 'name': config.name},
+    rules=run.rules,
   )
-  total = sum(int(x.size) for x in jax.tree.leaves(run.task.frozen))
+  leaves = jax.tree.leaves(run.task.frozen, is_leaf=pj.is_quantized)
+  total = sum(int(x.size) for x in leaves)  # a quantized leaf's logical size
   row = results_row(
-    config, state.params, total, before, after, train_seconds, config.steps - start
+    config, state.params, total, before, after, loop, config.steps - start
   )
   row['changed_params'] = changed_count(run, state)
-  row['step_memory_mib'] = memory
   row['mesh'] = ','.join(f'{k}={v}' for k, v in mesh.shape.items())
   if is_writer():
     (workdir / 'results.json').write_text(json.dumps(row, indent=2))
   return row
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', required=True, help='FILE.py[:key=value,...]')
+class OneLineParser(argparse.ArgumentParser):
+  """argparse whose errors are ``PeftError``s: one line from ``main``."""
+
+  def error(self, message):
+    raise pj.PeftError(f'{message} (see --help)')
+
+
+def config_help(argv: list[str]) -> str:
+  """The ``--help`` epilog: with ``--config FILE[:ARG]``, the config
+  module's docstring and the config's fields, each with its value and its
+  meaning (``common.FIELDS``); without, how to get them."""
+  before = OneLineParser(add_help=False)
+  before.add_argument('--config')
+  spec = before.parse_known_args(argv)[0].config
+  if not spec:
+    return "--config FILE[:ARG] --help lists that config's arguments and fields."
+  doc = common.load_module(spec.partition(':')[0]).__doc__ or ''
+  fields = common.describe_fields(common.load_config(spec))
+  return (
+    f'{doc.strip()}\n\nConfig fields as get_config sets them for {spec} '
+    f"(the arguments after ':' are how to change them):\n{fields}"
+  )
+
+
+def make_parser(epilog: str | None = None) -> OneLineParser:
+  """The command line's parser; ``epilog`` ends its ``--help``."""
+  parser = OneLineParser(
+    description=__doc__.split('\n')[0],
+    epilog=epilog,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    '--config',
+    required=True,
+    help='FILE.py[:key=value,...]: the config module and the arguments of '
+    'its get_config (--config FILE --help lists them)',
+  )
   parser.add_argument('--workdir', required=True, help='output directory')
   parser.add_argument(
     '--mesh',
@@ -377,10 +488,18 @@ def main(argv=None) -> int:
     help='call jax.distributed.initialize() first (one process per host of a '
     'TPU pod slice or GPU cluster, found from the environment)',
   )
-  args = parser.parse_args(argv)
-  if args.distributed:
-    jax.distributed.initialize()
+  return parser
+
+
+def main(argv=None) -> int:
+  """Trains as the command line says; returns the exit status (2 after a
+  one-line ``error: ...`` for a bad argument)."""
+  argv = sys.argv[1:] if argv is None else argv
+  wants_help = {'-h', '--help'} & set(argv)
   try:
+    args = make_parser(config_help(argv) if wants_help else None).parse_args(argv)
+    if args.distributed:
+      jax.distributed.initialize()
     mesh = partitioning.parse_mesh(args.mesh)
     row = train_and_evaluate(common.load_config(args.config), args.workdir, mesh)
   except pj.PeftError as e:

@@ -7,8 +7,12 @@ the slow ones train the real MiniLM on the real data.
 
 import functools
 import json
+import pathlib
+import re
+import time
 
 import jax
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import transformers
@@ -23,6 +27,7 @@ from peft_jax.models import bert
 from tests import references
 
 CONFIG = 'experiments/configs/rotten_tomatoes.py'
+SMOLLM2 = 'experiments/configs/smollm2_rotten_tomatoes.py'
 TINY = bert.BertConfig(
   vocab_size=40,
   hidden_size=16,
@@ -136,7 +141,10 @@ def test_parse_arg_types_and_errors():
     'method=lora,steps=7,runlocal,lr=1', method='ssb', steps=1, lr=0.0, runlocal=False
   )
   assert (arg.method, arg.steps, arg.lr, arg.runlocal) == ('lora', 7, 1.0, True)
-  with pytest.raises(pj.PeftError, match="unknown config argument 'stpes'; known: "):
+  with pytest.raises(
+    pj.PeftError,
+    match=r"unknown config argument 'stpes' \(did you mean 'steps'\?\); known: ",
+  ):
     common.parse_arg('stpes=3', steps=1)
   with pytest.raises(pj.PeftError, match="steps='many' should be a int"):
     common.parse_arg('steps=many', steps=1)
@@ -245,6 +253,37 @@ def test_run_writes_everything_and_refuses_a_different_config(
   assert 'error: ' in capsys.readouterr().err
 
 
+def test_the_adapter_file_describes_the_run(lora_run, tiny_task):
+  """The trainer's file records its rules and what the task knows, and
+  loads back in one call (``load_adapter_file``)."""
+  workdir, row = lora_run
+  config = local_config('lora')
+  task = build_tiny(config)
+  path = str(workdir / 'adapter.safetensors')
+  loaded = pj.load_adapter_file(path, task.frozen, task.hooks)
+  assert pj.count(loaded.params) == row['trainable_params']
+  assert loaded.metadata == {
+    **task.adapter_metadata,
+    'name': config.name,
+    'adapters': pj.serialize_rules(config.adapters),
+    'format_version': 1,
+    'peft_jax_version': loaded.metadata['peft_jax_version'],
+  }
+  assert task.adapter_metadata == {
+    'task': 'text_classification',
+    'base_model': 'minilm',
+    'tokenizer': 'minilm',
+    'head': {
+      'kind': 'sequence_classification',
+      'num_labels': 2,
+      'pooling': 'mean',
+      'seed': config.seed,
+    },
+    'labels': ['rotten', 'fresh'],
+    'max_length': config.model.max_length,
+  }
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_adapter(
   lora_run, xla_cache, tmp_path, monkeypatch, tiny_task
@@ -293,7 +332,10 @@ def test_sweep_trains_activation_adapters_and_writes_the_comparison(
   table = sweep.run_sweep(f'{CONFIG}:runlocal', str(tmp_path), only=only)
   assert (tmp_path / 'comparison.png').stat().st_size > 10_000
   assert (tmp_path / 'comparison.md').read_text() == table
-  assert table.splitlines()[0].startswith('| method | trainable |')
+  assert table.splitlines()[0].startswith(
+    '2 runs of minilm on rotten_tomatoes, 3 steps of batch 8, the first 32 '
+  )
+  assert table.splitlines()[2].startswith('| method | trainable |')
   d, layers = TINY.hidden_size, TINY.num_layers
   r = max(1, d // 16)
   norms = 2 * d * (1 + 2 * layers)  # LayerNorm scale, bias: embeddings', 2 a layer
@@ -322,6 +364,168 @@ def test_sweep_only_with_a_name_it_does_not_run_stops_before_training(tmp_path, 
   assert err.count('\n') == 1
   assert "--only names 'ia4' (did you mean 'ia3'?), not in the sweep of" in err
   assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
+def test_help_with_a_config_lists_its_fields_values_and_meanings(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(['--config', f'{CONFIG}:method=lora,steps=7', '--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert '--workdir' in out and 'Arguments (after ``:``)' in out  # its docstring
+  assert f'  steps = 7\n      {common.FIELDS["steps"]}\n' in out
+  assert f"  method = 'lora'\n      {common.FIELDS['method']}\n" in out
+  assert f'  data.eval_limit = None\n      {common.FIELDS["data.eval_limit"]}' in out
+
+
+def shipped_configs(tmp_path) -> dict[str, list[str]]:
+  """``{config file: [get_config args]}``: every method of every shipped
+  config (GLUE's with ``tmp_path`` as its checkpoint and data dirs)."""
+  dirs = f'checkpoint={tmp_path},data_dir={tmp_path},'
+  found = {}
+  for path in sorted(pathlib.Path('experiments/configs').glob('*.py')):
+    if 'def get_config' in path.read_text():
+      module = common.load_module(str(path))
+      prefix = dirs if path.stem == 'glue' else ''
+      found[str(path)] = [f'{prefix}method={m}' for m in module.METHODS]
+  return found
+
+
+def test_every_field_of_every_shipped_config_has_a_meaning(tmp_path):
+  configs = shipped_configs(tmp_path)
+  assert len(configs) == 4 and len(configs[CONFIG]) == len(rotten_tomatoes.METHODS)
+  undocumented = set()
+  for path, args in configs.items():
+    module = common.load_module(path)
+    for arg in args:
+      fields = common.flatten(module.get_config(arg))
+      undocumented |= {f'{path}:{arg} {f}' for f in fields if f not in common.FIELDS}
+  assert not undocumented, 'add their meanings to common.FIELDS'
+
+
+@pytest.mark.parametrize(
+  ('argv', 'named'),
+  [
+    (
+      ['--config', f'{SMOLLM2}:method=qlora'],
+      "method='qlora' is unknown (did you mean 'lora'?); expected one of lora,",
+    ),
+    (['--config', 'experiments/configs/nope.py'], "nope.py' does not exist"),
+    (['--config', 'README.md'], "'README.md' is not a Python module"),
+    (['--config', 'experiments/configs/common.py'], 'defines no get_config(arg)'),
+    (['--config', f'{CONFIG}:steps=many'], "config argument steps='many' should"),
+    (['--config', f'{CONFIG}:steps'], 'config argument steps (bare, so True)'),
+    (['--config', f'{CONFIG}:stesp=3'], "'stesp' (did you mean 'steps'?)"),
+    (['--config', f'{CONFIG}:steps=0'], 'steps=0 should be a positive int'),
+    (['--config', f'{CONFIG}:steps=-5'], 'steps=-5 should be a positive int'),
+    (['--config', f'{CONFIG}:batch_size=0'], 'batch_size=0 should be a positive'),
+    (['--config', f'{CONFIG}:eval_limit=-3'], 'eval_limit=-3 should be a positive'),
+    (['--config', f'{CONFIG}:eval_limit=2.5'], "eval_limit='2.5' should be a int"),
+    (['--config', f'{CONFIG}', '--step', '3'], 'unrecognized arguments: --step 3'),
+  ],
+)
+def test_a_bad_argument_is_one_error_line_naming_it(argv, named, tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  assert train.main([*argv, '--workdir', str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1 and named in err, err
+  assert not workdir.exists()
+
+
+def test_a_limited_run_says_so_and_times_its_steps_without_the_compile(
+  tmp_path, monkeypatch, capsys, xla_cache, tiny_task
+):
+  """``eval_limit`` cuts both evaluations (the tiny splits have 24 examples)
+  and the row says so; every step is waited for; ``train_seconds`` leaves
+  out the step's compile, here made to take a second longer."""
+  compile_step = jax.stages.Lowered.compile
+  slow_compile = lambda lowered: time.sleep(1.0) or compile_step(lowered)
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', slow_compile)
+  block, waited = jax.block_until_ready, []
+  monkeypatch.setattr(jax, 'block_until_ready', lambda x: waited.append(x) or block(x))
+  config = local_config('lora')
+  config.data.eval_limit = 10
+  with references.compilation_cache(xla_cache):
+    row = train.train_and_evaluate(config, str(tmp_path))
+  assert row['eval_limit'] == 10
+  for key in ('validation', 'test'):
+    assert row[f'before_{key}_examples'] == row[f'after_{key}_examples'] == 10
+  assert 'evaluating validation' in capsys.readouterr().err  # the progress bar
+  losses = [x for x in waited if isinstance(x, jax.Array) and x.shape == ()]
+  assert len(losses) == config.steps
+  assert row['compile_seconds'] > 1.0 > row['train_seconds']
+  assert row['ms_per_step'] == pytest.approx(1000 * row['train_seconds'] / 3)
+  assert (row['model'], row['dataset'], row['seed']) == ('minilm', 'rotten_tomatoes', 0)
+
+
+def synthetic_row(method: str, seed: int, steps: int = 100, model: str = 'minilm'):
+  """A results row as ``train.results_row`` writes it (the fields compare
+  reads), accuracy 0.7 + seed / 100."""
+  accuracy = 0.7 + seed / 100
+  return {
+    'name': f'rotten_tomatoes_{method}',
+    'task': 'text_classification',
+    'model': model,
+    'dataset': 'rotten_tomatoes',
+    'method': method,
+    'seed': seed,
+    'trainable_params': {'lora': 74_498, 'ssb': 21_506}[method],
+    'trainable_percent': 0.3,
+    'steps': steps,
+    'batch_size': 32,
+    'eval_limit': None,
+    **{f'before_{s}_accuracy': 0.5 for s in ('validation', 'test')},
+    **{f'after_{s}_accuracy': accuracy for s in ('validation', 'test')},
+    'metric': 'accuracy',
+    'ms_per_step': 700.0,
+    'device': 'cpu:cpu x1',
+    'cpu_count': '2',
+    'jax': '0.10.2',
+    'date': '2026-12-01 10:00 UTC',
+  }
+
+
+def test_compare_tables_each_setting_apart_and_says_what_it_is(tmp_path):
+  rows = {
+    'lora_0': synthetic_row('lora', 0),
+    'lora_1': synthetic_row('lora', 1),
+    'ssb_0': synthetic_row('ssb', 0),
+    'ssb_1': synthetic_row('ssb', 1),
+    'lora_300_steps': synthetic_row('lora', 0, steps=300),
+    'smollm2_lora': synthetic_row('lora', 0, model='smollm2'),
+  }
+  for name, row in rows.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'results.json').write_text(json.dumps(row))
+  text = compare.write_comparison(tmp_path)
+  written = (tmp_path / 'comparison.md').read_text()
+  assert text.startswith(written)  # then the seed summary
+  tables = re.split(r'\n(?=\d+ runs? of )', written)
+  heads = [table.splitlines()[0] for table in tables]
+  assert heads == [
+    '4 runs of minilm on rotten_tomatoes, 100 steps of batch 32, every '
+    'evaluation example, seeds 0, 1 (comparison_1.png)',
+    '1 run of minilm on rotten_tomatoes, 300 steps of batch 32, every '
+    'evaluation example, seed 0 (comparison_2.png)',
+    '1 run of smollm2 on rotten_tomatoes, 100 steps of batch 32, every '
+    'evaluation example, seed 0 (comparison_3.png)',
+  ]
+  runs = [sum(x.startswith(('| lora', '| ssb')) for x in t.split('\n')) for t in tables]
+  assert runs == [4, 1, 1]
+  assert '\n300 steps, batch 32; measured on cpu:cpu x1 (2 CPUs)' in tables[1]
+  for number in (1, 2, 3):
+    assert (tmp_path / f'comparison_{number}.png').stat().st_size > 10_000
+  # Several seeds only in the first setting: its seed table, numbered.
+  assert (tmp_path / 'seeds_1.md').exists() and not (tmp_path / 'seeds_2.md').exists()
+  assert '| lora | 2 |' in (tmp_path / 'seeds_1.md').read_text()
+
+
+def test_comparison_plot_is_titled_by_model_steps_and_seeds():
+  rows = [synthetic_row(m, seed) for m in ('ssb', 'lora') for seed in (0, 1, 2)]
+  fig = compare.figure(rows)
+  (ax,) = fig.axes
+  assert ax.get_title() == 'minilm on rotten_tomatoes: 100 steps, 3 seeds'
+  assert [text.get_text() for text in ax.texts] == ['ssb', 'lora']  # once each
+  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------

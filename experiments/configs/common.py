@@ -1,12 +1,74 @@
-"""Shared config helpers: ``file.py:key=value,...`` arguments and loading."""
+"""Shared config helpers: ``file.py:key=value,...`` arguments, loading, and
+the meaning of every config field (``FIELDS``)."""
 
 import ast
+import difflib
 import importlib.util
 import pathlib
 
 import ml_collections
 
 from peft_jax import PeftError
+
+# Every field a config may set (nested ones as ``block.field``) -> its meaning,
+# one line each: ``python -m experiments.train --config FILE --help`` prints
+# them beside the config's values, and a test checks that every field of
+# every shipped config is here.
+FIELDS = {
+  'name': "the run's name (a sweep's subdirectory, the results row)",
+  'task': 'the experiments/tasks module that builds model, data, loss, evaluation',
+  'method': "the adaptation method (a key of the config module's METHODS)",
+  'group': 'the label that seeds.md averages seeds over (default: method)',
+  'seed': 'seed of the adapter and head init, dropout and the batch order',
+  'model': 'the pretrained model and how it reads the inputs',
+  'model.checkpoint': "the pretrained weights, by name (the task's CHECKPOINTS)",
+  'model.checkpoint_dir': 'a local Hugging Face model directory (weights, tokenizer)',
+  'model.max_length': 'tokens per example (longer inputs are cut)',
+  'model.frozen': 'how the frozen weights are stored: float32, bfloat16, int8, int4, '
+  "nf4 (pj.quantize, groups of 64) or gguf (the file's own Q4_1/Q8_0 blocks)",
+  'model.pooling': "how the encoder's tokens become one vector for the head",
+  'model.system': 'the system message of every chat prompt',
+  'model.user': "the user turn of every chat prompt ('{text}' is the example)",
+  'data': 'the data set and its splits',
+  'data.name': "the data set, by name (the task's DATASETS)",
+  'data.task': 'the GLUE/SuperGLUE task (peft_jax.data.glue.TASKS)',
+  'data.data_dir': 'the TFDS data directory holding the task',
+  'data.heldout': 'share of the training data held out as the validation split',
+  'data.n_validation': 'examples in the validation split',
+  'data.n_test': 'examples in the test split',
+  'data.eval_limit': 'evaluate on the first N examples of each split (None: all)',
+  'generate': 'greedy answers printed at each evaluation',
+  'generate.num_examples': 'test prompts answered (the first ones)',
+  'generate.max_new_tokens': 'most tokens generated per answer',
+  'adapters': 'ordered (path regex, method spec) rules; the first match wins',
+  'selection': 'how a selective method picks its entries (None: not selective)',
+  'selection.scorer': 'sam | fisher | magnitude | random | lt_sft',
+  'selection.p': 'the share of the scored entries that trains',
+  'selection.scope': 'per_leaf (top p of each leaf) or global (of all)',
+  'selection.where': 'the scored leaves (regex on leaf names)',
+  'selection.batches': 'batches of the training stream scored (sam, fisher)',
+  'selection.curvature': "'' | lambda_max | hutchinson (sam)",
+  'selection.clip_norm': 'per-batch gradient clipping (sam; 0 = none)',
+  'selection.dense_steps': 'lt_sft: steps of the dense run that gives θ1',
+  'selection.dense_lr': 'lt_sft: the learning rate of that run',
+  'schedule': '(peft_jax.schedules factory, kwargs) run beside training, or None',
+  'steps': 'training steps',
+  'batch_size': 'training examples per step (split over the data x fsdp devices)',
+  'eval_batch_size': 'examples per evaluation batch',
+  'lr': 'peak learning rate of AdamW',
+  'warmup_steps': 'steps of linear warm-up from 0, then linear decay to 0',
+  'weight_decay': "AdamW's decoupled weight decay",
+  'factored': 'adapted matmuls as x @ w + (x @ a) @ b, with no merged weight',
+  'log_every': 'steps between logged training metrics',
+  'checkpoint_every': 'steps between checkpoints',
+  'mesh': 'device mesh sizes {axis: size}, under the --mesh flag',
+}
+
+
+def did_you_mean(name: str, choices) -> str:
+  """``" (did you mean 'x'?)"`` for the choice closest to ``name``, or ``''``."""
+  close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+  return f' (did you mean {close[0]!r}?)' if close else ''
 
 
 def _literal(text: str):
@@ -35,15 +97,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise PeftError(
-        f'unknown config argument {key!r}; known: {", ".join(sorted(defaults))}'
+        f'unknown config argument {key!r}{did_you_mean(key, defaults)}; '
+        f'known: {", ".join(sorted(defaults))}'
       )
     value = _literal(text.strip()) if text else True
     kind = type(defaults[key])
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
-    if not isinstance(value, kind):
+    # A bare key is True, which isinstance counts as an int: not a step count.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+      given = f'{key}={text!r}' if text else f'{key} (bare, so True)'
       raise PeftError(
-        f'config argument {key}={text!r} should be a {kind.__name__} '
+        f'config argument {given} should be a {kind.__name__} '
         f'(default {defaults[key]!r})'
       )
     parsed[key] = value
@@ -53,7 +118,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def lookup(table: dict, kind: str, name: str):
   """``table[name]``, or a one-line error naming the value and the choices."""
   if name not in table:
-    raise PeftError(f'{kind}={name!r} is unknown; expected one of {", ".join(table)}')
+    raise PeftError(
+      f'{kind}={name!r} is unknown{did_you_mean(name, table)}; '
+      f'expected one of {", ".join(table)}'
+    )
   return table[name]
 
 
@@ -61,7 +129,10 @@ def load_module(path: str):
   """Imports a config module from its file path."""
   file = pathlib.Path(path)
   if not file.is_file():
-    raise PeftError(f'config file {path!r} does not exist')
+    problem = 'is not a file' if file.exists() else 'does not exist'
+    raise PeftError(f'config file {path!r} {problem}')
+  if file.suffix != '.py':
+    raise PeftError(f'config file {path!r} is not a Python module (FILE.py)')
   spec = importlib.util.spec_from_file_location(f'config_{file.stem}', file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -74,3 +145,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """``'experiments/configs/x.py:method=lora'`` -> ``get_config('method=lora')``."""
   path, _, arg = spec.partition(':')
   return load_module(path).get_config(arg or None)
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  """``{'steps': 500, 'data.eval_limit': None, ...}``: every field of
+  ``config``, nested blocks' fields as ``block.field``."""
+  fields = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      fields.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      fields[f'{prefix}{key}'] = value
+  return fields
+
+
+def describe_fields(config: ml_collections.ConfigDict, width: int = 60) -> str:
+  """Two lines per field of ``config``: ``name = value`` (the value's repr,
+  shortened to ``width``), then its meaning from ``FIELDS``."""
+  lines = []
+  for name, value in flatten(config).items():
+    shown = repr(value)
+    shown = shown if len(shown) <= width else shown[: width - 3] + '...'
+    lines += [f'  {name} = {shown}', f'      {FIELDS.get(name, "(undocumented)")}']
+  return '\n'.join(lines)

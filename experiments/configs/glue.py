@@ -25,7 +25,8 @@ validation split. The comparison over methods on one task:
 Arguments (after ``:``): task, method (any of ``rotten_tomatoes.METHODS``,
 with its placement and default learning rate), checkpoint, data_dir, steps,
 batch_size, lr (0 = the method's default), max_length (0 = 128, CB 256),
-heldout, seed, runlocal (a few steps on a few examples).
+heldout, seed, eval_limit (evaluate on the first N examples of each split;
+0 = all), runlocal (a few steps on a few examples).
 """
 
 import os
@@ -86,6 +87,7 @@ def get_config(arg=None):
     max_length=0,
     heldout=0.1,
     seed=0,
+    eval_limit=0,
     runlocal=False,
   )
   glue.get_task(arg.task)
@@ -99,7 +101,10 @@ def get_config(arg=None):
   max_length = arg.max_length or MAX_LENGTH.get(arg.task, 128)
   config.model = dict(checkpoint_dir=checkpoint, max_length=max_length)
   config.data = dict(
-    task=arg.task, data_dir=data_dir, heldout=arg.heldout, eval_limit=0
+    task=arg.task,
+    data_dir=data_dir,
+    heldout=arg.heldout,
+    eval_limit=arg.eval_limit or None,
   )
   config.adapters = [(HEAD, 'full()'), *encoder_rules]
   config.method = arg.method
@@ -118,7 +123,7 @@ def get_config(arg=None):
     config.steps, config.batch_size, config.eval_batch_size = 3, 8, 16
     config.schedule = rotten_tomatoes.schedule_for(arg.method, config.steps)
     config.warmup_steps, config.log_every, config.checkpoint_every = 1, 1, 2
-    config.data.eval_limit = 32
+    config.data.eval_limit = arg.eval_limit or 32
     config.model.max_length = min(max_length, 64)
   return config
 

@@ -14,7 +14,8 @@ encoder output. Real weights and real data, both offline.
 Arguments (after ``:``): method (any of METHODS: every registered method
 but the DECODER_ONLY ones, with its default placement and learning rate;
 ``prompt_tuning`` and ``houlsby`` act at the encoder's hook points), steps,
-batch_size, lr (0 = the method's default below), seed, runlocal (a few steps
+batch_size, lr (0 = the method's default below), seed, eval_limit (evaluate
+on the first N examples of each split; 0 = all 1,000), runlocal (a few steps
 on a few examples, for smoke tests). The sweep over all methods:
 
   python -m experiments.sweep \
@@ -139,7 +140,14 @@ def schedule_for(method: str, steps: int):
 def get_config(arg=None):
   """The run config; ``arg`` is e.g. ``'method=lora,steps=300'``."""
   arg = common.parse_arg(
-    arg, method='ssb', steps=500, batch_size=32, lr=0.0, seed=0, runlocal=False
+    arg,
+    method='ssb',
+    steps=500,
+    batch_size=32,
+    lr=0.0,
+    seed=0,
+    eval_limit=0,
+    runlocal=False,
   )
   encoder_rules, default_lr = common.lookup(METHODS, 'method', arg.method)
 
@@ -149,7 +157,10 @@ def get_config(arg=None):
   config.seed = arg.seed
   config.model = dict(checkpoint='minilm', pooling='mean', max_length=64)
   config.data = dict(
-    name='rotten_tomatoes', n_validation=1000, n_test=1000, eval_limit=0
+    name='rotten_tomatoes',
+    n_validation=1000,
+    n_test=1000,
+    eval_limit=arg.eval_limit or None,
   )
   # First match wins: the head is trained in full by every method.
   config.adapters = [('classifier/(kernel|bias)', 'full()'), *encoder_rules]
@@ -171,7 +182,7 @@ def get_config(arg=None):
     config.steps, config.batch_size, config.eval_batch_size = 3, 8, 16
     config.schedule = schedule_for(arg.method, config.steps)
     config.warmup_steps, config.log_every, config.checkpoint_every = 1, 1, 2
-    config.data.eval_limit = 32
+    config.data.eval_limit = arg.eval_limit or 32
   return config
 
 

@@ -21,7 +21,8 @@ Arguments (after ``:``): task, checkpoint, data_dir (GLUE tasks), method
 (one of METHODS), p (the share of the
 encoder's entries that may change), scope (``per_leaf`` as the released
 code, ``global`` as the paper), seed, steps, batch_size, lr (0 = the
-method's default), score_batches (T of SAM and FishMask), study (``table``:
+method's default), eval_limit (the first N examples of each evaluation
+split; 0 = all), score_batches (T of SAM and FishMask), study (``table``:
 every method × ``seeds``; ``sparsity``: SAM over ``SPARSITIES`` ×
 ``seeds``), seeds, runlocal.
 
@@ -86,6 +87,7 @@ SHARED = dict(
   steps=300,
   batch_size=32,
   lr=0.0,
+  eval_limit=0,
   score_batches=32,
   study='table',
   seeds=5,
@@ -114,7 +116,10 @@ def selection_for(arg) -> ml_collections.ConfigDict | None:
 
 def base_config(arg) -> ml_collections.ConfigDict:
   """The task's own config (``method=full`` as a placeholder for the rules)."""
-  shared = f'method=full,steps={arg.steps},batch_size={arg.batch_size},seed={arg.seed}'
+  shared = (
+    f'method=full,steps={arg.steps},batch_size={arg.batch_size},seed={arg.seed},'
+    f'eval_limit={arg.eval_limit}'
+  )
   shared += ',runlocal' if arg.runlocal else ''
   if arg.task == 'rotten_tomatoes':
     return rotten_tomatoes.get_config(shared)

@@ -31,9 +31,13 @@ outputs with the RMSNorms trained, ``adaption_prompt`` in every layer's
 attention, ``prefix_tuning`` at every ``attention_kv`` and ``prompt_tuning``
 before the embeddings; the learning rates of all but lora are untuned
 guesses), steps,
-batch_size, lr (0 = the method's default), seed, eval_limit (examples per
-evaluation split, 0 = all 1,000), runlocal (3 steps on 8 evaluation
-examples, for tests).
+batch_size, lr (0 = the method's default), seed, eval_limit (evaluate on the
+first N examples of each split, default 200; 0 = all 1,000), frozen (how
+the frozen weights are stored: float32 (default), bfloat16, int8, int4, nf4
+(``pj.quantize``, kernels in groups of 64: QLoRA with ``method=lora``) or
+gguf (the file's own Q4_1 kernels and Q8_0 embeddings, kept quantized; the
+same values as float32); the run's name gets ``_<frozen>``), runlocal (3
+steps on 8 evaluation examples, for tests).
 
 Measured 2026-11-22 on this repository's 2-core Intel Xeon VM (AVX2, no
 AVX-512; shared with other jobs), CPU, jax 0.10.2, with the defaults (60
@@ -64,6 +68,7 @@ prompts, zero-shot -> after training (labels rotten, fresh, rotten)::
 
 import ml_collections
 
+from experiments import tasks
 from experiments.configs import common
 
 SEVEN = r'layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
@@ -122,22 +127,30 @@ def get_config(arg=None):
     lr=0.0,
     seed=0,
     eval_limit=200,
+    frozen='float32',
     runlocal=False,
   )
   rules, default_lr = common.lookup(METHODS, 'method', arg.method)
+  frozen_formats = dict.fromkeys(tasks.FROZEN_FORMATS)
+  common.lookup(frozen_formats, 'frozen', arg.frozen)
 
   config = ml_collections.ConfigDict()
-  config.name = f'smollm2_rotten_tomatoes_{arg.method}'
+  suffix = '' if arg.frozen == 'float32' else f'_{arg.frozen}'
+  config.name = f'smollm2_rotten_tomatoes_{arg.method}{suffix}'
   config.task = 'lm_choice'
   config.seed = arg.seed
   config.model = dict(
     checkpoint='smollm2',
+    frozen=arg.frozen,
     max_length=72,
     system='Answer with one word.',
     user='Review: {text}\nIs this movie review fresh (positive) or rotten (negative)?',
   )
   config.data = dict(
-    name='rotten_tomatoes', n_validation=1000, n_test=1000, eval_limit=arg.eval_limit
+    name='rotten_tomatoes',
+    n_validation=1000,
+    n_test=1000,
+    eval_limit=arg.eval_limit or None,
   )
   config.generate = dict(num_examples=3, max_new_tokens=8)
   config.adapters = list(rules)

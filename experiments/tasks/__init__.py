@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
+import tqdm
 
 import peft_jax as pj
 from peft_jax.data import batching
@@ -25,11 +27,18 @@ class Task(NamedTuple):
     loss_fn: ``(weights, batch, rng) -> (loss, metrics)``.
     train_batch: ``step -> batch``, deterministic in the step.
     evaluate: ``(tree, frozen, params, buffers) -> {metric: float}`` on
-      the validation and test splits, for the tree adapter and its
+      the validation and test splits (the first ``config.data.eval_limit``
+      examples of each, and their count as ``<split>_examples``; see
+      ``evaluation_split``), for the tree adapter and its
       parameters over ``frozen`` (the task's, or a copy placed on a mesh)
       (tasks run the model through ``peft_jax.adapted(..., factored=True)``,
       so non-mergeable and activation-side methods work).
     describe: one line on the model and data, for logs.
+    adapter_metadata: what the run's adapter file records about the task
+      (``peft_jax.save_adapter`` metadata), so ``peft_jax.from_pretrained``
+      rebuilds the model from it: ``task``, ``base_model``, ``tokenizer``,
+      ``labels`` (in logit order), ``max_length``, and ``head`` (a new head)
+      or ``prompt`` where the task has them.
     param_axes: the model family's ``PARAM_AXES`` (logical axes of
       ``frozen``'s leaves, ``peft_jax.models.partitioning``), for placing
       it on a mesh; ``()`` replicates every leaf.
@@ -43,6 +52,7 @@ class Task(NamedTuple):
     [pj.TreeAdapter, pj.Params, pj.AdapterParams, pj.Buffers], dict[str, float]
   ]
   describe: str
+  adapter_metadata: dict[str, Any]
   param_axes: partitioning.AxesTable = ()
 
 
@@ -60,14 +70,57 @@ def build(config) -> Task:
   return module.build(config)
 
 
+# config.model.frozen: how the frozen weights are stored (the model computes
+# in float32 either way; 'gguf' is the GGUF file's own blocks, see
+# gguf_loading.load_gguf(keep_quantized=True)).
+FROZEN_FORMATS = ('float32', 'bfloat16', 'int8', 'int4', 'nf4', 'gguf')
+
+
+def stored_as(frozen: pj.Params, frozen_format: str) -> pj.Params:
+  """``frozen`` (float32, or already the GGUF's blocks for ``gguf``) stored
+  as ``frozen_format``: cast to bfloat16, or every kernel quantized by
+  ``pj.quantize`` in groups of 64."""
+  if frozen_format == 'bfloat16':
+    return jax.tree.map(lambda w: w.astype(jax.numpy.bfloat16), frozen)
+  if frozen_format in ('int8', 'int4', 'nf4'):
+    return pj.quantize(frozen, frozen_format, group_size=64)
+  return frozen
+
+
+def progress(iterable, **kwargs) -> tqdm.tqdm:
+  """``tqdm.tqdm(iterable, **kwargs)``, shown by process 0 only."""
+  return tqdm.tqdm(iterable, disable=jax.process_index() != 0, **kwargs)
+
+
+def evaluation_split(split: dict[str, np.ndarray], limit: int | None):
+  """The first ``limit`` examples of ``split`` (every one when None): what
+  an evaluation with ``config.data.eval_limit = limit`` runs on."""
+  return {k: v[:limit] for k, v in split.items()}
+
+
+def evaluation_batches(split: dict[str, np.ndarray], batch_size: int, name: str):
+  """``batching.eval_batches(split, batch_size)`` under a progress bar
+  named ``name``."""
+  total = -(-len(split['label']) // batch_size)
+  batches = batching.eval_batches(split, batch_size)
+  return progress(batches, total=total, desc=f'evaluating {name}', leave=False)
+
+
 def accuracies(
-  correct: Callable[[dict], jax.Array], splits: dict[str, dict], batch_size: int
+  correct: Callable[[dict], jax.Array],
+  splits: dict[str, dict],
+  batch_size: int,
+  limit: int | None,
 ) -> dict[str, float]:
-  """``{'<split>_accuracy': float}``: the hits ``correct(batch)`` summed over
-  fixed-size batches of each split (``batching.eval_batches``, whose
-  ``weight`` marks the padding), over the split's size."""
+  """``{'<split>_accuracy': float, '<split>_examples': int}``: the hits
+  ``correct(batch)`` summed over fixed-size batches of each split's first
+  ``limit`` examples (``evaluation_batches``, whose ``weight`` marks the
+  padding), over their count."""
   metrics = {}
   for name, split in splits.items():
-    hits = sum(float(correct(b)) for b in batching.eval_batches(split, batch_size))
+    split = evaluation_split(split, limit)
+    batches = evaluation_batches(split, batch_size, name)
+    hits = sum(float(correct(b)) for b in batches)
     metrics[f'{name}_accuracy'] = hits / len(split['label'])
+    metrics[f'{name}_examples'] = len(split['label'])
   return metrics

@@ -28,7 +28,7 @@ import transformers
 import peft_jax as pj
 from experiments import tasks
 from peft_jax import PeftError
-from peft_jax.data import batching, glue
+from peft_jax.data import glue
 from peft_jax.models import bert
 
 Arrays = dict[str, np.ndarray]
@@ -36,17 +36,11 @@ INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
 
 
 def load_arrays(config, tokenizer) -> dict[str, Arrays]:
-  """The task's encoded splits; evaluation splits cut to ``data.eval_limit``."""
+  """The task's encoded splits."""
   data = config.data
   splits = glue.load(data.task, data.data_dir, data.heldout, seed=config.seed)
-  limit = data.eval_limit or None
   return {
-    name: glue.encode(
-      data.task,
-      tokenizer,
-      examples if name == 'train' else examples[:limit],
-      config.model.max_length,
-    )
+    name: glue.encode(data.task, tokenizer, examples, config.model.max_length)
     for name, examples in splits.items()
   }
 
@@ -82,27 +76,31 @@ def make_loss_fn(logits, task: glue.Task):
 
 
 def make_evaluate(logits, arrays: dict[str, Arrays], config):
-  """``evaluate(tree, frozen, params, buffers)``: the task's metrics on every split
-  but train, through ``peft_jax.adapted(..., factored=True)`` (so methods
-  with no weight-space form and activation adapters work)."""
+  """``evaluate(tree, frozen, params, buffers)``: the task's metrics on the
+  first ``config.data.eval_limit`` examples of every split but train, and
+  their count (``<split>_examples``), through ``peft_jax.adapted(...,
+  factored=True)`` (so methods with no weight-space form and activation
+  adapters work)."""
 
   @functools.partial(jax.jit, static_argnums=0)
   def outputs(tree, frozen, params, buffers, batch):
     return pj.adapted(tree, logits, factored=True)(frozen, params, buffers, batch)
 
-  def split_metrics(tree, frozen, params, buffers, split: Arrays) -> dict[str, float]:
+  def split_metrics(tree, frozen, params, buffers, name: str) -> dict[str, float]:
+    split = tasks.evaluation_split(arrays[name], config.data.eval_limit)
     chunks = [
       np.asarray(outputs(tree, frozen, params, buffers, batch))[batch['weight'] > 0]
-      for batch in batching.eval_batches(split, config.eval_batch_size)
+      for batch in tasks.evaluation_batches(split, config.eval_batch_size, name)
     ]
-    return glue.metrics(config.data.task, np.concatenate(chunks), split['label'])
+    metrics = glue.metrics(config.data.task, np.concatenate(chunks), split['label'])
+    return {**metrics, 'examples': len(split['label'])}
 
   def evaluate(tree, frozen, params, buffers):
     return {
       f'{name}_{metric}': value
-      for name, split in arrays.items()
+      for name in arrays
       if name != 'train'
-      for metric, value in split_metrics(tree, frozen, params, buffers, split).items()
+      for metric, value in split_metrics(tree, frozen, params, buffers, name).items()
     }
 
   return evaluate
@@ -134,8 +132,27 @@ def make_task(
     train_batch=batches.__getitem__,
     evaluate=make_evaluate(logits, arrays, config),
     describe=describe,
+    adapter_metadata=adapter_metadata(config, task),
     param_axes=bert.PARAM_AXES,
   )
+
+
+def adapter_metadata(config, task: glue.Task) -> dict:
+  """What the adapter file records: the checkpoint, the head (``make_model``;
+  its new parameters from ``config.seed``) and the input length."""
+  multiple_choice = task.kind == glue.MULTIPLE_CHOICE
+  return {
+    'task': f'glue/{config.data.task}',
+    'base_model': config.model.checkpoint_dir,
+    'tokenizer': config.model.checkpoint_dir,
+    'head': {
+      'kind': 'multiple_choice' if multiple_choice else 'sequence_classification',
+      'num_labels': task.num_labels,
+      'pooling': 'cls',
+      'seed': config.seed,
+    },
+    'max_length': config.model.max_length,
+  }
 
 
 def build(config) -> tasks.Task:

@@ -13,7 +13,7 @@ end-of-turn token ``<|im_end|>``.
   log-probability given the prompt (``choice_scores``: the prompt is run once
   into a KV cache, then every candidate continues from it); the prediction is
   the best-scoring candidate. Accuracy on validation and test (the first
-  ``config.data.eval_limit`` of each when set), through
+  ``config.data.eval_limit`` of each when set, ``tasks.accuracies``), through
   ``peft_jax.adapted(..., factored=True)`` like training.
 * Generations: greedy answers (``llama.generate`` through
   ``peft_jax.adapted``) to a few fixed test prompts, printed at every
@@ -286,8 +286,7 @@ class Data(NamedTuple):
   """The task's examples, encoded for the model.
 
   Attributes:
-    splits: the ``Split``s (texts, labels) by name, validation and test cut
-      to ``config.data.eval_limit`` when set.
+    splits: the ``Split``s (texts, labels) by name.
     prompts: each split's prompt token ids (``encode_prompts``).
     train: ``training_arrays`` of the train split.
     evals: ``prompt_arrays`` and ``label`` of validation and test.
@@ -305,19 +304,6 @@ class Data(NamedTuple):
   answers: tuple[str, ...]
 
 
-def limited_splits(dataset, data_config) -> dict:
-  """The dataset's splits, validation and test cut to ``eval_limit`` (0: all)."""
-  splits = dataset.splits(data_config.n_validation, data_config.n_test)
-  limit = data_config.eval_limit
-  if limit:
-    for name in ('validation', 'test'):
-      split = splits[name]
-      splits[name] = split._replace(
-        texts=split.texts[:limit], labels=split.labels[:limit]
-      )
-  return splits
-
-
 def encode_data(config, dataset, tokenizer, info) -> Data:
   """Prompts, training rows and evaluation arrays of every split.
 
@@ -328,7 +314,7 @@ def encode_data(config, dataset, tokenizer, info) -> Data:
   choices = [[*tokenizer.encode(word).ids, info.eos_id] for word in dataset.LABELS]
   choice_ids, choice_mask = choice_arrays(choices, pad_id)
   budget = config.model.max_length - choice_ids.shape[1]
-  splits = limited_splits(dataset, config.data)
+  splits = dataset.splits(config.data.n_validation, config.data.n_test)
   encode = functools.partial(
     encode_prompts,
     tokenizer,
@@ -413,6 +399,7 @@ def make_evaluate(config, model, data: Data, show):
       lambda batch: correct(tree, frozen, params, buffers, batch),
       data.evals,
       config.eval_batch_size,
+      config.data.eval_limit,
     )
     show(tree, frozen, params, buffers)
     return metrics
@@ -437,6 +424,14 @@ def make_task(config, model_config, frozen, tokenizer, info, source: str) -> tas
       batching.train_batch, data.train, config.batch_size, seed=config.seed
     ),
     evaluate=make_evaluate(config, model, data, show),
+    adapter_metadata={
+      'task': 'lm_choice',
+      'base_model': config.model.checkpoint,
+      'tokenizer': config.model.checkpoint,
+      'labels': list(data.answers),
+      'max_length': config.model.max_length,
+      'prompt': {'system': config.model.system, 'user': config.model.user},
+    },
     param_axes=llama.PARAM_AXES,
     describe=(
       f'{source} answering {"/".join(data.answers)} on {config.data.name} '
@@ -448,7 +443,10 @@ def make_task(config, model_config, frozen, tokenizer, info, source: str) -> tas
 def build(config) -> tasks.Task:
   """Loads the frozen decoder and its tokenizer; see ``make_task``."""
   path = common.lookup(CHECKPOINTS, 'checkpoint', config.model.checkpoint)()
-  model_config, frozen, tokenizer = gguf_loading.load_gguf(path)
+  frozen_format = config.model.get('frozen', 'float32')
+  keep = frozen_format == 'gguf'
+  model_config, frozen, tokenizer = gguf_loading.load_gguf(path, keep_quantized=keep)
+  frozen = tasks.stored_as(frozen, frozen_format)
   info = gguf_loading.read_tokenizer_info(path)
   source = f'{config.model.checkpoint} ({path})'
   return make_task(config, model_config, frozen, tokenizer, info, source)

@@ -36,20 +36,15 @@ def tokenize(tokenizer, split, max_length: int) -> Arrays:
 
 
 def load_arrays(config, tokenizer) -> dict[str, Arrays]:
-  """The tokenized splits; validation and test cut to ``data.eval_limit``."""
+  """The tokenized splits."""
   dataset = common.lookup(DATASETS, 'dataset', config.data.name)
   splits = dataset.splits(config.data.n_validation, config.data.n_test)
-  arrays = {
-    k: tokenize(tokenizer, s, config.model.max_length) for k, s in splits.items()
-  }
-  if config.data.eval_limit:
-    for name in ('validation', 'test'):
-      arrays[name] = {k: v[: config.data.eval_limit] for k, v in arrays[name].items()}
-  return arrays
+  return {k: tokenize(tokenizer, s, config.model.max_length) for k, s in splits.items()}
 
 
-def make_evaluate(logits, arrays: dict[str, Arrays], batch_size: int):
-  """``evaluate(tree, frozen, params, buffers)``: validation and test accuracy.
+def make_evaluate(logits, arrays: dict[str, Arrays], config):
+  """``evaluate(tree, frozen, params, buffers)``: validation and test accuracy
+  on the first ``config.data.eval_limit`` examples of each.
 
   The model runs through ``peft_jax.adapted(..., factored=True)``, which
   also serves methods with no weight-space form and activation adapters.
@@ -64,7 +59,8 @@ def make_evaluate(logits, arrays: dict[str, Arrays], batch_size: int):
     return tasks.accuracies(
       lambda batch: correct(tree, frozen, params, buffers, batch),
       {name: arrays[name] for name in ('validation', 'test')},
-      batch_size,
+      config.eval_batch_size,
+      config.data.eval_limit,
     )
 
   return evaluate
@@ -80,6 +76,7 @@ def make_task(
     encoder_config, num_labels=num_labels, pooling=config.model.pooling
   )
   sample = (arrays['train']['input_ids'][:1], arrays['train']['attention_mask'][:1])
+  # The head's init depends only on the seed, so from_pretrained rebuilds it.
   head = model.init(jax.random.key(config.seed), *sample)['params']['classifier']
   frozen = {'bert': encoder, 'classifier': head}
 
@@ -104,10 +101,30 @@ def make_task(
     train_batch=functools.partial(
       batching.train_batch, arrays['train'], config.batch_size, seed=config.seed
     ),
-    evaluate=make_evaluate(logits, arrays, config.eval_batch_size),
+    evaluate=make_evaluate(logits, arrays, config),
     describe=describe,
+    adapter_metadata=adapter_metadata(config, num_labels),
     param_axes=bert.PARAM_AXES,
   )
+
+
+def adapter_metadata(config, num_labels: int) -> dict:
+  """What the adapter file records: the shipped encoder, the new head (its
+  init seed) and the labels."""
+  dataset = common.lookup(DATASETS, 'dataset', config.data.name)
+  return {
+    'task': 'text_classification',
+    'base_model': config.model.checkpoint,
+    'tokenizer': config.model.checkpoint,
+    'head': {
+      'kind': 'sequence_classification',
+      'num_labels': num_labels,
+      'pooling': config.model.pooling,
+      'seed': config.seed,
+    },
+    'labels': list(dataset.LABELS),
+    'max_length': config.model.max_length,
+  }
 
 
 def build(config) -> tasks.Task:
