@@ -77,13 +77,24 @@ class MetricsWriter:
       self._board.close()
 
 
+def config_json(config) -> dict:
+  """The config as JSON (what config.json and the checkpoints record)."""
+  try:
+    return json.loads(config.to_json())
+  except TypeError as e:
+    raise pj.PeftError(
+      f'the config holds a value JSON cannot record ({e}'.split('. ')[0] + '); '
+      'use strings (regex selectors, method specs), numbers, lists and dicts'
+    ) from None
+
+
 def claim_workdir(workdir: pathlib.Path, config) -> None:
   """Creates ``workdir`` and records the config; refuses a different run's dir."""
   if workdir.exists() and not workdir.is_dir():
     raise pj.PeftError(f'--workdir {str(workdir)!r} is a file, not a directory')
+  wanted = config_json(config)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / 'config.json'
-  wanted = json.loads(config.to_json())
   if path.exists():
     found = json.loads(path.read_text())
     if found != wanted:
@@ -270,6 +281,7 @@ def setup(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> Run:
     task.frozen, partitioning.param_shardings(task.frozen, task.param_axes, mesh)
   )
   rules = selection.rules_for(config, task)
+  pj.serialize_rules(rules)  # an unsavable rule fails now, not after training
   tree = pj.by_rules(rules)
   if is_writer():
     with open(workdir / 'describe.txt', 'w') as f:
@@ -370,7 +382,7 @@ def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
         metadata = {
           'data_position': step,
           'before': before,
-          'config': json.loads(config.to_json()),
+          'config': config_json(config),
         }
         pj.save_checkpoint(manager, state, metadata)
   return state, LoopStats(step_memory_mib(step_fn), compile_seconds, train_seconds)

@@ -650,3 +650,13 @@ def test_a_run_on_a_2d_mesh_resumes_on_fsdp_and_matches_data_parallel(
     rtol=1e-5,
     atol=1e-6,
   )
+
+
+def test_a_config_json_cannot_record_fails_before_anything_is_written(
+  tmp_path, tiny_task
+):
+  config = local_config('lora')
+  config.adapters = [(lambda name, leaf: name.endswith('kernel'), 'lora(rank=2)')]
+  with pytest.raises(pj.PeftError, match=r"JSON cannot record .*'function'"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

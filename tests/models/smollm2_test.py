@@ -263,6 +263,19 @@ def test_smollm2_metadata_and_tokenizer():
   assert ids.count(info.eos_id) == 2  # <|im_end|> is one special token
 
 
+@pytest.mark.slow
+def test_smollm2_blocks_kept_quantized_equal_ggufs_dequantizer():
+  """Every Q4_1 kernel and the Q8_0 embedding table of the shipped file."""
+  kinds = {}
+  for tensor in gguf.GGUFReader(smollm2_or_skip()).tensors:
+    kept = gguf_loading.kept_quantized(tensor)
+    want = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    np.testing.assert_array_equal(pj.dequantize(kept), want.reshape(kept.shape))
+    kind = kept.kind if isinstance(kept, pj.QuantizedArray) else 'float'
+    kinds[kind] = kinds.get(kind, 0) + 1
+  assert kinds == {'uint4': 30 * 7, 'int8': 1, 'float': 30 * 2 + 1}
+
+
 @pytest.fixture(scope='module')
 def smollm2():
   """(model, params, tokenizer), dequantized once for this module (~0.55 GB)."""
