@@ -21,6 +21,15 @@ from peft_jax.models import bert, checkpoints, llama
 TINY_BERT = bert.BertConfig(
   vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32
 )
+# A 2-layer Llama (d = 64, 4 query heads and 2 key/value heads of 16, FFN 128).
+TINY_LLAMA = llama.LlamaConfig(
+  vocab_size=64,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+)
 
 
 def tiny_bert_classifier(batch: int = 2, seq: int = 5):

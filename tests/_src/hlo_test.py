@@ -24,15 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
 from peft_jax.models import llama, partitioning
+from tests import references
 
-CONFIG = llama.LlamaConfig(
-  vocab_size=64,
-  hidden_size=64,
-  intermediate_size=128,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-)
+CONFIG = references.TINY_LLAMA
 RULES = [(r'.*_proj/kernel', 'lora(rank=4)')]
 OPERAND = re.compile(r'(f32|s32|u32|pred)\[([\d,]*)\]')
 

@@ -15,14 +15,7 @@ from peft_jax._src import quantization, quantized_array
 from peft_jax.models import llama
 from tests import references
 
-CONFIG = llama.LlamaConfig(
-  vocab_size=64,
-  hidden_size=64,
-  intermediate_size=128,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-)
+CONFIG = references.TINY_LLAMA
 KERNELS = r'.*_proj/kernel'
 
 
