@@ -12,6 +12,7 @@ for the backward pass hold a full-precision copy of the model. Adapter
 methods' ``init``/``apply`` see ``values(w)``, the dequantized leaf.
 """
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -96,28 +97,39 @@ def quantize(
   return out
 
 
+def _after(x: jax.Array, q: QuantizedArray) -> QuantizedArray:
+  """``q`` with its scales made data-dependent on ``x`` (plus an exact 0:
+  ``0 · isnan(x₀)``), so ``dequantize`` cannot run before ``x`` exists nor be
+  merged with another dequantization of ``q``. ``optimization_barrier`` would
+  say the same, but XLA:CPU removes barriers before scheduling and
+  common-subexpression elimination (measured: the backward pass's
+  dequantization merged into the forward's, keeping every layer's ``w``)."""
+  x, q = jax.lax.optimization_barrier((x, q))
+  zero = 0.0 * jnp.isnan(jnp.ravel(x)[0]).astype(jnp.float32)
+  scales = (q.scales.astype(jnp.float32) + zero).astype(q.scales.dtype)
+  return dataclasses.replace(q, scales=scales)
+
+
 def dequantized_linear(
   fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, q: QuantizedArray
 ) -> jax.Array:
   """``fn(x, dequantize(q))`` for ``fn`` linear in ``x`` (a matmul), with ``w``
   formed only at this use: the forward pass dequantizes once ``x`` exists,
   the backward pass keeps ``q`` (not ``w``) and dequantizes again once the
-  output cotangent exists (``lax.optimization_barrier`` orders both), so the
-  scheduler cannot hold every layer's ``w`` at once. ``q`` gets no gradient.
+  output cotangent exists (``_after`` orders both), so the scheduler cannot
+  hold every layer's ``w`` at once. ``q`` gets no gradient.
   """
 
   @jax.custom_vjp
   def run(x, q):
-    x, q = jax.lax.optimization_barrier((x, q))
-    return fn(x, dequantize(q))
+    return fn(x, dequantize(_after(x, q)))
 
   def forward(x, q):
     return run(x, q), (q, jax.ShapeDtypeStruct(x.shape, x.dtype))
 
   def backward(residuals, cotangent):
     q, x_type = residuals
-    cotangent, q = jax.lax.optimization_barrier((cotangent, q))
-    w = dequantize(q)
+    w = dequantize(_after(cotangent, q))
     (dx,) = jax.linear_transpose(lambda x: fn(x, w), x_type)(cotangent)
     return dx, None
 
