@@ -1,7 +1,7 @@
 r"""Memory and step time of LoRA on SmolLM2-135M, float and quantized frozen weights.
 
   python -m benchmarks.quantized_lora            # every variant, one process each
-  python -m benchmarks.quantized_lora --variant nf4 --layout scan --scheduler memory
+  python -m benchmarks.quantized_lora --variant nf4 --layout scan
 
 The shipped SmolLM2-135M-Instruct GGUF (Q4_1 kernels, Q8_0 embeddings),
 LoRA r8 α16 on the seven projections of all 30 layers (the Rotten Tomatoes
@@ -21,10 +21,6 @@ compiled step (arguments, temporaries); the median wall time of the steps
 after a warm-up; the process's peak resident set (each variant runs in its
 own process). ``--layout scan`` runs the scanned model (``stacked(lora)``),
 in which each layer's kernels are dequantized inside the loop body.
-``--scheduler memory`` runs with ``XLA_FLAGS`` set to
-``--xla_cpu_enable_concurrency_optimized_scheduler=false``: XLA's default
-CPU scheduler starts independent work early for parallelism, which
-includes every layer's dequantization of an unrolled model.
 
 Writes ``benchmarks/results/quantized_lora.{json,md}`` with the machine,
 versions and date.
@@ -52,10 +48,6 @@ from peft_jax.models import gguf_loading, llama
 
 VARIANTS = ('float32', 'bfloat16', 'int8', 'int4', 'nf4', 'gguf')
 LAYOUTS = ('unrolled', 'scan')
-SCHEDULERS = {
-  'default': '',
-  'memory': '--xla_cpu_enable_concurrency_optimized_scheduler=false',
-}
 KERNELS = r'(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
 BATCH, SEQ, STEPS = 8, 72, 6
 RESULTS = pathlib.Path(__file__).parent / 'results'
@@ -75,7 +67,7 @@ def frozen_weights(variant: str, scan: bool):
   return config, frozen
 
 
-def measure(variant: str, layout: str, scheduler: str) -> dict:
+def measure(variant: str, layout: str) -> dict:
   """One variant's row, measured in this process."""
   scan = layout == 'scan'
   config, frozen = frozen_weights(variant, scan)
@@ -113,7 +105,6 @@ def measure(variant: str, layout: str, scheduler: str) -> dict:
   return {
     'variant': variant,
     'layout': layout,
-    'scheduler': scheduler,
     'frozen_mib': mib(quantization.stored_bytes(frozen)),
     'step_arguments_mib': mib(memory.argument_size_in_bytes),
     'step_temporaries_mib': mib(memory.temp_size_in_bytes),
@@ -146,20 +137,15 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--variant', choices=VARIANTS, help='measure one, print JSON')
   parser.add_argument('--layout', choices=LAYOUTS, default='unrolled')
-  parser.add_argument('--scheduler', choices=SCHEDULERS, default='default')
   parser.add_argument(
-    '--runs',
-    default='unrolled:default,unrolled:memory',
-    help='comma list of layout:scheduler, each over every variant',
+    '--layouts', default=','.join(LAYOUTS), help='comma list, each over every variant'
   )
   args = parser.parse_args(argv)
   if args.variant:
-    print(json.dumps(measure(args.variant, args.layout, args.scheduler)))
+    print(json.dumps(measure(args.variant, args.layout)))
     return 0
   rows = []
-  for run in args.runs.split(','):
-    layout, scheduler = run.split(':')
-    env = {**os.environ, 'XLA_FLAGS': SCHEDULERS[scheduler]}
+  for layout in args.layouts.split(','):
     for variant in VARIANTS:
       command = [
         sys.executable,
@@ -168,8 +154,8 @@ def main(argv=None) -> int:
         '--variant',
         variant,
       ]
-      command += ['--layout', layout, '--scheduler', scheduler]
-      out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+      command += ['--layout', layout]
+      out = subprocess.run(command, check=True, capture_output=True, text=True)
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(rows[-1], flush=True)
   RESULTS.mkdir(exist_ok=True)
