@@ -1,6 +1,6 @@
 r"""Memory and step time of LoRA on SmolLM2-135M, float and quantized frozen weights.
 
-  python -m benchmarks.quantized_lora            # every variant, one process each
+  python -m benchmarks.quantized_lora            # RUNS, one process each
   python -m benchmarks.quantized_lora --variant nf4 --layout scan
 
 The shipped SmolLM2-135M-Instruct GGUF (Q4_1 kernels, Q8_0 embeddings),
