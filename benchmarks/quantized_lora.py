@@ -48,8 +48,14 @@ from peft_jax.models import gguf_loading, llama
 
 VARIANTS = ('float32', 'bfloat16', 'int8', 'int4', 'nf4', 'gguf')
 LAYOUTS = ('unrolled', 'scan')
+RUNS = (
+  *(f'unrolled/{variant}' for variant in VARIANTS),
+  'scan/float32',
+  'scan/nf4',
+  'scan/gguf',
+)
 KERNELS = r'(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel'
-BATCH, SEQ, STEPS = 8, 72, 6
+BATCH, SEQ, STEPS = 8, 72, 5
 RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
@@ -138,26 +144,28 @@ def main(argv=None) -> int:
   parser.add_argument('--variant', choices=VARIANTS, help='measure one, print JSON')
   parser.add_argument('--layout', choices=LAYOUTS, default='unrolled')
   parser.add_argument(
-    '--layouts', default=','.join(LAYOUTS), help='comma list, each over every variant'
+    '--runs', default=','.join(RUNS), help='comma list of layout/variant to measure'
   )
   args = parser.parse_args(argv)
   if args.variant:
     print(json.dumps(measure(args.variant, args.layout)))
     return 0
   rows = []
-  for layout in args.layouts.split(','):
-    for variant in VARIANTS:
-      command = [
-        sys.executable,
-        '-m',
-        'benchmarks.quantized_lora',
-        '--variant',
-        variant,
-      ]
-      command += ['--layout', layout]
-      out = subprocess.run(command, check=True, capture_output=True, text=True)
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-      print(rows[-1], flush=True)
+  for run in args.runs.split(','):
+    layout, variant = run.split('/')
+    command = [
+      '-m',
+      'benchmarks.quantized_lora',
+      '--variant',
+      variant,
+      '--layout',
+      layout,
+    ]
+    out = subprocess.run(
+      [sys.executable, *command], check=True, capture_output=True, text=True
+    )
+    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(rows[-1], flush=True)
   RESULTS.mkdir(exist_ok=True)
   result = {'environment': environment(), 'rows': rows}
   (RESULTS / 'quantized_lora.json').write_text(json.dumps(result, indent=2))
