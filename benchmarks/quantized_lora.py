@@ -43,10 +43,11 @@ import jax.numpy as jnp
 import optax
 
 import peft_jax as pj
+from experiments import tasks
 from peft_jax._src import quantization
 from peft_jax.models import gguf_loading, llama
 
-VARIANTS = ('float32', 'bfloat16', 'int8', 'int4', 'nf4', 'gguf')
+VARIANTS = tasks.FROZEN_FORMATS
 LAYOUTS = ('unrolled', 'scan')
 RUNS = (
   *(f'unrolled/{variant}' for variant in VARIANTS),
@@ -66,11 +67,7 @@ def frozen_weights(variant: str, scan: bool):
   config, frozen, _ = gguf_loading.load_gguf(
     path, keep_quantized=keep, scan_layers=scan
   )
-  if variant == 'bfloat16':
-    frozen = jax.tree.map(lambda w: w.astype(jnp.bfloat16), frozen)
-  elif variant in ('int8', 'int4', 'nf4'):
-    frozen = pj.quantize(frozen, variant, group_size=64)
-  return config, frozen
+  return config, tasks.stored_as(frozen, variant)
 
 
 def measure(variant: str, layout: str) -> dict:

@@ -41,6 +41,7 @@ from peft_jax._src.hooks import AttentionKV, HookPoint, hook_point, hook_points
 from peft_jax._src.noise import Noise
 from peft_jax._src.quantization import dequantize_tree as dequantize
 from peft_jax._src.quantization import quantize, stored_bytes
+from peft_jax._src.quantized_array import KINDS as QUANTIZATION_KINDS
 from peft_jax._src.quantized_array import QuantizedArray, is_quantized
 from peft_jax._src.registry import (
   get,
@@ -104,6 +105,7 @@ from peft_jax.methods.vera import vera
 from peft_jax.wrappers import matrix_view, mpc, stacked
 
 __all__ = [
+  'QUANTIZATION_KINDS',
   'ActivationAdapter',
   'Adapter',
   'AdapterParams',

@@ -73,7 +73,7 @@ def build(config) -> Task:
 # config.model.frozen: how the frozen weights are stored (the model computes
 # in float32 either way; 'gguf' is the GGUF file's own blocks, see
 # gguf_loading.load_gguf(keep_quantized=True)).
-FROZEN_FORMATS = ('float32', 'bfloat16', 'int8', 'int4', 'nf4', 'gguf')
+FROZEN_FORMATS = ('float32', 'bfloat16', *pj.QUANTIZATION_KINDS, 'gguf')
 
 
 def stored_as(frozen: pj.Params, frozen_format: str) -> pj.Params:
@@ -82,7 +82,7 @@ def stored_as(frozen: pj.Params, frozen_format: str) -> pj.Params:
   ``pj.quantize`` in groups of 64."""
   if frozen_format == 'bfloat16':
     return jax.tree.map(lambda w: w.astype(jax.numpy.bfloat16), frozen)
-  if frozen_format in ('int8', 'int4', 'nf4'):
+  if frozen_format in pj.QUANTIZATION_KINDS:
     return pj.quantize(frozen, frozen_format, group_size=64)
   return frozen
 
