@@ -161,12 +161,19 @@ def _run_factored(x, kernel: Adapted):
   factored = kernel.adapter.linear.factored
   if not is_quantized(kernel.w):
     return factored(x, kernel.w, kernel.params, kernel.buffers)
-  args = (x, kernel.params, kernel.buffers)
   run = lambda w, x, params, buffers: factored(x, w, params, buffers)
   traced = _as_traced(kernel.name, kernel.w)
-  closed, out_shape = jax.make_jaxpr(run, return_shape=True)(traced, *args)
   plain = Adapted(kernel.w, None, None, None, kernel.name)
-  out = evaluate(closed.jaxpr, closed.consts, [plain, *jax.tree.leaves(args)])
+  return _interpreted(run, traced, plain, x, kernel.params, kernel.buffers)
+
+
+def _interpreted(fn: Callable[..., Any], traced, value, *args) -> Any:
+  """``fn(weights, *args)`` traced with ``traced`` (arrays or shape structs)
+  standing for ``weights`` and evaluated with ``value`` (a tree of the same
+  leaves, some ``Adapted``) in their place."""
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(traced, *args)
+  leaves = jax.tree.leaves(value, is_leaf=_is_adapted) + jax.tree.leaves(args)
+  out = evaluate(closed.jaxpr, closed.consts, leaves)
   return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
 
@@ -418,12 +425,10 @@ def adapted(
     if not fast and not any(map(is_quantized, leaves)):
       return fn(weights, *args)
     traced = paths.map_named(_as_traced, weights)
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(traced, *args)
     names = jax.tree.leaves(paths.map_named(lambda name, w: name, weights))
     weight_leaves = [
       _kernel_value(name, leaf, fast) for name, leaf in zip(names, leaves, strict=True)
     ]
-    out = evaluate(closed.jaxpr, closed.consts, weight_leaves + jax.tree.leaves(args))
-    return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+    return _interpreted(fn, traced, weight_leaves, *args)
 
   return g
