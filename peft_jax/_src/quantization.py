@@ -13,7 +13,6 @@ methods' ``init``/``apply`` see ``values(w)``, the dequantized leaf.
 """
 
 import dataclasses
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from peft_jax._src.quantized_array import (
   is_quantized,
   quantize_array,
 )
+from peft_jax._src.rules import compile_pattern
 
 
 def values(w: Any) -> Any:
@@ -41,13 +41,6 @@ def dequantize_tree(tree: Params) -> Params:
   """``tree`` with every ``QuantizedArray`` leaf dequantized (``tree`` may
   itself be one): plain arrays, e.g. to export or to compare weights."""
   return jax.tree.map(values, tree, is_leaf=is_quantized)
-
-
-def _selector(select: str | Callable[[str, Any], bool]) -> Callable[[str, Any], bool]:
-  if callable(select):
-    return select
-  pattern = re.compile(select)
-  return lambda name, leaf: pattern.fullmatch(name) is not None
 
 
 def quantize(
@@ -75,7 +68,7 @@ def quantize(
     PeftError: an unknown kind, nothing selected, or a selected leaf whose
       input axis ``group_size`` does not divide (naming the leaf).
   """
-  chosen = _selector(select)
+  chosen = select if callable(select) else compile_pattern('quantize: select=', select)
   taken = []
 
   def visit(name, leaf):

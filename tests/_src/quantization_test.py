@@ -228,6 +228,10 @@ def test_describe_and_count_see_logical_shapes(capsys):
       'dense_0/kernel: group_size=5 does not split axis -2 of length 32',
     ),
     (
+      lambda f: pj.quantize(f, 'int4', select='('),
+      "quantize: select='(' is not a regex",
+    ),
+    (
       lambda f: pj.quantize(f, 'int4', select='nothing'),
       "select='nothing' matches no float leaf",
     ),
