@@ -3,6 +3,7 @@
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,11 +22,14 @@ def positive_int(method: str, name: str, value: Any) -> int:
 
 
 def real(method: str, name: str, value: Any) -> float:
-  """``value`` as a float if it is a real number (bools rejected)."""
+  """``value`` as a float if it is a finite real number (bools, nan and ±inf
+  rejected)."""
   if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
     raise PeftError(
       f'{method}: {name}={value!r} must be a number, got {type(value).__name__}'
     )
+  if not math.isfinite(value):
+    raise PeftError(f'{method}: {name}={value} must be a finite number')
   return float(value)
 
 
@@ -34,6 +38,14 @@ def positive(method: str, name: str, value: Any) -> float:
   value = real(method, name, value)
   if not value > 0:
     raise PeftError(f'{method}: {name}={value} must be > 0')
+  return value
+
+
+def nonzero(method: str, name: str, value: Any) -> float:
+  """``value`` as a float if it is a finite real number other than 0."""
+  value = real(method, name, value)
+  if value == 0:
+    raise PeftError(f'{method}: {name}={value} must be nonzero')
   return value
 
 
@@ -101,3 +113,15 @@ def probability(method: str, p) -> float:
 def budget(p: float, shape) -> int:
   """``k = ⌊p · size⌋``, the SAM code's ``int(p · numel)``."""
   return int(p * math.prod(shape))
+
+
+def concrete(x: Any) -> bool:
+  """Whether ``x`` holds values now: an array, not a tracer or a shape struct."""
+  return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+
+
+def nonfinite(x: Any) -> int:
+  """The number of nan or ±inf entries of a concrete array (one reduction,
+  on the host for NumPy arrays)."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return int(xp.sum(~xp.isfinite(x)))

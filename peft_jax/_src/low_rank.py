@@ -26,9 +26,10 @@ def no_mix(params: AdapterParams, buffers: Buffers, h: Array) -> Array:
 
 
 def lora_scale(method: str, rank: int, alpha: float, rslora: bool = False) -> float:
-  """``s = α/r``, or ``α/√r`` with rsLoRA."""
+  """``s = α/r``, or ``α/√r`` with rsLoRA, for ``α > 0`` (``s = 0`` zeroes the
+  update and both factors' gradients: the adapter could never train)."""
   rank = checks.positive_int(method, 'rank', rank)
-  alpha = checks.real(method, 'alpha', alpha)
+  alpha = checks.positive(method, 'alpha', alpha)
   return alpha / (rank**0.5 if checks.flag(method, 'rslora', rslora) else rank)
 
 

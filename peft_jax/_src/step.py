@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft_jax._src import noise, sharding
+from peft_jax._src import checks, noise, paths, sharding
 from peft_jax._src.base import (
   AdapterParams,
   Array,
   Buffers,
   Params,
+  PeftError,
   Schedule,
   TreeAdapter,
 )
@@ -61,17 +62,41 @@ class TrainState(NamedTuple):
   ) -> 'TrainState':
     """Step 0 for ``(params, buffers) = adapter.init(key, frozen)``.
 
-    A ``schedule`` needs the ``frozen`` tree for its ``init``. When
+    Checks that every ``params`` leaf is floating and not float16 (float16
+    θ needs loss scaling, which the step does not do). A ``schedule`` needs
+    the ``frozen`` tree for its ``init``. When
     ``params`` live on a device mesh (``NamedSharding``), every leaf the
     state adds that is not already on it (the step, the key, the
     optimizer's counters, the schedule's scalars) is replicated over that
     mesh, so the step compiles once for the state it returns.
     """
+    _check_trainable(params)
+    if schedule is not None and frozen is None:
+      raise PeftError(
+        "TrainState.create: schedule= needs frozen= (the schedule's init reads "
+        'the frozen weights); got frozen=None'
+      )
     schedule_state = () if schedule is None else schedule.init(frozen, params, buffers)
     step = jnp.zeros((), jnp.int32)
     state = cls(params, buffers, optimizer.init(params), step, rng, schedule_state)
     mesh = sharding.mesh_of(params)
     return state if mesh is None else sharding.replicate_off_mesh(state, mesh)
+
+
+def _check_trainable(params: AdapterParams) -> None:
+  """Raises at the first θ leaf that is not floating, or is float16."""
+  for name, leaf in paths.named_leaves(params):
+    dtype = jnp.dtype(leaf.dtype)
+    if dtype == jnp.float16:
+      raise PeftError(
+        f'TrainState.create: params leaf {name!r} is float16, which needs loss '
+        'scaling that this step does not do; use bfloat16 or float32'
+      )
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise PeftError(
+        f'TrainState.create: params leaf {name!r} is {dtype.name}; trained '
+        'parameters must be floating: use bfloat16 or float32'
+      )
 
 
 def make_train_step(
@@ -82,6 +107,7 @@ def make_train_step(
   axis_name: str | None = None,
   factored: bool = False,
   schedule: Schedule | None = None,
+  skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Params, Any], tuple[TrainState, dict[str, Array]]]:
   """Builds ``step(state, frozen, batch) -> (state, metrics)``, a pure function.
 
@@ -107,14 +133,22 @@ def make_train_step(
       weight gradient).
     schedule: a ``Schedule`` run after each optimizer update (its state is
       ``state.schedule_state``; create the state with the same schedule).
+    skip_nonfinite: a step whose loss, regulariser or gradient has a nan or
+      ±inf entry leaves ``params``, ``buffers``, ``opt_state`` and
+      ``schedule_state`` unchanged; ``step`` still advances (a data stream
+      indexed by it moves on).
 
   Returns:
     The pure step. Under ``jit`` donate the state:
     ``jax.jit(step, donate_argnums=0)`` (the passed state's arrays are then
     invalid: keep using the returned one). Metrics hold ``loss``
-    (regulariser excluded), ``regularizer`` (if any), ``grad_norm`` and the
-    loss function's own metrics.
+    (regulariser excluded), ``regularizer`` (if any), ``grad_norm``,
+    ``finite`` (a bool: the loss, regulariser and every gradient entry are
+    finite; computed after the averaging over ``axis_name``, so every
+    device agrees), with ``skip_nonfinite`` also ``skipped`` (int32 1 when
+    the update was dropped, else 0), and the loss function's own metrics.
   """
+  skip_nonfinite = checks.flag('make_train_step', 'skip_nonfinite', skip_nonfinite)
   loss_of_params = adapted(adapter, loss_fn, factored=factored)
 
   def objective(params, buffers, frozen, batch, rng):
@@ -138,16 +172,34 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['finite'] = _finite(metrics)
     step = state.step + 1
     buffers, schedule_state = state.buffers, state.schedule_state
     if schedule is not None:
       params, buffers, opt_state, schedule_state = schedule.update(
         schedule_state, frozen, params, buffers, grads, opt_state, step
       )
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(metrics['finite'], new, old)
+      params, buffers, opt_state, schedule_state = jax.tree.map(
+        keep,
+        (params, buffers, opt_state, schedule_state),
+        (state.params, state.buffers, state.opt_state, state.schedule_state),
+      )
+      metrics['skipped'] = (~metrics['finite']).astype(jnp.int32)
     new_state = TrainState(params, buffers, opt_state, step, state.rng, schedule_state)
     return new_state, metrics
 
   return step
+
+
+def _finite(metrics: dict[str, Array]) -> Array:
+  """Whether the loss, the regulariser (if any) and the gradient norm (so
+  every gradient entry) are finite."""
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+  if 'regularizer' in metrics:
+    finite &= jnp.isfinite(metrics['regularizer'])
+  return finite
 
 
 def _varies(x: Array, axis_name: str) -> bool:

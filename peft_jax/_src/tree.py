@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax._src import paths, quantization, registry, shared
+from peft_jax._src import checks, paths, quantization, registry, shared
 from peft_jax._src.base import (
   ActivationAdapter,
   Adapter,
@@ -168,12 +168,38 @@ def _weight_adapters(compiled, frozen: Params) -> dict[str, Adapter]:
   return {n: r.adapter for n, r in weights.items() if r.adapter is not None}
 
 
-def _init_weights(key: Array, frozen: Params, chosen: Mapping[str, Adapter]) -> dict:
-  """``{leaf name: (params, buffers)}`` of the chosen leaves."""
-  flat = paths.flatten(frozen)
+def _method(adapter: Adapter) -> str:
+  return registry.brief(adapter.name) if adapter.name else 'a hand-built adapter'
+
+
+def _check_leaf(name: str, adapter: Adapter, w) -> None:
+  """An adapted leaf, as its method sees it, must be floating and, when its
+  values are at hand (not traced), finite: one reduction per leaf."""
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise PeftError(
+      f'{name}: {_method(adapter)} cannot adapt a leaf of dtype '
+      f'{np.dtype(w.dtype).name}; adapters change floating weights (expected a '
+      'float dtype)'
+    )
+  if not checks.concrete(w):
+    return
+  with jax.ensure_compile_time_eval():  # Eager even if init is being traced.
+    bad = checks.nonfinite(w)
+  if bad:
+    raise PeftError(
+      f'{name}: the frozen leaf has {bad} non-finite entries (nan or ±inf) of '
+      f'{np.size(w)}; {_method(adapter)} expected finite weights'
+    )
+
+
+def _init_weights(key: Array, leaves: Mapping, chosen: Mapping[str, Adapter]) -> dict:
+  """``{leaf name: (params, buffers)}`` of the chosen leaves of the flat
+  ``leaves``, each checked by ``_check_leaf`` first: ``init`` passes its
+  frozen leaves, ``plan`` traced ones (so only their dtypes are checked)."""
   out = {}
   for name, adapter in chosen.items():
-    w = quantization.values(flat[name])
+    w = quantization.values(leaves[name])
+    _check_leaf(name, adapter, w)
     out[name] = with_name(name, adapter.init, leaf_key(key, name), w)
     _check_typed(name, adapter, out[name][0])
   return out
@@ -185,7 +211,7 @@ def _init(
   """``TreeAdapter.init``: every matched leaf and hook point, in sparse trees."""
   weights, points = assign(compiled, frozen, hooks, strict=strict)
   pick = lambda rules: {n: r.adapter for n, r in rules.items() if r.adapter}
-  made = _init_weights(key, frozen, pick(weights))
+  made = _init_weights(key, paths.flatten(frozen), pick(weights))
   for name, adapter in pick(points).items():
     point = hooks[name]
     made[name] = with_name(
@@ -206,8 +232,11 @@ def _plan(compiled, frozen: Params, params: AdapterParams, buffers: Buffers) -> 
   every other entry as a hook point the rules select."""
   weights = _weight_adapters(compiled, frozen)
   given_params, given_buffers = entries(params), entries(buffers)
+  flat = paths.flatten(frozen)
   expected = jax.eval_shape(
-    lambda key: _init_weights(key, frozen, weights), jax.random.key(0)
+    functools.partial(_init_weights, chosen=weights),
+    jax.random.key(0),
+    {n: flat[n] for n in weights},
   )
   subset = lambda tree: {n: tree[n] for n in tree if n in weights}
   _check_fits(
@@ -262,7 +291,19 @@ def _apply_entry(entry: Entry, w):
 
 
 def _unapply_entry(entry: Entry, w):
-  return entry.adapter.unapply(w, entry.params, entry.buffers)
+  """``unapply`` of one leaf; with values at hand, raises where it turned
+  finite merged entries non-finite (one reduction)."""
+  frozen = entry.adapter.unapply(w, entry.params, entry.buffers)
+  if not (checks.concrete(w) and checks.concrete(frozen)):
+    return frozen
+  bad = int(jnp.sum(~jnp.isfinite(frozen) & jnp.isfinite(w)))
+  if bad:
+    raise PeftError(
+      f'cannot unmerge: undoing {_method(entry.adapter)} gives {bad} non-finite '
+      'entries where the merged weight is finite (expected an invertible '
+      'update; e.g. its scale has zeros)'
+    )
+  return frozen
 
 
 def _regularize(plan: Callable, reduction: str, frozen: Params, params, buffers):
@@ -329,7 +370,12 @@ def _modules(plan: Plan) -> str:
 
 
 def unmerge(adapter: TreeAdapter, merged: Params, params, buffers=None) -> Params:
-  """Recovers the frozen weights from merged ones: ``unapply(merged, ...)``."""
+  """Recovers the frozen weights from merged ones: ``unapply(merged, ...)``.
+
+  With values at hand (not traced), raises at the first leaf where undoing
+  the update turns finite merged entries non-finite (an (IA)³ scale of 0
+  cannot be divided out) instead of returning them (``_unapply_entry``).
+  """
   if adapter.unapply is None:
     raise PeftError(
       f'{adapter.name} is not invertible: some chosen method has no unapply '

@@ -79,7 +79,7 @@ def compacter(
     n: the number of Kronecker summands (AdapterHub's ``phm_dim``, 4); must
       divide ``d_in``, ``m`` and ``d_out``.
     rank: r of each ``S_i T_i`` (AdapterHub's ``phm_rank``, 1).
-    phm_init_range: the standard deviation of the ``A_i`` init.
+    phm_init_range: the standard deviation σ > 0 of the ``A_i`` init.
     param_dtype: dtype of all adapter parameters.
 
   Returns:
@@ -89,7 +89,7 @@ def compacter(
   reduction_factor = checks.positive_int(name, 'reduction_factor', reduction_factor)
   n = checks.positive_int(name, 'n', n)
   rank = checks.positive_int(name, 'rank', rank)
-  init_std = checks.real(name, 'phm_init_range', phm_init_range)
+  init_std = checks.positive(name, 'phm_init_range', phm_init_range)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def dims(w):

@@ -86,7 +86,7 @@ def fourierft(
 
   Args:
     n_frequency: n > 0, the number of trained coefficients per kernel.
-    scaling: s, the update's scale (HF's default 150).
+    scaling: s > 0, the update's scale (HF's default 150).
     seed: the int ≥ 0 that picks the frequencies (HF ``random_loc_seed``).
     zero_init: start from a zero spectrum (the identity).
     param_dtype: dtype of the spectrum.
@@ -96,7 +96,7 @@ def fourierft(
   """
   name = 'fourierft'
   n_frequency = checks.positive_int(name, 'n_frequency', n_frequency)
-  scaling = checks.real(name, 'scaling', scaling)
+  scaling = checks.positive(name, 'scaling', scaling)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise PeftError(f'{name}: seed={seed!r} must be an int >= 0')
   zero_init = checks.flag(name, 'zero_init', zero_init)

@@ -46,7 +46,7 @@ def loha(rank: int = 8, alpha: float = 8.0, *, param_dtype: str = 'float32') -> 
 
   Args:
     rank: r, with ``0 < r <= min(d_in, d_out)``.
-    alpha: α of the scale ``s = α/r``.
+    alpha: α > 0 of the scale ``s = α/r``.
     param_dtype: dtype of the four factors; ``w'`` keeps ``w``'s dtype.
 
   Returns:
@@ -54,7 +54,7 @@ def loha(rank: int = 8, alpha: float = 8.0, *, param_dtype: str = 'float32') -> 
   """
   name = 'loha'
   rank = checks.positive_int(name, 'rank', rank)
-  scale = checks.real(name, 'alpha', alpha) / rank
+  scale = checks.positive(name, 'alpha', alpha) / rank
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
   uniform = initializers.kaiming_uniform
 

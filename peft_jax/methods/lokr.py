@@ -186,7 +186,7 @@ def lokr(
       factors near ``√dim``, else ``a1``/``a2`` as close to ``factor`` as the
       divisors allow.
     rank: r of the low-rank ``d`` (and ``c``); ``None`` for full factors.
-    alpha: α of the scale.
+    alpha: α > 0 of the scale.
     decompose_both: also factor ``c`` at rank r (needs ``rank``).
     full_d: keep ``d`` full with a rank (needs ``rank``); ``s`` stays α/r.
     param_dtype: dtype of the factors; ``w'`` keeps ``w``'s dtype.
@@ -205,7 +205,7 @@ def lokr(
     raise PeftError(f'{name}: {option}=True needs a rank; got rank=None')
   if alpha is None:  # α = r with a rank, else 1: s = 1 either way.
     alpha = float(rank or 1)
-  scale = checks.real(name, 'alpha', alpha) / (rank or 1)
+  scale = checks.positive(name, 'alpha', alpha) / (rank or 1)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)
 
   def init(key, w):

@@ -80,7 +80,8 @@ def scaled_parallel(
   Args:
     reduction_factor: d / r, an int > 0 (ignored when ``rank`` is given).
     rank: r > 0, overriding ``reduction_factor``.
-    scale: s, the fixed scale or the learned one's initial value.
+    scale: s ≠ 0, the fixed scale or the learned one's initial value (with
+      ``up = 0`` at init, ``s = 0`` leaves every gradient 0).
     learned_scale: train ``s``.
     activation: ``'relu'`` (default), ``'gelu'``, ``'silu'``/``'swish'`` or
       ``'tanh'``.
@@ -93,7 +94,7 @@ def scaled_parallel(
   factor = checks.positive_int(name, 'reduction_factor', reduction_factor)
   if rank is not None:
     rank = checks.positive_int(name, 'rank', rank)
-  scale = checks.real(name, 'scale', scale)
+  scale = checks.nonzero(name, 'scale', scale)
   learned = checks.flag(name, 'learned_scale', learned_scale)
   act = nonlinearities.get(name, 'activation', activation)
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)

@@ -94,7 +94,8 @@ def vera(
 
   Args:
     rank: r > 0, the width of the shared projections.
-    d_init: the initial value of every entry of ``λ_d``.
+    d_init: the initial value of every entry of ``λ_d``, nonzero (with
+      ``λ_b = 0`` too, neither would get a gradient).
     seed: the int ≥ 0 that fixes the projections (HF ``projection_prng_key``).
     shared_shape: ``None`` (regenerated per leaf) or ``(n_in, n_out)``,
       the stored projections' widths (HF's largest adapted ``d_in``,
@@ -106,7 +107,7 @@ def vera(
   """
   name = 'vera'
   rank = checks.positive_int(name, 'rank', rank)
-  d_init = checks.real(name, 'd_init', d_init)
+  d_init = checks.nonzero(name, 'd_init', d_init)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise PeftError(f'{name}: seed={seed!r} must be an int >= 0')
   dtype = checks.float_dtype(name, 'param_dtype', param_dtype)

@@ -25,7 +25,7 @@ def random_params(seed, rank):
   'style,rank,alpha,s',
   [
     ('cr_mr', 4, 16.0, 16 / 4),
-    ('cr_mr', 3, 0.0, 0.0),
+    ('cr_mr', 3, 1.5, 1.5 / 3),
     ('loralib', 4, 16.0, 16 / (4 + 1e-5)),
     ('loralib', 3, 0.0, 3 / (3 + 1e-5)),  # α ≤ 0 is replaced by r.
   ],
@@ -78,6 +78,7 @@ def test_trainable_count_is_low_rank_plus_core():
     ({'rank': 0, 'style': 'loralib'}, (4, 4), 'rank=0 must be > 0'),
     ({'rank': 5}, (8, 4), r'rank=5 exceeds min\(d_in, d_out\)=4'),
     ({'alpha': None}, (4, 4), 'alpha=None must be a number'),
+    ({'alpha': 0.0}, (4, 4), r'alpha=0.0 must be > 0'),  # loralib: α ≤ 0 → r.
     ({'style': 'hf'}, (4, 4), "style='hf' is not one of 'loralib', 'cr_mr'"),
     ({'param_dtype': 'int8'}, (4, 4), 'not a floating dtype'),
     ({'rank': 2}, (4,), 'expects a 2-D kernel'),
