@@ -28,11 +28,13 @@ from peft_jax._src.base import (
   TreeAdapter,
 )
 from peft_jax._src.checkpoint import (
+  DamagedCheckpoint,
   LoadedAdapter,
   checkpoint_manager,
   load_adapter,
   load_adapter_file,
   restore_checkpoint,
+  restore_newest_good,
   save_adapter,
   save_checkpoint,
 )
@@ -111,6 +113,7 @@ __all__ = [
   'AdapterParams',
   'AttentionKV',
   'Buffers',
+  'DamagedCheckpoint',
   'Entry',
   'FactoredFallbackWarning',
   'HookPoint',
@@ -192,6 +195,7 @@ __all__ = [
   'register_selector',
   'register_wrapper',
   'restore_checkpoint',
+  'restore_newest_good',
   'sam_parser',
   'save_adapter',
   'save_checkpoint',

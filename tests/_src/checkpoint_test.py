@@ -2,6 +2,7 @@
 rebuild their adapter from the rules they record."""
 
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -303,3 +304,135 @@ def test_loading_a_file_without_rules_or_with_unknown_ones_is_a_clear_error(tmp_
     lambda: pj.load_adapter(newer),
     'format_version 2 is newer than this peft_jax reads \\(1\\); upgrade',
   )
+
+
+def small_state(dtype=jnp.float32):
+  params = {'w': jnp.arange(12.0, dtype=dtype).reshape(3, 4)}
+  return pj.TrainState.create(params, {}, optax.adam(1e-3), jax.random.key(0))
+
+
+def saved_steps(directory, *steps):
+  """A manager over ``directory`` holding ``small_state`` at ``steps``
+  (values shifted by the step, so each step is recognisable)."""
+  manager = pj.checkpoint_manager(str(directory))
+  state = small_state()
+  for step in steps:
+    params = {'w': state.params['w'] + step}
+    pj.save_checkpoint(
+      manager, state._replace(params=params, step=jnp.int32(step)), {'at': step}
+    )
+  return manager, state
+
+
+def largest_data_file(step_dir):
+  files = [p for p in (step_dir / 'state').rglob('d/*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_step_is_moved_aside_and_the_next_older_one_restored(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  manager, target = saved_steps(directory, 1, 2)
+  path = largest_data_file(directory / '2')
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01  # one flipped bit: orbax itself reads it back
+  path.write_bytes(bytes(data))
+  reports = []
+  state, metadata = pj.restore_newest_good(manager, target, report=reports.append)
+  assert metadata == {'at': 1} and int(state.step) == 1
+  np.testing.assert_array_equal(state.params['w'], target.params['w'] + 1)
+  (report,) = reports
+  assert report.startswith(f'checkpoint step 2 in {directory} is damaged (state/')
+  assert report.endswith(
+    f'differs from what was saved (CRC-32)); moved to {directory}.damaged/2'
+  )
+  assert manager.all_steps() == [1] and (tmp_path / 'checkpoints.damaged/2').is_dir()
+  with pytest.raises(pj.DamagedCheckpoint, match=r'step 2 .* is damaged'):
+    pj.restore_checkpoint(
+      pj.checkpoint_manager(str(tmp_path / 'checkpoints.damaged')), target
+    )
+
+
+def test_with_every_step_damaged_nothing_is_restored_or_deleted(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  manager, target = saved_steps(directory, 1, 2)
+  for step in (1, 2):
+    path = largest_data_file(directory / str(step))
+    path.write_bytes(path.read_bytes()[:10])
+  with pytest.raises(pj.PeftError, match='refusing to start over silently'):
+    pj.restore_newest_good(manager, target, report=lambda line: None)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints.damaged').iterdir()) == [
+    '1',
+    '2',
+  ]
+  assert pj.restore_newest_good(manager, target) is None  # nothing left to try
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  manager, state = saved_steps(tmp_path, 1)
+  bad = state._replace(
+    params={'w': state.params['w'].at[0, 0].set(jnp.inf)}, step=jnp.int32(2)
+  )
+  with pytest.raises(
+    pj.PeftError, match=r'not saving step 2: params/w holds non-finite'
+  ):
+    pj.save_checkpoint(manager, bad, {})
+  assert manager.all_steps() == [1]
+
+
+def test_restore_keeps_the_stored_dtype_unless_cast_and_names_a_shape_misfit(tmp_path):
+  manager, _ = saved_steps(tmp_path, 1)
+  as_bf16 = small_state(jnp.bfloat16)
+  kept, _ = pj.restore_checkpoint(manager, as_bf16)
+  cast, _ = pj.restore_checkpoint(manager, as_bf16, cast=True)
+  assert (
+    kept.params['w'].dtype == jnp.float32 and cast.params['w'].dtype == jnp.bfloat16
+  )
+  np.testing.assert_array_equal(kept.params['w'], np.arange(12.0).reshape(3, 4) + 1)
+  other = small_state()._replace(params={'w': jnp.zeros((4, 3))})
+  with pytest.raises(
+    pj.PeftError,
+    match=r'holds params/w of shape \(3, 4\); this training state has \(4, 3\)',
+  ):
+    pj.restore_checkpoint(manager, other)
+  refuse = lambda metadata: (_ for _ in ()).throw(pj.PeftError(f'not mine: {metadata}'))
+  with pytest.raises(pj.PeftError, match=r"not mine: \{'at': 1\}"):
+    pj.restore_checkpoint(manager, small_state(), accept=refuse)
+
+
+def test_adapter_file_errors_name_the_path_and_the_rule_that_differs(tmp_path):
+  frozen = frozen_mlp()
+  rules = [('body/kernel', 'lora(rank=2, alpha=4)')]
+  adapter = pj.by_rules(rules)
+  params, buffers = adapter.init(jax.random.key(0), frozen)
+  path = str(tmp_path / 'a.safetensors')
+  pj.save_adapter(path, params, buffers, rules=rules)
+  assert (tmp_path / 'a.safetensors').stat().st_mode & 0o777 == 0o666 & ~current_umask()
+  like = (params, buffers)
+  pj.load_adapter(path, like, rules=rules)  # the same rules: fine
+  with pytest.raises(
+    pj.PeftError,
+    match=r'a.safetensors was saved with rule 0 .*alpha=4.*, but is used with '
+    r'.*alpha=64',
+  ):
+    pj.load_adapter(path, like, rules=[('body/kernel', 'lora(rank=2, alpha=64)')])
+  missing = str(tmp_path / 'nope.safetensors')
+  with pytest.raises(pj.PeftError, match=r'nope.safetensors is not a file'):
+    pj.load_adapter(missing)
+  (tmp_path / 'cut.safetensors').write_bytes(
+    (tmp_path / 'a.safetensors').read_bytes()[:40]
+  )
+  with pytest.raises(
+    pj.PeftError, match=r'cut.safetensors is not a readable safetensors file'
+  ):
+    pj.load_adapter(str(tmp_path / 'cut.safetensors'))
+  with pytest.raises(
+    pj.PeftError,
+    match=r'cannot write .*/no/dir/a.safetensors: its directory .* does not exist',
+  ):
+    pj.save_adapter(str(tmp_path / 'no/dir/a.safetensors'), params, buffers)
+
+
+def current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
