@@ -18,6 +18,7 @@ steps of batch 32, ...") and each with its own figures, numbered
 import argparse
 import json
 import pathlib
+import sys
 import textwrap
 
 import matplotlib
@@ -28,6 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from experiments import headline, seeds
+from peft_jax import PeftError
 
 # What makes runs comparable: runs that differ in any of these results-row
 # fields are tabled apart (a field a row lacks, written before the field
@@ -52,8 +54,25 @@ COLUMNS = (
 
 
 def load_rows(directory: pathlib.Path) -> list[dict]:
-  """Every ``results.json`` under ``directory``, fewest trainable params first."""
-  found = [json.loads(p.read_text()) for p in sorted(directory.glob('*/results.json'))]
+  """Every ``results.json`` under ``directory``, fewest trainable params first.
+
+  Raises:
+    PeftError: for a missing directory, one with no results, or a results
+      file that is not a row (named).
+  """
+  if not directory.is_dir():
+    raise PeftError(f'{directory} is not a directory of runs (*/results.json)')
+  found = []
+  for path in sorted(directory.glob('*/results.json')):
+    try:
+      row = json.loads(path.read_text())
+    except ValueError:
+      row = None
+    if not isinstance(row, dict) or 'trainable_params' not in row:
+      raise PeftError(f'{path} is not a results row (rerun that run)')
+    found.append(row)
+  if not found:
+    raise PeftError(f'no */results.json under {directory}: no run has finished')
   return sorted(found, key=lambda r: r['trainable_params'])
 
 
@@ -160,8 +179,6 @@ def write_comparison(directory: pathlib.Path) -> str:
   setting's plot and its seed summary (``seeds.write_seed_summary``);
   returns the tables, then the summaries."""
   results = load_rows(directory)
-  if not results:
-    raise FileNotFoundError(f'no */results.json under {directory}')
   settings = by_setting(results)
   tables, summaries = [], []
   for number, rows in enumerate(settings, 1):
@@ -178,11 +195,18 @@ def write_comparison(directory: pathlib.Path) -> str:
   return '\n'.join([text, *summaries])
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+  """Prints the comparison; returns the exit status (2 after a one-line
+  ``error: ...``)."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('directory', type=pathlib.Path)
-  print(write_comparison(parser.parse_args(argv).directory))
+  try:
+    print(write_comparison(parser.parse_args(argv).directory))
+  except PeftError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

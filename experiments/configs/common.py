@@ -1,13 +1,19 @@
-"""Shared config helpers: ``file.py:key=value,...`` arguments, loading, and
-the meaning of every config field (``FIELDS``)."""
+"""Shared config helpers: ``file.py:key=value,...`` arguments, loading, the
+meaning of every config field (``FIELDS``), and the checks a config passes
+before the trainer loads a model or touches its workdir (``check_config``)."""
 
 import ast
 import difflib
 import importlib.util
+import inspect
+import math
+import numbers
 import pathlib
 
 import ml_collections
 
+import peft_jax as pj
+from experiments import selection
 from peft_jax import PeftError
 
 # Every field a config may set (nested ones as ``block.field``) -> its meaning,
@@ -61,6 +67,8 @@ FIELDS = {
   'factored': 'adapted matmuls as x @ w + (x @ a) @ b, with no merged weight',
   'log_every': 'steps between logged training metrics',
   'checkpoint_every': 'steps between checkpoints',
+  'checkpoint_minutes': 'also checkpoint once this many minutes passed (None: never)',
+  'nonfinite': "at a step with a non-finite loss or gradient: 'stop' or 'skip' it",
   'mesh': 'device mesh sizes {axis: size}, under the --mesh flag',
 }
 
@@ -113,6 +121,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       )
     parsed[key] = value
   return parsed
+
+
+def parse_local_arg(
+  arg: str | None, local: dict, **defaults
+) -> ml_collections.ConfigDict:
+  """``parse_arg``, where ``runlocal`` in ``arg`` also changes the defaults
+  of ``local``'s keys to its values: a value given in ``arg`` still wins
+  (``'runlocal,log_every=5'`` logs every 5 steps)."""
+  parsed = parse_arg(arg, **defaults)
+  return parse_arg(arg, **{**defaults, **local}) if parsed.runlocal else parsed
+
+
+def warmup_steps(steps: int) -> int:
+  """A tenth of ``steps`` of warm-up, at least 1 and fewer than ``steps``
+  (0 for a one-step run)."""
+  return max(0, min(max(1, steps // 10), steps - 1))
 
 
 def lookup(table: dict, kind: str, name: str):
@@ -168,3 +192,174 @@ def describe_fields(config: ml_collections.ConfigDict, width: int = 60) -> str:
     shown = shown if len(shown) <= width else shown[: width - 3] + '...'
     lines += [f'  {name} = {shown}', f'      {FIELDS.get(name, "(undocumented)")}']
   return '\n'.join(lines)
+
+
+# Fields the trainer divides or loops by.
+POSITIVE_FIELDS = (
+  'steps',
+  'batch_size',
+  'eval_batch_size',
+  'log_every',
+  'checkpoint_every',
+)
+# config.nonfinite: what the trainer does at a step whose loss or gradients
+# are not finite.
+NONFINITE = ('stop', 'skip')
+SEED_LIMIT = 2**31  # seeds are in [0, SEED_LIMIT)
+SCOPES = ('per_leaf', 'global')  # config.selection.scope
+
+
+def is_positive_int(value) -> bool:
+  """Whether ``value`` is an int > 0 (``True`` is not a step count)."""
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_int(value) -> bool:
+  """Whether ``value`` is an int (``True`` is not one)."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite(value) -> bool:
+  """Whether ``value`` is a finite real number (``True`` is not one)."""
+  return (
+    isinstance(value, numbers.Real)
+    and not isinstance(value, bool)
+    and math.isfinite(value)
+  )
+
+
+def _require(ok: bool, name: str, value, expected: str) -> None:
+  if not ok:
+    raise PeftError(f'{name}={value!r} should be {expected}')
+
+
+def _choose(choices, name: str, value) -> None:
+  """A one-line error unless ``value`` is one of ``choices`` (``lookup``'s)."""
+  if not isinstance(value, str):
+    raise PeftError(f'{name}={value!r} should be one of {", ".join(choices)}')
+  lookup(dict.fromkeys(choices), name, value)
+
+
+def check_config(config) -> None:
+  """Raises a one-line ``PeftError`` naming the first field the trainer
+  cannot run with, its value and what is expected. Reads the config only:
+  the trainer calls it before it loads the model or touches the workdir.
+
+  Checked: the ``POSITIVE_FIELDS`` (positive ints); ``eval_limit`` (None or
+  a positive int); ``lr`` (finite, > 0); ``weight_decay`` (finite, >= 0);
+  ``warmup_steps`` (an int in ``[0, steps)``); ``seed`` (an int in
+  ``[0, 2**31)``); ``factored`` (a bool); ``adapters`` (a non-empty list of
+  rules that ``pj.by_rules`` accepts); ``schedule`` (None, or a
+  ``peft_jax.schedules`` factory and kwargs it takes, whose ``total_steps``
+  is ``steps``); ``checkpoint_minutes`` (finite, > 0; None or absent: no
+  timed checkpoints); where the config has them, ``nonfinite`` (one of
+  ``NONFINITE``), ``model.max_length``
+  (a positive int), ``data.heldout`` (in ``[0, 1)``) and the ``selection``
+  block's scorer, ``p`` (in ``(0, 1]``), scope and batches.
+  """
+  for name in POSITIVE_FIELDS:
+    if not is_positive_int(config.get(name)):
+      raise PeftError(f'{name}={config.get(name)!r} should be a positive int')
+  data, model = config.get('data') or {}, config.get('model') or {}
+  limit = data.get('eval_limit')
+  if limit is not None and not is_positive_int(limit):
+    raise PeftError(
+      f'eval_limit={limit!r} should be a positive int, the examples per '
+      'evaluation split (all of them: 0 after --config FILE:, None in a config)'
+    )
+  steps = config.steps
+  lr, decay, warmup = (config.get(k) for k in ('lr', 'weight_decay', 'warmup_steps'))
+  _require(is_finite(lr) and lr > 0, 'lr', lr, 'a finite number > 0')
+  _require(
+    is_finite(decay) and decay >= 0, 'weight_decay', decay, 'a finite number >= 0'
+  )
+  _require(
+    is_int(warmup) and 0 <= warmup < steps,
+    'warmup_steps',
+    warmup,
+    f'an int in [0, steps={steps})',
+  )
+  seed = config.get('seed')
+  _require(
+    is_int(seed) and 0 <= seed < SEED_LIMIT, 'seed', seed, 'an int in [0, 2**31)'
+  )
+  factored = config.get('factored')
+  _require(isinstance(factored, bool), 'factored', factored, 'a bool')
+  minutes = config.get('checkpoint_minutes')  # None or absent: no timed ones
+  _require(
+    minutes is None or (is_finite(minutes) and minutes > 0),
+    'checkpoint_minutes',
+    minutes,
+    'a finite number > 0',
+  )
+  if 'nonfinite' in config:
+    _choose(NONFINITE, 'nonfinite', config.nonfinite)
+  if 'max_length' in model:
+    _require(
+      is_positive_int(model.max_length),
+      'max_length',
+      model.max_length,
+      'a positive int',
+    )
+  if 'heldout' in data:
+    held = data.heldout
+    _require(is_finite(held) and 0 <= held < 1, 'heldout', held, 'a share in [0, 1)')
+  _check_adapters(config.get('adapters'))
+  _check_schedule(config.get('schedule'), steps)
+  _check_selection(config.get('selection'))
+
+
+def _check_adapters(adapters) -> None:
+  if not isinstance(adapters, list | tuple) or not adapters:
+    raise PeftError(
+      f'adapters={adapters!r} should be a non-empty list of (path regex, '
+      'method spec) rules'
+    )
+  try:
+    pj.by_rules(list(adapters))  # parses every rule's regex and method spec
+  except PeftError as e:
+    raise PeftError(f'adapters: {e}') from None
+
+
+def _check_schedule(schedule, steps: int) -> None:
+  if not schedule:
+    return
+  if not (
+    isinstance(schedule, list | tuple)
+    and len(schedule) == 2
+    and isinstance(schedule[0], str)
+    and isinstance(schedule[1], dict)
+  ):
+    raise PeftError(
+      f'schedule={schedule!r} should be None or (a peft_jax.schedules factory '
+      'name, its kwargs dict)'
+    )
+  name, kwargs = schedule
+  factories = {
+    n: f
+    for n, f in vars(pj.schedules).items()
+    if n.endswith('_schedule') and callable(f)
+  }
+  factory = lookup(factories, 'schedule', name)
+  try:
+    inspect.signature(factory).bind(None, **kwargs)
+  except TypeError as e:
+    raise PeftError(f'schedule {name}: {e}') from None
+  total = kwargs.get('total_steps', steps)
+  _require(
+    total == steps,
+    f'schedule {name} total_steps',
+    total,
+    f'steps={steps}, the length of the run',
+  )
+
+
+def _check_selection(spec) -> None:
+  if not spec:
+    return
+  _choose(selection.SCORERS, 'selection.scorer', spec.get('scorer'))
+  p = spec.get('p')
+  _require(is_finite(p) and 0 < p <= 1, 'selection.p', p, 'a share in (0, 1]')
+  _choose(SCOPES, 'selection.scope', spec.get('scope'))
+  batches = spec.get('batches')
+  _require(is_positive_int(batches), 'selection.batches', batches, 'a positive int')

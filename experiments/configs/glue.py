@@ -26,7 +26,13 @@ Arguments (after ``:``): task, method (any of ``rotten_tomatoes.METHODS``,
 with its placement and default learning rate), checkpoint, data_dir, steps,
 batch_size, lr (0 = the method's default), max_length (0 = 128, CB 256),
 heldout, seed, eval_limit (evaluate on the first N examples of each split;
-0 = all), runlocal (a few steps on a few examples).
+0 = all), log_every (steps between logged metrics, default 25),
+checkpoint_every (steps between checkpoints, default 250),
+checkpoint_minutes (also checkpoint once this many minutes passed since the
+last checkpoint, default 1.0), nonfinite (``stop``, the default, or
+``skip``: what a step with a non-finite loss or gradient does), runlocal (a
+few steps on a few examples; it changes the defaults of eval_limit,
+log_every and checkpoint_every to 32, 1 and 2).
 """
 
 import os
@@ -75,8 +81,9 @@ def paths(arg) -> tuple[str, str]:
 
 def get_config(arg=None):
   """The run config; ``arg`` is e.g. ``'task=rte,method=lora,checkpoint=...'``."""
-  arg = common.parse_arg(
+  arg = common.parse_local_arg(
     arg,
+    rotten_tomatoes.LOCAL,
     task='rte',
     method='lora',
     checkpoint='',
@@ -88,9 +95,13 @@ def get_config(arg=None):
     heldout=0.1,
     seed=0,
     eval_limit=0,
+    log_every=25,
+    checkpoint_every=250,
+    checkpoint_minutes=1.0,
+    nonfinite='stop',
     runlocal=False,
   )
-  glue.get_task(arg.task)
+  common.lookup(glue.TASKS, 'task', arg.task)
   encoder_rules, default_lr = common.lookup(METHODS, 'method', arg.method)
   checkpoint, data_dir = paths(arg)
 
@@ -114,16 +125,17 @@ def get_config(arg=None):
   config.eval_batch_size = 64
   config.lr = arg.lr or default_lr
   config.factored = True
-  config.warmup_steps = max(1, arg.steps // 10)
+  config.warmup_steps = common.warmup_steps(arg.steps)
   config.weight_decay = 0.0
-  config.log_every = 25
-  config.checkpoint_every = 250
+  config.log_every = arg.log_every
+  config.checkpoint_every = arg.checkpoint_every
+  config.checkpoint_minutes = arg.checkpoint_minutes
+  config.nonfinite = arg.nonfinite
 
   if arg.runlocal:
     config.steps, config.batch_size, config.eval_batch_size = 3, 8, 16
     config.schedule = rotten_tomatoes.schedule_for(arg.method, config.steps)
-    config.warmup_steps, config.log_every, config.checkpoint_every = 1, 1, 2
-    config.data.eval_limit = arg.eval_limit or 32
+    config.warmup_steps = 1
     config.model.max_length = min(max_length, 64)
   return config
 

@@ -15,8 +15,14 @@ Arguments (after ``:``): method (any of METHODS: every registered method
 but the DECODER_ONLY ones, with its default placement and learning rate;
 ``prompt_tuning`` and ``houlsby`` act at the encoder's hook points), steps,
 batch_size, lr (0 = the method's default below), seed, eval_limit (evaluate
-on the first N examples of each split; 0 = all 1,000), runlocal (a few steps
-on a few examples, for smoke tests). The sweep over all methods:
+on the first N examples of each split; 0 = all 1,000), log_every (steps
+between logged metrics, default 25), checkpoint_every (steps between
+checkpoints, default 250), checkpoint_minutes (also checkpoint once this
+many minutes passed since the last checkpoint, default 1.0), nonfinite
+(``stop``, the default, or ``skip``: what a step with a non-finite loss or
+gradient does), runlocal (a few steps on a few examples, for smoke tests;
+it changes the defaults of eval_limit, log_every and checkpoint_every to
+32, 1 and 2). The sweep over all methods:
 
   python -m experiments.sweep \
       --config experiments/configs/rotten_tomatoes.py --workdir runs/rt_sweep
@@ -137,16 +143,25 @@ def schedule_for(method: str, steps: int):
   return None
 
 
+# runlocal's defaults of the arguments (an argument given explicitly wins).
+LOCAL = dict(eval_limit=32, log_every=1, checkpoint_every=2)
+
+
 def get_config(arg=None):
   """The run config; ``arg`` is e.g. ``'method=lora,steps=300'``."""
-  arg = common.parse_arg(
+  arg = common.parse_local_arg(
     arg,
+    LOCAL,
     method='ssb',
     steps=500,
     batch_size=32,
     lr=0.0,
     seed=0,
     eval_limit=0,
+    log_every=25,
+    checkpoint_every=250,
+    checkpoint_minutes=1.0,
+    nonfinite='stop',
     runlocal=False,
   )
   encoder_rules, default_lr = common.lookup(METHODS, 'method', arg.method)
@@ -173,16 +188,17 @@ def get_config(arg=None):
   # Adapted matmuls in factored form: no w' and no weight gradient (SSB's
   # step takes ~0.6x the weight-space time on a 2-core CPU).
   config.factored = True
-  config.warmup_steps = max(1, arg.steps // 10)
+  config.warmup_steps = common.warmup_steps(arg.steps)
   config.weight_decay = 0.0  # Decay would pull SSB/(IA)³ scales towards 0.
-  config.log_every = 25
-  config.checkpoint_every = 250
+  config.log_every = arg.log_every
+  config.checkpoint_every = arg.checkpoint_every
+  config.checkpoint_minutes = arg.checkpoint_minutes
+  config.nonfinite = arg.nonfinite
 
   if arg.runlocal:
     config.steps, config.batch_size, config.eval_batch_size = 3, 8, 16
     config.schedule = schedule_for(arg.method, config.steps)
-    config.warmup_steps, config.log_every, config.checkpoint_every = 1, 1, 2
-    config.data.eval_limit = arg.eval_limit or 32
+    config.warmup_steps = 1
   return config
 
 

@@ -24,7 +24,13 @@ code, ``global`` as the paper), seed, steps, batch_size, lr (0 = the
 method's default), eval_limit (the first N examples of each evaluation
 split; 0 = all), score_batches (T of SAM and FishMask), study (``table``:
 every method × ``seeds``; ``sparsity``: SAM over ``SPARSITIES`` ×
-``seeds``), seeds, runlocal.
+``seeds``), seeds, log_every (steps between logged metrics, default 25),
+checkpoint_every (steps between checkpoints, default 250),
+checkpoint_minutes (also checkpoint once this many minutes passed since the
+last checkpoint, default 1.0), nonfinite (``stop``, the default, or
+``skip``: what a step with a non-finite loss or gradient does), runlocal (a
+few steps on a few examples; it changes the defaults of eval_limit,
+log_every and checkpoint_every to 32, 1 and 2).
 
 How each method of the paper's Table 1 is realised (``p`` the same for all
 selective ones; the selected entries are those of the encoder
@@ -54,7 +60,6 @@ DiffPruning 1e-3 (far fewer entries move), LoRA and BitFit as in
 import ml_collections
 
 from experiments.configs import common, glue, rotten_tomatoes
-from peft_jax import PeftError
 
 ENCODER = 'bert/(embeddings|encoder)/.*'
 MIXOUT_P = 0.1
@@ -77,6 +82,7 @@ METHODS = {
   'lt_sft': ([], SPARSE_LR),
 }
 TABLE = tuple(m for m in METHODS if m not in ('fisher', 'lt_sft'))
+STUDIES = ('table', 'sparsity')
 # Arguments of both get_config and sweep (a sweep's ``:arg`` reaches both).
 SHARED = dict(
   task='rotten_tomatoes',
@@ -91,6 +97,10 @@ SHARED = dict(
   score_batches=32,
   study='table',
   seeds=5,
+  log_every=25,
+  checkpoint_every=250,
+  checkpoint_minutes=1.0,
+  nonfinite='stop',
   runlocal=False,
 )
 
@@ -130,9 +140,17 @@ def base_config(arg) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   """The run config; ``arg`` is e.g. ``'method=sam,p=0.005,seed=1'``."""
-  arg = common.parse_arg(arg, method='sam', seed=0, **SHARED)
+  arg = common.parse_local_arg(
+    arg, rotten_tomatoes.LOCAL, method='sam', seed=0, **SHARED
+  )
   rules, default_lr = common.lookup(METHODS, 'method', arg.method)
+  common.lookup(dict.fromkeys(common.SCOPES), 'scope', arg.scope)
+  common.lookup(dict.fromkeys(STUDIES), 'study', arg.study)
   config = base_config(arg)
+  config.log_every = arg.log_every
+  config.checkpoint_every = arg.checkpoint_every
+  config.checkpoint_minutes = arg.checkpoint_minutes
+  config.nonfinite = arg.nonfinite
   head = config.adapters[0]  # The task's head rule: trained in full.
   config.name = f'sam_{arg.task}_{arg.method}_p{arg.p:g}_seed{arg.seed}'
   config.method = arg.method
@@ -153,9 +171,8 @@ def sweep(arg=None):
   ``study=sparsity``: SAM at every p of ``SPARSITIES`` × seeds (seed-major,
   so that an interrupted sweep has every p at its first seeds)."""
   arg = common.parse_arg(arg, **SHARED)
+  common.lookup(dict.fromkeys(STUDIES), 'study', arg.study)
   seeds = range(arg.seeds)
   if arg.study == 'sparsity':
     return [f'method=sam,p={p},seed={s}' for s in seeds for p in SPARSITIES]
-  if arg.study != 'table':
-    raise PeftError(f"study={arg.study!r}; expected 'table' or 'sparsity'")
   return [f'method={m},seed={s}' for m in TABLE for s in seeds]

@@ -36,8 +36,14 @@ first N examples of each split, default 200; 0 = all 1,000), frozen (how
 the frozen weights are stored: float32 (default), bfloat16, int8, int4, nf4
 (``pj.quantize``, kernels in groups of 64: QLoRA with ``method=lora``) or
 gguf (the file's own Q4_1 kernels and Q8_0 embeddings, kept quantized; the
-same values as float32); the run's name gets ``_<frozen>``), runlocal (3
-steps on 8 evaluation examples, for tests).
+same values as float32); the run's name gets ``_<frozen>``), log_every
+(steps between logged metrics, default 10), checkpoint_every (steps between
+checkpoints, default 50), checkpoint_minutes (also checkpoint once this
+many minutes passed since the last checkpoint, default 1.0), nonfinite
+(``stop``, the default, or ``skip``: what a step with a non-finite loss or
+gradient does), runlocal (3 steps on 8 evaluation examples, for tests; it
+changes the defaults of eval_limit, log_every and checkpoint_every to 8, 1
+and 2).
 
 Measured 2026-11-22 on this repository's 2-core Intel Xeon VM (AVX2, no
 AVX-512; shared with other jobs), CPU, jax 0.10.2, with the defaults (60
@@ -117,10 +123,15 @@ METHODS = {
 }
 
 
+# runlocal's defaults of the arguments (an argument given explicitly wins).
+LOCAL = dict(eval_limit=8, log_every=1, checkpoint_every=2)
+
+
 def get_config(arg=None):
   """The run config; ``arg`` is e.g. ``'steps=100,batch_size=8'``."""
-  arg = common.parse_arg(
+  arg = common.parse_local_arg(
     arg,
+    LOCAL,
     method='lora',
     steps=60,
     batch_size=8,
@@ -128,6 +139,10 @@ def get_config(arg=None):
     seed=0,
     eval_limit=200,
     frozen='float32',
+    log_every=10,
+    checkpoint_every=50,
+    checkpoint_minutes=1.0,
+    nonfinite='stop',
     runlocal=False,
   )
   rules, default_lr = common.lookup(METHODS, 'method', arg.method)
@@ -162,15 +177,16 @@ def get_config(arg=None):
   config.lr = arg.lr or default_lr
   # LoRA matmuls as x @ w + s·(x @ a) @ b: no w' and no weight gradients.
   config.factored = True
-  config.warmup_steps = max(1, arg.steps // 10)
+  config.warmup_steps = common.warmup_steps(arg.steps)
   config.weight_decay = 0.0
-  config.log_every = 10
-  config.checkpoint_every = 50
+  config.log_every = arg.log_every
+  config.checkpoint_every = arg.checkpoint_every
+  config.checkpoint_minutes = arg.checkpoint_minutes
+  config.nonfinite = arg.nonfinite
 
   if arg.runlocal:
     config.steps, config.batch_size, config.eval_batch_size = 3, 2, 4
-    config.warmup_steps, config.log_every, config.checkpoint_every = 1, 1, 2
-    config.data.eval_limit = 8
+    config.warmup_steps = 1
     config.generate.num_examples = 1
     config.generate.max_new_tokens = 2
   return config
