@@ -14,18 +14,30 @@ chosen by ``config.adapters`` with a jit-compiled optax step, checkpoints
 with orbax (resuming from ``DIR`` when a checkpoint is there), evaluates
 again, and writes into ``DIR``:
 
-  config.json            the run config (a different config in DIR is refused)
+  .lock                  held by the running trainer (its PID): one per DIR
+  config.json            the run config (a different config in DIR is refused;
+                         LOGISTICS fields may change on a resume)
   describe.txt           every leaf and hook point: shape, method, trainable
   metrics.jsonl          training and evaluation metrics, one JSON per line
   tensorboard/           the same metrics for TensorBoard
   checkpoints/           orbax: adapter params and buffers, optimizer state,
-                         step, RNG, schedule state, data position, config
+                         step, RNG, schedule state, data position, config,
+                         CRC-32 of every array
+  checkpoints.damaged/   steps found damaged at a resume, moved aside
   adapter.safetensors    the trained adapter params and buffers only (small)
   results.json           the results row (see ``results_row``)
+
+Files are replaced atomically (a kill leaves the old file or the new one);
+a kill loses at most ``checkpoint_every`` steps or ``checkpoint_minutes``.
+A step with a non-finite loss or gradient stops the run (``nonfinite=stop``,
+the default; nothing non-finite is ever saved) or is skipped
+(``nonfinite=skip``).
 """
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import pathlib
@@ -36,12 +48,15 @@ from typing import NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 import peft_jax as pj
 from experiments import selection, tasks
 from experiments.configs import common
+from peft_jax._src import files
 from peft_jax.models import partitioning
 
 
@@ -52,16 +67,32 @@ def is_writer() -> bool:
 
 class MetricsWriter:
   """Appends metrics to ``metrics.jsonl`` and to TensorBoard (process 0;
-  on other processes it writes nothing)."""
+  on other processes it writes nothing).
+
+  ``metrics.jsonl`` is append-only; a run that resumes from step ``t``
+  first keeps only the lines of steps up to ``t`` (``keep_until``): a torn
+  last line of a killed run and the lines of steps it redoes go.
+  """
 
   def __init__(self, workdir: pathlib.Path):
     self._jsonl = self._board = None
+    self._path = workdir / 'metrics.jsonl'
     if is_writer():
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115
       self._board = SummaryWriter(str(workdir / 'tensorboard'))
 
+  def keep_until(self, step: int) -> None:
+    """Drops the lines after step ``step`` (and unreadable ones), then opens
+    the file for appending."""
+    if self._board is None:
+      return
+    lines = self._path.read_text().splitlines() if self._path.exists() else []
+    kept = [x for x in lines if _step_of(x) is not None and _step_of(x) <= step]
+    if kept != lines:
+      files.write_text_atomically(self._path, ''.join(f'{x}\n' for x in kept))
+    self._jsonl = open(self._path, 'a')  # noqa: SIM115
+
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    if self._jsonl is None:
+    if self._board is None:
       return
     self._jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self._jsonl.flush()
@@ -74,7 +105,16 @@ class MetricsWriter:
   def __exit__(self, *exc) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
+    if self._board is not None:
       self._board.close()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a ``metrics.jsonl`` line, or None for a torn line."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def config_json(config) -> dict:
@@ -88,25 +128,90 @@ def config_json(config) -> dict:
     ) from None
 
 
-def claim_workdir(workdir: pathlib.Path, config) -> None:
-  """Creates ``workdir`` and records the config; refuses a different run's dir."""
+# Config fields a resumed run may change: when and what it records, not what
+# it computes.
+LOGISTICS = ('checkpoint_every', 'checkpoint_minutes', 'log_every')
+
+
+def differing_keys(found: dict, wanted: dict) -> str:
+  """``'lr, steps'``: the top-level keys where two configs (as JSON) differ,
+  ``LOGISTICS`` aside; ``''`` for the same run."""
+  keys = (wanted.keys() | found.keys()) - set(LOGISTICS)
+  return ', '.join(sorted(k for k in keys if found.get(k) != wanted.get(k)))
+
+
+def read_json(path: pathlib.Path, *, move_damaged: bool = True) -> dict | None:
+  """The JSON object in ``path``, or None when it is missing. A file that is
+  not a JSON object (damaged by hand, or by a crash of an older version) is
+  renamed ``<name>.damaged`` (kept) and reported, unless not
+  ``move_damaged``, and None is returned."""
+  if not path.exists():
+    return None
+  try:
+    found = json.loads(path.read_text())
+    if isinstance(found, dict):
+      return found
+  except (ValueError, UnicodeDecodeError):
+    pass
+  if not move_damaged:
+    return None
+  aside = path.with_name(path.name + '.damaged')
+  if is_writer():
+    path.replace(aside)
+  print(f'{path} is not a JSON object; moved to {aside}, it will be written again')
+  return None
+
+
+def check_workdir(workdir: pathlib.Path, config) -> None:
+  """Refuses a ``workdir`` that is a file or holds a different run (its
+  ``config.json``); reads only."""
   if workdir.exists() and not workdir.is_dir():
     raise pj.PeftError(f'--workdir {str(workdir)!r} is a file, not a directory')
-  wanted = config_json(config)
-  workdir.mkdir(parents=True, exist_ok=True)
+  wanted = config_json(config)  # a config JSON cannot record fails here
   path = workdir / 'config.json'
-  if path.exists():
-    found = json.loads(path.read_text())
-    if found != wanted:
-      changed = sorted(
-        k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k)
-      )
+  found = read_json(path, move_damaged=False) if workdir.is_dir() else None
+  changed = found and differing_keys(found, wanted)
+  if changed:
+    raise pj.PeftError(
+      f'{workdir} holds a run with a different config (keys {changed} differ); '
+      'use a new --workdir to keep both'
+    )
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+  """Holds ``workdir/.lock`` exclusively (``flock``; the kernel releases it
+  when the process ends, however it ends). A second trainer on the same
+  ``workdir`` gets a ``PeftError`` naming the holder's PID. Process 0 locks;
+  the other processes of a distributed run share its lock."""
+  if not is_writer():
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / '.lock', 'a+') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip() or 'unknown'
       raise pj.PeftError(
-        f'{workdir} holds a run with a different config (keys {", ".join(changed)} '
-        'differ); use a new --workdir to keep both'
-      )
-  elif is_writer():
-    path.write_text(json.dumps(wanted, indent=2))
+        f'{workdir} is in use by another trainer (PID {holder}); wait for it '
+        'to finish or use another --workdir'
+      ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    yield
+
+
+def claim_workdir(workdir: pathlib.Path, config) -> None:
+  """Records the config in ``workdir/config.json`` (once ``check_workdir``
+  passed and the lock is held), unless it is there; a damaged one is moved
+  aside and written again (the checkpoints' own config still guards the
+  run's identity)."""
+  path = workdir / 'config.json'
+  if is_writer() and read_json(path) is None:
+    files.write_text_atomically(path, json.dumps(config_json(config), indent=2))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -183,6 +288,7 @@ def results_row(config, params, total, before, after, loop: 'LoopStats', steps_r
     'ms_per_step': 1000.0 * loop.train_seconds / max(steps_run, 1),
     'compile_seconds': loop.compile_seconds,
     'step_memory_mib': loop.step_memory_mib,
+    'skipped_steps': loop.skipped_steps,
     **environment(),
   }
 
@@ -195,36 +301,6 @@ def model_and_dataset(config) -> dict[str, str]:
     'model': model.get('checkpoint') or pathlib.Path(model.checkpoint_dir).name,
     'dataset': data.get('name') or data.task,
   }
-
-
-# Fields the trainer divides or loops by.
-POSITIVE_FIELDS = (
-  'steps',
-  'batch_size',
-  'eval_batch_size',
-  'log_every',
-  'checkpoint_every',
-)
-
-
-def is_positive_int(value) -> bool:
-  """Whether ``value`` is an int > 0 (``True`` is not a step count)."""
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def check_config(config) -> None:
-  """Raises a one-line ``PeftError`` naming a field the trainer cannot run
-  with: a ``POSITIVE_FIELDS`` entry that is not a positive int, or an
-  ``eval_limit`` that is neither None nor one."""
-  for name in POSITIVE_FIELDS:
-    if not is_positive_int(config[name]):
-      raise pj.PeftError(f'{name}={config[name]!r} should be a positive int')
-  limit = config.data.get('eval_limit')
-  if limit is not None and not is_positive_int(limit):
-    raise pj.PeftError(
-      f'eval_limit={limit!r} should be a positive int, the examples per '
-      'evaluation split (all of them: 0 after --config FILE:, None in a config)'
-    )
 
 
 def make_schedule(config, tree: pj.TreeAdapter) -> pj.Schedule | None:
@@ -284,9 +360,9 @@ def setup(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> Run:
   pj.serialize_rules(rules)  # an unsavable rule fails now, not after training
   tree = pj.by_rules(rules)
   if is_writer():
-    with open(workdir / 'describe.txt', 'w') as f:
-      write = lambda t: f.write(t + '\n')
-      pj.describe(rules, task.frozen, task.hooks, print_fn=write)
+    lines = []
+    pj.describe(rules, task.frozen, task.hooks, print_fn=lines.append)
+    files.write_text_atomically(workdir / 'describe.txt', '\n'.join(lines) + '\n')
   schedule = make_schedule(config, tree)
   return Run(config, mesh, task, frozen, rules, tree, make_optimizer(config), schedule)
 
@@ -317,17 +393,32 @@ def initial_state(run: Run) -> pj.TrainState:
 
 
 def start_or_resume(run: Run, manager, writer: MetricsWriter):
-  """``(state, before)``: the latest checkpoint, else step 0 evaluated."""
+  """``(state, metadata)``: the newest good checkpoint (damaged steps are
+  moved aside: ``pj.restore_newest_good``) and its metadata, else step 0
+  evaluated. A checkpoint of a different config is refused."""
   state = initial_state(run)
-  if manager.latest_step() is None:
+  wanted = config_json(run.config)
+
+  def same_run(metadata):
+    changed = metadata.get('config') and differing_keys(metadata['config'], wanted)
+    if changed:
+      raise pj.PeftError(
+        f'{manager.directory} holds checkpoints of a run with a different '
+        f'config (keys {changed} differ); use a new --workdir to keep both'
+      )
+
+  restored = pj.restore_newest_good(manager, state, accept=same_run)
+  if restored is None:
+    writer.keep_until(-1)
     before = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
     writer.write(0, {f'before_{k}': v for k, v in before.items()})
+    metadata = {'before': before, 'skipped_steps': 0}
   else:
-    state, metadata = pj.restore_checkpoint(manager, state)
-    before = metadata['before']
+    state, metadata = restored
+    writer.keep_until(int(state.step))
     print(f'resumed from step {int(state.step)} in {manager.directory}')
-  print('before:', before)
-  return state, before
+  print('before:', metadata['before'])
+  return state, metadata
 
 
 class LoopStats(NamedTuple):
@@ -336,22 +427,45 @@ class LoopStats(NamedTuple):
   step_memory_mib: float  # step_memory_mib of the compiled step
   compile_seconds: float  # lowering and compiling the step
   train_seconds: float  # the steps: batch, dispatch, wait for the loss
+  skipped_steps: int  # steps skipped for non-finite values (nonfinite='skip')
 
 
-def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
+def checkpoint_due(config, step: int, seconds_since_save: float) -> bool:
+  """Whether to checkpoint after ``step``: every ``checkpoint_every`` steps,
+  at the last step, and once ``checkpoint_minutes`` passed since the last
+  save (process 0's clock decides for every process)."""
+  minutes = config.get('checkpoint_minutes') or float('inf')
+  due = (
+    step % config.checkpoint_every == 0
+    or step == config.steps
+    or seconds_since_save >= 60 * minutes
+  )
+  if jax.process_count() > 1:
+    due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
+  return due
+
+
+def train_loop(run: Run, state, manager, writer: MetricsWriter, resumed: dict):
   """Steps from ``state.step`` to ``config.steps``: logs, checkpoints.
+
+  A step with a non-finite loss or gradient stops the run with a one-line
+  ``PeftError`` naming it and the last good checkpoint (nothing is saved
+  after it), or with ``config.nonfinite = 'skip'`` leaves the state as it
+  was and is counted.
 
   Returns:
     ``(state, LoopStats)``: the trained state, and the step's memory and
-    compile time and the steps' time.
+    compile time, the steps' time and the skipped steps.
   """
   config, task = run.config, run.task
+  skip = config.get('nonfinite', 'stop') == 'skip'
   train_step = pj.make_train_step(
     task.loss_fn,
     run.tree,
     run.optimizer,
     factored=config.factored,
     schedule=run.schedule,
+    skip_nonfinite=skip,
   )
   start = int(state.step)
   batch = lambda position: partitioning.process_batch(
@@ -363,6 +477,9 @@ def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
   step_fn = step_fn.compile()
   compile_seconds = time.perf_counter() - compile_start
   train_seconds = 0.0
+  skipped = resumed['skipped_steps']
+  last_good = start if manager.latest_step() is not None else None
+  saved_at = time.monotonic()
   positions = range(start, config.steps)
   with tasks.progress(positions, initial=start, total=config.steps) as bar:
     for position in bar:
@@ -372,20 +489,42 @@ def train_loop(run: Run, state, manager, writer: MetricsWriter, before):
       # (and train_seconds) saw near-free steps, then a log step waiting for
       # all of them.
       jax.block_until_ready(metrics['loss'])
+      finite = bool(metrics.pop('finite'))
       train_seconds += time.perf_counter() - step_start
       step = position + 1
+      if not finite and not skip:
+        raise pj.PeftError(
+          f'step {step} has a non-finite loss or gradient (loss '
+          f'{float(metrics["loss"])}); stopped without saving it, '
+          f'{last_checkpoint(manager, last_good)}; lower lr, or pass '
+          'nonfinite=skip to skip such steps'
+        )
+      skipped += int(metrics.pop('skipped', 0))
       if step % config.log_every == 0 or step == config.steps:
         metrics = {k: float(v) for k, v in metrics.items()}
-        writer.write(step, metrics)
+        writer.write(step, {**metrics, 'skipped_steps': skipped})
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}')
-      if step % config.checkpoint_every == 0 or step == config.steps:
+      if checkpoint_due(config, step, time.monotonic() - saved_at):
         metadata = {
           'data_position': step,
-          'before': before,
+          'before': resumed['before'],
+          'skipped_steps': skipped,
           'config': config_json(config),
         }
-        pj.save_checkpoint(manager, state, metadata)
-  return state, LoopStats(step_memory_mib(step_fn), compile_seconds, train_seconds)
+        try:
+          pj.save_checkpoint(manager, state, metadata)
+        except pj.PeftError as e:
+          raise pj.PeftError(f'{e}; {last_checkpoint(manager, last_good)}') from None
+        last_good, saved_at = step, time.monotonic()
+  stats = LoopStats(step_memory_mib(step_fn), compile_seconds, train_seconds, skipped)
+  return state, stats
+
+
+def last_checkpoint(manager, step: int | None) -> str:
+  """``'the last good checkpoint is step 40 in DIR'`` (or that none is)."""
+  if step is None:
+    return f'no checkpoint was saved in {manager.directory}'
+  return f'the last good checkpoint is step {step} in {manager.directory}'
 
 
 def step_memory_mib(compiled) -> float:
@@ -407,18 +546,25 @@ def train_and_evaluate(
   config, workdir: str, mesh: dict[str, int] | None = None
 ) -> dict:
   """Runs (or resumes, or just reports) the experiment; returns the results
-  row. ``mesh``: axis sizes over ``config.mesh`` (see ``make_mesh``)."""
-  check_config(config)
-  workdir = pathlib.Path(workdir)
-  results_path = workdir / 'results.json'
-  claim_workdir(workdir, config)
-  if results_path.exists():
-    print(f'{workdir} is complete; results in {results_path}')
-    return json.loads(results_path.read_text())
+  row. ``mesh``: axis sizes over ``config.mesh`` (see ``make_mesh``).
 
+  Everything that can be checked without the model is checked before
+  anything is written (``common.check_config``, ``make_mesh``,
+  ``check_workdir``); then the workdir is locked for this run
+  (``workdir_lock``).
+  """
+  common.check_config(config)
   device_mesh = make_mesh(config, mesh)
-  with jax.set_mesh(device_mesh):  # the models' activation shardings
-    return run_on_mesh(config, workdir, device_mesh)
+  workdir = pathlib.Path(workdir)
+  check_workdir(workdir, config)
+  with workdir_lock(workdir):
+    claim_workdir(workdir, config)
+    row = read_json(workdir / 'results.json')
+    if row is not None:
+      print(f'{workdir} is complete; results in {workdir / "results.json"}')
+      return row
+    with jax.set_mesh(device_mesh):  # the models' activation shardings
+      return run_on_mesh(config, workdir, device_mesh)
 
 
 def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
@@ -426,9 +572,9 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
   run = setup(config, workdir, mesh)
   manager = pj.checkpoint_manager(str(workdir / 'checkpoints'))
   with MetricsWriter(workdir) as writer:
-    state, before = start_or_resume(run, manager, writer)
+    state, resumed = start_or_resume(run, manager, writer)
     start = int(state.step)
-    state, loop = train_loop(run, state, manager, writer, before)
+    state, loop = train_loop(run, state, manager, writer, resumed)
     after = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
     writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
   print('after:', after)
@@ -442,12 +588,12 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
   leaves = jax.tree.leaves(run.task.frozen, is_leaf=pj.is_quantized)
   total = sum(int(x.size) for x in leaves)  # a quantized leaf's logical size
   row = results_row(
-    config, state.params, total, before, after, loop, config.steps - start
+    config, state.params, total, resumed['before'], after, loop, config.steps - start
   )
   row['changed_params'] = changed_count(run, state)
   row['mesh'] = ','.join(f'{k}={v}' for k, v in mesh.shape.items())
   if is_writer():
-    (workdir / 'results.json').write_text(json.dumps(row, indent=2))
+    files.write_text_atomically(workdir / 'results.json', json.dumps(row, indent=2))
   return row
 
 
