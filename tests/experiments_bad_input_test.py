@@ -270,9 +270,10 @@ def test_run_arguments_set_the_fields_and_win_over_runlocal(
   assert local.data.eval_limit in (8, 32)
   given = (
     'runlocal,log_every=5,checkpoint_every=4,eval_limit=0,checkpoint_minutes=0.5,'
-    'nonfinite=skip'
+    'nonfinite=skip,steps=20,batch_size=4'
   )
   config = common.load_config(f'{path}:{prefix}{given}')
+  assert (config.steps, config.batch_size) == (20, 4)  # not runlocal's 3 and 8
   assert (config.log_every, config.checkpoint_every, config.data.eval_limit) == (
     5,
     4,

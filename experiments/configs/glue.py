@@ -31,8 +31,9 @@ checkpoint_every (steps between checkpoints, default 250),
 checkpoint_minutes (also checkpoint once this many minutes passed since the
 last checkpoint, default 1.0), nonfinite (``stop``, the default, or
 ``skip``: what a step with a non-finite loss or gradient does), runlocal (a
-few steps on a few examples; it changes the defaults of eval_limit,
-log_every and checkpoint_every to 32, 1 and 2).
+few steps on a few examples; it changes the defaults of steps, batch_size,
+eval_limit, log_every and checkpoint_every to 3, 8, 32, 1 and 2; a value
+given explicitly wins).
 """
 
 import os
@@ -133,9 +134,7 @@ def get_config(arg=None):
   config.nonfinite = arg.nonfinite
 
   if arg.runlocal:
-    config.steps, config.batch_size, config.eval_batch_size = 3, 8, 16
-    config.schedule = rotten_tomatoes.schedule_for(arg.method, config.steps)
-    config.warmup_steps = 1
+    config.eval_batch_size = 16
     config.model.max_length = min(max_length, 64)
   return config
 

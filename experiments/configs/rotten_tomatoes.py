@@ -21,8 +21,8 @@ checkpoints, default 250), checkpoint_minutes (also checkpoint once this
 many minutes passed since the last checkpoint, default 1.0), nonfinite
 (``stop``, the default, or ``skip``: what a step with a non-finite loss or
 gradient does), runlocal (a few steps on a few examples, for smoke tests;
-it changes the defaults of eval_limit, log_every and checkpoint_every to
-32, 1 and 2). The sweep over all methods:
+it changes the defaults of steps, batch_size, eval_limit, log_every and
+checkpoint_every to 3, 8, 32, 1 and 2; a value given explicitly wins). The sweep over all methods:
 
   python -m experiments.sweep \
       --config experiments/configs/rotten_tomatoes.py --workdir runs/rt_sweep
@@ -144,7 +144,7 @@ def schedule_for(method: str, steps: int):
 
 
 # runlocal's defaults of the arguments (an argument given explicitly wins).
-LOCAL = dict(eval_limit=32, log_every=1, checkpoint_every=2)
+LOCAL = dict(steps=3, batch_size=8, eval_limit=32, log_every=1, checkpoint_every=2)
 
 
 def get_config(arg=None):
@@ -196,9 +196,7 @@ def get_config(arg=None):
   config.nonfinite = arg.nonfinite
 
   if arg.runlocal:
-    config.steps, config.batch_size, config.eval_batch_size = 3, 8, 16
-    config.schedule = schedule_for(arg.method, config.steps)
-    config.warmup_steps = 1
+    config.eval_batch_size = 16
   return config
 
 

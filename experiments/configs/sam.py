@@ -29,8 +29,9 @@ checkpoint_every (steps between checkpoints, default 250),
 checkpoint_minutes (also checkpoint once this many minutes passed since the
 last checkpoint, default 1.0), nonfinite (``stop``, the default, or
 ``skip``: what a step with a non-finite loss or gradient does), runlocal (a
-few steps on a few examples; it changes the defaults of eval_limit,
-log_every and checkpoint_every to 32, 1 and 2).
+few steps on a few examples; it changes the defaults of steps, batch_size,
+eval_limit, log_every and checkpoint_every to 3, 8, 32, 1 and 2; a value
+given explicitly wins).
 
 How each method of the paper's Table 1 is realised (``p`` the same for all
 selective ones; the selected entries are those of the encoder
