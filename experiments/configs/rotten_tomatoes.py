@@ -22,7 +22,8 @@ many minutes passed since the last checkpoint, default 1.0), nonfinite
 (``stop``, the default, or ``skip``: what a step with a non-finite loss or
 gradient does), runlocal (a few steps on a few examples, for smoke tests;
 it changes the defaults of steps, batch_size, eval_limit, log_every and
-checkpoint_every to 3, 8, 32, 1 and 2; a value given explicitly wins). The sweep over all methods:
+checkpoint_every to 3, 8, 32, 1 and 2; a value given explicitly wins). The
+sweep over all methods:
 
   python -m experiments.sweep \
       --config experiments/configs/rotten_tomatoes.py --workdir runs/rt_sweep

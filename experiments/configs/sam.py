@@ -24,14 +24,9 @@ code, ``global`` as the paper), seed, steps, batch_size, lr (0 = the
 method's default), eval_limit (the first N examples of each evaluation
 split; 0 = all), score_batches (T of SAM and FishMask), study (``table``:
 every method × ``seeds``; ``sparsity``: SAM over ``SPARSITIES`` ×
-``seeds``), seeds, log_every (steps between logged metrics, default 25),
-checkpoint_every (steps between checkpoints, default 250),
-checkpoint_minutes (also checkpoint once this many minutes passed since the
-last checkpoint, default 1.0), nonfinite (``stop``, the default, or
-``skip``: what a step with a non-finite loss or gradient does), runlocal (a
-few steps on a few examples; it changes the defaults of steps, batch_size,
-eval_limit, log_every and checkpoint_every to 3, 8, 32, 1 and 2; a value
-given explicitly wins).
+``seeds``), seeds, and the run arguments of ``glue.py``: log_every,
+checkpoint_every, checkpoint_minutes, nonfinite and runlocal, with the same
+meanings and defaults.
 
 How each method of the paper's Table 1 is realised (``p`` the same for all
 selective ones; the selected entries are those of the encoder
