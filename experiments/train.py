@@ -21,8 +21,8 @@ again, and writes into ``DIR``:
   metrics.jsonl          training and evaluation metrics, one JSON per line
   tensorboard/           the same metrics for TensorBoard
   checkpoints/           orbax: adapter params and buffers, optimizer state,
-                         step, RNG, schedule state, data position, config,
-                         CRC-32 of every array
+                         step, RNG, schedule state, data position, config;
+                         each step with a manifest of its files (CRC-32s)
   checkpoints.damaged/   steps found damaged at a resume, moved aside
   adapter.safetensors    the trained adapter params and buffers only (small)
   results.json           the results row (see ``results_row``)
@@ -131,11 +131,16 @@ def config_json(config) -> dict:
 # Config fields a resumed run may change: when and what it records, not what
 # it computes.
 LOGISTICS = ('checkpoint_every', 'checkpoint_minutes', 'log_every')
+# Fields added to the configs after runs were recorded without them, and the
+# value those runs had in effect.
+ADDED_FIELDS = {'nonfinite': 'stop'}
 
 
 def differing_keys(found: dict, wanted: dict) -> str:
   """``'lr, steps'``: the top-level keys where two configs (as JSON) differ,
-  ``LOGISTICS`` aside; ``''`` for the same run."""
+  ``LOGISTICS`` aside, a missing ``ADDED_FIELDS`` key read as its value;
+  ``''`` for the same run."""
+  found, wanted = ({**ADDED_FIELDS, **config} for config in (found, wanted))
   keys = (wanted.keys() | found.keys()) - set(LOGISTICS)
   return ', '.join(sorted(k for k in keys if found.get(k) != wanted.get(k)))
 

@@ -306,3 +306,17 @@ def test_killed_at_any_moment_the_run_resumes_to_the_same_adapter(straight, tmp_
   assert_same_adapter(straight / 'adapter.safetensors', workdir / 'adapter.safetensors')
   row = json.loads((workdir / 'results.json').read_text())
   assert row['steps'] == STEPS
+
+
+def test_a_resume_may_change_logistics_but_nothing_else():
+  recorded = train.config_json(reliability_config())
+  later = train.config_json(
+    reliability_config(checkpoint_every=3, checkpoint_minutes=5.0, log_every=2)
+  )
+  assert train.differing_keys(recorded, later) == ''
+  older = {k: v for k, v in recorded.items() if k not in ('nonfinite',)}
+  assert train.differing_keys(older, recorded) == ''  # recorded before the field
+  assert train.differing_keys(older, {**recorded, 'nonfinite': 'skip'}) == 'nonfinite'
+  assert (
+    train.differing_keys(recorded, {**recorded, 'lr': 1.0, 'seed': 3}) == 'lr, seed'
+  )
