@@ -40,6 +40,13 @@ from peft_jax._src.checkpoint import (
 )
 from peft_jax._src.factored import FactoredFallbackWarning, adapted
 from peft_jax._src.hooks import AttentionKV, HookPoint, hook_point, hook_points
+from peft_jax._src.many import (
+  adamw_per_adapter,
+  make_many_train_step,
+  stack_states,
+  stack_trees,
+  take_adapter,
+)
 from peft_jax._src.noise import Noise
 from peft_jax._src.quantization import dequantize_tree as dequantize
 from peft_jax._src.quantization import quantize, stored_bytes
@@ -131,6 +138,7 @@ __all__ = [
   'TrainState',
   'TreeAdapter',
   'adalora',
+  'adamw_per_adapter',
   'adapted',
   'adapter_shardings',
   'adaption_prompt',
@@ -172,6 +180,7 @@ __all__ = [
   'lokr',
   'lora',
   'lora_dash',
+  'make_many_train_step',
   'make_train_step',
   'matrix_view',
   'merge',
@@ -209,9 +218,12 @@ __all__ = [
   'spectral_adapter',
   'ssb',
   'ssl',
+  'stack_states',
+  'stack_trees',
   'stacked',
   'stored_bytes',
   'svdiff',
+  'take_adapter',
   'trilora',
   'unmerge',
   'vera',

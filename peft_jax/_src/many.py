@@ -1,0 +1,152 @@
+"""Many adapters of one structure over one frozen tree, trained as one program.
+
+Adapters are pure functions of their own θ, so N of them over the same frozen
+weights are a leading axis on θ, the buffers and the optimizer state
+(``stack_trees``): ``make_many_train_step`` is ``make_train_step`` under
+``jax.vmap`` with the frozen tree passed once, unbatched, and the batch
+either shared by all N or one per adapter. Seeds differ through each state's
+``init`` key and ``rng``; learning rates and weight decays through
+``adamw_per_adapter``, whose hyper-parameters live in the optimizer state.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from peft_jax._src import paths
+from peft_jax._src.base import Params, PeftError, Schedule, TreeAdapter
+from peft_jax._src.step import LossFn, TrainState, make_train_step
+
+T = TypeVar('T')
+
+
+def stack_trees(trees: Sequence[T]) -> T:
+  """One tree whose every leaf is the ``len(trees)`` leaves stacked on a new
+  leading axis: N adapters' ``(params, buffers)``, or N batches for
+  ``make_many_train_step(..., shared_batch=False)`` (states:
+  ``stack_states``).
+
+  Raises:
+    PeftError: for no trees, or trees that differ in structure, shape or
+      dtype (the first difference is named).
+  """
+  if not trees:
+    raise PeftError('stack_trees: no trees given; expected one per adapter')
+  first = trees[0]
+  structure = jax.tree.structure(first)
+  for i, tree in enumerate(trees[1:], 1):
+    if jax.tree.structure(tree) != structure:
+      raise PeftError(
+        f'stack_trees: tree {i} has another structure than tree 0; expected '
+        'adapters built by the same rules (pad ranks to a common one)'
+      )
+    pairs = zip(paths.named_leaves(first), paths.named_leaves(tree), strict=True)
+    for (name, a), (_, b) in pairs:
+      if (np.shape(a), a.dtype) != (np.shape(b), b.dtype):
+        raise PeftError(
+          f'stack_trees: tree {i} has {name} of shape {np.shape(b)} {b.dtype}; '
+          f'tree 0 has {np.shape(a)} {a.dtype}'
+        )
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """N ``TrainState``s as the state of ``make_many_train_step``: every field
+  stacked (``stack_trees``) but ``step``, which all N share (so a checkpoint of
+  them is at one step).
+
+  Raises:
+    PeftError: as ``stack_trees``, or for states at different steps.
+  """
+  steps = {int(state.step) for state in states}
+  if len(steps) > 1:
+    raise PeftError(
+      f'stack_states: the states are at steps {sorted(steps)}; expected one'
+    )
+  return stack_trees(states)._replace(step=states[0].step)
+
+
+def take_adapter(tree: T, index: int) -> T:
+  """Adapter ``index`` of a stacked tree: every leaf's row ``index`` (of a
+  ``stack_states`` state: every field's but the shared ``step``)."""
+  row = lambda subtree: jax.tree.map(lambda leaf: leaf[index], subtree)
+  if isinstance(tree, TrainState):
+    return row(tree._replace(step=None))._replace(step=tree.step)
+  return row(tree)
+
+
+def adamw_per_adapter(
+  learning_rate: float,
+  weight_decay: float = 0.0,
+  shape: Callable[[jax.Array], jax.Array] | None = None,
+  **adam_kwargs,
+) -> optax.GradientTransformation:
+  """AdamW with ``learning_rate · shape(t)`` and decoupled ``weight_decay``,
+  both values held in the optimizer state, so stacked states of different
+  values share one ``update``:
+
+    u_t = −η · shape(t) · (m̂_t / (√v̂_t + ε) + λ · θ_{t−1})
+
+  the update of ``optax.adamw(lambda t: η · shape(t), weight_decay=λ)``
+  (computed as ``shape(t)`` then ``η``: equal up to float rounding).
+
+  Args:
+    learning_rate: η, the peak learning rate.
+    weight_decay: λ.
+    shape: the schedule's shape in ``[0, 1]`` by update count (warm-up,
+      decay), shared by every adapter; ``None`` for a constant 1.
+    **adam_kwargs: ``optax.scale_by_adam``'s (``b1``, ``b2``, ``eps``, ...).
+  """
+  return optax.chain(
+    optax.scale_by_adam(**adam_kwargs),
+    optax.inject_hyperparams(optax.add_decayed_weights)(weight_decay=weight_decay),
+    optax.scale_by_schedule(shape or (lambda count: jnp.ones((), jnp.float32))),
+    optax.inject_hyperparams(optax.scale)(step_size=-learning_rate),
+  )
+
+
+def make_many_train_step(
+  loss_fn: LossFn,
+  adapter: TreeAdapter,
+  optimizer: optax.GradientTransformation,
+  *,
+  shared_batch: bool = True,
+  factored: bool = False,
+  schedule: Schedule | None = None,
+  skip_nonfinite: bool = False,
+) -> Callable[[TrainState, Params, Any], tuple[TrainState, dict[str, jax.Array]]]:
+  """``step(states, frozen, batch) -> (states, metrics)`` for N states
+  stacked by ``stack_states``.
+
+  Adapter ``i`` takes exactly the step ``make_train_step`` gives it alone
+  (``jax.vmap`` over the states' leading axis, ``step`` shared; the frozen
+  tree is not batched, so it is not copied N times), and every metric has a
+  leading N axis.
+
+  Args:
+    loss_fn: ``(weights, batch, rng) -> (loss, metrics)``.
+    adapter: the tree adapter all N share (same rules).
+    optimizer: the update all N share; per-adapter learning rates and
+      weight decays must live in the state (``adamw_per_adapter``).
+    shared_batch: every adapter trains on the same batch; else ``batch`` has
+      a leading N axis, one batch per adapter (its own data order).
+    factored, schedule, skip_nonfinite: as ``make_train_step``'s.
+  """
+  step = make_train_step(
+    loss_fn,
+    adapter,
+    optimizer,
+    factored=factored,
+    schedule=schedule,
+    skip_nonfinite=skip_nonfinite,
+  )
+  states_axes = TrainState(0, 0, 0, None, 0, 0)  # step: shared by all N
+  return jax.vmap(
+    step,
+    in_axes=(states_axes, None, None if shared_batch else 0),
+    out_axes=(states_axes, 0),
+  )
