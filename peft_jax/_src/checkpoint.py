@@ -37,7 +37,7 @@ import safetensors
 from jax.experimental import multihost_utils
 from safetensors import numpy as safetensors_numpy
 
-from peft_jax._src import files, paths
+from peft_jax._src import checks, files, paths
 from peft_jax._src.base import AdapterParams, Buffers, Params, PeftError, TreeAdapter
 from peft_jax._src.rules import Rule, deserialize_rules, serialize_rules
 from peft_jax._src.step import TrainState
@@ -325,11 +325,8 @@ def _check_manifest(where: str, step_dir: str) -> None:
 
 
 def _first_nonfinite(leaves: dict[str, np.ndarray]) -> str | None:
-  """The name of the first floating array with a NaN or infinity, or None."""
-  for name, a in leaves.items():
-    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
-      return name
-  return None
+  """The name of the first array with a NaN or infinity, or None."""
+  return next((name for name, a in leaves.items() if checks.nonfinite(a)), None)
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:

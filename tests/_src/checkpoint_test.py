@@ -376,6 +376,11 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     pj.PeftError, match=r'not saving step 2: params/w holds non-finite'
   ):
     pj.save_checkpoint(manager, bad, {})
+  # bfloat16 is not a NumPy inexact dtype: its NaNs must be found all the same.
+  bf16 = small_state(jnp.bfloat16)
+  w = bf16.params['w'].at[1, 1].set(jnp.nan)
+  with pytest.raises(pj.PeftError, match=r'not saving step 3: params/w holds'):
+    pj.save_checkpoint(manager, bf16._replace(params={'w': w}, step=jnp.int32(3)), {})
   assert manager.all_steps() == [1]
 
 
