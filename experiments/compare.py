@@ -54,23 +54,28 @@ COLUMNS = (
 
 
 def load_rows(directory: pathlib.Path) -> list[dict]:
-  """Every ``results.json`` under ``directory``, fewest trainable params first.
+  """Every row of the ``results.json`` files under ``directory`` (a run's
+  row, or the list of rows of adapters trained together:
+  ``experiments.train_many``), fewest trainable params first.
 
-  Raises:
-    PeftError: for a missing directory, one with no results, or a results
-      file that is not a row (named).
+    Raises:
+      PeftError: for a missing directory, one with no results, or a results
+        file that is not a row (named).
   """
   if not directory.is_dir():
     raise PeftError(f'{directory} is not a directory of runs (*/results.json)')
   found = []
   for path in sorted(directory.glob('*/results.json')):
     try:
-      row = json.loads(path.read_text())
+      rows = json.loads(path.read_text())
     except ValueError:
-      row = None
-    if not isinstance(row, dict) or 'trainable_params' not in row:
-      raise PeftError(f'{path} is not a results row (rerun that run)')
-    found.append(row)
+      rows = None
+    rows = [rows] if isinstance(rows, dict) else rows
+    if not rows or not all(
+      isinstance(r, dict) and 'trainable_params' in r for r in rows
+    ):
+      raise PeftError(f'{path} is not a results row or list of rows (rerun that run)')
+    found.extend(rows)
   if not found:
     raise PeftError(f'no */results.json under {directory}: no run has finished')
   return sorted(found, key=lambda r: r['trainable_params'])

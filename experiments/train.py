@@ -44,7 +44,8 @@ import pathlib
 import platform
 import sys
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -133,7 +134,7 @@ def config_json(config) -> dict:
 LOGISTICS = ('checkpoint_every', 'checkpoint_minutes', 'log_every')
 # Fields added to the configs after runs were recorded without them, and the
 # value those runs had in effect.
-ADDED_FIELDS = {'nonfinite': 'stop'}
+ADDED_FIELDS = {'nonfinite': 'stop', 'seeds': 1, 'lrs': []}
 
 
 def differing_keys(found: dict, wanted: dict) -> str:
@@ -145,16 +146,17 @@ def differing_keys(found: dict, wanted: dict) -> str:
   return ', '.join(sorted(k for k in keys if found.get(k) != wanted.get(k)))
 
 
-def read_json(path: pathlib.Path, *, move_damaged: bool = True) -> dict | None:
-  """The JSON object in ``path``, or None when it is missing. A file that is
-  not a JSON object (damaged by hand, or by a crash of an older version) is
+def read_json(path: pathlib.Path, *, move_damaged: bool = True) -> dict | list | None:
+  """The JSON object in ``path`` (or list: the rows of several adapters), or
+  None when it is missing. A file that is neither (damaged by hand, or by a
+  crash of an older version) is
   renamed ``<name>.damaged`` (kept) and reported, unless not
   ``move_damaged``, and None is returned."""
   if not path.exists():
     return None
   try:
     found = json.loads(path.read_text())
-    if isinstance(found, dict):
+    if isinstance(found, dict | list):
       return found
   except (ValueError, UnicodeDecodeError):
     pass
@@ -353,10 +355,13 @@ def make_mesh(config, sizes: dict[str, int] | None = None) -> jax.sharding.Mesh:
   return mesh
 
 
-def setup(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> Run:
-  """Builds the task and places its weights on ``mesh``, selects entries
-  (selective runs), builds the tree adapter; writes ``describe.txt``."""
-  task = tasks.build(config)
+def setup(
+  config, workdir: pathlib.Path, mesh: jax.sharding.Mesh, task: tasks.Task | None = None
+) -> Run:
+  """Builds the task (unless given) and places its weights on ``mesh``,
+  selects entries (selective runs), builds the tree adapter; writes
+  ``describe.txt``."""
+  task = task or tasks.build(config)
   print(task.describe)
   frozen = partitioning.place(
     task.frozen, partitioning.param_shardings(task.frozen, task.param_axes, mesh)
@@ -397,14 +402,12 @@ def initial_state(run: Run) -> pj.TrainState:
   )
 
 
-def start_or_resume(run: Run, manager, writer: MetricsWriter):
-  """``(state, metadata)``: the newest good checkpoint (damaged steps are
-  moved aside: ``pj.restore_newest_good``) and its metadata, else step 0
-  evaluated. A checkpoint of a different config is refused."""
-  state = initial_state(run)
-  wanted = config_json(run.config)
+def same_run_only(manager, config) -> Callable[[dict], None]:
+  """``accept`` of ``pj.restore_newest_good``: refuses a checkpoint whose
+  recorded config differs from ``config`` (``differing_keys``)."""
+  wanted = config_json(config)
 
-  def same_run(metadata):
+  def accept(metadata):
     changed = metadata.get('config') and differing_keys(metadata['config'], wanted)
     if changed:
       raise pj.PeftError(
@@ -412,7 +415,17 @@ def start_or_resume(run: Run, manager, writer: MetricsWriter):
         f'config (keys {changed} differ); use a new --workdir to keep both'
       )
 
-  restored = pj.restore_newest_good(manager, state, accept=same_run)
+  return accept
+
+
+def start_or_resume(run: Run, manager, writer: MetricsWriter):
+  """``(state, metadata)``: the newest good checkpoint (damaged steps are
+  moved aside: ``pj.restore_newest_good``) and its metadata, else step 0
+  evaluated. A checkpoint of a different config is refused."""
+  state = initial_state(run)
+  restored = pj.restore_newest_good(
+    manager, state, accept=same_run_only(manager, run.config)
+  )
   if restored is None:
     writer.keep_until(-1)
     before = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
@@ -432,7 +445,8 @@ class LoopStats(NamedTuple):
   step_memory_mib: float  # step_memory_mib of the compiled step
   compile_seconds: float  # lowering and compiling the step
   train_seconds: float  # the steps: batch, dispatch, wait for the loss
-  skipped_steps: int  # steps skipped for non-finite values (nonfinite='skip')
+  # steps skipped for non-finite values (nonfinite='skip'); per adapter for several
+  skipped_steps: int | list[int]
 
 
 def checkpoint_due(config, step: int, seconds_since_save: float) -> bool:
@@ -450,70 +464,110 @@ def checkpoint_due(config, step: int, seconds_since_save: float) -> bool:
   return due
 
 
-def train_loop(run: Run, state, manager, writer: MetricsWriter, resumed: dict):
-  """Steps from ``state.step`` to ``config.steps``: logs, checkpoints.
+class Program(NamedTuple):
+  """What ``train_loop`` runs: one adapter, or several trained together
+  (``experiments.train_many``), whose metrics then carry a leading axis."""
 
-  A step with a non-finite loss or gradient stops the run with a one-line
-  ``PeftError`` naming it and the last good checkpoint (nothing is saved
-  after it), or with ``config.nonfinite = 'skip'`` leaves the state as it
-  was and is counted.
+  step: Callable  # (state, frozen, batch) -> (state, metrics)
+  batch: Callable[[int], Any]  # data position -> the placed batch
+  labels: tuple[str, ...] = ()  # the adapters' labels; () for one adapter
 
-  Returns:
-    ``(state, LoopStats)``: the trained state, and the step's memory and
-    compile time, the steps' time and the skipped steps.
-  """
+
+def single_program(run: Run) -> Program:
+  """One adapter: ``make_train_step`` on the task's batches."""
   config, task = run.config, run.task
-  skip = config.get('nonfinite', 'stop') == 'skip'
-  train_step = pj.make_train_step(
+  step = pj.make_train_step(
     task.loss_fn,
     run.tree,
     run.optimizer,
     factored=config.factored,
     schedule=run.schedule,
-    skip_nonfinite=skip,
+    skip_nonfinite=config.get('nonfinite', 'stop') == 'skip',
   )
-  start = int(state.step)
   batch = lambda position: partitioning.process_batch(
     run.mesh, task.train_batch(position)
   )
-  example = batch(start)
+  return Program(step, batch)
+
+
+def scalars(metrics: dict, labels: tuple[str, ...]) -> dict[str, float]:
+  """Logged metrics: ``{name: float}``, or per adapter ``{'label/name': float}``."""
+  if not labels:
+    return {k: float(v) for k, v in metrics.items()}
+  rows = {k: np.asarray(v).reshape(len(labels)) for k, v in metrics.items()}
+  return {
+    f'{label}/{k}': float(v[i])
+    for i, label in enumerate(labels)
+    for k, v in rows.items()
+  }
+
+
+def train_loop(
+  run: Run,
+  state,
+  manager,
+  writer: MetricsWriter,
+  resumed: dict,
+  program: Program | None = None,
+):
+  """Steps from ``state.step`` to ``config.steps`` of ``program`` (default:
+  ``single_program``): logs, checkpoints.
+
+  A step with a non-finite loss or gradient (of any adapter) stops the run
+  with a one-line ``PeftError`` naming it and the last good checkpoint
+  (nothing is saved after it), or with ``config.nonfinite = 'skip'`` leaves
+  that adapter's state as it was and is counted.
+
+  Returns:
+    ``(state, LoopStats)``: the trained state, and the step's memory and
+    compile time, the steps' time and the skipped steps (a list per adapter
+    for several).
+  """
+  config = run.config
+  program = program or single_program(run)
+  skip = config.get('nonfinite', 'stop') == 'skip'
+  start = int(state.step)
+  example = program.batch(start)
   compile_start = time.perf_counter()
-  step_fn = jax.jit(train_step, donate_argnums=0).lower(state, run.frozen, example)
+  step_fn = jax.jit(program.step, donate_argnums=0).lower(state, run.frozen, example)
   step_fn = step_fn.compile()
   compile_seconds = time.perf_counter() - compile_start
   train_seconds = 0.0
-  skipped = resumed['skipped_steps']
+  skipped = np.asarray(resumed['skipped_steps'])
   last_good = start if manager.latest_step() is not None else None
   saved_at = time.monotonic()
   positions = range(start, config.steps)
   with tasks.progress(positions, initial=start, total=config.steps) as bar:
     for position in bar:
       step_start = time.perf_counter()
-      state, metrics = step_fn(state, run.frozen, batch(position))
+      state, metrics = step_fn(state, run.frozen, program.batch(position))
       # Wait for the step: dispatch returns at once, so without this the bar
       # (and train_seconds) saw near-free steps, then a log step waiting for
       # all of them.
       jax.block_until_ready(metrics['loss'])
-      finite = bool(metrics.pop('finite'))
+      bad = ~np.asarray(metrics.pop('finite')).reshape(-1)
       train_seconds += time.perf_counter() - step_start
       step = position + 1
-      if not finite and not skip:
+      if bad.any() and not skip:
+        first = int(np.argmax(bad))
+        which = f' of adapter {program.labels[first]}' if program.labels else ''
+        loss = np.asarray(metrics['loss']).reshape(-1)[first]
         raise pj.PeftError(
-          f'step {step} has a non-finite loss or gradient (loss '
-          f'{float(metrics["loss"])}); stopped without saving it, '
+          f'step {step} has a non-finite loss or gradient{which} (loss '
+          f'{float(loss)}); stopped without saving it, '
           f'{last_checkpoint(manager, last_good)}; lower lr, or pass '
           'nonfinite=skip to skip such steps'
         )
-      skipped += int(metrics.pop('skipped', 0))
+      skipped = skipped + np.asarray(metrics.pop('skipped', 0))
       if step % config.log_every == 0 or step == config.steps:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        writer.write(step, {**metrics, 'skipped_steps': skipped})
-        bar.set_postfix(loss=f'{metrics["loss"]:.4f}')
+        logged = scalars({**metrics, 'skipped_steps': skipped}, program.labels)
+        writer.write(step, logged)
+        bar.set_postfix(loss=f'{float(np.mean(metrics["loss"])):.4f}')
       if checkpoint_due(config, step, time.monotonic() - saved_at):
         metadata = {
           'data_position': step,
           'before': resumed['before'],
-          'skipped_steps': skipped,
+          'skipped_steps': skipped.tolist(),
           'config': config_json(config),
         }
         try:
@@ -521,7 +575,9 @@ def train_loop(run: Run, state, manager, writer: MetricsWriter, resumed: dict):
         except pj.PeftError as e:
           raise pj.PeftError(f'{e}; {last_checkpoint(manager, last_good)}') from None
         last_good, saved_at = step, time.monotonic()
-  stats = LoopStats(step_memory_mib(step_fn), compile_seconds, train_seconds, skipped)
+  stats = LoopStats(
+    step_memory_mib(step_fn), compile_seconds, train_seconds, skipped.tolist()
+  )
   return state, stats
 
 
@@ -549,9 +605,11 @@ def step_memory_mib(compiled) -> float:
 
 def train_and_evaluate(
   config, workdir: str, mesh: dict[str, int] | None = None
-) -> dict:
+) -> dict | list[dict]:
   """Runs (or resumes, or just reports) the experiment; returns the results
-  row. ``mesh``: axis sizes over ``config.mesh`` (see ``make_mesh``).
+  row, or with ``seeds``/``lrs`` the rows of its adapters
+  (``experiments.train_many``). ``mesh``: axis sizes over ``config.mesh``
+  (see ``make_mesh``).
 
   Everything that can be checked without the model is checked before
   anything is written (``common.check_config``, ``make_mesh``,
@@ -569,6 +627,10 @@ def train_and_evaluate(
       print(f'{workdir} is complete; results in {workdir / "results.json"}')
       return row
     with jax.set_mesh(device_mesh):  # the models' activation shardings
+      from experiments import train_many  # here: it imports this module
+
+      if train_many.group_size(config) > 1:
+        return train_many.run_on_mesh(config, workdir, device_mesh)
       return run_on_mesh(config, workdir, device_mesh)
 
 
@@ -668,7 +730,13 @@ def main(argv=None) -> int:
   except pj.PeftError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(json.dumps({k: row[k] for k in row if k.startswith(('after_', 'trainable'))}))
+  for one in row if isinstance(row, list) else [row]:
+    shown = (
+      ('name', 'after_', 'trainable')
+      if isinstance(row, list)
+      else ('after_', 'trainable')
+    )
+    print(json.dumps({k: one[k] for k in one if k.startswith(shown)}))
   return 0
 
 

@@ -317,7 +317,8 @@ def test_compare_names_a_directory_without_results_in_one_line(tmp_path, capsys)
   (tmp_path / 'run' / 'results.json').write_text('{"name": ')
   assert compare.main([str(tmp_path)]) == 2
   assert capsys.readouterr().err == (
-    f'error: {tmp_path}/run/results.json is not a results row (rerun that run)\n'
+    f'error: {tmp_path}/run/results.json is not a results row or list of rows '
+    '(rerun that run)\n'
   )
   assert compare.main([str(tmp_path / 'nope')]) == 2
   assert 'is not a directory of runs' in capsys.readouterr().err

@@ -9,6 +9,7 @@ import inspect
 import math
 import numbers
 import pathlib
+import re
 
 import ml_collections
 
@@ -26,6 +27,8 @@ FIELDS = {
   'method': "the adaptation method (a key of the config module's METHODS)",
   'group': 'the label that seeds.md averages seeds over (default: method)',
   'seed': 'seed of the adapter and head init, dropout and the batch order',
+  'seeds': 'adapters trained together, seeds seed, seed+1, ... (one program)',
+  'lrs': 'peak learning rates trained together (each seed at each; [] = [lr])',
   'model': 'the pretrained model and how it reads the inputs',
   'model.checkpoint': "the pretrained weights, by name (the task's CHECKPOINTS)",
   'model.checkpoint_dir': 'a local Hugging Face model directory (weights, tokenizer)',
@@ -86,11 +89,16 @@ def _literal(text: str):
     return text  # A bare word is a string.
 
 
+# A comma between arguments: not one inside a list (``lrs=[1e-3,2e-3]``).
+ARG_SEPARATOR = re.compile(r',(?![^\[\]]*\])')
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``'method=lora,steps=300,runlocal'`` against typed defaults.
 
   Values are Python literals cast to the default's type; a bare key means
-  ``True``. A key without a default is an error that lists the known keys.
+  ``True``; a list keeps its commas (``lrs=[1e-3,2e-3]``). A key without a
+  default is an error that lists the known keys.
 
   Args:
     arg: the text after ``:`` in ``--config file.py:arg`` (or None).
@@ -100,7 +108,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     A ConfigDict of the defaults, updated from ``arg``.
   """
   parsed = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or '').split(',')):
+  for item in filter(None, ARG_SEPARATOR.split(arg or '')):
     key, _, text = item.partition('=')
     key = key.strip()
     if key not in defaults:
@@ -131,6 +139,17 @@ def parse_local_arg(
   (``'runlocal,log_every=5'`` logs every 5 steps)."""
   parsed = parse_arg(arg, **defaults)
   return parse_arg(arg, **{**defaults, **local}) if parsed.runlocal else parsed
+
+
+# The arguments of several adapters trained as one program
+# (``experiments.train_many``), at their one-adapter defaults.
+GROUP_ARGS = dict(seeds=1, lrs=[])
+
+
+def set_group(config: ml_collections.ConfigDict, arg) -> None:
+  """``config.seeds`` and ``config.lrs`` from the parsed ``GROUP_ARGS``."""
+  config.seeds = arg.seeds
+  config.lrs = list(arg.lrs)
 
 
 def warmup_steps(steps: int) -> int:
@@ -248,8 +267,10 @@ def check_config(config) -> None:
   Checked: the ``POSITIVE_FIELDS`` (positive ints); ``eval_limit`` (None or
   a positive int); ``lr`` (finite, > 0); ``weight_decay`` (finite, >= 0);
   ``warmup_steps`` (an int in ``[0, steps)``); ``seed`` (an int in
-  ``[0, 2**31)``); ``factored`` (a bool); ``adapters`` (a non-empty list of
-  rules that ``pj.by_rules`` accepts); ``schedule`` (None, or a
+  ``[0, 2**31)``); ``seeds`` (a positive int) and ``lrs`` (distinct
+  finite numbers > 0; neither with a ``selection``); ``factored`` (a
+  bool); ``adapters`` (a non-empty list of rules that ``pj.by_rules``
+  accepts); ``schedule`` (None, or a
   ``peft_jax.schedules`` factory and kwargs it takes, whose ``total_steps``
   is ``steps``); ``checkpoint_minutes`` (finite, > 0; None or absent: no
   timed checkpoints); where the config has them, ``nonfinite`` (one of
@@ -283,6 +304,7 @@ def check_config(config) -> None:
   _require(
     is_int(seed) and 0 <= seed < SEED_LIMIT, 'seed', seed, 'an int in [0, 2**31)'
   )
+  _check_group(config)
   factored = config.get('factored')
   _require(isinstance(factored, bool), 'factored', factored, 'a bool')
   minutes = config.get('checkpoint_minutes')  # None or absent: no timed ones
@@ -307,6 +329,30 @@ def check_config(config) -> None:
   _check_adapters(config.get('adapters'))
   _check_schedule(config.get('schedule'), steps)
   _check_selection(config.get('selection'))
+
+
+def _check_group(config) -> None:
+  seeds, lrs = config.get('seeds', 1), config.get('lrs') or []
+  _require(
+    is_positive_int(seeds) and config.seed + seeds <= SEED_LIMIT,
+    'seeds',
+    seeds,
+    f'a positive int with seed + seeds <= 2**31 (seed={config.seed})',
+  )
+  _require(
+    isinstance(lrs, list | tuple)
+    and all(is_finite(lr) and lr > 0 for lr in lrs)
+    and len(set(lrs)) == len(lrs),
+    'lrs',
+    lrs,
+    'a list of distinct finite numbers > 0 (or [] for lr alone)',
+  )
+  if (seeds > 1 or lrs) and config.get('selection'):
+    raise PeftError(
+      f'seeds={seeds}, lrs={list(lrs)} train adapters of one structure together, '
+      f'but {config.method} selects other entries per seed: run its seeds apart '
+      '(seed=0, seed=1, ...)'
+    )
 
 
 def _check_adapters(adapters) -> None:

@@ -20,7 +20,10 @@ between logged metrics, default 25), checkpoint_every (steps between
 checkpoints, default 250), checkpoint_minutes (also checkpoint once this
 many minutes passed since the last checkpoint, default 1.0), nonfinite
 (``stop``, the default, or ``skip``: what a step with a non-finite loss or
-gradient does), runlocal (a few steps on a few examples, for smoke tests;
+gradient does), seeds and lrs (train seeds
+seed..seed+seeds-1 at each learning rate of the list, e.g.
+``lrs=[1e-3,3e-3]``, as one program: experiments/train_many.py),
+runlocal (a few steps on a few examples, for smoke tests;
 it changes the defaults of steps, batch_size, eval_limit, log_every and
 checkpoint_every to 3, 8, 32, 1 and 2; a value given explicitly wins). The
 sweep over all methods:
@@ -164,6 +167,7 @@ def get_config(arg=None):
     checkpoint_minutes=1.0,
     nonfinite='stop',
     runlocal=False,
+    **common.GROUP_ARGS,
   )
   encoder_rules, default_lr = common.lookup(METHODS, 'method', arg.method)
 
@@ -195,6 +199,7 @@ def get_config(arg=None):
   config.checkpoint_every = arg.checkpoint_every
   config.checkpoint_minutes = arg.checkpoint_minutes
   config.nonfinite = arg.nonfinite
+  common.set_group(config, arg)
 
   if arg.runlocal:
     config.eval_batch_size = 16

@@ -41,7 +41,10 @@ same values as float32); the run's name gets ``_<frozen>``), log_every
 checkpoints, default 50), checkpoint_minutes (also checkpoint once this
 many minutes passed since the last checkpoint, default 1.0), nonfinite
 (``stop``, the default, or ``skip``: what a step with a non-finite loss or
-gradient does), runlocal (3 steps on 8 evaluation examples, for tests; it
+gradient does), seeds and lrs (train seeds
+seed..seed+seeds-1 at each learning rate of the list, e.g.
+``lrs=[1e-3,3e-3]``, as one program: experiments/train_many.py),
+runlocal (3 steps on 8 evaluation examples, for tests; it
 changes the defaults of steps, batch_size, eval_limit, log_every and
 checkpoint_every to 3, 2, 8, 1 and 2; a value given explicitly wins).
 
@@ -144,6 +147,7 @@ def get_config(arg=None):
     checkpoint_minutes=1.0,
     nonfinite='stop',
     runlocal=False,
+    **common.GROUP_ARGS,
   )
   rules, default_lr = common.lookup(METHODS, 'method', arg.method)
   frozen_formats = dict.fromkeys(tasks.FROZEN_FORMATS)
@@ -183,6 +187,7 @@ def get_config(arg=None):
   config.checkpoint_every = arg.checkpoint_every
   config.checkpoint_minutes = arg.checkpoint_minutes
   config.nonfinite = arg.nonfinite
+  common.set_group(config, arg)
 
   if arg.runlocal:
     config.eval_batch_size = 4

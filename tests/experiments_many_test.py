@@ -1,0 +1,207 @@
+"""Several adapters trained as one program by the trainer (``seeds``, ``lrs``).
+
+Runs are LoRA on the tiny task of ``experiments_test``: a group of two
+seeds × two learning rates, each adapter checked against the single run of
+its seed and rate, a resume after an interruption, the rows ``compare``
+and ``seeds`` read, the sweep, and the refusals.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import peft_jax as pj
+from experiments import compare, sweep, tasks, train, train_many
+from experiments.configs import common
+from peft_jax._src import paths
+from tests import experiments_test, references
+from tests.experiments_test import CONFIG, assert_same_adapter, build_tiny
+
+STEPS = 4
+EMBEDDINGS = 'bert/embeddings/word_embeddings/embedding'
+LRS = [2e-3, 5e-3]
+LABELS = ['seed=0,lr=0.002', 'seed=0,lr=0.005', 'seed=1,lr=0.002', 'seed=1,lr=0.005']
+
+
+def group_config(**changes):
+  """LoRA, ``STEPS`` steps, seeds 0 and 1 at each of ``LRS``."""
+  config = experiments_test.local_config('lora')
+  config.update(steps=STEPS, seeds=2, lrs=LRS, checkpoint_every=2, log_every=1)
+  config.update(changes)
+  return config
+
+
+@pytest.fixture(scope='module')
+def xla_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('xla')
+
+
+@pytest.fixture(scope='module')
+def group_run(tmp_path_factory, xla_cache):
+  """``(workdir, rows)`` of the uninterrupted group run."""
+  workdir = tmp_path_factory.mktemp('group') / 'lora'  # alone in its sweep dir
+  with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
+    patch.setattr(tasks, 'build', build_tiny)
+    rows = train.train_and_evaluate(group_config(), str(workdir))
+  return workdir, rows
+
+
+@pytest.mark.parametrize('seed, lr', [(1, 5e-3), (0, 2e-3)])
+def test_each_adapter_of_a_group_equals_its_single_run(
+  group_run, seed, lr, tmp_path, monkeypatch
+):
+  workdir, _ = group_run
+  monkeypatch.setattr(tasks, 'build', build_tiny)
+  single = experiments_test.local_config('lora')
+  single.update(steps=STEPS, seed=seed, lr=lr)
+  row = train.train_and_evaluate(single, str(tmp_path))
+  label = f'seed={seed},lr={lr:g}'
+  # adamw_per_adapter computes η·shape(t) where optax.adamw takes the
+  # schedule's η(t): equal up to float rounding, over 4 steps.
+  assert_same_adapter(
+    tmp_path / 'adapter.safetensors',
+    workdir / 'adapters' / f'{label}.safetensors',
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  (group_row,) = [r for r in group_run[1] if r['name'].endswith(f'[{label}]')]
+  for key in ('trainable_params', 'seed', 'lr', 'method', 'steps', 'task'):
+    assert group_row[key] == row[key], key
+  # The head is each seed's own (its init differs by seed): compare counts.
+  assert group_row['changed_params'] == row['changed_params']
+  for split in ('validation', 'test'):
+    assert group_row[f'before_{split}_accuracy'] == row[f'before_{split}_accuracy']
+
+
+def test_a_group_writes_one_row_and_one_adapter_per_member(group_run):
+  workdir, rows = group_run
+  assert [r['name'] for r in rows] == [f'rotten_tomatoes_lora[{x}]' for x in LABELS]
+  assert [r['group'] for r in rows] == ['lora lr=0.002', 'lora lr=0.005'] * 2
+  assert [(r['seed'], r['lr']) for r in rows] == [
+    (0, 2e-3),
+    (0, 5e-3),
+    (1, 2e-3),
+    (1, 5e-3),
+  ]
+  assert {r['adapters_in_program'] for r in rows} == {4}
+  assert json.loads((workdir / 'results.json').read_text()) == rows
+  assert sorted(os.listdir(workdir / 'adapters')) == [
+    f'{x}.safetensors' for x in sorted(LABELS)
+  ]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']  # one for all 4
+  lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in lines] == [0, 1, 2, 3, 4, 4]
+  for label in LABELS:
+    assert f'{label}/loss' in lines[1] and f'{label}/before_test_accuracy' in lines[0]
+  # compare reads the list as four runs; seeds.md averages each rate's seeds.
+  table = compare.write_comparison(workdir.parent)
+  assert table.count('| lora |') == 4
+  seeds_md = (workdir.parent / 'seeds.md').read_text()
+  assert '| lora lr=0.002 | 2 |' in seeds_md and '| lora lr=0.005 | 2 |' in seeds_md
+
+
+def test_a_finished_group_is_reported_not_rerun(group_run, monkeypatch):
+  workdir, rows = group_run
+  monkeypatch.setattr(tasks, 'build', None)  # building anything would fail
+  assert train.train_and_evaluate(group_config(), str(workdir)) == rows
+
+
+def test_an_interrupted_group_resumes_to_the_same_adapters(
+  group_run, tmp_path, xla_cache, monkeypatch
+):
+  monkeypatch.setattr(tasks, 'build', experiments_test.build_tiny_stopping_at(3))
+  with references.compilation_cache(xla_cache), pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(group_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+  monkeypatch.setattr(tasks, 'build', build_tiny)
+  with references.compilation_cache(xla_cache):
+    rows = train.train_and_evaluate(group_config(), str(tmp_path))
+  assert len(rows) == 4
+  for label in LABELS:
+    name = f'{label}.safetensors'
+    assert_same_adapter(group_run[0] / 'adapters' / name, tmp_path / 'adapters' / name)
+
+
+def test_group_arguments_parse_from_the_command_line():
+  config = common.load_config(f'{CONFIG}:runlocal,seeds=3,lrs=[1e-3,2e-3],steps=5')
+  assert (config.seeds, config.lrs, config.steps) == (3, [1e-3, 2e-3], 5)
+  assert train_many.group_size(config) == 6
+  single = common.load_config(f'{CONFIG}:runlocal')
+  assert (single.seeds, single.lrs, train_many.group_size(single)) == (1, [], 1)
+  common.check_config(config)
+
+
+@pytest.mark.parametrize(
+  'changes, message',
+  [
+    (dict(seeds=0), 'seeds=0 should be a positive int with seed + seeds <= 2**31'),
+    (dict(seed=2**31 - 2, seeds=3), 'seeds=3 should be a positive int'),
+    (dict(lrs=[1e-3, 0.0]), 'lrs=[0.001, 0.0] should be a list of distinct finite'),
+    (dict(lrs=[1e-3, 1e-3]), 'lrs=[0.001, 0.001] should be a list of distinct'),
+    (dict(lrs=['fast']), "lrs=['fast'] should be a list of distinct finite"),
+  ],
+)
+def test_bad_group_arguments_are_one_line_errors(changes, message):
+  config = group_config()
+  config.update(changes)
+  with pytest.raises(pj.PeftError, match=r'^[^\n]*$') as error:
+    common.check_config(config)
+  assert message in str(error.value)
+
+
+def test_a_selective_method_cannot_group_its_seeds():
+  config = common.load_config(
+    'experiments/configs/sam.py:runlocal,method=sam,task=rotten_tomatoes'
+  )
+  config.seeds = 2
+  with pytest.raises(pj.PeftError, match='sam selects other entries per seed'):
+    common.check_config(config)
+
+
+def test_a_leaf_that_differs_between_seeds_must_be_trained_whole(tmp_path, monkeypatch):
+  def build(config):  # the word embeddings depend on the seed
+    task = build_tiny(config)
+    shift = lambda name, w: w + config.seed if name == EMBEDDINGS else w
+    return task._replace(frozen=paths.map_named(shift, task.frozen))
+
+  monkeypatch.setattr(tasks, 'build', build)
+  with pytest.raises(pj.PeftError) as error:
+    train.train_and_evaluate(group_config(), str(tmp_path))
+  assert str(error.value) == (
+    f'{EMBEDDINGS} differs between seeds and is '
+    'adapted by no method, not trained whole (full()); train these seeds apart '
+    '(seeds=1, seed=...)'
+  )
+  assert not (tmp_path / 'checkpoints').exists() or not os.listdir(
+    tmp_path / 'checkpoints'
+  )
+
+
+def test_the_sweep_runs_one_program_per_method_and_a_row_per_adapter(
+  tmp_path, monkeypatch, xla_cache
+):
+  monkeypatch.setattr(tasks, 'build', build_tiny)
+  with references.compilation_cache(xla_cache):
+    sweep.run_sweep(f'{CONFIG}:runlocal,seeds=2', str(tmp_path), only={'lora', 'ia3'})
+  rows = compare.load_rows(tmp_path)
+  assert sorted((r['method'], r['seed']) for r in rows) == [
+    ('ia3', 0),
+    ('ia3', 1),
+    ('lora', 0),
+    ('lora', 1),
+  ]
+  assert {r['adapters_in_program'] for r in rows} == {2}
+  assert sorted(os.listdir(tmp_path)) == sorted(
+    [
+      'comparison.md',
+      'comparison.png',
+      'seeds.md',
+      'stability.png',
+      'rotten_tomatoes_ia3',
+      'rotten_tomatoes_lora',
+    ]
+  )
+  ia3 = [r for r in rows if r['method'] == 'ia3']
+  assert np.isfinite([r['after_test_accuracy'] for r in ia3]).all()
