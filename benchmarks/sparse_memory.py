@@ -69,7 +69,9 @@ def measure(setting: str, steps: int, score_batches: int) -> dict:
       (s, dense_mask(a)) if isinstance(a, pj.Adapter) else (s, a) for s, a in rules
     ]
   tree = pj.by_rules(rules)
-  run = train.Run(config, task, rules, tree, train.make_optimizer(config), None)
+  mesh = train.make_mesh(config, {'data': 1})
+  optimizer = train.make_optimizer(config)
+  run = train.Run(config, mesh, task, task.frozen, rules, tree, optimizer, None)
   state = train.initial_state(run)
   state_bytes = sum(
     np.asarray(x).nbytes for x in jax.tree.leaves((state.params, state.opt_state))

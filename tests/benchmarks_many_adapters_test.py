@@ -1,0 +1,33 @@
+"""The many-adapters benchmark runs end to end at its smoke setting."""
+
+import json
+import math
+
+from benchmarks import many_adapters
+
+
+def test_tiny_benchmark_writes_samples_medians_and_ratios(tmp_path, monkeypatch):
+  # The second process loads the first's eager-op programs (the task and
+  # state set-up): half its time. Timings are not checked here.
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'xla'))
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+  smoke = ['--tiny', '--adapters', '2', '--steps', '2', '--repeats', '1']
+  many_adapters.main([*smoke, '--out', str(tmp_path)])
+  result = json.loads((tmp_path / 'many_adapters.json').read_text())
+  assert [s['mode'] for s in result['samples']] == ['one', 'many']
+  one, many = result['samples']
+  assert (one['adapters'], many['adapters']) == (1, 2)
+  assert len(one['step_s']) == len(many['step_s']) == 2
+  assert len(many['last_loss']) == 2
+  assert all(math.isfinite(x) for x in one['last_loss'] + many['last_loss'])
+  # Seed 0 of the group takes the step it takes alone.
+  assert math.isclose(many['last_loss'][0], one['last_loss'][0], rel_tol=1e-4)
+  assert many['temp_bytes'] > one['temp_bytes']
+  for key in ('throughput_excluding_compile', 'peak_rss', 'compiled_temp', 'flops'):
+    assert result['ratios'][key] > 0, key
+  for key in ('date', 'jax', 'flax', 'optax', 'cpu_count', 'device'):
+    assert result['environment'][key], key
+  markdown = (tmp_path / 'many_adapters.md').read_text()
+  assert '| many (N=2) |' in markdown
+  assert 'Where the time goes' in markdown
