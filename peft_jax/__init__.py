@@ -43,11 +43,13 @@ from peft_jax._src.hooks import AttentionKV, HookPoint, hook_point, hook_points
 from peft_jax._src.many import (
   adamw_per_adapter,
   make_many_train_step,
+  shard_adapters,
   stack_states,
   stack_trees,
   take_adapter,
 )
 from peft_jax._src.noise import Noise
+from peft_jax._src.per_row import adapted_per_row
 from peft_jax._src.quantization import dequantize_tree as dequantize
 from peft_jax._src.quantization import quantize, stored_bytes
 from peft_jax._src.quantized_array import KINDS as QUANTIZATION_KINDS
@@ -111,7 +113,14 @@ from peft_jax.methods.ssl import ssl
 from peft_jax.methods.svdiff import svdiff
 from peft_jax.methods.trilora import trilora
 from peft_jax.methods.vera import vera
-from peft_jax.wrappers import matrix_view, mpc, stacked
+from peft_jax.wrappers import (
+  matrix_view,
+  mpc,
+  pad_rank,
+  rank_masked,
+  stacked,
+  with_rank,
+)
 
 __all__ = [
   'QUANTIZATION_KINDS',
@@ -140,6 +149,7 @@ __all__ = [
   'adalora',
   'adamw_per_adapter',
   'adapted',
+  'adapted_per_row',
   'adapter_shardings',
   'adaption_prompt',
   'bitfit',
@@ -192,6 +202,7 @@ __all__ = [
   'oft',
   'optimizer_shardings',
   'p_tuning',
+  'pad_rank',
   'parallel_adapter',
   'pfeiffer',
   'pissa',
@@ -200,6 +211,7 @@ __all__ = [
   'prompt_from_vocabulary',
   'prompt_tuning',
   'quantize',
+  'rank_masked',
   'register',
   'register_selector',
   'register_wrapper',
@@ -213,6 +225,7 @@ __all__ = [
   'selection',
   'selector_names',
   'serialize_rules',
+  'shard_adapters',
   'sparse',
   'sparse_rules',
   'spectral_adapter',
@@ -227,6 +240,7 @@ __all__ = [
   'trilora',
   'unmerge',
   'vera',
+  'with_rank',
   'wrapper_names',
   'wrappers',
 ]

@@ -27,7 +27,9 @@ interpreter in which each such kernel is an ``Adapted(w, θ)`` value.
   ``Adapted`` values in their operands, so kernels stacked for ``nn.scan`` or
   ``lax.scan`` over layers stay factored when their method is
   ``stacked(method)`` (adapter parameters stacked the same way; the scan
-  slices kernel and parameters together).
+  slices kernel and parameters together). A ``while`` loop is entered with
+  ``Adapted`` kernels among the values its body closes over, so a decoding
+  loop (``llama.generate``) runs factored at every step.
 * A quantized frozen kernel (``QuantizedArray``, ``peft_jax.quantize``) is
   an ``Adapted`` value with ``adapter=None``: a ``dot_general`` with it is
   ``quantization.dequantized_linear`` (``w`` formed at that use, formed
@@ -37,7 +39,7 @@ interpreter in which each such kernel is an ``Adapted(w, θ)`` value.
   factored form interpreted the same way, so LoRA's ``x @ w`` inside it is
   a dequantized matmul too.
 * Any other use of an adapted kernel — ``x @ wᵀ`` (tied embeddings), a
-  gather, a reshape, a ``while`` loop — falls back to the weight-space form
+  gather, a reshape, a loop carry — falls back to the weight-space form
   ``w' = apply(w, θ)`` at that use, with a ``FactoredFallbackWarning`` naming
   the leaf and the primitive. Methods without a factored form, and leaves
   whose shape it does not take, are applied in weight space up front.
@@ -279,6 +281,21 @@ def _cond(eqn, invals) -> list:
   return jax.lax.switch(index, branches, *operands)
 
 
+def _while(eqn, invals) -> list:
+  """``while_loop`` with ``Adapted`` kernels among the consts its condition
+  and body close over (a decoding loop's weights): both are interpreted, so
+  the body's ``x @ w'`` stays factored; carries are materialised."""
+  p = eqn.params
+  n_cond, n_body = p['cond_nconsts'], p['body_nconsts']
+  cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
+  carry = _materialize_all(invals[n_cond + n_body :], 'a while_loop carry')
+  cond_jaxpr, cond_inner = _jaxpr_and_consts(p['cond_jaxpr'])
+  body_jaxpr, body_inner = _jaxpr_and_consts(p['body_jaxpr'])
+  cond = lambda c: evaluate(cond_jaxpr, cond_inner, [*cond_consts, *c])[0]
+  body = lambda c: evaluate(body_jaxpr, body_inner, [*body_consts, *c])
+  return jax.lax.while_loop(cond, body, carry)
+
+
 def _checkpoint(eqn, invals) -> list:
   inner, consts = _jaxpr_and_consts(eqn.params['jaxpr'])
   call = jax.checkpoint(
@@ -309,6 +326,7 @@ _RULES: dict[str, Callable] = {
   'custom_vjp_call': _enter('call_jaxpr'),
   'scan': _scan,
   'cond': _cond,
+  'while': _while,
   'checkpoint': _checkpoint,
   'remat2': _checkpoint,
 }

@@ -6,7 +6,10 @@ weights are a leading axis on θ, the buffers and the optimizer state
 ``jax.vmap`` with the frozen tree passed once, unbatched, and the batch
 either shared by all N or one per adapter. Seeds differ through each state's
 ``init`` key and ``rng``; learning rates and weight decays through
-``adamw_per_adapter``, whose hyper-parameters live in the optimizer state.
+``adamw_per_adapter``, whose hyper-parameters live in the optimizer state;
+LoRA ranks through ``rank_masked`` (one rank ``R``, each adapter's own
+``r ≤ R`` in its buffers). ``shard_adapters`` splits the N axis over a device
+mesh: adapters are independent, so the step runs without communication.
 """
 
 from collections.abc import Callable, Sequence
@@ -16,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from peft_jax._src import paths
 from peft_jax._src.base import Params, PeftError, Schedule, TreeAdapter
@@ -150,3 +155,38 @@ def make_many_train_step(
     in_axes=(states_axes, None, None if shared_batch else 0),
     out_axes=(states_axes, 0),
   )
+
+
+def shard_adapters(tree: T, mesh: Mesh, axis: str = 'adapters') -> T:
+  """``tree`` placed on ``mesh`` with its leading N axis split over ``axis``.
+
+  ``tree`` is stacked: a ``stack_states`` state (its shared ``step`` is
+  replicated) or N per-adapter batches. Every other leaf ``x: (N, ...)`` gets
+  ``NamedSharding(mesh, P(axis))``: each of the ``D`` devices along ``axis``
+  holds ``N/D`` adapters' θ, buffers and optimizer state. Replicate the
+  frozen tree on the same mesh (``jax.device_put(frozen,
+  NamedSharding(mesh, P()))``): the jitted ``make_many_train_step`` then
+  runs ``N/D`` adapters per device with no communication, and returns
+  states placed as these. Numerically the same as the unsharded run.
+
+  Raises:
+    PeftError: if ``axis`` is not a mesh axis or N is not a multiple of its
+      size.
+  """
+  if axis not in mesh.shape:
+    raise PeftError(
+      f'shard_adapters: axis {axis!r} is not an axis of the mesh; its axes are '
+      f'{tuple(mesh.shape)}'
+    )
+  state = tree if isinstance(tree, TrainState) else None
+  stacked = tree if state is None else state._replace(step=None)
+  sizes = {leaf.shape[0] if leaf.ndim else 0 for leaf in jax.tree.leaves(stacked)}
+  if len(sizes) != 1 or min(sizes) % mesh.shape[axis] or not min(sizes):
+    raise PeftError(
+      f'shard_adapters: leading axes of sizes {sorted(sizes)}; expected one N, '
+      f'a multiple of mesh axis {axis!r} of size {mesh.shape[axis]}'
+    )
+  placed = jax.device_put(stacked, NamedSharding(mesh, P(axis)))
+  if state is None:
+    return placed
+  return placed._replace(step=jax.device_put(state.step, NamedSharding(mesh, P())))

@@ -4,7 +4,7 @@ Spec strings are Python call syntax with literal arguments, parsed with
 ``ast`` (never ``eval``): ``'lora'``, ``'lora()'``, ``'lora(8, alpha=16)'``.
 Two namespaces share the syntax: *methods* (``names()``; every one passes the
 contract test) and *wrappers* that take a method and return a modified one
-(``wrapper_names()``: ``stacked``, ``matrix_view``, ``mpc``), so
+(``wrapper_names()``: ``stacked``, ``matrix_view``, ``mpc``, ``rank_masked``), so
 ``get("stacked('lora(rank=4)')")`` works.
 
 Every built adapter carries its canonical spec string as ``name``: every

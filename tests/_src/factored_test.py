@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 
 import peft_jax as pj
+from peft_jax.models import llama
 from tests import references
+from tests.models import llama_hooks_test as tiny_llama
 
 SPECS = [
   'lora(rank=2, b_init="normal")',
@@ -119,6 +121,26 @@ def test_other_uses_fall_back_to_weight_space_with_a_warning():
   adapter = pj.by_rules([('embedding', 'lora(rank=2, b_init="normal")')])
   with pytest.warns(pj.FactoredFallbackWarning, match='embedding is used by'):
     check_equal_paths(adapter, tied_lm, frozen, jnp.array([1, 2, 3]))
+
+
+def test_llama_generate_stays_factored_inside_its_while_loop():
+  """``llama.generate``'s decoding ``while_loop`` closes over the kernels: it
+  is entered (no fallback warning), and gives the weight-space tokens."""
+  model, frozen = tiny_llama.tiny('scan')
+  rule = (f'layers/{tiny_llama.SEVEN}', f'stacked({tiny_llama.LORA!r})')
+  tree = pj.by_rules([rule])
+  params, buffers = jax.jit(tree.init)(jax.random.key(0), frozen)
+  params = references.perturb(params, 1)
+  prompt = tiny_llama.ids((2, 4), seed=1)
+  generate = lambda w, ids: llama.generate(model, w, ids, 5)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', pj.FactoredFallbackWarning)
+    fast = jax.jit(pj.adapted(tree, generate, factored=True))(
+      frozen, params, buffers, prompt
+    )
+  want = generate(jax.jit(tree.apply)(frozen, params, buffers), prompt)
+  np.testing.assert_array_equal(fast, want)
+  assert not np.array_equal(want, generate(frozen, prompt))  # the adapter acts
 
 
 def test_adapted_needs_a_tree_adapter():

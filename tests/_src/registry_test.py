@@ -55,7 +55,7 @@ def test_the_cache_is_bounded(monkeypatch):
 
 
 def test_wrappers_are_in_their_own_namespace():
-  assert pj.wrapper_names() == ['matrix_view', 'mpc', 'stacked']
+  assert pj.wrapper_names() == ['matrix_view', 'mpc', 'rank_masked', 'stacked']
   assert not set(pj.wrapper_names()) & set(pj.names())
   wrapped = pj.stacked('lora(rank=2)')
   assert wrapped.name == f'stacked(method="{pj.lora(rank=2).name}")'
