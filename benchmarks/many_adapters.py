@@ -15,7 +15,9 @@ interleaved:
   one   one adapter (seed 0), ``jax.jit(pj.make_train_step(...))``
   many  N adapters (seeds 0..N-1: their own LoRA init and dropout; the head
         starts from seed 0's task in all) on the same batches (shared
-        batch), ``jax.jit(pj.make_many_train_step(...))``
+        batch), ``jax.jit(pj.make_many_train_step(...))``: one vmapped pass
+  passes  the same N in passes of one adapter inside the same program
+        (``make_many_train_step(..., adapters_per_pass=1)``)
 
 Both use ``pj.adamw_per_adapter`` with the trainer's warm-up/decay shape and
 donate the state. A process times ``lower`` and ``compile`` of its step, then
@@ -47,7 +49,8 @@ import time
 CONFIG = 'experiments/configs/rotten_tomatoes.py'
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / 'benchmarks' / 'results'
-MODES = ('one', 'many')
+MODES = ('one', 'many', 'passes')
+GROUPS = ('many', 'passes')  # the modes that train N adapters
 TINY_BERT = dict(
   vocab_size=64,
   hidden_size=32,
@@ -155,13 +158,16 @@ def measure(mode: str, adapters: int, steps: int, tiny: bool) -> dict:
   start = time.perf_counter()
   config = common.load_config(f'{CONFIG}:method=lora,steps={steps}')
   run = make_run(config, tiny)
-  many = mode == 'many'
+  many = mode in GROUPS
   count = adapters if many else 1
   states = seed_states(run, count)
   state = pj.stack_states(states) if many else states[0]
+  options = dict(factored=config.factored)
+  if mode == 'passes':
+    options['adapters_per_pass'] = 1
   make_step = pj.make_many_train_step if many else pj.make_train_step
   step = jax.jit(
-    make_step(run.task.loss_fn, run.tree, run.optimizer, factored=config.factored),
+    make_step(run.task.loss_fn, run.tree, run.optimizer, **options),
     donate_argnums=0,
   )
   batches = jax.device_put([run.task.train_batch(t) for t in range(steps)])
@@ -265,7 +271,7 @@ def ratios(one: dict, many: dict, adapters: int) -> dict:
   }
 
 
-def table(one: dict, many: dict, adapters: int) -> str:
+def table(one: dict, groups: dict[str, dict], adapters: int) -> str:
   mib = lambda b: f'{b / 2**20:.1f}'
   head = (
     '| mode | lower + compile s | step ms | adapter-steps/s | run s (incl. compile) '
@@ -273,7 +279,9 @@ def table(one: dict, many: dict, adapters: int) -> str:
     '| GFLOP/step | GFLOP/s |'
   )
   lines = [head, '|' + '---|' * 11]
-  for name, m, n in (('one', one, 1), (f'many (N={adapters})', many, adapters)):
+  rows = [('one', one, 1)]
+  rows += [(f'{mode} (N={adapters})', m, adapters) for mode, m in groups.items()]
+  for name, m, n in rows:
     flops = m['flops']
     cells = [
       name,
@@ -292,12 +300,13 @@ def table(one: dict, many: dict, adapters: int) -> str:
   return '\n'.join(lines)
 
 
-def summary(r: dict, adapters: int, steps: int) -> list[str]:
-  """The ratios against the goal, as Markdown lines."""
+def summary(mode: str, r: dict, adapters: int, steps: int) -> list[str]:
+  """The ratios of one group mode against the goal, as Markdown lines."""
   met = r['throughput_excluding_compile'] >= 4 and r['peak_rss'] <= 2
   return [
-    f'N = {adapters} adapters trained together against {adapters} sequential '
-    f'one-adapter runs (each paying its own compile, as {adapters} trainer runs do):',
+    f'`{mode}`: N = {adapters} adapters trained together against {adapters} '
+    f'sequential one-adapter runs (each paying its own compile, as {adapters} '
+    'trainer runs do):',
     '',
     f'- throughput, compile excluded: **{r["throughput_excluding_compile"]:.2f}×** '
     f'({adapters} × one step time / many step time)',
@@ -313,11 +322,13 @@ def summary(r: dict, adapters: int, steps: int) -> list[str]:
   ]
 
 
-def where_the_time_goes(one: dict, many: dict, r: dict, adapters: int, steps) -> str:
+def where_the_time_goes(
+  mode: str, one: dict, many: dict, r: dict, adapters: int, steps
+) -> str:
   """One paragraph from the medians only."""
   step_ratio = many['median_step_s'] / one['median_step_s']
   text = (
-    f'Where the time goes: the many step takes {step_ratio:.2f}× the one step '
+    f'Where the time goes (`{mode}`): its step takes {step_ratio:.2f}× the one step '
     f'({1000 * many["median_step_s"]:.0f} against '
     f'{1000 * one["median_step_s"]:.0f} ms)'
   )
@@ -331,11 +342,11 @@ def where_the_time_goes(one: dict, many: dict, r: dict, adapters: int, steps) ->
   return text + (
     f'. Lower + compile is {100 * compile_share(one):.0f}% of a {steps}-step '
     f'one-adapter run and {100 * compile_share(many):.0f}% of the {steps}-step '
-    f'many run (the many compile takes {r["compile"]:.2f}× the one). Building '
+    f'{mode} run (its compile takes {r["compile"]:.2f}× the one). Building '
     f'the task and the states takes {one["setup_s"]:.1f} s (one) and '
-    f'{many["setup_s"]:.1f} s (many), outside every figure above. During the '
+    f'{many["setup_s"]:.1f} s ({mode}), outside every figure above. During the '
     f'timed steps the process kept the CPUs {100 * one["steps_cpu_busy"]:.0f}% '
-    f'(one) and {100 * many["steps_cpu_busy"]:.0f}% (many) busy (user + system '
+    f'(one) and {100 * many["steps_cpu_busy"]:.0f}% ({mode}) busy (user + system '
     'CPU time over wall time × CPUs; below 100%: CPU time left unused or taken '
     f'by other processes), {100 * one["steps_sys_share"]:.0f}% and '
     f'{100 * many["steps_sys_share"]:.0f}% of it in the kernel.'
@@ -343,8 +354,9 @@ def where_the_time_goes(one: dict, many: dict, r: dict, adapters: int, steps) ->
 
 
 def write(out: pathlib.Path, samples: list[dict], args) -> str:
-  one, many = medians(samples, 'one'), medians(samples, 'many')
-  r = ratios(one, many, args.adapters)
+  one = medians(samples, 'one')
+  groups = {mode: medians(samples, mode) for mode in GROUPS}
+  r = {mode: ratios(one, m, args.adapters) for mode, m in groups.items()}
   environment = samples[0]['environment']
   settings = {
     'adapters': args.adapters,
@@ -360,7 +372,7 @@ def write(out: pathlib.Path, samples: list[dict], args) -> str:
   result = {
     'environment': environment,
     'settings': settings,
-    'medians': {'one': one, 'many': many},
+    'medians': {'one': one, **groups},
     'ratios': {**r, 'trainer_steps': TRAINER_STEPS},
     'samples': samples,
   }
@@ -381,10 +393,15 @@ def write(out: pathlib.Path, samples: list[dict], args) -> str:
   text = '\n\n'.join(
     [
       *[smoke] * args.tiny,
-      table(one, many, args.adapters),
+      table(one, groups, args.adapters),
       note,
-      '\n'.join(summary(r, args.adapters, args.steps)),
-      where_the_time_goes(one, many, r, args.adapters, args.steps),
+      *[
+        '\n'.join(summary(mode, r[mode], args.adapters, args.steps)) for mode in GROUPS
+      ],
+      *[
+        where_the_time_goes(mode, one, groups[mode], r[mode], args.adapters, args.steps)
+        for mode in GROUPS
+      ],
     ]
   )
   (out / 'many_adapters.md').write_text(text + '\n')

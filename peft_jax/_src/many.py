@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from peft_jax._src import paths
+from peft_jax._src import checks, paths
 from peft_jax._src.base import Params, PeftError, Schedule, TreeAdapter
 from peft_jax._src.step import LossFn, TrainState, make_train_step
 
@@ -123,6 +123,7 @@ def make_many_train_step(
   factored: bool = False,
   schedule: Schedule | None = None,
   skip_nonfinite: bool = False,
+  adapters_per_pass: int | None = None,
 ) -> Callable[[TrainState, Params, Any], tuple[TrainState, dict[str, jax.Array]]]:
   """``step(states, frozen, batch) -> (states, metrics)`` for N states
   stacked by ``stack_states``.
@@ -140,6 +141,13 @@ def make_many_train_step(
     shared_batch: every adapter trains on the same batch; else ``batch`` has
       a leading N axis, one batch per adapter (its own data order).
     factored, schedule, skip_nonfinite: as ``make_train_step``'s.
+    adapters_per_pass: ``None``: all N in one vmapped pass, which needs
+      about N times one step's activation memory and gains speed only where
+      one adapter's step leaves the device idle (a GPU on a small model; a
+      saturated CPU gains nothing: ``benchmarks/many_adapters.py``). ``K``:
+      passes of K adapters inside the same program (``jax.lax.map`` with
+      ``batch_size=K``; ``K = 1``: one after another), about K times one
+      step's activations, still one compile and one call per step.
   """
   step = make_train_step(
     loss_fn,
@@ -149,12 +157,28 @@ def make_many_train_step(
     schedule=schedule,
     skip_nonfinite=skip_nonfinite,
   )
-  states_axes = TrainState(0, 0, 0, None, 0, 0)  # step: shared by all N
-  return jax.vmap(
-    step,
-    in_axes=(states_axes, None, None if shared_batch else 0),
-    out_axes=(states_axes, 0),
+  if adapters_per_pass is None:
+    states_axes = TrainState(0, 0, 0, None, 0, 0)  # step: shared by all N
+    return jax.vmap(
+      step,
+      in_axes=(states_axes, None, None if shared_batch else 0),
+      out_axes=(states_axes, 0),
+    )
+  per_pass = checks.positive_int(
+    'make_many_train_step', 'adapters_per_pass', adapters_per_pass
   )
+
+  def in_passes(states, frozen, batch):
+    def one(own):
+      state, own_batch = own
+      state = state._replace(step=states.step)
+      return step(state, frozen, batch if shared_batch else own_batch)
+
+    own = (states._replace(step=None), None if shared_batch else batch)
+    new, metrics = jax.lax.map(one, own, batch_size=per_pass)
+    return new._replace(step=new.step[0]), metrics
+
+  return in_passes
 
 
 def shard_adapters(tree: T, mesh: Mesh, axis: str = 'adapters') -> T:

@@ -43,7 +43,7 @@ def train_alone(adapter, frozen, seed, optimizer, data):
   return state
 
 
-def train_together(adapter, frozen, data, shared_batch):
+def train_together(adapter, frozen, data, shared_batch, adapters_per_pass=None):
   optimizers = [
     pj.adamw_per_adapter(lr, wd, shape) for lr, wd in zip(LRS, DECAYS, strict=True)
   ]
@@ -52,7 +52,11 @@ def train_together(adapter, frozen, data, shared_batch):
   )
   step = jax.jit(
     pj.make_many_train_step(
-      noisy_loss, adapter, optimizers[0], shared_batch=shared_batch
+      noisy_loss,
+      adapter,
+      optimizers[0],
+      shared_batch=shared_batch,
+      adapters_per_pass=adapters_per_pass,
     )
   )
   for batch in data:
@@ -65,8 +69,15 @@ def assert_close_params(got, want, **tolerance):
   assert_close_trees(got.params, want.params, **tolerance)
 
 
-@pytest.mark.parametrize('shared_batch', [True, False])
-def test_each_adapter_of_a_vmapped_run_equals_it_trained_alone(shared_batch):
+# adapters_per_pass: None, one vmapped pass; 1, one adapter after another; 2,
+# a pass of 2 then the remaining 1 (N = 3).
+@pytest.mark.parametrize(
+  'shared_batch, adapters_per_pass',
+  [(True, None), (False, None), (True, 2), (False, 1)],
+)
+def test_each_adapter_of_a_vmapped_run_equals_it_trained_alone(
+  shared_batch, adapters_per_pass
+):
   adapter, frozen = pj.by_rules(RULES), frozen_mlp()
   data = batches(STEPS * len(SEEDS))
   if shared_batch:
@@ -77,7 +88,7 @@ def test_each_adapter_of_a_vmapped_run_equals_it_trained_alone(shared_batch):
     stacked = [
       pj.stack_trees([own(i)[t] for i in range(len(SEEDS))]) for t in range(STEPS)
     ]
-  together = train_together(adapter, frozen, stacked, shared_batch)
+  together = train_together(adapter, frozen, stacked, shared_batch, adapters_per_pass)
   for i, (seed, lr, decay) in enumerate(zip(SEEDS, LRS, DECAYS, strict=True)):
     alone = train_alone(
       adapter, frozen, seed, pj.adamw_per_adapter(lr, decay, shape), own(i)
