@@ -213,8 +213,18 @@ def measure(mode: str, adapters: int, steps: int, tiny: bool) -> dict:
     'base_rss_mib': base,
     'peak_rss_mib': peak_mib(),
     'last_loss': np.ravel(metrics['loss']).tolist(),
-    **compiled_stats(compiled),
+    **step_stats(compiled, mode, count),
   }
+
+
+def step_stats(compiled, mode: str, count: int) -> dict:
+  """``compiled_stats``; for ``passes``, whose step loops over the N adapters,
+  ``flops`` is N × XLA's count (which counts a loop body once: one pass),
+  kept as ``flops_one_pass``."""
+  stats = compiled_stats(compiled)
+  if mode == 'passes' and stats['flops'] is not None:
+    stats.update(flops_one_pass=stats['flops'], flops=count * stats['flops'])
+  return stats
 
 
 def run_children(adapters: int, steps: int, repeats: int, tiny: bool) -> list[dict]:
@@ -264,7 +274,10 @@ def ratios(one: dict, many: dict, adapters: int) -> dict:
       adapters * long_run(one) / long_run(many)
     ),
     'peak_rss': many['peak_rss_mib'] / one['peak_rss_mib'],
-    'rss_above_base': above_base(many) / above_base(one),
+    # None where the one run's peak did not rise above its base (--tiny).
+    'rss_above_base': (
+      above_base(many) / above_base(one) if above_base(one) > 0 else None
+    ),
     'compiled_temp': many['temp_bytes'] / one['temp_bytes'],
     'flops': many['flops'] / one['flops'] if one['flops'] else None,
     'compile': compile_s(many) / compile_s(one),
@@ -300,6 +313,11 @@ def table(one: dict, groups: dict[str, dict], adapters: int) -> str:
   return '\n'.join(lines)
 
 
+def fixed(value: float | None) -> str:
+  """``value`` with two decimals, or ``–`` for None."""
+  return '–' if value is None else f'{value:.2f}'
+
+
 def summary(mode: str, r: dict, adapters: int, steps: int) -> list[str]:
   """The ratios of one group mode against the goal, as Markdown lines."""
   met = r['throughput_excluding_compile'] >= 4 and r['peak_rss'] <= 2
@@ -315,7 +333,7 @@ def summary(mode: str, r: dict, adapters: int, steps: int) -> list[str]:
     f'run, both measured); computed from the medians for a {TRAINER_STEPS}-step '
     f'run: {r["throughput_including_compile_trainer_steps"]:.2f}×',
     f'- peak RSS: **{r["peak_rss"]:.2f}×** one run (above the process base before '
-    f'compiling: {r["rss_above_base"]:.2f}×); XLA temp buffers of the compiled '
+    f'compiling: {fixed(r["rss_above_base"])}×); XLA temp buffers of the compiled '
     f'step: {r["compiled_temp"]:.2f}×',
     f'- goal ≥ 4× throughput (compile excluded) at ≤ 2× peak RSS: '
     f'{"met" if met else "not met"}',
@@ -327,6 +345,7 @@ def where_the_time_goes(
 ) -> str:
   """One paragraph from the medians only."""
   step_ratio = many['median_step_s'] / one['median_step_s']
+  counted = ', of one pass, × N' if mode == 'passes' else ''
   text = (
     f'Where the time goes (`{mode}`): its step takes {step_ratio:.2f}× the one step '
     f'({1000 * many["median_step_s"]:.0f} against '
@@ -334,9 +353,9 @@ def where_the_time_goes(
   )
   if r['flops']:
     text += (
-      f' for {r["flops"]:.2f}× its FLOPs (XLA cost analysis; {adapters}× would '
-      f'mean no work shared), so it runs at {r["flops"] / step_ratio:.2f}× the '
-      'FLOP/s of the one step'
+      f' for {r["flops"]:.2f}× its FLOPs (XLA cost analysis{counted}; '
+      f'{adapters}× would mean no work shared), so it runs at '
+      f'{r["flops"] / step_ratio:.2f}× the FLOP/s of the one step'
     )
   compile_share = lambda m: (m['lower_s'] + m['compile_s']) / m['run_s']
   return text + (

@@ -134,7 +134,7 @@ def config_json(config) -> dict:
 LOGISTICS = ('checkpoint_every', 'checkpoint_minutes', 'log_every')
 # Fields added to the configs after runs were recorded without them, and the
 # value those runs had in effect.
-ADDED_FIELDS = {'nonfinite': 'stop', 'seeds': 1, 'lrs': []}
+ADDED_FIELDS = {'nonfinite': 'stop', 'seeds': 1, 'lrs': [], 'adapters_per_pass': 0}
 
 
 def differing_keys(found: dict, wanted: dict) -> str:

@@ -108,6 +108,22 @@ def test_a_finished_group_is_reported_not_rerun(group_run, monkeypatch):
   assert train.train_and_evaluate(group_config(), str(workdir)) == rows
 
 
+def test_a_group_in_one_vmapped_pass_ends_as_in_passes_of_one(
+  group_run, tmp_path, xla_cache, monkeypatch
+):
+  # On a CPU the default (adapters_per_pass=0) is passes of one adapter.
+  assert train_many.adapters_per_pass(group_config()) == 1
+  assert train_many.adapters_per_pass(group_config(adapters_per_pass=4)) == 4
+  monkeypatch.setattr(tasks, 'build', build_tiny)
+  with references.compilation_cache(xla_cache):
+    rows = train.train_and_evaluate(group_config(adapters_per_pass=4), str(tmp_path))
+  assert len(rows) == 4
+  for label in LABELS:
+    name = f'{label}.safetensors'
+    got, want = tmp_path / 'adapters' / name, group_run[0] / 'adapters' / name
+    assert_same_adapter(want, got, rtol=1e-5, atol=1e-6)
+
+
 def test_an_interrupted_group_resumes_to_the_same_adapters(
   group_run, tmp_path, xla_cache, monkeypatch
 ):
@@ -141,6 +157,7 @@ def test_group_arguments_parse_from_the_command_line():
     (dict(lrs=[1e-3, 0.0]), 'lrs=[0.001, 0.0] should be a list of distinct finite'),
     (dict(lrs=[1e-3, 1e-3]), 'lrs=[0.001, 0.001] should be a list of distinct'),
     (dict(lrs=['fast']), "lrs=['fast'] should be a list of distinct finite"),
+    (dict(adapters_per_pass=-1), 'adapters_per_pass=-1 should be an int >= 0'),
   ],
 )
 def test_bad_group_arguments_are_one_line_errors(changes, message):

@@ -29,6 +29,7 @@ FIELDS = {
   'seed': 'seed of the adapter and head init, dropout and the batch order',
   'seeds': 'adapters trained together, seeds seed, seed+1, ... (one program)',
   'lrs': 'peak learning rates trained together (each seed at each; [] = [lr])',
+  'adapters_per_pass': 'adapters per pass of the group step (0: 1 on CPU, else all)',
   'model': 'the pretrained model and how it reads the inputs',
   'model.checkpoint': "the pretrained weights, by name (the task's CHECKPOINTS)",
   'model.checkpoint_dir': 'a local Hugging Face model directory (weights, tokenizer)',
@@ -143,13 +144,15 @@ def parse_local_arg(
 
 # The arguments of several adapters trained as one program
 # (``experiments.train_many``), at their one-adapter defaults.
-GROUP_ARGS = dict(seeds=1, lrs=[])
+GROUP_ARGS = dict(seeds=1, lrs=[], adapters_per_pass=0)
 
 
 def set_group(config: ml_collections.ConfigDict, arg) -> None:
-  """``config.seeds`` and ``config.lrs`` from the parsed ``GROUP_ARGS``."""
+  """``config.seeds``, ``config.lrs`` and ``config.adapters_per_pass`` from
+  the parsed ``GROUP_ARGS``."""
   config.seeds = arg.seeds
   config.lrs = list(arg.lrs)
+  config.adapters_per_pass = arg.adapters_per_pass
 
 
 def warmup_steps(steps: int) -> int:
@@ -346,6 +349,13 @@ def _check_group(config) -> None:
     'lrs',
     lrs,
     'a list of distinct finite numbers > 0 (or [] for lr alone)',
+  )
+  per_pass = config.get('adapters_per_pass', 0)
+  _require(
+    is_int(per_pass) and per_pass >= 0,
+    'adapters_per_pass',
+    per_pass,
+    'an int >= 0 (0: one per pass on a CPU, all in one pass elsewhere)',
   )
   if (seeds > 1 or lrs) and config.get('selection'):
     raise PeftError(

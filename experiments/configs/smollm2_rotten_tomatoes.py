@@ -43,7 +43,8 @@ many minutes passed since the last checkpoint, default 1.0), nonfinite
 (``stop``, the default, or ``skip``: what a step with a non-finite loss or
 gradient does), seeds and lrs (train seeds
 seed..seed+seeds-1 at each learning rate of the list, e.g.
-``lrs=[1e-3,3e-3]``, as one program: experiments/train_many.py),
+``lrs=[1e-3,3e-3]``, as one program: experiments/train_many.py; adapters_per_pass=K runs
+them K at a time inside it; 0 = 1 on a CPU, all at once elsewhere),
 runlocal (3 steps on 8 evaluation examples, for tests; it
 changes the defaults of steps, batch_size, eval_limit, log_every and
 checkpoint_every to 3, 2, 8, 1 and 2; a value given explicitly wins).
