@@ -101,7 +101,7 @@ def tiny_task(config):
 def make_run(config, tiny: bool):
   """The trainer's ``Run`` on one device, with ``pj.adamw_per_adapter``."""
   import peft_jax as pj
-  from experiments import selection, tasks, train, train_many
+  from experiments import selection, tasks, train
   from peft_jax.models import partitioning
 
   task = tiny_task(config) if tiny else tasks.build(config)
@@ -110,7 +110,7 @@ def make_run(config, tiny: bool):
   frozen = partitioning.place(task.frozen, shardings)
   rules = selection.rules_for(config, task)
   optimizer = pj.adamw_per_adapter(
-    config.lr, config.weight_decay, train_many.lr_shape(config)
+    config.lr, config.weight_decay, train.lr_schedule(config, 1.0)
   )
   return train.Run(
     config, mesh, task, frozen, rules, pj.by_rules(rules), optimizer, None

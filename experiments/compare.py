@@ -58,9 +58,9 @@ def load_rows(directory: pathlib.Path) -> list[dict]:
   row, or the list of rows of adapters trained together:
   ``experiments.train_many``), fewest trainable params first.
 
-    Raises:
-      PeftError: for a missing directory, one with no results, or a results
-        file that is not a row (named).
+  Raises:
+    PeftError: for a missing directory, one with no results, or a results
+      file that is neither a row nor a list of rows (named).
   """
   if not directory.is_dir():
     raise PeftError(f'{directory} is not a directory of runs (*/results.json)')

@@ -221,18 +221,21 @@ def claim_workdir(workdir: pathlib.Path, config) -> None:
     files.write_text_atomically(path, json.dumps(config_json(config), indent=2))
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then linear decay to 0 over ``config.steps``."""
-  lr = optax.schedules.join_schedules(
+def lr_schedule(config, peak: float) -> optax.Schedule:
+  """Linear warm-up from 0 to ``peak`` over ``config.warmup_steps``, then
+  linear decay to 0 at ``config.steps``."""
+  return optax.schedules.join_schedules(
     [
-      optax.schedules.linear_schedule(0.0, config.lr, config.warmup_steps),
-      optax.schedules.linear_schedule(
-        config.lr, 0.0, config.steps - config.warmup_steps
-      ),
+      optax.schedules.linear_schedule(0.0, peak, config.warmup_steps),
+      optax.schedules.linear_schedule(peak, 0.0, config.steps - config.warmup_steps),
     ],
     [config.warmup_steps],
   )
-  return optax.adamw(lr, weight_decay=config.weight_decay)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW on ``lr_schedule(config, config.lr)``."""
+  return optax.adamw(lr_schedule(config, config.lr), weight_decay=config.weight_decay)
 
 
 def environment() -> dict[str, str]:
@@ -645,22 +648,33 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
     after = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
     writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
   print('after:', after)
-  pj.save_adapter(
-    str(workdir / 'adapter.safetensors'),
-    state.params,
-    state.buffers,
-    {**run.task.adapter_metadata, 'name': config.name},
-    rules=run.rules,
-  )
-  leaves = jax.tree.leaves(run.task.frozen, is_leaf=pj.is_quantized)
-  total = sum(int(x.size) for x in leaves)  # a quantized leaf's logical size
-  row = results_row(
-    config, state.params, total, resumed['before'], after, loop, config.steps - start
-  )
-  row['changed_params'] = changed_count(run, state)
-  row['mesh'] = ','.join(f'{k}={v}' for k, v in mesh.shape.items())
+  save_run_adapter(workdir / 'adapter.safetensors', run, state)
+  row = run_row(run, state, resumed['before'], after, loop, config.steps - start)
   if is_writer():
     files.write_text_atomically(workdir / 'results.json', json.dumps(row, indent=2))
+  return row
+
+
+def save_run_adapter(path: pathlib.Path, run: Run, state: pj.TrainState) -> None:
+  """The trained adapter's file (``pj.save_adapter``): params, buffers, the
+  rules, and the task's metadata named after the run."""
+  pj.save_adapter(
+    str(path),
+    state.params,
+    state.buffers,
+    {**run.task.adapter_metadata, 'name': run.config.name},
+    rules=run.rules,
+  )
+
+
+def run_row(run: Run, state, before, after, loop: LoopStats, steps_run: int) -> dict:
+  """``results_row`` of the trained ``state``, with the entries it changes
+  (``changed_count``) and the mesh it ran on."""
+  leaves = jax.tree.leaves(run.frozen, is_leaf=pj.is_quantized)
+  total = sum(int(x.size) for x in leaves)  # a quantized leaf's logical size
+  row = results_row(run.config, state.params, total, before, after, loop, steps_run)
+  row['changed_params'] = changed_count(run, state)
+  row['mesh'] = ','.join(f'{k}={v}' for k, v in run.mesh.shape.items())
   return row
 
 
@@ -730,12 +744,9 @@ def main(argv=None) -> int:
   except pj.PeftError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  for one in row if isinstance(row, list) else [row]:
-    shown = (
-      ('name', 'after_', 'trainable')
-      if isinstance(row, list)
-      else ('after_', 'trainable')
-    )
+  several = isinstance(row, list)  # a group's rows: name each
+  shown = ('name', 'after_', 'trainable') if several else ('after_', 'trainable')
+  for one in row if several else [row]:
     print(json.dumps({k: one[k] for k in one if k.startswith(shown)}))
   return 0
 

@@ -69,19 +69,6 @@ def member_configs(config) -> list[tuple[str, ml_collections.ConfigDict]]:
   return members
 
 
-def lr_shape(config) -> optax.Schedule:
-  """The learning-rate schedule of ``train.make_optimizer`` over its peak:
-  linear warm-up from 0 to 1, then linear decay to 0 at ``steps``."""
-  warmup = config.warmup_steps
-  return optax.schedules.join_schedules(
-    [
-      optax.schedules.linear_schedule(0.0, 1.0, warmup),
-      optax.schedules.linear_schedule(1.0, 0.0, config.steps - warmup),
-    ],
-    [warmup],
-  )
-
-
 def differing_leaves(frozen: pj.Params, shared: pj.Params) -> dict[str, object]:
   """``{name: leaf}`` of ``frozen``'s leaves that differ from ``shared``'s."""
   theirs, ours = paths.flatten(frozen), paths.flatten(shared)
@@ -127,25 +114,22 @@ def build_members(config) -> list[Member]:
 def member_optimizer(config, member: Member) -> optax.GradientTransformation:
   """AdamW at the member's peak rate on the run's schedule shape, the rate
   and decay held in the optimizer state (one update serves all N)."""
-  return pj.adamw_per_adapter(member.config.lr, config.weight_decay, lr_shape(config))
+  shape = train.lr_schedule(config, 1.0)
+  return pj.adamw_per_adapter(member.config.lr, config.weight_decay, shape)
 
 
-def member_frozen(run: train.Run, member: Member) -> pj.Params:
-  """The shared frozen tree with the member's own leaves in place: what its
-  task built."""
-  return paths.map_named(lambda name, w: member.own_leaves.get(name, w), run.frozen)
+def member_run(run: train.Run, member: Member) -> train.Run:
+  """The group's run as the member's own: its config, task and frozen tree
+  (the shared one with its own leaves in place: what its task built)."""
+  frozen = paths.map_named(lambda name, w: member.own_leaves.get(name, w), run.frozen)
+  return run._replace(config=member.config, task=member.task, frozen=frozen)
 
 
 def member_state(run: train.Run, member: Member, config) -> pj.TrainState:
-  """The member's step-0 state (``train.initial_state`` with its seed and
-  task, over its ``member_frozen``)."""
-  member_run = run._replace(
-    config=member.config,
-    task=member.task,
-    frozen=member_frozen(run, member),
-    optimizer=member_optimizer(config, member),
-  )
-  return train.initial_state(member_run)
+  """The member's step-0 state (``train.initial_state`` of its
+  ``member_run``, with its optimizer)."""
+  optimizer = member_optimizer(config, member)
+  return train.initial_state(member_run(run, member)._replace(optimizer=optimizer))
 
 
 def with_leading_axis(sharding):
@@ -273,46 +257,31 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh) -> list[dict]:
     writer.write(
       config.steps, train.scalars(stacked_evaluation(after, 'after'), program.labels)
     )
+  (workdir / 'adapters').mkdir(exist_ok=True)
   rows = []
   for i, member in enumerate(members):
-    state = pj.take_adapter(states, i)
-    save_adapter(run, member, state, workdir)
-    steps_run = config.steps - start
-    rows.append(member_row(run, member, state, resumed, after[i], loop, i, steps_run))
+    state, own = pj.take_adapter(states, i), member_run(run, member)
+    train.save_run_adapter(
+      workdir / 'adapters' / f'{member.label}.safetensors', own, state
+    )
+    rows.append(
+      member_row(own, state, resumed, after[i], loop, i, config.steps - start)
+    )
   if train.is_writer():
     files.write_text_atomically(workdir / 'results.json', json.dumps(rows, indent=2))
   return rows
 
 
-def save_adapter(run: train.Run, member: Member, state, workdir: pathlib.Path) -> None:
-  """``adapters/<label>.safetensors``: the member's adapter file, as a single
-  run's ``adapter.safetensors`` (its own task's metadata)."""
-  (workdir / 'adapters').mkdir(exist_ok=True)
-  pj.save_adapter(
-    str(workdir / 'adapters' / f'{member.label}.safetensors'),
-    state.params,
-    state.buffers,
-    {**member.task.adapter_metadata, 'name': member.config.name},
-    rules=run.rules,
-  )
-
-
-def member_row(run, member, state, resumed, after, loop, i, steps_run) -> dict:
-  """Member ``i``'s results row (``train.results_row``). The group's step
-  serves its N adapters: ``train_seconds`` (so ``ms_per_step``) is the
-  group's over N, ``step_memory_mib`` and ``compile_seconds`` are the whole
-  program's, and ``adapters_in_program`` is N."""
+def member_row(own: train.Run, state, resumed, after, loop, i, steps_run) -> dict:
+  """Member ``i``'s results row (``train.run_row`` of its ``member_run``
+  ``own``). The group's step serves its N adapters: ``train_seconds`` (so
+  ``ms_per_step``) is the group's over N, ``step_memory_mib`` and
+  ``compile_seconds`` are the whole program's, and ``adapters_in_program``
+  is N."""
   n = len(resumed['before'])
   share = loop._replace(
     train_seconds=loop.train_seconds / n, skipped_steps=loop.skipped_steps[i]
   )
-  frozen = member_frozen(run, member)
-  leaves = jax.tree.leaves(frozen, is_leaf=pj.is_quantized)
-  total = sum(int(x.size) for x in leaves)
-  row = train.results_row(
-    member.config, state.params, total, resumed['before'][i], after, share, steps_run
-  )
-  row['changed_params'] = train.changed_count(run._replace(frozen=frozen), state)
-  row['mesh'] = ','.join(f'{k}={v}' for k, v in run.mesh.shape.items())
+  row = train.run_row(own, state, resumed['before'][i], after, share, steps_run)
   row['adapters_in_program'] = n
   return row

@@ -23,6 +23,14 @@ class NetworkBlocked(RuntimeError):
   pass
 
 
+@pytest.fixture(scope='module')
+def xla_cache(tmp_path_factory):
+  """A persistent compilation cache shared by a test module's trainer runs:
+  a run of a config an earlier run of the module compiled loads its
+  programs instead of compiling (``references.compilation_cache``)."""
+  return tmp_path_factory.mktemp('xla')
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
   """Any attempt to open a non-local connection fails the test."""

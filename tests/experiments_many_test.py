@@ -34,11 +34,6 @@ def group_config(**changes):
 
 
 @pytest.fixture(scope='module')
-def xla_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp('xla')
-
-
-@pytest.fixture(scope='module')
 def group_run(tmp_path_factory, xla_cache):
   """``(workdir, rows)`` of the uninterrupted group run."""
   workdir = tmp_path_factory.mktemp('group') / 'lora'  # alone in its sweep dir

@@ -39,11 +39,6 @@ def reliability_config(**changes):
 
 
 @pytest.fixture(scope='module')
-def xla_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp('xla')
-
-
-@pytest.fixture(scope='module')
 def straight(tmp_path_factory, xla_cache):
   """The workdir of the uninterrupted run."""
   workdir = tmp_path_factory.mktemp('straight')

@@ -109,13 +109,6 @@ def tiny_task(monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def xla_cache(tmp_path_factory):
-  """A persistent compilation cache for the module's LoRA runs: a run of the
-  same config after ``lora_run`` loads its programs instead of compiling."""
-  return tmp_path_factory.mktemp('xla')
-
-
-@pytest.fixture(scope='module')
 def lora_run(tmp_path_factory, xla_cache):
   """``(workdir, row)`` of one finished LoRA run on the tiny task, shared by
   the tests that only read it (each run compiles its own training step)."""

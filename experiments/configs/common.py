@@ -271,7 +271,8 @@ def check_config(config) -> None:
   a positive int); ``lr`` (finite, > 0); ``weight_decay`` (finite, >= 0);
   ``warmup_steps`` (an int in ``[0, steps)``); ``seed`` (an int in
   ``[0, 2**31)``); ``seeds`` (a positive int) and ``lrs`` (distinct
-  finite numbers > 0; neither with a ``selection``); ``factored`` (a
+  finite numbers > 0; neither with a ``selection``), ``adapters_per_pass``
+  (an int >= 0); ``factored`` (a
   bool); ``adapters`` (a non-empty list of rules that ``pj.by_rules``
   accepts); ``schedule`` (None, or a
   ``peft_jax.schedules`` factory and kwargs it takes, whose ``total_steps``
