@@ -42,6 +42,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -57,7 +58,7 @@ from tensorboardX import SummaryWriter
 import peft_jax as pj
 from experiments import selection, tasks
 from experiments.configs import common
-from peft_jax._src import files
+from peft_jax._src import files, paths
 from peft_jax.models import partitioning
 
 
@@ -251,15 +252,51 @@ def environment() -> dict[str, str]:
   }
 
 
-def changed_count(run: 'Run', state: pj.TrainState) -> int | None:
-  """Entries of the frozen tree that the trained adapter changes (``None``
-  where the tree is not mergeable): ``‖θ − θ0‖₀``, measured."""
+# The new head every classifier task trains in full: left out of the update
+# rank, which describes what a method does to the pretrained encoder.
+HEAD_LEAF = re.compile(r'(^|/)(classifier|pooler)(/|$)')
+
+
+def update_rank(new: np.ndarray, old: np.ndarray) -> int:
+  """Rank of ``ΔW = new − old`` (float32 ``(..., m, n)``; the most over the
+  leading axes) that rounding cannot explain: the singular values of ΔW above
+  ``max(σ_max(ΔW) · max(m, n), ‖new‖_F) · eps(float32)``. Rounding ``new``
+  to float32 moves each entry by at most ``eps·|new_ij|``, so by Weyl's
+  inequality it shifts no singular value of ΔW by more than ``eps·‖new‖_F``;
+  the first term is NumPy's ``matrix_rank`` tolerance.
+  """
+  eps, delta = np.finfo(np.float32).eps, np.asarray(new - old, np.float64)
+  sigma = np.linalg.svd(delta, compute_uv=False)
+  rounding = np.linalg.norm(np.asarray(new, np.float64), axis=(-2, -1))[..., None]
+  tol = eps * np.maximum(
+    sigma.max(axis=-1, keepdims=True) * max(delta.shape[-2:]), rounding
+  )
+  return int(np.max(np.sum(sigma > tol, axis=-1)))
+
+
+def update_counts(run: 'Run', state: pj.TrainState) -> dict[str, int | None]:
+  """The guide's (Lialin et al.) counts beside the trainable one, measured on
+  the merged model (``None`` where the tree is not mergeable):
+
+  * ``changed_params``: ``‖θ − θ0‖₀``, entries of the frozen tree the
+    trained adapter changes (the head included);
+  * ``update_rank``: the largest rank of ``ΔW = W' − W`` over the changed
+    kernels and embeddings (leaves of 2 or more axes, ranked per last-two-axes
+    matrix, ``update_rank``), the task's new head (``HEAD_LEAF``) left out;
+    0 when the method changes no matrix (BitFit).
+  """
   if not run.tree.mergeable:
-    return None
+    return {'changed_params': None, 'update_rank': None}
   merged = pj.merge(run.tree, run.frozen, state.params, state.buffers)
   merged, frozen = pj.dequantize((merged, run.frozen))  # quantized: their values
-  pairs = zip(*map(jax.tree.leaves, (merged, frozen)), strict=True)
-  return sum(int(jax.numpy.count_nonzero(a != b)) for a, b in pairs)
+  changed, rank = 0, 0
+  merged = paths.flatten(merged)
+  for path, old in paths.flatten(frozen).items():
+    new, old = np.asarray(merged[path], np.float32), np.asarray(old, np.float32)
+    changed += int(np.count_nonzero(new != old))
+    if new.ndim >= 2 and (new != old).any() and not HEAD_LEAF.search(path):
+      rank = max(rank, update_rank(new, old))
+  return {'changed_params': changed, 'update_rank': rank}
 
 
 def results_row(config, params, total, before, after, loop: 'LoopStats', steps_run):
@@ -669,11 +706,11 @@ def save_run_adapter(path: pathlib.Path, run: Run, state: pj.TrainState) -> None
 
 def run_row(run: Run, state, before, after, loop: LoopStats, steps_run: int) -> dict:
   """``results_row`` of the trained ``state``, with the entries it changes
-  (``changed_count``) and the mesh it ran on."""
+  and its update rank (``update_counts``) and the mesh it ran on."""
   leaves = jax.tree.leaves(run.frozen, is_leaf=pj.is_quantized)
   total = sum(int(x.size) for x in leaves)  # a quantized leaf's logical size
   row = results_row(run.config, state.params, total, before, after, loop, steps_run)
-  row['changed_params'] = changed_count(run, state)
+  row.update(update_counts(run, state))
   row['mesh'] = ','.join(f'{k}={v}' for k, v in run.mesh.shape.items())
   return row
 

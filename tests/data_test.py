@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import peft_jax as pj
 from peft_jax.data import batching, rotten_tomatoes
 
 
@@ -28,16 +29,29 @@ def test_split_sizes_that_leave_no_training_data_are_an_error():
     rotten_tomatoes.splits(n_validation=6000, n_test=7000)
 
 
-def test_train_batches_are_a_function_of_the_step():
+def test_train_batches_are_a_function_of_the_step_and_cover_each_epoch():
   arrays = {'x': np.arange(10), 'y': np.arange(10) * 2}
-  first = [batching.train_batch(arrays, 3, step)['x'] for step in range(6)]
-  again = [batching.train_batch(arrays, 3, step)['x'] for step in range(6)]
+  batches = batching.train_batches(arrays, 3, seed=1)
+  first = [batches[step]['x'] for step in range(10)]
+  again = [batching.train_batches(arrays, 3, seed=1)[step]['x'] for step in range(10)]
   np.testing.assert_array_equal(first, again)
-  epoch0 = np.concatenate(first[:3])
-  assert len(set(epoch0)) == 9  # no repeats within an epoch (10 // 3 batches)
-  assert not np.array_equal(first[0], first[3])  # reshuffled next epoch
-  batch = batching.train_batch(arrays, 3, 4)
+  # 30 examples in 10 batches of 3: exactly 3 epochs, each a permutation.
+  seen = np.concatenate(first).reshape(3, 10)
+  for epoch in seen:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(10))
+  assert not np.array_equal(seen[0], seen[1])  # reshuffled next epoch
+  other_seed = np.concatenate(
+    [batching.train_batches(arrays, 3, seed=2)[t]['x'] for t in range(4)]
+  )
+  assert not np.array_equal(other_seed, np.concatenate(first[:4]))
+  batch = batches[4]
   np.testing.assert_array_equal(batch['y'], batch['x'] * 2)
+
+
+@pytest.mark.parametrize('batch_size', [0, 11])
+def test_train_batches_refuse_a_batch_size_outside_the_split(batch_size):
+  with pytest.raises(pj.PeftError, match=f'batch_size={batch_size} must be in'):
+    batching.train_batches({'x': np.arange(10)}, batch_size)
 
 
 def test_eval_batches_cover_every_example_once_with_fixed_shapes():

@@ -222,6 +222,10 @@ def test_run_writes_everything_and_refuses_a_different_config(
   held = sum(x.nbytes for x in frozen) + 3 * 4 * row['trainable_params']
   assert held < row['step_memory_mib'] * 2**20 < 50 * held
   assert 0 <= row['after_test_accuracy'] <= 1 and 'device' in row and 'date' in row
+  # LoRA changes every entry of 2 layers' query and value kernels, and the
+  # head; its update's rank is r = 8 (the head is not counted in the rank).
+  assert row['changed_params'] == 2 * 2 * d * d + HEAD
+  assert row['update_rank'] == 8
   lines = metric_lines(workdir)
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3]
   assert all(np.isfinite(m['loss']) for m in lines if 'loss' in m)
@@ -244,6 +248,21 @@ def test_run_writes_everything_and_refuses_a_different_config(
     == 2
   )
   assert 'error: ' in capsys.readouterr().err
+
+
+def test_update_rank_counts_what_rounding_cannot_explain():
+  rng = np.random.default_rng(0)
+  w = rng.normal(0, 0.05, (3, 64, 96)).astype(np.float32)  # 3 stacked layers
+  for scale in (1e-2, 1e-5):
+    low = rng.normal(0, scale, (3, 64, 5)) @ rng.normal(0, 1, (3, 5, 96))
+    low[1] = 0  # a layer unchanged; another of rank 2
+    low[2] = low[2] @ np.diag(np.r_[np.ones(2), np.zeros(94)])
+    assert train.update_rank((w + low).astype(np.float32), w) == 5
+  full = (w + rng.normal(0, 1e-3, w.shape)).astype(np.float32)
+  assert train.update_rank(full, w) == 64
+  # float32 rounding of w + tiny noise below eps·‖w‖_F is not an update.
+  tiny = (w + rng.normal(0, 1e-12, w.shape)).astype(np.float32)
+  assert train.update_rank(tiny, w) == 0
 
 
 def test_the_adapter_file_describes_the_run(lora_run, tiny_task):

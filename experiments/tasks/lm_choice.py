@@ -420,9 +420,9 @@ def make_task(config, model_config, frozen, tokenizer, info, source: str) -> tas
     frozen=frozen,
     hooks=pj.hook_points(model, sample[0], attention_mask=sample[1]),
     loss_fn=make_loss_fn(model, data.choice_ids.shape[1]),
-    train_batch=functools.partial(
-      batching.train_batch, data.train, config.batch_size, seed=config.seed
-    ),
+    train_batch=batching.train_batches(
+      data.train, config.batch_size, config.seed
+    ).__getitem__,
     evaluate=make_evaluate(config, model, data, show),
     adapter_metadata={
       'task': 'lm_choice',

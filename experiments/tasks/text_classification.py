@@ -98,9 +98,9 @@ def make_task(
     frozen=frozen,
     hooks=pj.hook_points(model, *sample),
     loss_fn=loss_fn,
-    train_batch=functools.partial(
-      batching.train_batch, arrays['train'], config.batch_size, seed=config.seed
-    ),
+    train_batch=batching.train_batches(
+      arrays['train'], config.batch_size, config.seed
+    ).__getitem__,
     evaluate=make_evaluate(logits, arrays, config),
     describe=describe,
     adapter_metadata=adapter_metadata(config, num_labels),

@@ -1,4 +1,4 @@
-"""Deterministic batches: the batch of training step t is a pure function of t.
+"""Deterministic batches (grain): the batch of training step t is a pure function of t.
 
 That makes the data position of a run just its step count: a resumed run
 sees exactly the batches the uninterrupted run would have seen.
@@ -6,32 +6,35 @@ sees exactly the batches the uninterrupted run would have seen.
 
 from collections.abc import Iterator
 
+import grain
 import numpy as np
+
+from peft_jax._src.base import PeftError
 
 Arrays = dict[str, np.ndarray]
 
 
-def train_batch(arrays: Arrays, batch_size: int, step: int, seed: int = 0) -> Arrays:
-  """The batch of training step ``step``: epochs of seeded permutations.
+def train_batches(arrays: Arrays, batch_size: int, seed: int = 0) -> grain.MapDataset:
+  """Training batches as a random-access grain dataset: item ``t`` is the
+  batch of step ``t``, ``{name: array[batch_size, ...]}``.
 
-  Epoch ``e = step // steps_per_epoch`` uses permutation ``(seed, e)``;
-  the last incomplete batch of an epoch is dropped.
+  Epochs of seeded shuffles (grain reseeds each epoch), cut into batches of
+  ``batch_size``; a batch may span two epochs, so every example is seen
+  once per epoch and none is dropped.
 
-  Args:
-    arrays: equal-length arrays, e.g. ``input_ids (n, seq)``, ``label (n,)``.
-    batch_size: examples per batch (``<= n``).
-    step: the training step (the data position).
-    seed: the shuffling seed.
-
-  Returns:
-    ``{name: array[batch_size, ...]}``.
+  Raises:
+    PeftError: unless ``0 < batch_size <= n``, the examples in ``arrays``.
   """
   n = len(next(iter(arrays.values())))
-  steps_per_epoch = n // batch_size
-  epoch, index = divmod(step, steps_per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(n)
-  chosen = order[index * batch_size : (index + 1) * batch_size]
-  return {name: array[chosen] for name, array in arrays.items()}
+  if not 0 < batch_size <= n:
+    raise PeftError(f'batch_size={batch_size} must be in [1, {n}] (the train split)')
+  return (
+    grain.MapDataset.range(n)
+    .shuffle(seed=seed)
+    .repeat()
+    .batch(batch_size, drop_remainder=True)
+    .map(lambda index: {k: v[index] for k, v in arrays.items()})
+  )
 
 
 def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[Arrays]:
