@@ -4,8 +4,8 @@
 
 reads ``*/results.json`` under the directory and writes ``comparison.md``
 and ``comparison.png`` (test accuracy against trainable parameters) there;
-with several seeds per method also ``seeds.md``, ``stability.png`` and
-``sparsity.png`` (``experiments.seeds``).
+with several seeds per method also ``seeds.md``, ``tradeoff.png``,
+``spread.png``, ``stability.png`` and ``sparsity.png`` (``experiments.seeds``).
 
 Only runs of one setting (``SETTING``: the same task, model, data set,
 steps, batch size and evaluation limit) share a table: a directory with

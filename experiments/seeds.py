@@ -1,11 +1,14 @@
-"""Several seeds per method: mean ± std table, stability and sparsity figures.
+"""Several seeds per method: the mean ± std table and its figures.
 
 Rows (``results.json``) are grouped by ``row['group']`` (the config's
 ``group``; the method when absent). ``experiments.compare`` calls
 ``write_seed_summary`` when some group has more than one run and writes
 ``seeds.md`` (the test and validation headline metric, ``headline.value``:
-accuracy, or a GLUE task's score; mean ± sample std over seeds),
-``stability.png`` (the std per group, the paper's stability view) and, for
+accuracy, or a GLUE task's score; mean ± sample std over seeds, the test
+mean's standard error, the guide's three parameter counts, step time and
+memory), ``tradeoff.png`` (mean ± std against trainable parameters),
+``spread.png`` (every seed's result per group), ``stability.png`` (the std
+per group, the paper's stability view) and, for
 groups that differ only in sparsity (``'sam p=0.005'``), ``sparsity.png``
 (mean ± std against ``p``, the paper's Figure 3); the rows of each of
 compare's settings (``compare.by_setting``) apart, with the setting's
@@ -61,31 +64,92 @@ def _count(rows: list[dict], key: str) -> str:
   return f'{min(values):,}' if len(values) == 1 else f'{min(values):,}–{max(values):,}'
 
 
+def _permille(rows: list[dict]) -> str:
+  """Trainable parameters per mille of the model (the See Further tables'
+  unit), '–' for rows that do not record the share."""
+  shares = {
+    round(10 * r['trainable_percent'], 3) for r in rows if 'trainable_percent' in r
+  }
+  return '–' if not shares else '/'.join(f'{x:.3g}' for x in sorted(shares))
+
+
+def _median(rows: list[dict], key: str, digits: str = '.0f') -> str:
+  values = [r[key] for r in rows if r.get(key) is not None]
+  return f'{np.median(values):{digits}}' if values else '–'
+
+
 def seed_table(grouped: dict[str, list[dict]]) -> str:
-  """Markdown: one row per group, the headline metric as mean ± std (in %)."""
+  """Markdown, one row per group: the guide's three counts (trainable,
+  changed, update rank), the headline metric as mean ± std over seeds (in %)
+  with the test mean's standard error, and the step's time and memory."""
   metric = _label(grouped)
   lines = [
-    f'| method | seeds | trainable | changed | val {metric} (%) | test {metric} (%) '
-    '| ms/step |',
-    '|---|---|---|---|---|---|---|',
+    f'| method | seeds | trainable | ‰ | changed | rank | val {metric} (%) '
+    f'| test {metric} (%) | test sem | ms/step | step MiB |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for name, rows in grouped.items():
-    ms = np.median([r['ms_per_step'] for r in rows])
+    test = _percent(rows)
+    sem = np.std(test, ddof=1) / np.sqrt(len(test)) if len(test) > 1 else 0.0
     lines.append(
       f'| {name} | {len(rows)} | {_count(rows, "trainable_params")} | '
-      f'{_count(rows, "changed_params")} | '
-      f'{_cell(rows, "validation")} | {_cell(rows, "test")} | {ms:.0f} |'
+      f'{_permille(rows)} | {_count(rows, "changed_params")} | '
+      f'{_count(rows, "update_rank")} | '
+      f'{_cell(rows, "validation")} | {_cell(rows, "test")} | {sem:.2f} | '
+      f'{_median(rows, "ms_per_step")} | {_median(rows, "step_memory_mib")} |'
     )
   first = next(iter(grouped.values()))[0]
   when = headline.dates([r for rows in grouped.values() for r in rows])
   lines.append(
-    f'\nMean ± sample std over seeds; {first["steps"]} steps, batch '
-    f'{first["batch_size"]}; {first["device"]} ({first["cpu_count"]} CPUs), jax '
-    f'{first["jax"]}, {when}. '
-    '"changed" is ‖θ − θ0‖₀ of the merged '
-    'model (head included), measured.'
+    f'\nMean ± sample std over seeds, and the standard error of the test mean '
+    f'(std/√n); {first["steps"]} steps, batch {first["batch_size"]}; '
+    f'{first["device"]} ({first["cpu_count"]} CPUs), jax {first["jax"]}, {when}. '
+    'The guide\'s three counts: "trainable" parameters, "changed" entries '
+    '‖θ − θ0‖₀ of the merged model (head included) and the "rank" of its '
+    "update ΔW (the largest over the encoder's matrices, head left out), both "
+    'measured; – where the method has no weight-space form. ms/step is the '
+    'median step time (in a group program, its step over the adapters it '
+    'trains), step MiB the XLA memory of the compiled step.'
   )
   return '\n'.join(lines) + '\n'
+
+
+def plot_tradeoff(
+  grouped: dict[str, list[dict]], path: pathlib.Path, title: str = ''
+) -> None:
+  """Mean test metric ± std over seeds against trainable parameters (log)."""
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+  for name, rows in grouped.items():
+    mean, std = mean_std(_percent(rows))
+    x = np.mean([r['trainable_params'] for r in rows])
+    ax.errorbar(x, mean, yerr=std, marker='o', capsize=3)
+    ax.annotate(name, (x, mean), textcoords='offset points', xytext=(4, 3), fontsize=7)
+  ax.set_xscale('log')
+  ax.set_xlabel('trainable parameters')
+  ax.set_ylabel(f'test {_label(grouped)} (%), mean ± std over seeds')
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, bbox_inches='tight')
+  plt.close(fig)
+
+
+def plot_spread(
+  grouped: dict[str, list[dict]], path: pathlib.Path, title: str = ''
+) -> None:
+  """Every seed's test metric per group (a dot each, the mean a bar), groups
+  in order of their mean."""
+  order = sorted(grouped, key=lambda n: mean_std(_percent(grouped[n]))[0])
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(order) + 2), 4.5), dpi=120)
+  for x, name in enumerate(order):
+    values = _percent(grouped[name])
+    ax.scatter(np.full(len(values), x), values, s=12, alpha=0.7, color='tab:blue')
+    ax.plot([x - 0.3, x + 0.3], [np.mean(values)] * 2, color='black')
+  ax.set_xticks(range(len(order)), order, rotation=60, ha='right', fontsize=8)
+  ax.set_ylabel(f'test {_label(grouped)} (%), one dot per seed')
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, bbox_inches='tight')
+  plt.close(fig)
 
 
 def plot_stability(
@@ -146,5 +210,7 @@ def write_seed_summary(
   table = seed_table(grouped)
   (directory / f'seeds{suffix}.md').write_text(table)
   plot_stability(grouped, directory / f'stability{suffix}.png', title)
+  plot_tradeoff(grouped, directory / f'tradeoff{suffix}.png', title)
+  plot_spread(grouped, directory / f'spread{suffix}.png', title)
   plot_sparsity(grouped, directory / f'sparsity{suffix}.png', title)
   return table

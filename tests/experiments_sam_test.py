@@ -173,15 +173,31 @@ def test_seed_table_is_mean_and_sample_std_in_percent(tmp_path):
   table = seeds.write_seed_summary(rows, tmp_path)
   line = next(x for x in table.splitlines() if x.startswith('| sam |'))
   mean, std = 100 * np.mean(accs), 100 * np.std(accs, ddof=1)  # 80.00, 10.00
-  assert f'| {mean:.2f} ± {std:.2f} |' in line and line.startswith(
-    '| sam | 3 | 10 | 7 |'
-  )
-  assert '| full | 1 | 10 | 7 | 30.00 ± 0.00 | 60.00 ± 0.00 |' in table
+  sem = std / np.sqrt(3)  # 5.77
+  # seeds, trainable, ‰ (not recorded), changed, rank (not recorded), val, test
+  assert line.startswith('| sam | 3 | 10 | – | 7 | – |')
+  assert f'| {mean:.2f} ± {std:.2f} | {sem:.2f} | 5 | – |' in line
+  assert '| full | 1 | 10 | – | 7 | – | 30.00 ± 0.00 | 60.00 ± 0.00 | 0.00 |' in table
+  for figure in ('stability', 'tradeoff', 'spread'):
+    assert (tmp_path / f'{figure}.png').stat().st_size > 10_000, figure
   assert not (tmp_path / 'sparsity.png').exists()
   sweep_rows = [row(f'sam p={p}', a) for p in (0.01, 0.1) for a in (0.7, 0.8)]
   seeds.write_seed_summary(sweep_rows, tmp_path)
   assert (tmp_path / 'sparsity.png').stat().st_size > 10_000
   assert seeds.write_seed_summary([row('sam', 0.5)], tmp_path / 'none') is None
+
+
+def test_seed_table_shows_the_three_counts_permille_and_memory(tmp_path):
+  rows = [
+    {**row('lora', a), 'trainable_percent': 0.328, 'update_rank': 8}
+    | {'step_memory_mib': m, 'ms_per_step': t}
+    for a, m, t in [(0.8, 700.0, 10.0), (0.9, 720.0, 30.0), (0.85, 710.0, 20.0)]
+  ]
+  table = seeds.write_seed_summary(rows, tmp_path)
+  line = next(x for x in table.splitlines() if x.startswith('| lora |'))
+  # 0.328 % of the model is 3.28 per mille; medians of the time and memory.
+  assert line.startswith('| lora | 3 | 10 | 3.28 | 7 | 8 |')
+  assert line.endswith('| 20 | 710 |')
 
 
 def test_score_rows_without_accuracy_are_tabled_by_their_score(tmp_path):
@@ -202,7 +218,7 @@ def test_score_rows_without_accuracy_are_tabled_by_their_score(tmp_path):
     stsb.append(r)
   table = seeds.write_seed_summary(stsb, tmp_path)
   assert 'test score (%)' in table
-  assert '| sam | 2 | 10 | 7 | 42.50 ± 3.54 | 85.00 ± 7.07 |' in table
+  assert '| sam | 2 | 10 | 10 | 7 | – | 42.50 ± 3.54 | 85.00 ± 7.07 | 5.00 |' in table
   assert (tmp_path / 'stability.png').stat().st_size > 10_000
   comparison = compare.markdown_table(stsb)
   assert 'test score after' in comparison and '| 0.900 |' in comparison
