@@ -1,7 +1,10 @@
-r"""The SAM paper's tasks (Fu et al., AAAI 2023) on RoBERTa-base, from TFDS data.
+r"""GLUE and SuperGLUE tasks on RoBERTa-base, from TFDS data.
 
-CoLA, STS-B, MRPC, RTE (GLUE) and CB, COPA, WSC (SuperGLUE), scored by
-jiant's default metric (``after_test_score``; see ``peft_jax.data.glue``).
+The SAM paper's (Fu et al., AAAI 2023) CoLA, STS-B, MRPC, RTE (GLUE) and CB,
+COPA, WSC (SuperGLUE), the rest of GLUE (SST-2, QQP, QNLI, MNLI) and BoolQ
+(SuperGLUE), scored by jiant's default metric (``after_test_score``; MNLI's
+mismatched dev split also gives ``after_test_mismatched_score``; see
+``peft_jax.data.glue``).
 Nothing is downloaded: ``checkpoint`` is a local Hugging Face RoBERTa-base
 directory (``config.json``, ``model.safetensors``, tokenizer files) and
 ``data_dir`` a TFDS data dir (default ``$TFDS_DATA_DIR``) holding the task
@@ -14,9 +17,10 @@ prepared as ``array_record``:
       --workdir runs/glue_rte_lora
 
 ``tfds build`` needs TensorFlow, once, on any machine (then copy the dir);
-the TFDS names are ``glue/{cola,stsb,mrpc,rte}`` and
-``super_glue/{cb,copa,wsc.fixed}``. Splits follow the SAM code: TFDS
-``validation`` is the test split, ``heldout`` of TFDS ``train`` the
+the TFDS names are ``glue/{cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte}`` and
+``super_glue/{boolq,cb,copa,wsc.fixed}``. Splits follow the SAM code: TFDS
+``validation`` (MNLI: ``validation_matched``, and ``validation_mismatched``
+as ``test_mismatched``) is the test split, ``heldout`` of TFDS ``train`` the
 validation split. The comparison over methods on one task:
 
   python -m experiments.sweep --config experiments/configs/glue.py:task=cb,$DIRS \
@@ -24,9 +28,9 @@ validation split. The comparison over methods on one task:
 
 Arguments (after ``:``): task, method (any of ``rotten_tomatoes.METHODS``,
 with its placement and default learning rate), checkpoint, data_dir, steps,
-batch_size, lr (0 = the method's default), max_length (0 = 128, CB 256),
-heldout, seed, eval_limit (evaluate on the first N examples of each split;
-0 = all), log_every (steps between logged metrics, default 25),
+batch_size, lr (0 = the method's default), max_length (0 = 128, CB and
+BoolQ 256), heldout, seed, eval_limit (evaluate on the first N examples of
+each split; 0 = all), log_every (steps between logged metrics, default 25),
 checkpoint_every (steps between checkpoints, default 250),
 checkpoint_minutes (also checkpoint once this many minutes passed since the
 last checkpoint, default 1.0), nonfinite (``stop``, the default, or
@@ -53,7 +57,9 @@ METHODS = rotten_tomatoes.METHODS
 HEAD = '(classifier|bert/pooler/dense)/(kernel|bias)'
 # The SAM paper's comparison, as far as the methods are registered.
 PAPER_METHODS = ('full', 'bitfit', 'lora', 'houlsby', 'sparse', 'sam')
-MAX_LENGTH = {'cb': 256}  # CB premises are long dialogue turns.
+# CB premises are long dialogue turns; BoolQ passages are Wikipedia paragraphs
+# (about 110 words on average; pairs truncate the longer segment, the passage).
+MAX_LENGTH = {'cb': 256, 'boolq': 256}
 
 
 def require_dir(name: str, path: str, hint: str) -> str:
@@ -71,7 +77,7 @@ def paths(arg) -> tuple[str, str]:
   checkpoint = require_dir(
     'checkpoint',
     arg.checkpoint,
-    'a local Hugging Face RoBERTa-base dir (config.json, model.safetensors, '
+    'a local Hugging Face checkpoint dir (config.json, model.safetensors, '
     'tokenizer files); nothing is downloaded',
   )
   data_dir = require_dir(

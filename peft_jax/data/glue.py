@@ -1,16 +1,19 @@
-"""The SAM paper's GLUE and SuperGLUE tasks, read from prepared TFDS data.
+"""GLUE and SuperGLUE tasks, read from prepared TFDS data.
 
-Fu et al. (AAAI 2023) fine-tune RoBERTa-base through jiant on CoLA, STS-B,
-MRPC, RTE (GLUE) and CB, COPA, WSC (SuperGLUE), scored by jiant's default
-metric per task. This module holds the task table (``TASKS``), the metrics,
-and the path from a TFDS data dir to model inputs:
+Fu et al. (AAAI 2023, the SAM paper) fine-tune RoBERTa-base through jiant on
+CoLA, STS-B, MRPC, RTE (GLUE) and CB, COPA, WSC (SuperGLUE), scored by
+jiant's default metric per task; the rest of GLUE (SST-2, QQP, QNLI, MNLI)
+completes a GLUE table such as the See Further paper's, and BoolQ is
+SuperGLUE's yes/no reading comprehension. This module holds the task table
+(``TASKS``), the metrics, and the path from a TFDS data dir to model inputs:
 
 * ``load(task, data_dir)`` reads the splits with ``tfds.data_source`` (no
   TensorFlow: the dataset must already be prepared in ``data_dir`` in the
   ``array_record`` format) and follows the SAM code's protocol: GLUE and
-  SuperGLUE test labels are hidden, so the TFDS ``validation`` split is the
-  *test* split and a seeded ``heldout`` fraction of TFDS ``train`` is the
-  *validation* split.
+  SuperGLUE test labels are hidden, so the TFDS dev split (``validation``;
+  MNLI's ``validation_matched``, and ``validation_mismatched`` as the extra
+  split ``test_mismatched``) is the *test* split and a seeded ``heldout``
+  fraction of TFDS ``train`` is the *validation* split.
 * ``encode(task, tokenizer, examples, max_length)`` turns examples into
   fixed-length token arrays (one shape, one compile).
 * ``train_batches(arrays, batch_size, seed)`` is a grain pipeline whose item
@@ -22,11 +25,13 @@ Preparing the data needs TensorFlow once, on any machine (then copy the dir)::
 
   tfds build glue/cola --file_format=array_record --data_dir=DIR
 
-and likewise ``glue/stsb``, ``glue/mrpc``, ``glue/rte``, ``super_glue/cb``,
-``super_glue/copa``, ``super_glue/wsc.fixed``.
+and likewise ``glue/{sst2,mrpc,qqp,stsb,mnli,qnli,rte}`` and
+``super_glue/{boolq,cb,copa,wsc.fixed}``.
 """
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import grain
@@ -118,7 +123,8 @@ def correlation_report(preds, labels, num_labels: int) -> dict[str, float]:
 
 
 def accuracy_f1_report(preds, labels, num_labels: int) -> dict[str, float]:
-  """MRPC: the mean of accuracy and the F1 of class 1 (equivalent)."""
+  """MRPC, QQP: the mean of accuracy and the F1 of class 1 (equivalent,
+  duplicate), GLUE's official pair for both."""
   del num_labels
   acc, f = accuracy(preds, labels), f1(preds, labels)
   return {'accuracy': acc, 'f1': f, 'score': (acc + f) / 2}
@@ -131,7 +137,7 @@ def accuracy_macro_f1_report(preds, labels, num_labels: int) -> dict[str, float]
 
 
 def accuracy_report(preds, labels, num_labels: int) -> dict[str, float]:
-  """RTE, COPA, WSC: accuracy."""
+  """SST-2, QNLI, MNLI, RTE, BoolQ, COPA, WSC: accuracy."""
   del num_labels
   acc = accuracy(preds, labels)
   return {'accuracy': acc, 'score': acc}
@@ -191,7 +197,7 @@ def wsc_inputs(example: Example) -> tuple[str, str]:
 
 
 class Task(NamedTuple):
-  """One task of the SAM paper.
+  """One GLUE or SuperGLUE task.
 
   Attributes:
     tfds_name: the TFDS dataset and config, e.g. ``'glue/cola'``.
@@ -201,6 +207,8 @@ class Task(NamedTuple):
       choice ``(prompt, [choice, ...])``.
     report: ``(preds, labels, num_labels) -> {metric: float}``; ``'score'``
       is jiant's default (major) metric.
+    test_splits: our test split names -> the TFDS splits read for them (the
+      dev splits: the TFDS test labels are hidden).
   """
 
   tfds_name: str
@@ -208,24 +216,51 @@ class Task(NamedTuple):
   num_labels: int
   inputs: Callable[[Example], tuple]
   report: Callable[..., dict[str, float]]
+  test_splits: Mapping[str, str] = MappingProxyType({'test': 'validation'})
 
 
-# TFDS features (tensorflow_datasets/text/glue.py, super_glue.py, 4.9.10):
-# glue/cola sentence; glue/{stsb,mrpc,rte} sentence1, sentence2; label a
-# ClassLabel (stsb: float32 score 0..5); super_glue/cb premise, hypothesis;
-# super_glue/copa premise, choice1, choice2, question ('cause'/'effect');
-# super_glue/wsc.fixed text, span1_index, span2_index, span1_text,
-# span2_text; label a ClassLabel (wsc: False/True); idx int32 everywhere.
+# TFDS features (tensorflow_datasets/text/glue.py, super_glue.py, 4.9.10),
+# label a ClassLabel unless said, idx int32 everywhere:
+# glue/cola sentence (unacceptable, acceptable); glue/sst2 sentence
+# (negative, positive); glue/{stsb,mrpc,rte} sentence1, sentence2 (stsb: a
+# float32 score 0..5; mrpc: not_equivalent, equivalent; rte: entailment,
+# not_entailment); glue/qqp question1, question2 (not_duplicate, duplicate);
+# glue/qnli question, sentence (entailment, not_entailment); glue/mnli
+# premise, hypothesis (entailment, neutral, contradiction), splits train,
+# validation_{matched,mismatched}, test_{matched,mismatched};
+# super_glue/boolq question, passage (False, True); super_glue/cb premise,
+# hypothesis (entailment, contradiction, neutral); super_glue/copa premise,
+# choice1, choice2, question ('cause'/'effect') (choice1, choice2);
+# super_glue/wsc.fixed text, span1_index, span2_index, span1_text, span2_text
+# (False, True).
 TASKS = {
   'cola': Task('glue/cola', CLASSIFICATION, 2, single('sentence'), matthews_report),
+  'sst2': Task('glue/sst2', CLASSIFICATION, 2, single('sentence'), accuracy_report),
   'stsb': Task(
     'glue/stsb', REGRESSION, 1, pair('sentence1', 'sentence2'), correlation_report
   ),
   'mrpc': Task(
     'glue/mrpc', CLASSIFICATION, 2, pair('sentence1', 'sentence2'), accuracy_f1_report
   ),
+  'qqp': Task(
+    'glue/qqp', CLASSIFICATION, 2, pair('question1', 'question2'), accuracy_f1_report
+  ),
+  'mnli': Task(
+    'glue/mnli',
+    CLASSIFICATION,
+    3,
+    pair('premise', 'hypothesis'),
+    accuracy_report,
+    {'test': 'validation_matched', 'test_mismatched': 'validation_mismatched'},
+  ),
+  'qnli': Task(
+    'glue/qnli', CLASSIFICATION, 2, pair('question', 'sentence'), accuracy_report
+  ),
   'rte': Task(
     'glue/rte', CLASSIFICATION, 2, pair('sentence1', 'sentence2'), accuracy_report
+  ),
+  'boolq': Task(
+    'super_glue/boolq', CLASSIFICATION, 2, pair('question', 'passage'), accuracy_report
   ),
   'cb': Task(
     'super_glue/cb',
@@ -263,30 +298,40 @@ def metrics(name: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, flo
 
 
 def _decode(record: dict) -> Example:
-  return {k: v.item() if isinstance(v, np.generic) else v for k, v in record.items()}
+  """``record`` with its numpy scalars (and 0-d arrays) as Python scalars."""
+  return {
+    k: v.item() if isinstance(v, np.generic | np.ndarray) and v.ndim == 0 else v
+    for k, v in record.items()
+  }
 
 
 def read_split(name: str, split: str, data_dir: str) -> list[Example]:
   """Every example of a TFDS split, in file order (random access, no TF).
 
   Raises:
-    PeftError: if ``data_dir`` holds no prepared ``array_record`` copy of
-      the task's dataset or split.
+    PeftError: (one line) if ``data_dir`` holds no prepared ``array_record``
+      copy of the task's dataset or split.
   """
   tfds_name = get_task(name).tfds_name
   hint = (
     f'prepare it where TensorFlow is installed: `tfds build {tfds_name} '
     f'--file_format=array_record --data_dir={data_dir}`'
   )
+  missing = PeftError(f'no {tfds_name} in {data_dir}; {hint}')
   try:
     source = tfds.data_source(
       tfds_name, split=split, data_dir=data_dir, download=False, try_gcs=False
     )
   except tfds.core.DatasetNotFoundError:
-    raise PeftError(f'no {tfds_name} in {data_dir}; {hint}') from None
+    raise missing from None
   except (AssertionError, NotImplementedError, ValueError) as e:
+    # Where tfds has the builder's code (e.g. TensorFlow installed), a missing
+    # dataset is not DatasetNotFoundError but a file format error.
+    if not os.path.isdir(os.path.join(data_dir, tfds_name)):
+      raise missing from None
+    reason = ' '.join(str(e).split())
     raise PeftError(
-      f'cannot read {tfds_name}[{split}] in {data_dir} ({e}); {hint}'
+      f'cannot read {tfds_name}[{split}] in {data_dir} ({reason}); {hint}'
     ) from None
   return [_decode(source[i]) for i in range(len(source))]
 
@@ -303,8 +348,11 @@ def load(
     seed: seed of the held-out draw.
 
   Returns:
-    ``{'train', 'validation' (if heldout), 'test'}`` lists of examples;
-    ``test`` is TFDS ``validation`` (the test labels are hidden).
+    ``{'train', 'validation' (if heldout), 'test', ...}`` lists of examples;
+    the test splits are the task's ``test_splits`` (``test`` is TFDS
+    ``validation``, for MNLI ``validation_matched``, plus
+    ``test_mismatched`` from ``validation_mismatched``: the test labels are
+    hidden).
   """
   if not 0 <= heldout < 1:
     raise PeftError(f'heldout={heldout} must be in [0, 1)')
@@ -314,7 +362,8 @@ def load(
   splits = {'train': [train[i] for i in np.sort(order[n_heldout:])]}
   if n_heldout:
     splits['validation'] = [train[i] for i in np.sort(order[:n_heldout])]
-  splits['test'] = read_split(name, 'validation', data_dir)
+  for split, tfds_split in get_task(name).test_splits.items():
+    splits[split] = read_split(name, tfds_split, data_dir)
   return splits
 
 
