@@ -15,7 +15,10 @@ QUERY_VALUE = '.*/(query|value|query_proj|value_proj|q_proj|v_proj)/kernel'
 
 
 def mam(
-  prefix_length: int = 30, bottleneck: int = 800, rank: int = 512, scale: float = 4.0
+  prefix_length: int = 30,
+  bottleneck: int = 800,
+  rank: int | None = 512,
+  scale: float = 4.0,
 ) -> list[Rule]:
   """He et al.'s MAM adapter: prefix tuning in attention plus a scaled
   parallel adapter beside the FFN (the guide's §3.3).
@@ -26,6 +29,8 @@ def mam(
   ``h' = FFN(x) + s·ReLU(x W_d + b_d) W_u`` with ``x`` the FFN's input.
   Defaults are the paper's for XSum/MT (l = 30, MLP 800, r = 512, s = 4);
   its GLUE script uses ``mam(16, 800, 16, 2.0)`` on RoBERTa-base.
+  ``rank=None`` sizes the adapter from the model, ``r = d // 2`` (the
+  adapters library's ``MAMConfig``).
 
   Returns:
     The rules, for ``by_rules`` or ``describe``.

@@ -142,6 +142,10 @@ def test_group_arguments_parse_from_the_command_line():
   single = common.load_config(f'{CONFIG}:runlocal')
   assert (single.seeds, single.lrs, train_many.group_size(single)) == (1, [], 1)
   common.check_config(config)
+  # One rate and one seed is a single run: it trains at that rate, not the
+  # method's default (lrs was once silently ignored there).
+  one_rate = common.load_config(f'{CONFIG}:runlocal,lrs=[3e-3]')
+  assert train_many.group_size(one_rate) == 1 and one_rate.lr == 3e-3
 
 
 @pytest.mark.parametrize(

@@ -389,22 +389,28 @@ def test_help_with_a_config_lists_its_fields_values_and_meanings(capsys):
   assert f'  data.eval_limit = None\n      {common.FIELDS["data.eval_limit"]}' in out
 
 
+# Configs that need a checkpoint dir (with a config.json) and a data dir.
+LOCAL_DIR_CONFIGS = ('glue', 'see_further')
+
+
 def shipped_configs(tmp_path) -> dict[str, list[str]]:
   """``{config file: [get_config args]}``: every method of every shipped
-  config (GLUE's with ``tmp_path`` as its checkpoint and data dirs)."""
+  config (those of ``LOCAL_DIR_CONFIGS`` with ``tmp_path`` as their
+  checkpoint, a DeBERTa-v2 config.json in it, and data dir)."""
+  transformers.DebertaV2Config().save_pretrained(tmp_path)
   dirs = f'checkpoint={tmp_path},data_dir={tmp_path},'
   found = {}
   for path in sorted(pathlib.Path('experiments/configs').glob('*.py')):
     if 'def get_config' in path.read_text():
       module = common.load_module(str(path))
-      prefix = dirs if path.stem == 'glue' else ''
+      prefix = dirs if path.stem in LOCAL_DIR_CONFIGS else ''
       found[str(path)] = [f'{prefix}method={m}' for m in module.METHODS]
   return found
 
 
 def test_every_field_of_every_shipped_config_has_a_meaning(tmp_path):
   configs = shipped_configs(tmp_path)
-  assert len(configs) == 4 and len(configs[CONFIG]) == len(rotten_tomatoes.METHODS)
+  assert len(configs) == 6 and len(configs[CONFIG]) == len(rotten_tomatoes.METHODS)
   undocumented = set()
   for path, args in configs.items():
     module = common.load_module(path)

@@ -33,6 +33,8 @@ FIELDS = {
   'model': 'the pretrained model and how it reads the inputs',
   'model.checkpoint': "the pretrained weights, by name (the task's CHECKPOINTS)",
   'model.checkpoint_dir': 'a local Hugging Face model directory (weights, tokenizer)',
+  'model.family': "checkpoint_dir's encoder: bert (BERT/RoBERTa) or deberta (v2/v3)",
+  'model.cls_dropout': "dropout before a DeBERTa's classifier (None: its config's)",
   'model.max_length': 'tokens per example (longer inputs are cut)',
   'model.frozen': 'how the frozen weights are stored: float32, bfloat16, int8, int4, '
   "nf4 (pj.quantize, groups of 64) or gguf (the file's own Q4_1/Q8_0 blocks)",
@@ -149,10 +151,13 @@ GROUP_ARGS = dict(seeds=1, lrs=[], adapters_per_pass=0)
 
 def set_group(config: ml_collections.ConfigDict, arg) -> None:
   """``config.seeds``, ``config.lrs`` and ``config.adapters_per_pass`` from
-  the parsed ``GROUP_ARGS``."""
+  the parsed ``GROUP_ARGS``; with ``lrs``, ``config.lr`` is its first rate
+  (a single run, ``seeds=1`` and one rate, trains at ``config.lr``)."""
   config.seeds = arg.seeds
   config.lrs = list(arg.lrs)
   config.adapters_per_pass = arg.adapters_per_pass
+  if config.lrs:
+    config.lr = float(config.lrs[0])
 
 
 def warmup_steps(steps: int) -> int:

@@ -1,7 +1,8 @@
-"""The SAM paper's GLUE/SuperGLUE tasks on a BERT/RoBERTa encoder and a new head.
+"""GLUE/SuperGLUE tasks on a BERT/RoBERTa or DeBERTa-v2/v3 encoder and a new head.
 
-``config.data.task`` names one of ``peft_jax.data.glue.TASKS``; its kind
-picks the model and the loss:
+``config.model.family`` (``FAMILIES``; default ``'bert'``) picks the encoder
+of ``config.model.checkpoint_dir``, and ``config.data.task`` names one of
+``peft_jax.data.glue.TASKS``, whose kind picks the model and the loss:
 
 * classification (CoLA, MRPC, RTE, CB, WSC): one text or a segment pair,
   softmax cross-entropy;
@@ -9,15 +10,23 @@ picks the model and the loss:
 * multiple choice (COPA): each ``(prompt, choice)`` pair encoded on its own
   and scored by one logit, softmax cross-entropy over the choices.
 
-The head is jiant's (and Hugging Face RoBERTa's): ``Dense(tanh(Dense(h_<s>)))``
-on the first token, i.e. the encoder's pooler plus a classifier. RoBERTa
-masked-LM checkpoints (``roberta-base``) ship no pooler, so a missing pooler
-is freshly initialised; the configs train it with the classifier.
+The BERT head is jiant's (and Hugging Face RoBERTa's):
+``Dense(tanh(Dense(h_<s>)))`` on the first token, i.e. the encoder's pooler
+plus a classifier. RoBERTa masked-LM checkpoints (``roberta-base``) ship no
+pooler, so a missing pooler is freshly initialised; the configs train it with
+the classifier. The DeBERTa head is Hugging Face's
+``DebertaV2ForSequenceClassification``'s: ``Dense(gelu(Dense(h_[CLS])))``
+(the context pooler, then dropout at ``config.model.cls_dropout`` where set,
+and the classifier), all new (DeBERTa-v3 checkpoints ship no head); DeBERTa
+has no multiple-choice model here, so COPA runs on BERT/RoBERTa only.
 Evaluation reports jiant's metrics per split (``<split>_<metric>``, with
 ``<split>_score`` the task's major metric).
 """
 
+import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +37,8 @@ import transformers
 import peft_jax as pj
 from experiments import tasks
 from peft_jax import PeftError
-from peft_jax.data import glue
-from peft_jax.models import bert
+from peft_jax.data import batching, glue
+from peft_jax.models import bert, deberta
 
 Arrays = dict[str, np.ndarray]
 INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
@@ -45,8 +54,50 @@ def load_arrays(config, tokenizer) -> dict[str, Arrays]:
   }
 
 
-def make_model(encoder_config: bert.BertConfig, task: glue.Task):
-  """The encoder with the task's head (see the module docstring)."""
+class Family(NamedTuple):
+  """An encoder family: how to load it and where it sits in the task model.
+
+  Attributes:
+    load: ``model_dir -> (encoder config, encoder params)`` of a Hugging
+      Face checkpoint directory.
+    key: the encoder's subtree in the task model's params.
+    param_axes: the family's ``PARAM_AXES`` (for placing it on a mesh).
+  """
+
+  load: Callable[[str], tuple[Any, dict]]
+  key: str
+  param_axes: tuple
+
+
+FAMILIES = {
+  'bert': Family(bert.load_hf, 'bert', bert.PARAM_AXES),
+  'deberta': Family(deberta.load_hf, 'deberta', deberta.PARAM_AXES),
+}
+
+
+def family_of(config) -> Family:
+  """``FAMILIES[config.model.family]`` (``'bert'`` where unset)."""
+  name = config.model.get('family', 'bert')
+  if name not in FAMILIES:
+    raise PeftError(
+      f'model.family={name!r} is unknown; expected one of {", ".join(FAMILIES)}'
+    )
+  return FAMILIES[name]
+
+
+def make_model(encoder_config, task: glue.Task):
+  """The encoder with the task's head (see the module docstring).
+
+  Raises:
+    PeftError: for a multiple-choice task on a DeBERTa encoder.
+  """
+  if isinstance(encoder_config, deberta.DebertaV2Config):
+    if task.kind == glue.MULTIPLE_CHOICE:
+      raise PeftError(
+        f'{task.tfds_name} is multiple choice, which has no DeBERTa model here; '
+        'run it on a BERT/RoBERTa checkpoint'
+      )
+    return deberta.DebertaV2ForSequenceClassification(encoder_config, task.num_labels)
   if task.kind == glue.MULTIPLE_CHOICE:
     return bert.BertForMultipleChoice(encoder_config)
   return bert.BertForSequenceClassification(
@@ -54,11 +105,11 @@ def make_model(encoder_config: bert.BertConfig, task: glue.Task):
   )
 
 
-def init_frozen(model, encoder, sample, seed: int):
-  """The frozen tree: the pretrained encoder, plus a new head (and pooler,
-  where the checkpoint has none) from ``model.init``."""
+def init_frozen(model, encoder, sample, seed: int, key: str):
+  """The frozen tree: the pretrained encoder (subtree ``key``), plus a new
+  head (and pooler, where the checkpoint has none) from ``model.init``."""
   params = jax.jit(model.init)(jax.random.key(seed), *sample)['params']
-  return {**params, 'bert': {**params['bert'], **encoder}}
+  return {**params, key: {**params[key], **encoder}}
 
 
 def make_loss_fn(logits, task: glue.Task):
@@ -107,14 +158,16 @@ def make_evaluate(logits, arrays: dict[str, Arrays], config):
 
 
 def make_task(
-  config, encoder_config: bert.BertConfig, encoder, arrays: dict[str, Arrays], describe
+  config, encoder_config, encoder, arrays: dict[str, Arrays], describe
 ) -> tasks.Task:
-  """The task on a loaded encoder and encoded splits: the head, the hook
-  points, the loss, grain training batches and the evaluation."""
+  """The task on a loaded encoder (of ``config.model.family``) and encoded
+  splits: the head, the hook points, the loss, grain training batches and
+  the evaluation."""
   task = glue.get_task(config.data.task)
+  family = family_of(config)
   model = make_model(encoder_config, task)
   sample = tuple(arrays['train'][k][:1] for k in INPUTS)
-  frozen = init_frozen(model, encoder, sample, config.seed)
+  frozen = init_frozen(model, encoder, sample, config.seed, family.key)
 
   def logits(weights, batch, rng=None):
     return model.apply(
@@ -124,7 +177,7 @@ def make_task(
       rngs=None if rng is None else {'dropout': rng},
     )
 
-  batches = glue.train_batches(arrays['train'], config.batch_size, config.seed)
+  batches = batching.train_batches(arrays['train'], config.batch_size, config.seed)
   return tasks.Task(
     frozen=frozen,
     hooks=pj.hook_points(model, *sample),
@@ -133,26 +186,40 @@ def make_task(
     evaluate=make_evaluate(logits, arrays, config),
     describe=describe,
     adapter_metadata=adapter_metadata(config, task),
-    param_axes=bert.PARAM_AXES,
+    param_axes=family.param_axes,
   )
 
 
 def adapter_metadata(config, task: glue.Task) -> dict:
-  """What the adapter file records: the checkpoint, the head (``make_model``;
-  its new parameters from ``config.seed``) and the input length."""
+  """What the adapter file records: the checkpoint, the head (``make_model``:
+  the encoder family, its new parameters from ``config.seed``; BERT's
+  pooling) and the input length."""
   multiple_choice = task.kind == glue.MULTIPLE_CHOICE
+  family = config.model.get('family', 'bert')
   return {
     'task': f'glue/{config.data.task}',
     'base_model': config.model.checkpoint_dir,
     'tokenizer': config.model.checkpoint_dir,
     'head': {
       'kind': 'multiple_choice' if multiple_choice else 'sequence_classification',
+      'family': family,
       'num_labels': task.num_labels,
-      'pooling': 'cls',
+      **({'pooling': 'cls'} if family == 'bert' else {}),
       'seed': config.seed,
     },
     'max_length': config.model.max_length,
   }
+
+
+def load_encoder(config):
+  """``(encoder config, encoder params)`` of ``config.model.family`` from
+  ``model.checkpoint_dir``; a DeBERTa's ``cls_dropout`` set from
+  ``model.cls_dropout`` where that is not None."""
+  encoder_config, encoder = family_of(config).load(config.model.checkpoint_dir)
+  cls_dropout = config.model.get('cls_dropout')
+  if cls_dropout is not None and isinstance(encoder_config, deberta.DebertaV2Config):
+    encoder_config = dataclasses.replace(encoder_config, cls_dropout=cls_dropout)
+  return encoder_config, encoder
 
 
 def build(config) -> tasks.Task:
@@ -163,7 +230,7 @@ def build(config) -> tasks.Task:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   except OSError as e:
     raise PeftError(f'no tokenizer in checkpoint dir {model_dir!r} ({e})') from None
-  encoder_config, encoder = bert.load_hf(model_dir)
+  encoder_config, encoder = load_encoder(config)
   arrays = load_arrays(config, tokenizer)
   sizes = {k: len(v['label']) for k, v in arrays.items()}
   describe = (

@@ -16,10 +16,9 @@ SuperGLUE's yes/no reading comprehension. This module holds the task table
   fraction of TFDS ``train`` is the *validation* split.
 * ``encode(task, tokenizer, examples, max_length)`` turns examples into
   fixed-length token arrays (one shape, one compile).
-* ``train_batches(arrays, batch_size, seed)`` is a grain pipeline whose item
-  ``t`` is the batch of training step ``t`` (a pure function of ``t``, so a
-  resumed run sees the same batches); evaluation uses
-  ``batching.eval_batches``.
+* training batches come from ``batching.train_batches`` (a grain pipeline
+  whose item ``t`` is the batch of step ``t``, shared with the offline
+  tasks), evaluation batches from ``batching.eval_batches``.
 
 Preparing the data needs TensorFlow once, on any machine (then copy the dir)::
 
@@ -34,7 +33,6 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-import grain
 import numpy as np
 import scipy.stats
 import tensorflow_datasets as tfds
@@ -433,23 +431,3 @@ def encode(name: str, tokenizer, examples: list[Example], max_length: int) -> Ar
     paired = any(s is not None for s in second)
     arrays = _tokenize(tokenizer, first, second if paired else None, max_length)
   return {**arrays, 'label': labels_of(name, examples)}
-
-
-def train_batches(arrays: Arrays, batch_size: int, seed: int = 0) -> grain.MapDataset:
-  """Training batches as a random-access grain dataset: item ``t`` is the
-  batch of step ``t``.
-
-  Epochs of seeded shuffles (grain reseeds each epoch), cut into batches of
-  ``batch_size``; a batch may span two epochs, so every example is seen
-  once per epoch and none is dropped.
-  """
-  n = len(arrays['label'])
-  if not 0 < batch_size <= n:
-    raise PeftError(f'batch_size={batch_size} must be in [1, {n}] (the train split)')
-  return (
-    grain.MapDataset.range(n)
-    .shuffle(seed=seed)
-    .repeat()
-    .batch(batch_size, drop_remainder=True)
-    .map(lambda index: {k: v[index] for k, v in arrays.items()})
-  )

@@ -32,7 +32,7 @@ from experiments.configs import common
 from experiments.configs import glue as glue_config
 from experiments.tasks import glue as glue_task
 from peft_jax._src import paths
-from peft_jax.data import glue
+from peft_jax.data import batching, glue
 from peft_jax.models import bert
 
 WORDS = ('the', 'cat', 'dog', 'bird', 'sat', 'ran', 'on', 'mat', 'was', 'big')
@@ -439,7 +439,7 @@ def test_every_task_reads_encodes_and_batches(task, data_dir):
   two_seps = np.any((ids[:, :-1] == 2) & (ids[:, 1:] == 2), axis=1)
   assert np.all(two_seps == is_pair)  # <s> a </s></s> b </s> for pairs
 
-  batch = glue.train_batches(arrays, 4, seed=0)[3]
+  batch = batching.train_batches(arrays, 4, seed=0)[3]
   assert batch['input_ids'].shape == expected_shape(task, 4)
   assert batch['label'].shape == (4,)
 
@@ -514,22 +514,6 @@ def test_copa_rows_pair_the_prompt_with_each_choice(data_dir):
       row = arrays['input_ids'][i, c]
       assert row[: len(expected)].tolist() == expected
       assert np.all(row[len(expected) :] == PAD)
-
-
-def test_train_batches_are_a_function_of_the_step_and_cover_each_epoch():
-  arrays = {'x': np.arange(10), 'label': np.arange(10) % 2}
-  batches = glue.train_batches(arrays, 3, seed=1)
-  again = glue.train_batches(arrays, 3, seed=1)
-  first = [batches[t]['x'] for t in range(9)]
-  np.testing.assert_array_equal(first, [again[t]['x'] for t in range(9)])
-  seen = np.concatenate(first)  # 27 examples: epochs 1 and 2 whole, then 7 more
-  assert sorted(seen[:10]) == list(range(10)) == sorted(seen[10:20])
-  assert not np.array_equal(seen[:10], seen[10:20])  # reshuffled each epoch
-  np.testing.assert_array_equal(batches[5]['label'], batches[5]['x'] % 2)
-  other = glue.train_batches(arrays, 3, seed=2)
-  assert not np.array_equal(first, [other[t]['x'] for t in range(9)])
-  with pytest.raises(pj.PeftError, match=r'batch_size=11 must be in \[1, 10\]'):
-    glue.train_batches(arrays, 11)
 
 
 def test_missing_data_hidden_labels_and_bad_arguments_are_errors(data_dir, tmp_path):
