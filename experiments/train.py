@@ -58,6 +58,7 @@ from tensorboardX import SummaryWriter
 import peft_jax as pj
 from experiments import selection, tasks
 from experiments.configs import common
+from peft_jax import analysis
 from peft_jax._src import files, paths
 from peft_jax.models import partitioning
 
@@ -257,23 +258,6 @@ def environment() -> dict[str, str]:
 HEAD_LEAF = re.compile(r'(^|/)(classifier|pooler)(/|$)')
 
 
-def update_rank(new: np.ndarray, old: np.ndarray) -> int:
-  """Rank of ``ΔW = new − old`` (float32 ``(..., m, n)``; the most over the
-  leading axes) that rounding cannot explain: the singular values of ΔW above
-  ``max(σ_max(ΔW) · max(m, n), ‖new‖_F) · eps(float32)``. Rounding ``new``
-  to float32 moves each entry by at most ``eps·|new_ij|``, so by Weyl's
-  inequality it shifts no singular value of ΔW by more than ``eps·‖new‖_F``;
-  the first term is NumPy's ``matrix_rank`` tolerance.
-  """
-  eps, delta = np.finfo(np.float32).eps, np.asarray(new - old, np.float64)
-  sigma = np.linalg.svd(delta, compute_uv=False)
-  rounding = np.linalg.norm(np.asarray(new, np.float64), axis=(-2, -1))[..., None]
-  tol = eps * np.maximum(
-    sigma.max(axis=-1, keepdims=True) * max(delta.shape[-2:]), rounding
-  )
-  return int(np.max(np.sum(sigma > tol, axis=-1)))
-
-
 def update_counts(run: 'Run', state: pj.TrainState) -> dict[str, int | None]:
   """The guide's (Lialin et al.) counts beside the trainable one, measured on
   the merged model (``None`` where the tree is not mergeable):
@@ -282,8 +266,8 @@ def update_counts(run: 'Run', state: pj.TrainState) -> dict[str, int | None]:
     trained adapter changes (the head included);
   * ``update_rank``: the largest rank of ``ΔW = W' − W`` over the changed
     kernels and embeddings (leaves of 2 or more axes, ranked per last-two-axes
-    matrix, ``update_rank``), the task's new head (``HEAD_LEAF``) left out;
-    0 when the method changes no matrix (BitFit).
+    matrix, ``peft_jax.analysis.update_rank``), the task's new head
+    (``HEAD_LEAF``) left out; 0 when the method changes no matrix (BitFit).
   """
   if not run.tree.mergeable:
     return {'changed_params': None, 'update_rank': None}
@@ -295,7 +279,7 @@ def update_counts(run: 'Run', state: pj.TrainState) -> dict[str, int | None]:
     new, old = np.asarray(merged[path], np.float32), np.asarray(old, np.float32)
     changed += int(np.count_nonzero(new != old))
     if new.ndim >= 2 and (new != old).any() and not HEAD_LEAF.search(path):
-      rank = max(rank, update_rank(new, old))
+      rank = max(rank, analysis.update_rank(new, old))
   return {'changed_params': changed, 'update_rank': rank}
 
 

@@ -8,6 +8,7 @@ or an ``ActivationAdapter`` (at a hook point); ``by_rules`` lifts them to a
 all on a Hugging Face, GGUF or shipped model in one call. See README.md.
 """
 
+from peft_jax import analysis as analysis
 from peft_jax import methods as methods  # registers every method
 from peft_jax import recipes as recipes
 from peft_jax import schedules as schedules
