@@ -115,20 +115,34 @@ def jax_rules(setting: str) -> list:
   return [(f'layers/(self_attn|mlp)/({"|".join(TARGETS)})/kernel', lora)]
 
 
-def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
+def jax_step(setting: str, shape: Shape):
+  """The jitted training step of ``setting`` and a builder of its arguments.
+
+  Returns ``(train_step, arguments)``: ``train_step(state, frozen, ids) ->
+  (state, metrics)`` is jitted with the state donated; ``arguments()`` builds
+  ``(state, frozen, ids)`` (random weights, ``ids`` int32 of shape
+  ``(batch, seq + 1)``). ``jax.eval_shape(arguments)`` gives their abstract
+  shapes without materialising any weight.
+  """
   import jax
   import optax
 
   import peft_jax as pj
 
   model = jax_model(setting, shape)
-  # seq + 1 tokens: the model reads seq of them (cuDNN flash attention wants
-  # aligned lengths) and predicts the next token at each.
-  ids = jax.random.randint(
-    jax.random.key(0), (shape.batch, shape.seq + 1), 0, shape.vocab_size
-  )
-  frozen = jax.jit(model.init)(jax.random.key(1), ids[:, :8])['params']
   tree = pj.by_rules(jax_rules(setting))
+  optimizer = optax.adamw(LR)
+
+  def arguments():
+    # seq + 1 tokens: the model reads seq of them (cuDNN flash attention wants
+    # aligned lengths) and predicts the next token at each.
+    ids = jax.random.randint(
+      jax.random.key(0), (shape.batch, shape.seq + 1), 0, shape.vocab_size
+    )
+    frozen = jax.jit(model.init)(jax.random.key(1), ids[:, :8])['params']
+    params, buffers = jax.jit(tree.init)(jax.random.key(2), frozen)
+    state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(3))
+    return state, frozen, ids
 
   def loss_fn(weights, batch, rng):
     del rng
@@ -136,14 +150,21 @@ def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
     return loss.mean(), {}
 
-  optimizer = optax.adamw(LR)
-  params, buffers = jax.jit(tree.init)(jax.random.key(2), frozen)
-  state = pj.TrainState.create(params, buffers, optimizer, jax.random.key(3))
   factored = setting in ('jax_lora_factored', 'jax_lora_remat')
   train_step = jax.jit(
     pj.make_train_step(loss_fn, tree, optimizer, factored=factored),
     donate_argnums=0,
   )
+  return train_step, arguments
+
+
+def run_jax(setting: str, shape: Shape, warmup: int, steps: int) -> dict:
+  import jax
+
+  import peft_jax as pj
+
+  train_step, arguments = jax_step(setting, shape)
+  state, frozen, ids = arguments()
   holder = [state]
 
   def step():
