@@ -3,12 +3,13 @@
 Most weight-space methods add an update to the frozen kernel. Given the
 update (and, optionally, its product with an input), this builds the three
 functions that every such method needs, with the dtype rules in one place:
-``w'`` keeps ``w``'s dtype, the factored output has ``x``'s and ``w``'s
-result type.
+``w'`` keeps ``w``'s dtype; the factored form computes in the result type of
+``x`` and ``w`` (the activation dtype), branch included, and returns it.
 """
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 from peft_jax._src.base import Adapter, AdapterParams, Array, Buffers, Linear
@@ -33,7 +34,11 @@ def additive(
       for methods whose update depends on its shape).
     delta_product: ``(x, w, params, buffers) -> x @ Δ`` computed without
       forming ``Δ`` (e.g. LoRA's ``s · (x @ a) @ b``); the factored form is
-      then ``x @ w + delta_product(...)``. ``None``: no factored form.
+      then ``x @ w + delta_product(...)``, the branch run with ``params``
+      and ``buffers`` cast to the activation dtype (``in_dtype``: bfloat16
+      activations keep the rank-r matmuls in bfloat16, as the frozen matmul;
+      the gradient reaches float32 parameters through the cast). ``None``:
+      no factored form.
     num_params: the trainable-count formula.
     factors: ``params -> (down, up)`` for low-rank methods.
 
@@ -48,8 +53,9 @@ def additive(
     return (w - delta(w, params, buffers)).astype(w.dtype)
 
   def factored(x, w, params, buffers):
-    y = x @ w + delta_product(x, w, params, buffers)
-    return y.astype(jnp.result_type(x, w))
+    dtype = jnp.result_type(x, w)
+    branch = delta_product(x, w, *in_dtype((params, buffers), dtype))
+    return (x @ w + branch.astype(dtype)).astype(dtype)
 
   return Adapter(
     init=init,
@@ -59,3 +65,15 @@ def additive(
     num_params=num_params,
     factors=factors,
   )
+
+
+def in_dtype(tree, dtype):
+  """``tree`` with its floating-point leaves cast to ``dtype`` (others kept):
+  an adapter's parameters and buffers for a branch computed in the
+  activation dtype."""
+
+  def cast(leaf):
+    floating = hasattr(leaf, 'dtype') and jnp.issubdtype(leaf.dtype, jnp.floating)
+    return leaf.astype(dtype) if floating else leaf
+
+  return jax.tree.map(cast, tree)
