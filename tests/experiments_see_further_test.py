@@ -29,7 +29,8 @@ from tests.data import glue_test
 SPECIALS = ('[PAD]', '[CLS]', '[SEP]', '[UNK]')
 VOCAB = {token: i for i, token in enumerate((*SPECIALS, *glue_test.WORDS, '*'))}
 D, MAX_LENGTH = 16, 24
-HF_CONFIG = dict(  # tests/fixtures/tiny_hf.py's DEBERTA, with this vocabulary
+# tests/fixtures/tiny_hf.py's DEBERTA with this vocabulary (that module imports torch).
+HF_CONFIG = dict(
   vocab_size=len(VOCAB),
   hidden_size=D,
   num_hidden_layers=2,

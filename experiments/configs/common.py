@@ -149,6 +149,17 @@ def parse_local_arg(
 GROUP_ARGS = dict(seeds=1, lrs=[], adapters_per_pass=0)
 
 
+def set_loop(config: ml_collections.ConfigDict, arg) -> None:
+  """The training loop's fields every config (but ``sam.py``) takes from its
+  arguments: ``log_every``, ``checkpoint_every``, ``checkpoint_minutes``,
+  ``nonfinite``, and the group's (``set_group``)."""
+  config.log_every = arg.log_every
+  config.checkpoint_every = arg.checkpoint_every
+  config.checkpoint_minutes = arg.checkpoint_minutes
+  config.nonfinite = arg.nonfinite
+  set_group(config, arg)
+
+
 def set_group(config: ml_collections.ConfigDict, arg) -> None:
   """``config.seeds``, ``config.lrs`` and ``config.adapters_per_pass`` from
   the parsed ``GROUP_ARGS``; with ``lrs``, ``config.lr`` is its first rate

@@ -201,11 +201,7 @@ def get_config(arg=None):
   )
   config.warmup_steps = int(WARMUP_SHARE * config.steps)
   config.weight_decay = WEIGHT_DECAY
-  config.log_every = arg.log_every
-  config.checkpoint_every = arg.checkpoint_every
-  config.checkpoint_minutes = arg.checkpoint_minutes
-  config.nonfinite = arg.nonfinite
-  common.set_group(config, arg)
+  common.set_loop(config, arg)
   return config
 
 

@@ -196,11 +196,7 @@ def get_config(arg=None):
   config.factored = True
   config.warmup_steps = common.warmup_steps(arg.steps)
   config.weight_decay = 0.0  # Decay would pull SSB/(IA)³ scales towards 0.
-  config.log_every = arg.log_every
-  config.checkpoint_every = arg.checkpoint_every
-  config.checkpoint_minutes = arg.checkpoint_minutes
-  config.nonfinite = arg.nonfinite
-  common.set_group(config, arg)
+  common.set_loop(config, arg)
 
   if arg.runlocal:
     config.eval_batch_size = 16

@@ -363,11 +363,7 @@ def get_config(arg=None):
   else:
     config.warmup_steps = scaled(setting.warmup, arg.task, steps)
   config.weight_decay = setting.weight_decay
-  config.log_every = arg.log_every
-  config.checkpoint_every = arg.checkpoint_every
-  config.checkpoint_minutes = arg.checkpoint_minutes
-  config.nonfinite = arg.nonfinite
-  common.set_group(config, arg)
+  common.set_loop(config, arg)
 
   if arg.runlocal:
     config.eval_batch_size = 16
