@@ -115,6 +115,10 @@ def test_missing_methods_are_said_and_a_bad_directory_is_one_line(tmp_path, caps
   write_runs(tmp_path / 'runs', {'lora': [80, 81], 'bitfit': [79, 80]})
   text = claims.write_claims(tmp_path / 'runs')
   assert 'Claim 1 needs ssb, ssl and ia3 runs' in text
+  write_runs(tmp_path / 'part', {'ssl': [80, 81, 79], 'ia3': [80, 82, 80]})
+  part = claims.write_claims(tmp_path / 'part')
+  assert '| SSL ≈ (IA)³ | -0.67 |' in part and 'Not run here: ssb.' in part
+  assert '| SSB ≥' not in part  # no row for the comparisons with SSB
   assert 'Claim 2 needs lora and mpc runs' in text
   assert claims.main([str(tmp_path / 'nothing')]) == 2
   err = capsys.readouterr().err
