@@ -21,7 +21,6 @@ otherwise by Welch's interval. A claim an interval does not decide is "not
 supported by this run", which is not evidence against it.
 """
 
-import argparse
 import pathlib
 import sys
 from typing import NamedTuple
@@ -238,15 +237,8 @@ def write_claims(directory: pathlib.Path) -> str:
 
 
 def main(argv=None) -> int:
-  """Prints the claims; returns the exit status (2 after ``error: ...``)."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('directory', type=pathlib.Path)
-  try:
-    print(write_claims(parser.parse_args(argv).directory))
-  except PeftError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  """Prints the claims (``compare.directory_main``)."""
+  return compare.directory_main(write_claims, __doc__, argv)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ import json
 import pathlib
 import sys
 import textwrap
+from collections.abc import Callable
 
 import matplotlib
 
@@ -200,17 +201,22 @@ def write_comparison(directory: pathlib.Path) -> str:
   return '\n'.join([text, *summaries])
 
 
-def main(argv=None) -> int:
-  """Prints the comparison; returns the exit status (2 after a one-line
-  ``error: ...``)."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def directory_main(write: Callable[[pathlib.Path], str], doc: str, argv=None) -> int:
+  """A command on one directory of runs: prints ``write(directory)``;
+  returns the exit status (2 after a one-line ``error: ...``)."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   parser.add_argument('directory', type=pathlib.Path)
   try:
-    print(write_comparison(parser.parse_args(argv).directory))
+    print(write(parser.parse_args(argv).directory))
   except PeftError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
+
+
+def main(argv=None) -> int:
+  """Prints the comparison (``directory_main``)."""
+  return directory_main(write_comparison, __doc__, argv)
 
 
 if __name__ == '__main__':

@@ -73,9 +73,10 @@ def _permille(rows: list[dict]) -> str:
   return '–' if not shares else '/'.join(f'{x:.3g}' for x in sorted(shares))
 
 
-def _median(rows: list[dict], key: str, digits: str = '.0f') -> str:
+def _median(rows: list[dict], key: str) -> str:
+  """The median of ``key`` over the rows that record it, rounded; '–' if none."""
   values = [r[key] for r in rows if r.get(key) is not None]
-  return f'{np.median(values):{digits}}' if values else '–'
+  return f'{np.median(values):.0f}' if values else '–'
 
 
 def seed_table(grouped: dict[str, list[dict]]) -> str:
