@@ -214,7 +214,9 @@ def test_the_sweep_runs_one_program_per_method_and_a_row_per_adapter(
       'comparison.md',
       'comparison.png',
       'seeds.md',
+      'spread.png',
       'stability.png',
+      'tradeoff.png',
       'rotten_tomatoes_ia3',
       'rotten_tomatoes_lora',
     ]
