@@ -35,19 +35,27 @@ def group_config(**changes):
 
 @pytest.fixture(scope='module')
 def group_run(tmp_path_factory, xla_cache):
-  """``(workdir, rows)`` of the uninterrupted group run."""
+  """``(workdir, rows, evaluation_programs)`` of the uninterrupted group
+  run; the last counts the evaluation programs it compiled."""
   workdir = tmp_path_factory.mktemp('group') / 'lora'  # alone in its sweep dir
+  tasks.adapted_outputs.clear_cache()
   with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
     patch.setattr(tasks, 'build', build_tiny)
     rows = train.train_and_evaluate(group_config(), str(workdir))
-  return workdir, rows
+  return workdir, rows, tasks.adapted_outputs._cache_size()
+
+
+def test_the_adapters_of_a_group_share_one_compiled_evaluation(group_run):
+  # 4 adapters, each evaluated before and after training on two splits of
+  # one batch shape: one program, where per-seed tasks once compiled 4.
+  assert group_run[2] == 1
 
 
 @pytest.mark.parametrize('seed, lr', [(1, 5e-3), (0, 2e-3)])
 def test_each_adapter_of_a_group_equals_its_single_run(
   group_run, seed, lr, tmp_path, monkeypatch
 ):
-  workdir, _ = group_run
+  workdir = group_run[0]
   monkeypatch.setattr(tasks, 'build', build_tiny)
   single = experiments_test.local_config('lora')
   single.update(steps=STEPS, seed=seed, lr=lr)
@@ -71,7 +79,7 @@ def test_each_adapter_of_a_group_equals_its_single_run(
 
 
 def test_a_group_writes_one_row_and_one_adapter_per_member(group_run):
-  workdir, rows = group_run
+  workdir, rows, _ = group_run
   assert [r['name'] for r in rows] == [f'rotten_tomatoes_lora[{x}]' for x in LABELS]
   assert [r['group'] for r in rows] == ['lora lr=0.002', 'lora lr=0.005'] * 2
   assert [(r['seed'], r['lr']) for r in rows] == [
@@ -98,7 +106,7 @@ def test_a_group_writes_one_row_and_one_adapter_per_member(group_run):
 
 
 def test_a_finished_group_is_reported_not_rerun(group_run, monkeypatch):
-  workdir, rows = group_run
+  workdir, rows, _ = group_run
   monkeypatch.setattr(tasks, 'build', None)  # building anything would fail
   assert train.train_and_evaluate(group_config(), str(workdir)) == rows
 

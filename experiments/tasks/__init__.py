@@ -3,10 +3,13 @@
 Each task module has ``build(config) -> Task``; ``config.task`` names it.
 """
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import numpy as np
 import tqdm
@@ -68,6 +71,43 @@ def build(config) -> Task:
       f'unknown task {config.task!r} (no experiments/tasks module)'
     ) from None
   return module.build(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """``forward(weights, batch, rng=None)``: ``model.apply`` on the batch's
+  ``inputs`` (in that order), dropout on where an ``rng`` is given.
+
+  Equal and hashed by value (a Linen module is, by its fields), so the tasks
+  a group builds for its seeds (``experiments.train_many``) share one
+  compiled evaluation: ``adapted_outputs`` takes it as a static argument.
+  """
+
+  model: nn.Module
+  inputs: tuple[str, ...]
+
+  def __call__(self, weights: pj.Params, batch: dict, rng: jax.Array | None = None):
+    return self.model.apply(
+      {'params': weights},
+      *(batch[name] for name in self.inputs),
+      deterministic=rng is None,
+      rngs=None if rng is None else {'dropout': rng},
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def adapted_outputs(
+  forward: Forward,
+  tree: pj.TreeAdapter,
+  frozen: pj.Params,
+  params: pj.AdapterParams,
+  buffers: pj.Buffers,
+  batch: dict,
+) -> jax.Array:
+  """``forward``'s deterministic outputs (e.g. logits ``(B, labels)``) on
+  the adapted model, through ``peft_jax.adapted(..., factored=True)`` (so
+  methods with no weight-space form and activation adapters work)."""
+  return pj.adapted(tree, forward, factored=True)(frozen, params, buffers, batch)
 
 
 # config.model.frozen: how the frozen weights are stored (the model computes

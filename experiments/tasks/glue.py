@@ -24,7 +24,6 @@ Evaluation reports jiant's metrics per split (``<split>_<metric>``, with
 """
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -126,21 +125,18 @@ def make_loss_fn(logits, task: glue.Task):
   return loss_fn
 
 
-def make_evaluate(logits, arrays: dict[str, Arrays], config):
+def make_evaluate(forward: tasks.Forward, arrays: dict[str, Arrays], config):
   """``evaluate(tree, frozen, params, buffers)``: the task's metrics on the
   first ``config.data.eval_limit`` examples of every split but train, and
-  their count (``<split>_examples``), through ``peft_jax.adapted(...,
-  factored=True)`` (so methods with no weight-space form and activation
-  adapters work)."""
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def outputs(tree, frozen, params, buffers, batch):
-    return pj.adapted(tree, logits, factored=True)(frozen, params, buffers, batch)
+  their count (``<split>_examples``), from ``tasks.adapted_outputs`` (one
+  compiled program for every seed of a group)."""
 
   def split_metrics(tree, frozen, params, buffers, name: str) -> dict[str, float]:
     split = tasks.evaluation_split(arrays[name], config.data.eval_limit)
     chunks = [
-      np.asarray(outputs(tree, frozen, params, buffers, batch))[batch['weight'] > 0]
+      np.asarray(tasks.adapted_outputs(forward, tree, frozen, params, buffers, batch))[
+        batch['weight'] > 0
+      ]
       for batch in tasks.evaluation_batches(split, config.eval_batch_size, name)
     ]
     metrics = glue.metrics(config.data.task, np.concatenate(chunks), split['label'])
@@ -169,13 +165,7 @@ def make_task(
   sample = tuple(arrays['train'][k][:1] for k in INPUTS)
   frozen = init_frozen(model, encoder, sample, config.seed, family.key)
 
-  def logits(weights, batch, rng=None):
-    return model.apply(
-      {'params': weights},
-      *(batch[k] for k in INPUTS),
-      deterministic=rng is None,
-      rngs=None if rng is None else {'dropout': rng},
-    )
+  logits = tasks.Forward(model, INPUTS)
 
   batches = batching.train_batches(arrays['train'], config.batch_size, config.seed)
   return tasks.Task(

@@ -1,7 +1,5 @@
 """Sentence classification with a pretrained BERT encoder and a new head."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,18 +40,16 @@ def load_arrays(config, tokenizer) -> dict[str, Arrays]:
   return {k: tokenize(tokenizer, s, config.model.max_length) for k, s in splits.items()}
 
 
-def make_evaluate(logits, arrays: dict[str, Arrays], config):
+def make_evaluate(forward: tasks.Forward, arrays: dict[str, Arrays], config):
   """``evaluate(tree, frozen, params, buffers)``: validation and test accuracy
-  on the first ``config.data.eval_limit`` examples of each.
+  on the first ``config.data.eval_limit`` examples of each
+  (``tasks.adapted_outputs``: one compiled program for every seed of a
+  group)."""
 
-  The model runs through ``peft_jax.adapted(..., factored=True)``, which
-  also serves methods with no weight-space form and activation adapters.
-  """
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def correct(tree, frozen, params, buffers, batch):
-    out = pj.adapted(tree, logits, factored=True)(frozen, params, buffers, batch)
-    return jnp.sum((jnp.argmax(out, -1) == batch['label']) * batch['weight'])
+  def correct(tree, frozen, params, buffers, batch) -> float:
+    logits = tasks.adapted_outputs(forward, tree, frozen, params, buffers, batch)
+    hits = np.argmax(np.asarray(logits), -1) == batch['label']
+    return float(np.sum(hits * batch['weight']))
 
   def evaluate(tree, frozen, params, buffers):
     return tasks.accuracies(
@@ -80,14 +76,7 @@ def make_task(
   head = model.init(jax.random.key(config.seed), *sample)['params']['classifier']
   frozen = {'bert': encoder, 'classifier': head}
 
-  def logits(weights, batch, rng=None):
-    return model.apply(
-      {'params': weights},
-      batch['input_ids'],
-      batch['attention_mask'],
-      deterministic=rng is None,
-      rngs=None if rng is None else {'dropout': rng},
-    )
+  logits = tasks.Forward(model, ('input_ids', 'attention_mask'))
 
   def loss_fn(weights, batch, rng):
     out = logits(weights, batch, rng)
