@@ -21,6 +21,9 @@ sides). Settings, each timed in its own process:
                       target_modules=['query', 'value']), torch.optim.AdamW,
                       PyTorch eager, torch's default thread count
   hf_peft_compile     the same under torch.compile
+  jax_lora_factored_no_dropout, hf_peft_eager_no_dropout
+                      jax_lora_factored and hf_peft_eager with every dropout
+                      rate 0 (encoder and head): what dropout costs each side
 
 Everything else (interleaved ``--repeats``, medians, per-child peak RSS,
 compile time, load average, the JSON and Markdown report, ``--torch-python``)
@@ -29,14 +32,16 @@ the encoder's matmul weights), attention excluded.
 """
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
 
 from benchmarks import lora_step
 
-JAX_SETTINGS = ('jax_lora_factored', 'jax_lora_weight')
-TORCH_SETTINGS = ('hf_peft_eager', 'hf_peft_compile')
+JAX_SETTINGS = ('jax_lora_factored', 'jax_lora_weight', 'jax_lora_factored_no_dropout')
+TORCH_SETTINGS = ('hf_peft_eager', 'hf_peft_compile', 'hf_peft_eager_no_dropout')
+NO_DROPOUT = '_no_dropout'
 BATCH, SEQ, LABELS = 32, 64, 2
 
 
@@ -69,8 +74,12 @@ def run_jax(setting: str, model_dir: str, warmup: int, steps: int) -> dict:
   from peft_jax.models import bert, partitioning
 
   config = rotten_tomatoes.get_config('method=lora')
-  config.factored = setting == 'jax_lora_factored'
+  config.factored = setting != 'jax_lora_weight'
   encoder_config, encoder = bert.load_hf(model_dir)
+  if setting.endswith(NO_DROPOUT):  # The head's dropout reads hidden_dropout.
+    encoder_config = dataclasses.replace(
+      encoder_config, hidden_dropout=0.0, attention_dropout=0.0
+    )
   batch = random_batch(model_dir)
   arrays = {split: batch for split in ('train', 'validation', 'test')}
   task = text_classification.make_task(
@@ -106,8 +115,11 @@ def run_torch(setting: str, model_dir: str, warmup: int, steps: int) -> dict:
   import transformers
 
   torch.manual_seed(0)
+  rates = {}
+  if setting.endswith(NO_DROPOUT):  # The head's dropout reads hidden_dropout_prob.
+    rates = {'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0}
   bert = transformers.BertModel.from_pretrained(
-    model_dir, dtype=torch.float32, add_pooling_layer=False
+    model_dir, dtype=torch.float32, add_pooling_layer=False, **rates
   )
   lora = peft.LoraConfig(
     r=8, lora_alpha=16, target_modules=['query', 'value'], lora_dropout=0.0

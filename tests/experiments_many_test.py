@@ -15,6 +15,7 @@ import pytest
 import peft_jax as pj
 from experiments import compare, sweep, tasks, train, train_many
 from experiments.configs import common
+from experiments.tasks import text_classification
 from peft_jax._src import paths
 from tests import experiments_test, references
 from tests.experiments_test import CONFIG, assert_same_adapter, build_tiny
@@ -38,11 +39,11 @@ def group_run(tmp_path_factory, xla_cache):
   """``(workdir, rows, evaluation_programs)`` of the uninterrupted group
   run; the last counts the evaluation programs it compiled."""
   workdir = tmp_path_factory.mktemp('group') / 'lora'  # alone in its sweep dir
-  tasks.adapted_outputs.clear_cache()
+  text_classification.correct_count.clear_cache()
   with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
     patch.setattr(tasks, 'build', build_tiny)
     rows = train.train_and_evaluate(group_config(), str(workdir))
-  return workdir, rows, tasks.adapted_outputs._cache_size()
+  return workdir, rows, text_classification.correct_count._cache_size()
 
 
 def test_the_adapters_of_a_group_share_one_compiled_evaluation(group_run):

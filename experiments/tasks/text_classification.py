@@ -1,5 +1,7 @@
 """Sentence classification with a pretrained BERT encoder and a new head."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,20 +42,24 @@ def load_arrays(config, tokenizer) -> dict[str, Arrays]:
   return {k: tokenize(tokenizer, s, config.model.max_length) for k, s in splits.items()}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def correct_count(forward: tasks.Forward, tree, frozen, params, buffers, batch):
+  """The batch's correctly classified rows, weighted by ``batch['weight']``
+  (0 on padding), counted on device: a replicated scalar, which every
+  process of a multi-host mesh can read. One program for every seed of a
+  group (``forward`` is static and equal by value)."""
+  logits = tasks.adapted_outputs(forward, tree, frozen, params, buffers, batch)
+  return jnp.sum((jnp.argmax(logits, -1) == batch['label']) * batch['weight'])
+
+
 def make_evaluate(forward: tasks.Forward, arrays: dict[str, Arrays], config):
   """``evaluate(tree, frozen, params, buffers)``: validation and test accuracy
   on the first ``config.data.eval_limit`` examples of each
-  (``tasks.adapted_outputs``: one compiled program for every seed of a
-  group)."""
-
-  def correct(tree, frozen, params, buffers, batch) -> float:
-    logits = tasks.adapted_outputs(forward, tree, frozen, params, buffers, batch)
-    hits = np.argmax(np.asarray(logits), -1) == batch['label']
-    return float(np.sum(hits * batch['weight']))
+  (``correct_count`` per batch)."""
 
   def evaluate(tree, frozen, params, buffers):
     return tasks.accuracies(
-      lambda batch: correct(tree, frozen, params, buffers, batch),
+      lambda batch: correct_count(forward, tree, frozen, params, buffers, batch),
       {name: arrays[name] for name in ('validation', 'test')},
       config.eval_batch_size,
       config.data.eval_limit,
