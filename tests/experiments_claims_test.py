@@ -108,6 +108,9 @@ def test_report_reads_results_and_names_each_verdict(tmp_path, capsys):
   assert 'SSL ≈ (IA)³' in text and 'dora ≥ LoRA (See Further Table III' in text
   ratio = next(x for x in text.splitlines() if x.startswith('| s²(lora) / s²(mpc)'))
   assert '| 14.29 |' in ratio  # 10 / 0.7
+  gain = next(x for x in text.splitlines() if x.startswith('| MPC ≥ LoRA |'))
+  assert '| -0.20 |' in gain
+  assert gain.endswith('| not supported by this run: within noise |')
   assert 'trilora' not in text  # only the methods that ran
 
 
