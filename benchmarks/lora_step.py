@@ -77,6 +77,7 @@ TORCH_SETTINGS = ('hf_peft_eager', 'hf_peft_compile', 'torch_full_eager')
 NEEDS = {
   'hf_peft_eager': ('torch', 'transformers', 'peft'),
   'hf_peft_compile': ('torch', 'transformers', 'peft'),
+  'hf_peft_eager_no_dropout': ('torch', 'transformers', 'peft'),
   'torch_full_eager': ('torch', 'transformers'),
 }
 DTYPES = ('auto', 'float32', 'bfloat16')
@@ -460,15 +461,12 @@ def fixed(value, digits: int = 1) -> str:
 
 def ratio_lines(rows: list[dict]) -> list[str]:
   """The ratios ours / theirs of tokens/s and peak RSS: each JAX LoRA row
-  against each HF PEFT row, full fine-tuning against full fine-tuning."""
+  against each HF PEFT row, full fine-tuning against full fine-tuning, and
+  settings without dropout against settings without dropout."""
   ours = [r for r in rows if r['setting'].startswith('jax_')]
   theirs = [r for r in rows if not r['setting'].startswith('jax_')]
-  pairs = [
-    (o, t)
-    for o in ours
-    for t in theirs
-    if ('full' in o['setting']) == ('full' in t['setting'])
-  ]
+  kind = lambda row: tuple(part in row['setting'] for part in ('full', 'no_dropout'))
+  pairs = [(o, t) for o in ours for t in theirs if kind(o) == kind(t)]
   if not pairs:
     return []
   lines = [

@@ -57,3 +57,21 @@ def test_rounds_are_interleaved_in_the_given_order(monkeypatch):
   assert [r['setting'] for r in rows] == ['b', 'a', 'c']
   assert [r['step_ms'] for r in rows] == [4.0, 5.0, 6.0]  # medians of rounds
   assert [x['step_ms'] for x in rows[1]['rounds']] == [2.0, 5.0, 8.0]
+
+
+def test_ratios_pair_like_with_like():
+  ours = ['jax_lora_factored', 'jax_lora_factored_no_dropout', 'jax_full']
+  theirs = ['hf_peft_eager', 'hf_peft_eager_no_dropout', 'torch_full_eager']
+  settings = ours + theirs
+  rows = [
+    {'setting': s, 'tokens_per_s': 100.0 * (i + 1), 'peak_rss_mib': 10.0}
+    for i, s in enumerate(settings)
+  ]
+  table = lora_step.ratio_lines(rows)[5:]
+  pairs = [tuple(line.split(' | ')[:2]) for line in table]
+  assert pairs == [
+    ('| jax_lora_factored', 'hf_peft_eager'),
+    ('| jax_lora_factored_no_dropout', 'hf_peft_eager_no_dropout'),
+    ('| jax_full', 'torch_full_eager'),
+  ]
+  assert table[0].endswith('| 0.25 | 1.00 |')  # 100 / 400 tokens/s
