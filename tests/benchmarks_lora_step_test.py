@@ -7,12 +7,9 @@ import sys
 from benchmarks import lora_step
 
 
-def test_smoke_rounds_write_medians_and_skip_torch(tmp_path, capsys, monkeypatch):
-  # Each round is a fresh process: the second of a setting loads the first's
-  # programs from this cache instead of compiling them again.
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'xla'))
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+def test_smoke_rounds_write_medians_and_skip_torch(tmp_path, capsys):
+  # A child process loads the programs an earlier one compiled from the
+  # session's compilation cache (tests/conftest.py), which it inherits.
   no_torch = tmp_path / 'no_torch_python'
   no_torch.write_text('#!/bin/sh\nexit 1\n')
   no_torch.chmod(0o755)

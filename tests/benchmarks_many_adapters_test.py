@@ -6,12 +6,9 @@ import math
 from benchmarks import many_adapters
 
 
-def test_tiny_benchmark_writes_samples_medians_and_ratios(tmp_path, monkeypatch):
-  # The second process loads the first's eager-op programs (the task and
-  # state set-up): half its time. Timings are not checked here.
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'xla'))
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+def test_tiny_benchmark_writes_samples_medians_and_ratios(tmp_path):
+  # A child process loads the programs an earlier one compiled from the
+  # session's compilation cache (tests/conftest.py), which it inherits.
   smoke = ['--tiny', '--adapters', '2', '--steps', '2', '--repeats', '1']
   many_adapters.main([*smoke, '--out', str(tmp_path)])
   result = json.loads((tmp_path / 'many_adapters.json').read_text())
