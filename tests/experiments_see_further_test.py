@@ -7,6 +7,7 @@ TFDS builders of ``tests/data/glue_test.py``.
 """
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -24,11 +25,15 @@ from experiments.tasks import glue as glue_task
 from peft_jax._src import paths
 from peft_jax.data import glue
 from peft_jax.models import deberta
+from tests._src.multihost_test import two_processes
 from tests.data import glue_test
 
 SPECIALS = ('[PAD]', '[CLS]', '[SEP]', '[UNK]')
 VOCAB = {token: i for i, token in enumerate((*SPECIALS, *glue_test.WORDS, '*'))}
 D, MAX_LENGTH = 16, 24
+MULTIHOST_WORKER = pathlib.Path(__file__).with_name(
+  'experiments_multihost_glue_worker.py'
+)
 # tests/fixtures/tiny_hf.py's DEBERTA with this vocabulary (that module imports torch).
 HF_CONFIG = dict(
   vocab_size=len(VOCAB),
@@ -258,3 +263,22 @@ def test_a_group_of_two_stsb_seeds_writes_two_rows(dirs, tmp_path):
     for name in ('pearson', 'spearman', 'score'):
       assert np.isfinite(row[f'after_test_{name}'])
       assert np.isfinite(row[f'after_validation_{name}'])
+
+
+@pytest.mark.slow  # two processes each compile the trainer's step
+def test_stsb_on_two_processes_scores_as_on_one(dirs, tmp_path):
+  """GLUE's metrics need every prediction: on a mesh that spans two
+  processes, each gathers the outputs of every evaluation batch, and the
+  correlations equal a one-process run's (up to float reduction order)."""
+  arg = 'task=stsb,method=lora,rank=2'
+  config = f'{arg},{dirs},runlocal,max_length={MAX_LENGTH}'
+  two = tmp_path / 'two_processes'
+  logs = two_processes(MULTIHOST_WORKER, str(two), 'data=4,fsdp=2', config, timeout=400)
+  assert all('finished' in log for log in logs)
+  row = json.loads((two / 'results.json').read_text())
+  assert row['processes'] == '2'
+  one = run(dirs, tmp_path / 'one_process', arg)
+  for split in ('validation', 'test'):
+    for name in ('pearson', 'spearman'):
+      key = f'after_{split}_{name}'
+      np.testing.assert_allclose(row[key], one[key], rtol=1e-4, atol=1e-5)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import transformers
+from jax.experimental import multihost_utils
 
 import peft_jax as pj
 from experiments import tasks
@@ -133,10 +134,13 @@ def make_evaluate(forward: tasks.Forward, arrays: dict[str, Arrays], config):
 
   def split_metrics(tree, frozen, params, buffers, name: str) -> dict[str, float]:
     split = tasks.evaluation_split(arrays[name], config.data.eval_limit)
+    outputs = lambda batch: tasks.adapted_outputs(
+      forward, tree, frozen, params, buffers, batch
+    )
+    # Every process gathers the outputs (on a mesh spanning several, each
+    # holds only its shards), so each computes the split's metrics.
     chunks = [
-      np.asarray(tasks.adapted_outputs(forward, tree, frozen, params, buffers, batch))[
-        batch['weight'] > 0
-      ]
+      multihost_utils.process_allgather(outputs(batch), tiled=True)[batch['weight'] > 0]
       for batch in tasks.evaluation_batches(split, config.eval_batch_size, name)
     ]
     metrics = glue.metrics(config.data.task, np.concatenate(chunks), split['label'])
