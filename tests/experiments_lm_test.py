@@ -253,6 +253,38 @@ def test_adapted_scores_through_the_cache_equal_direct_computation(
   assert np.max(np.abs(np.asarray(want) - plain)) > 1e-2  # the adapters act
 
 
+def test_the_tasks_of_a_group_share_one_compiled_evaluation(tiny, houlsby):
+  """Two tasks (two seeds' labels) evaluate by one compiled program, and
+  each counts the prompts whose best-scoring answer is its label, padding
+  (``eval_batch_size`` 2 over 3 prompts) left out."""
+  model, frozen = tiny
+  tree, params, buffers = houlsby
+  best = np.argmax(
+    direct_scores(adapted_forward(model, frozen, tree, params, buffers)), -1
+  )
+  config = ml_collections.ConfigDict(
+    {'eval_batch_size': 2, 'data': {'eval_limit': None}}
+  )
+  choice_ids, choice_mask = lm_choice.choice_arrays(CHOICES, PAD)
+  lm_choice.correct_count.clear_cache()
+  for labels in (best, 1 - best, LABELS):
+    split = {**lm_choice.prompt_arrays(PROMPTS, 7, PAD), 'label': labels}
+    data = lm_choice.Data(
+      splits={},
+      prompts={},
+      train={},
+      evals={'validation': split, 'test': split},
+      choice_ids=choice_ids,
+      choice_mask=choice_mask,
+      answers=('fresh', 'rotten'),
+    )
+    evaluate = lm_choice.make_evaluate(config, model, data, lambda *args: None)
+    metrics = evaluate(tree, frozen, params, buffers)
+    assert metrics['test_examples'] == 3
+    assert metrics['test_accuracy'] == pytest.approx(np.mean(best == labels))
+  assert lm_choice.correct_count._cache_size() == 1
+
+
 class DigitTokenizer:
   """Decodes ids as space-separated numbers (the tiny model has no vocabulary)."""
 

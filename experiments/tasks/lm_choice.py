@@ -372,11 +372,23 @@ def make_show_generations(config, model_config, tokenizer, eos_id, data):
   return show
 
 
-def make_evaluate(config, model, data: Data, show):
-  """``evaluate(tree, frozen, params, buffers)``: validation and test accuracy of the
-  best-scoring answer (through ``peft_jax.adapted(..., factored=True)``, so
-  methods with no weight-space form and activation adapters work), then
-  ``show`` the generations."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def correct_count(
+  model: llama.LlamaForCausalLM,
+  tree: pj.TreeAdapter,
+  frozen: pj.Params,
+  params: pj.AdapterParams,
+  buffers: pj.Buffers,
+  batch: dict,
+  choice_ids: Array,
+  choice_mask: Array,
+) -> jax.Array:
+  """How many of ``batch``'s real examples (``weight`` 1) score their
+  ``label``'s answer highest (``choice_scores`` through
+  ``peft_jax.adapted(..., factored=True)``, so methods with no weight-space
+  form and activation adapters work). Module-level, the model and the tree
+  static: the tasks a group builds for its seeds share one compiled program.
+  """
 
   def scores(weights, batch):
     return choice_scores(
@@ -384,19 +396,26 @@ def make_evaluate(config, model, data: Data, show):
       weights,
       batch['prompt_ids'],
       batch['prompt_length'],
-      data.choice_ids,
-      data.choice_mask,
+      choice_ids,
+      choice_mask,
     )
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def correct(tree, frozen, params, buffers, batch):
-    adapted_scores = pj.adapted(tree, scores, factored=True)
-    best = jnp.argmax(adapted_scores(frozen, params, buffers, batch), -1)
-    return jnp.sum((best == batch['label']) * batch['weight'])
+  adapted_scores = pj.adapted(tree, scores, factored=True)
+  best = jnp.argmax(adapted_scores(frozen, params, buffers, batch), -1)
+  return jnp.sum((best == batch['label']) * batch['weight'])
+
+
+def make_evaluate(config, model, data: Data, show):
+  """``evaluate(tree, frozen, params, buffers)``: validation and test
+  accuracy of the best-scoring answer (``correct_count``), then ``show``
+  the generations."""
 
   def evaluate(tree, frozen, params, buffers):
+    choices = data.choice_ids, data.choice_mask
     metrics = tasks.accuracies(
-      lambda batch: correct(tree, frozen, params, buffers, batch),
+      lambda batch: correct_count(
+        model, tree, frozen, params, buffers, batch, *choices
+      ),
       data.evals,
       config.eval_batch_size,
       config.data.eval_limit,
