@@ -17,7 +17,7 @@ from experiments import compare, sweep, tasks, train, train_many
 from experiments.configs import common
 from experiments.tasks import text_classification
 from peft_jax._src import paths
-from tests import experiments_test, references
+from tests import experiments_test
 from tests.experiments_test import CONFIG, assert_same_adapter, build_tiny
 
 STEPS = 4
@@ -35,12 +35,12 @@ def group_config(**changes):
 
 
 @pytest.fixture(scope='module')
-def group_run(tmp_path_factory, xla_cache):
+def group_run(tmp_path_factory):
   """``(workdir, rows, evaluation_programs)`` of the uninterrupted group
   run; the last counts the evaluation programs it compiled."""
   workdir = tmp_path_factory.mktemp('group') / 'lora'  # alone in its sweep dir
   text_classification.correct_count.clear_cache()
-  with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
+  with pytest.MonkeyPatch.context() as patch:
     patch.setattr(tasks, 'build', build_tiny)
     rows = train.train_and_evaluate(group_config(), str(workdir))
   return workdir, rows, text_classification.correct_count._cache_size()
@@ -113,14 +113,13 @@ def test_a_finished_group_is_reported_not_rerun(group_run, monkeypatch):
 
 
 def test_a_group_in_one_vmapped_pass_ends_as_in_passes_of_one(
-  group_run, tmp_path, xla_cache, monkeypatch
+  group_run, tmp_path, monkeypatch
 ):
   # On a CPU the default (adapters_per_pass=0) is passes of one adapter.
   assert train_many.adapters_per_pass(group_config()) == 1
   assert train_many.adapters_per_pass(group_config(adapters_per_pass=4)) == 4
   monkeypatch.setattr(tasks, 'build', build_tiny)
-  with references.compilation_cache(xla_cache):
-    rows = train.train_and_evaluate(group_config(adapters_per_pass=4), str(tmp_path))
+  rows = train.train_and_evaluate(group_config(adapters_per_pass=4), str(tmp_path))
   assert len(rows) == 4
   for label in LABELS:
     name = f'{label}.safetensors'
@@ -129,15 +128,14 @@ def test_a_group_in_one_vmapped_pass_ends_as_in_passes_of_one(
 
 
 def test_an_interrupted_group_resumes_to_the_same_adapters(
-  group_run, tmp_path, xla_cache, monkeypatch
+  group_run, tmp_path, monkeypatch
 ):
   monkeypatch.setattr(tasks, 'build', experiments_test.build_tiny_stopping_at(3))
-  with references.compilation_cache(xla_cache), pytest.raises(KeyboardInterrupt):
+  with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(group_config(), str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   monkeypatch.setattr(tasks, 'build', build_tiny)
-  with references.compilation_cache(xla_cache):
-    rows = train.train_and_evaluate(group_config(), str(tmp_path))
+  rows = train.train_and_evaluate(group_config(), str(tmp_path))
   assert len(rows) == 4
   for label in LABELS:
     name = f'{label}.safetensors'
@@ -205,11 +203,10 @@ def test_a_leaf_that_differs_between_seeds_must_be_trained_whole(tmp_path, monke
 
 
 def test_the_sweep_runs_one_program_per_method_and_a_row_per_adapter(
-  tmp_path, monkeypatch, xla_cache
+  tmp_path, monkeypatch
 ):
   monkeypatch.setattr(tasks, 'build', build_tiny)
-  with references.compilation_cache(xla_cache):
-    sweep.run_sweep(f'{CONFIG}:runlocal,seeds=2', str(tmp_path), only={'lora', 'ia3'})
+  sweep.run_sweep(f'{CONFIG}:runlocal,seeds=2', str(tmp_path), only={'lora', 'ia3'})
   rows = compare.load_rows(tmp_path)
   assert sorted((r['method'], r['seed']) for r in rows) == [
     ('ia3', 0),

@@ -20,7 +20,7 @@ from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
 from experiments import tasks, train
-from tests import experiments_test, references
+from tests import experiments_test
 from tests.experiments_test import (
   assert_same_adapter,
   build_tiny,
@@ -39,21 +39,21 @@ def reliability_config(**changes):
 
 
 @pytest.fixture(scope='module')
-def straight(tmp_path_factory, xla_cache):
+def straight(tmp_path_factory):
   """The workdir of the uninterrupted run."""
   workdir = tmp_path_factory.mktemp('straight')
-  with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
+  with pytest.MonkeyPatch.context() as patch:
     patch.setattr(tasks, 'build', build_tiny)
     train.train_and_evaluate(reliability_config(), str(workdir))
   return workdir
 
 
 @pytest.fixture(scope='module')
-def interrupted(tmp_path_factory, xla_cache):
+def interrupted(tmp_path_factory):
   """A workdir of the run stopped while fetching step 6's batch: it holds
   the checkpoints of steps 2 and 4 (the newest two)."""
   workdir = tmp_path_factory.mktemp('interrupted')
-  with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
+  with pytest.MonkeyPatch.context() as patch:
     patch.setattr(tasks, 'build', build_tiny_stopping_at(5))
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(reliability_config(), str(workdir))
@@ -61,10 +61,9 @@ def interrupted(tmp_path_factory, xla_cache):
   return workdir
 
 
-def resume(workdir, xla_cache, monkeypatch, **changes) -> dict:
+def resume(workdir, monkeypatch, **changes) -> dict:
   monkeypatch.setattr(tasks, 'build', build_tiny)
-  with references.compilation_cache(xla_cache):
-    return train.train_and_evaluate(reliability_config(**changes), str(workdir))
+  return train.train_and_evaluate(reliability_config(**changes), str(workdir))
 
 
 def copy(workdir, tmp_path) -> pathlib.Path:
@@ -112,11 +111,11 @@ def lose_json(step_dir):
   ],
 )
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_older_one_used(
-  damage, straight, interrupted, xla_cache, tmp_path, monkeypatch, capsys
+  damage, straight, interrupted, tmp_path, monkeypatch, capsys
 ):
   workdir = copy(interrupted, tmp_path)
   damage(workdir / 'checkpoints' / '4')
-  resume(workdir, xla_cache, monkeypatch)
+  resume(workdir, monkeypatch)
   out = capsys.readouterr().out
   assert f'checkpoint step 4 in {workdir / "checkpoints"} is damaged' in out
   assert 'resumed from step 2' in out
@@ -125,17 +124,16 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_older_one_used(
 
 
 def test_with_every_checkpoint_damaged_the_trainer_refuses_to_start_over(
-  interrupted, xla_cache, tmp_path, monkeypatch, capsys
+  interrupted, tmp_path, monkeypatch, capsys
 ):
   workdir = copy(interrupted, tmp_path)
   flip_bytes(workdir / 'checkpoints' / '4')
   truncate(workdir / 'checkpoints' / '2')
   monkeypatch.setattr(tasks, 'build', build_tiny)
-  with references.compilation_cache(xla_cache):
-    argv = ['--config', f'{experiments_test.CONFIG}:runlocal,method=lora']
-    config = reliability_config()
-    monkeypatch.setattr(train.common, 'load_config', lambda spec: config)
-    assert train.main([*argv, '--workdir', str(workdir)]) == 2
+  argv = ['--config', f'{experiments_test.CONFIG}:runlocal,method=lora']
+  config = reliability_config()
+  monkeypatch.setattr(train.common, 'load_config', lambda spec: config)
+  assert train.main([*argv, '--workdir', str(workdir)]) == 2
   err = capsys.readouterr().err.splitlines()[-1]
   assert err.startswith('error: no good checkpoint in ')
   assert 'refusing to start over silently' in err
@@ -144,7 +142,7 @@ def test_with_every_checkpoint_damaged_the_trainer_refuses_to_start_over(
 
 
 def test_a_checkpoint_of_another_config_is_refused_without_config_json(
-  interrupted, xla_cache, tmp_path, monkeypatch
+  interrupted, tmp_path, monkeypatch
 ):
   workdir = copy(interrupted, tmp_path)
   (workdir / 'config.json').unlink()
@@ -152,25 +150,25 @@ def test_a_checkpoint_of_another_config_is_refused_without_config_json(
     pj.PeftError,
     match=r'checkpoints of a run with a different config \(keys lr differ\)',
   ):
-    resume(workdir, xla_cache, monkeypatch, lr=0.5)
+    resume(workdir, monkeypatch, lr=0.5)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']  # untouched
 
 
 def test_damaged_json_files_and_a_torn_metrics_line_are_recovered(
-  straight, interrupted, xla_cache, tmp_path, monkeypatch, capsys
+  straight, interrupted, tmp_path, monkeypatch, capsys
 ):
   workdir = copy(interrupted, tmp_path)
   (workdir / 'config.json').write_text('{"name": "rotten')  # cut short
   with open(workdir / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 5, "loss": 0.6')  # a line torn by a kill
-  resume(workdir, xla_cache, monkeypatch)
+  resume(workdir, monkeypatch)
   assert 'config.json is not a JSON object; moved to' in capsys.readouterr().out
   assert (workdir / 'config.json.damaged').read_text() == '{"name": "rotten'
   steps = [json.loads(line)['step'] for line in metric_lines(workdir)]
   assert steps == sorted(steps) and steps == [0, 1, 2, 3, 4, 5, 6, 6]
   # A results.json cut short is redone from the last checkpoint.
   (workdir / 'results.json').write_text('{"name"')
-  row = resume(workdir, xla_cache, monkeypatch)
+  row = resume(workdir, monkeypatch)
   assert json.loads((workdir / 'results.json').read_text()) == json.loads(
     json.dumps(row)
   )

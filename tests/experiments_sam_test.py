@@ -10,7 +10,6 @@ import pytest
 import peft_jax as pj
 from experiments import compare, seeds, selection, sweep, tasks, train
 from experiments.configs import common, sam
-from tests import references
 from tests.experiments_test import HEAD, build_tiny
 
 CONFIG = 'experiments/configs/sam.py'
@@ -61,14 +60,11 @@ def test_sam_run_trains_exactly_the_selected_entries(tmp_path, tiny_task):
 # below on hand-made rows.
 @pytest.mark.slow
 @pytest.mark.filterwarnings(FALLBACK)
-def test_sam_runs_train_exactly_the_selected_entries(
-  tmp_path, tmp_path_factory, tiny_task
-):
+def test_sam_runs_train_exactly_the_selected_entries(tmp_path, tiny_task):
   # The second seed's programs are the first's: loaded, not compiled again.
-  with references.compilation_cache(tmp_path_factory.mktemp('xla')):
-    table = sweep.run_sweep(
-      f'{CONFIG}:runlocal,p=0.1,seeds=2', str(tmp_path), only={'sam'}
-    )
+  table = sweep.run_sweep(
+    f'{CONFIG}:runlocal,p=0.1,seeds=2', str(tmp_path), only={'sam'}
+  )
   budget = encoder_budget(0.1)
   rows = [json.loads(p.read_text()) for p in tmp_path.glob('*/results.json')]
   assert len(rows) == 2

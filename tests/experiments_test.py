@@ -24,7 +24,6 @@ from experiments.configs import common, rotten_tomatoes, smollm2_rotten_tomatoes
 from experiments.tasks import text_classification
 from peft_jax._src import paths
 from peft_jax.models import bert
-from tests import references
 
 CONFIG = 'experiments/configs/rotten_tomatoes.py'
 SMOLLM2 = 'experiments/configs/smollm2_rotten_tomatoes.py'
@@ -109,11 +108,11 @@ def tiny_task(monkeypatch):
 
 
 @pytest.fixture(scope='module')
-def lora_run(tmp_path_factory, xla_cache):
+def lora_run(tmp_path_factory):
   """``(workdir, row)`` of one finished LoRA run on the tiny task, shared by
   the tests that only read it (each run compiles its own training step)."""
   workdir = tmp_path_factory.mktemp('lora_run')
-  with pytest.MonkeyPatch.context() as patch, references.compilation_cache(xla_cache):
+  with pytest.MonkeyPatch.context() as patch:
     patch.setattr(tasks, 'build', build_tiny)
     row = train.train_and_evaluate(local_config('lora'), str(workdir))
   return workdir, row
@@ -283,10 +282,9 @@ def test_the_adapter_file_describes_the_run(lora_run, tiny_task):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_adapter(
-  lora_run, xla_cache, tmp_path, monkeypatch, tiny_task
+  lora_run, tmp_path, monkeypatch, tiny_task
 ):
-  with references.compilation_cache(xla_cache):
-    check_resume(lora_run, tmp_path, monkeypatch)
+  check_resume(lora_run, tmp_path, monkeypatch)
 
 
 def check_resume(lora_run, tmp_path, monkeypatch):
@@ -435,7 +433,7 @@ def test_a_bad_argument_is_one_error_line_naming_it(argv, named, tmp_path, capsy
 
 
 def test_a_limited_run_says_so_and_times_its_steps_without_the_compile(
-  tmp_path, monkeypatch, capsys, xla_cache, tiny_task
+  tmp_path, monkeypatch, capsys, tiny_task
 ):
   """``eval_limit`` cuts both evaluations (the tiny splits have 24 examples)
   and the row says so; every step is waited for; ``train_seconds`` leaves
@@ -447,8 +445,7 @@ def test_a_limited_run_says_so_and_times_its_steps_without_the_compile(
   monkeypatch.setattr(jax, 'block_until_ready', lambda x: waited.append(x) or block(x))
   config = local_config('lora')
   config.data.eval_limit = 10
-  with references.compilation_cache(xla_cache):
-    row = train.train_and_evaluate(config, str(tmp_path))
+  row = train.train_and_evaluate(config, str(tmp_path))
   assert row['eval_limit'] == 10
   for key in ('validation', 'test'):
     assert row[f'before_{key}_examples'] == row[f'after_{key}_examples'] == 10
@@ -626,7 +623,7 @@ def test_bad_meshes_are_one_line_errors_before_anything_is_written(
 
 @pytest.mark.slow
 def test_a_run_on_a_2d_mesh_resumes_on_fsdp_and_matches_data_parallel(
-  lora_run, xla_cache, tmp_path, monkeypatch
+  lora_run, tmp_path, monkeypatch
 ):
   """The same LoRA training on (data 2, fsdp 2, tensor 2), interrupted after
   its step-2 checkpoint and resumed with the weights split 8 ways on fsdp,
@@ -635,14 +632,11 @@ def test_a_run_on_a_2d_mesh_resumes_on_fsdp_and_matches_data_parallel(
   straight_dir, straight_row = lora_run
   workdir = tmp_path / 'meshes'
   config = local_config('lora')
-  with references.compilation_cache(xla_cache):
-    monkeypatch.setattr(tasks, 'build', build_tiny_stopping_at(2))
-    with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(
-        config, str(workdir), {'data': 2, 'fsdp': 2, 'tensor': 2}
-      )
-    monkeypatch.setattr(tasks, 'build', build_tiny)
-    row = train.train_and_evaluate(config, str(workdir), {'data': 1, 'fsdp': 8})
+  monkeypatch.setattr(tasks, 'build', build_tiny_stopping_at(2))
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(workdir), {'data': 2, 'fsdp': 2, 'tensor': 2})
+  monkeypatch.setattr(tasks, 'build', build_tiny)
+  row = train.train_and_evaluate(config, str(workdir), {'data': 1, 'fsdp': 8})
   assert (
     row['mesh'] == 'data=1,fsdp=8,tensor=1'
     and straight_row['mesh'] == 'data=8,fsdp=1,tensor=1'

@@ -1,6 +1,5 @@
 """Independent computations and helpers the tests share."""
 
-import contextlib
 import functools
 import json
 import pathlib
@@ -12,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 import transformers
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 import peft_jax as pj
 from peft_jax.models import bert, checkpoints, llama
@@ -116,33 +114,6 @@ def outputs_and_grad(fn, loss=sin_sum, argnums=0):
 
   grad = jax.grad(with_outputs, argnums=argnums, has_aux=True)
   return jax.jit(lambda *args: grad(*args)[::-1])
-
-
-@contextlib.contextmanager
-def compilation_cache(path):
-  """XLA's persistent compilation cache in ``path`` for the block.
-
-  A program that a fresh closure traces again to the same computation (a
-  resumed run, another seed of the same run) loads the executable that the
-  first compile stored instead of compiling it again: the same machine code,
-  so the same results. Programs that took under 0.2 s to compile are not
-  stored. The previous settings are restored on exit."""
-  names = (
-    'jax_compilation_cache_dir',
-    'jax_persistent_cache_min_compile_time_secs',
-    'jax_persistent_cache_min_entry_size_bytes',
-  )
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update('jax_compilation_cache_dir', str(path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  jax_cache.reset_cache()
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      jax.config.update(name, value)
-    jax_cache.reset_cache()
 
 
 def train(loss_fn, tree, frozen, params, buffers, batch, *, steps, lr, factored=False):

@@ -14,7 +14,6 @@ from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
 from peft_jax._src import selectors
-from tests import references
 from tests._src.step_test import batches, frozen_mlp, loss_fn
 
 # body: an SVD method with float buffers; head: FlexLoRA (bool buffers); bias.
@@ -51,11 +50,6 @@ def fresh():
 
 
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tmp_path):
-  with references.compilation_cache(tmp_path / 'xla'):  # fresh() compiles 3 times
-    check_resume(tmp_path)
-
-
-def check_resume(tmp_path):
   data = batches(10)
   frozen, state, step = fresh()
   uninterrupted = train(state, frozen, step, data, 0, 10)
