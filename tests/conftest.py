@@ -32,17 +32,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import pytest
 
+from tests import durations
+
 
 class NetworkBlocked(RuntimeError):
   pass
-
-
-@pytest.fixture(scope='module')
-def xla_cache(tmp_path_factory):
-  """A persistent compilation cache shared by a test module's trainer runs:
-  a run of a config an earlier run of the module compiled loads its
-  programs instead of compiling (``references.compilation_cache``)."""
-  return tmp_path_factory.mktemp('xla')
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +63,10 @@ LAYOUT_PREFERENCE = ('scan_remat', 'scan', 'unrolled')
 
 def pytest_collection_modifyitems(config, items):
   del config
+  measured_slow = durations.read_list()
+  for item in items:
+    if item.nodeid in measured_slow:
+      item.add_marker(pytest.mark.slow)
   layouts: dict[tuple[str, str], set[str]] = {}
   for item in items:
     layout = getattr(item, 'callspec', None) and item.callspec.params.get('layout')
