@@ -235,9 +235,21 @@ def lr_schedule(config, peak: float) -> optax.Schedule:
   )
 
 
+def decay_mask(config):
+  """Where AdamW's weight decay acts, by ``config.weight_decay_mask``: every
+  trained parameter (``'all'``, the default: ``None``), or all but biases
+  and normalisation layers (``'hf_trainer'``: ``pj.hf_decay_mask``)."""
+  mask = config.get('weight_decay_mask', 'all')
+  return pj.hf_decay_mask if mask == 'hf_trainer' else None
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW on ``lr_schedule(config, config.lr)``."""
-  return optax.adamw(lr_schedule(config, config.lr), weight_decay=config.weight_decay)
+  """AdamW on ``lr_schedule(config, config.lr)``, decaying ``decay_mask(config)``."""
+  return optax.adamw(
+    lr_schedule(config, config.lr),
+    weight_decay=config.weight_decay,
+    mask=decay_mask(config),
+  )
 
 
 def environment() -> dict[str, str]:

@@ -115,7 +115,9 @@ def member_optimizer(config, member: Member) -> optax.GradientTransformation:
   """AdamW at the member's peak rate on the run's schedule shape, the rate
   and decay held in the optimizer state (one update serves all N)."""
   shape = train.lr_schedule(config, 1.0)
-  return pj.adamw_per_adapter(member.config.lr, config.weight_decay, shape)
+  return pj.adamw_per_adapter(
+    member.config.lr, config.weight_decay, shape, mask=train.decay_mask(config)
+  )
 
 
 def member_run(run: train.Run, member: Member) -> train.Run:

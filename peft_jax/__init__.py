@@ -39,6 +39,7 @@ from peft_jax._src.checkpoint import (
   save_adapter,
   save_checkpoint,
 )
+from peft_jax._src.decay import hf_decay_mask
 from peft_jax._src.factored import FactoredFallbackWarning, adapted
 from peft_jax._src.hooks import AttentionKV, HookPoint, hook_point, hook_points
 from peft_jax._src.many import (
@@ -174,6 +175,7 @@ __all__ = [
   'gated_lora',
   'get',
   'get_selector',
+  'hf_decay_mask',
   'hook_point',
   'hook_points',
   'houlsby',

@@ -108,6 +108,11 @@ CASES = [
   (OVERRIDE, ';weight_decay=1e400', 'weight_decay=inf should be a finite number'),
   (
     OVERRIDE,
+    ";weight_decay_mask='hf'",
+    "weight_decay_mask='hf' is unknown; expected one of all, hf_trainer",
+  ),
+  (
+    OVERRIDE,
     'runlocal;warmup_steps=5',
     'warmup_steps=5 should be an int in [0, steps=3)',
   ),

@@ -9,6 +9,7 @@ and ``seeds`` read, the sweep, and the refusals.
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -229,3 +230,26 @@ def test_the_sweep_runs_one_program_per_method_and_a_row_per_adapter(
   )
   ia3 = [r for r in rows if r['method'] == 'ia3']
   assert np.isfinite([r['after_test_accuracy'] for r in ia3]).all()
+
+
+@pytest.mark.parametrize('mask', ['all', 'hf_trainer'])
+def test_single_and_group_optimizers_decay_where_the_config_says(mask):
+  """After one zero-gradient step at the peak rate (no warm-up), a kernel
+  is θ·(1 − η·λ) under either mask, a bias only under 'all' (the Trainer's
+  groups spare it), for ``train.make_optimizer`` and the group's
+  ``member_optimizer`` alike."""
+  config = experiments_test.local_config('lora')
+  config.warmup_steps, config.weight_decay, config.weight_decay_mask = 0, 0.5, mask
+  params = {'dense': {'kernel': np.full((2, 3), 2.0), 'bias': np.full((3,), 2.0)}}
+  zeros = {'dense': {'kernel': np.zeros((2, 3)), 'bias': np.zeros((3,))}}
+  member = train_many.Member('m', config, None, {})
+  decayed = 2.0 * (1 - config.lr * 0.5)
+  want_bias = decayed if mask == 'all' else 2.0
+  for optimizer in (
+    train.make_optimizer(config),
+    train_many.member_optimizer(config, member),
+  ):
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_allclose(new['dense']['kernel'], decayed, rtol=1e-6)
+    np.testing.assert_allclose(new['dense']['bias'], want_bias, rtol=1e-6)

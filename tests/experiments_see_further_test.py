@@ -149,6 +149,8 @@ def test_every_task_has_table_vi_lr_epochs_and_steps(dirs):
   paper = rte('heldout=0.0')  # the paper's run: 50 epochs of ceil(2490 / 32)
   assert paper.steps == 50 * 78 and paper.warmup_steps == 200  # the script's
   assert paper.schedule is None and paper.weight_decay == 0.01
+  # The Trainer's decay groups: not biases or LayerNorms (tests/_src/decay_test).
+  assert train.decay_mask(paper) is pj.hf_decay_mask
   assert rte('epochs=10').steps == 10 * 71 and rte('steps=123').steps == 123
   assert rte('batch_size=16').steps == 50 * 141  # ceil(2241 / 16)
   assert rte('method=full').lr == sf.FULL_LR and rte('lr=0.01').lr == 0.01

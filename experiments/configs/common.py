@@ -70,6 +70,7 @@ FIELDS = {
   'lr': 'peak learning rate of AdamW',
   'warmup_steps': 'steps of linear warm-up from 0, then linear decay to 0',
   'weight_decay': "AdamW's decoupled weight decay",
+  'weight_decay_mask': "'all' (default) or 'hf_trainer': not biases or norms",
   'factored': 'adapted matmuls as x @ w + (x @ a) @ b, with no merged weight',
   'log_every': 'steps between logged training metrics',
   'checkpoint_every': 'steps between checkpoints',
@@ -243,6 +244,8 @@ POSITIVE_FIELDS = (
 # config.nonfinite: what the trainer does at a step whose loss or gradients
 # are not finite.
 NONFINITE = ('stop', 'skip')
+# Where weight decay acts (experiments.train.decay_mask).
+DECAY_MASKS = ('all', 'hf_trainer')
 SEED_LIMIT = 2**31  # seeds are in [0, SEED_LIMIT)
 SCOPES = ('per_leaf', 'global')  # config.selection.scope
 
@@ -284,7 +287,8 @@ def check_config(config) -> None:
   the trainer calls it before it loads the model or touches the workdir.
 
   Checked: the ``POSITIVE_FIELDS`` (positive ints); ``eval_limit`` (None or
-  a positive int); ``lr`` (finite, > 0); ``weight_decay`` (finite, >= 0);
+  a positive int); ``lr`` (finite, > 0); ``weight_decay`` (finite, >= 0)
+  and ``weight_decay_mask`` (absent, or one of ``DECAY_MASKS``);
   ``warmup_steps`` (an int in ``[0, steps)``); ``seed`` (an int in
   ``[0, 2**31)``); ``seeds`` (a positive int) and ``lrs`` (distinct
   finite numbers > 0; neither with a ``selection``), ``adapters_per_pass``
@@ -314,6 +318,7 @@ def check_config(config) -> None:
   _require(
     is_finite(decay) and decay >= 0, 'weight_decay', decay, 'a finite number >= 0'
   )
+  _choose(DECAY_MASKS, 'weight_decay_mask', config.get('weight_decay_mask', 'all'))
   _require(
     is_int(warmup) and 0 <= warmup < steps,
     'warmup_steps',

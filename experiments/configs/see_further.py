@@ -58,8 +58,9 @@ the run's length (``scaled``). Choices and departures:
 * Every batch is full (a batch may span two epochs), where the scripts end
   each epoch with a short one.
 * max_length: 256 MNLI, 128 SST-2/STS-B, 64 CoLA, 320 QQP/RTE/MRPC, 512 QNLI.
-* Weight decay (the scripts': 0, 0.01 or 0.1) acts on every trained
-  parameter, where Hugging Face's Trainer spares biases and LayerNorms.
+* Weight decay (the scripts': 0, 0.01 or 0.1) spares biases and
+  LayerNorms, as Hugging Face's Trainer does (``weight_decay_mask =
+  'hf_trainer'``, ``peft_jax.hf_decay_mask``).
   cls_dropout applies to the DeBERTa head only.
 * α (LoRA, DoRA, FLoRA, AdaLoRA) is the scripts' lora_alpha, 16 (MNLI, QQP,
   SST-2) or 32, at every rank, so the scale α/r falls as r grows, as a sweep
@@ -363,6 +364,7 @@ def get_config(arg=None):
   else:
     config.warmup_steps = scaled(setting.warmup, arg.task, steps)
   config.weight_decay = setting.weight_decay
+  config.weight_decay_mask = 'hf_trainer'
   common.set_loop(config, arg)
 
   if arg.runlocal:

@@ -88,6 +88,8 @@ def adamw_per_adapter(
   learning_rate: float,
   weight_decay: float = 0.0,
   shape: Callable[[jax.Array], jax.Array] | None = None,
+  *,
+  mask: Any = None,
   **adam_kwargs,
 ) -> optax.GradientTransformation:
   """AdamW with ``learning_rate · shape(t)`` and decoupled ``weight_decay``,
@@ -104,11 +106,16 @@ def adamw_per_adapter(
     weight_decay: λ.
     shape: the schedule's shape in ``[0, 1]`` by update count (warm-up,
       decay), shared by every adapter; ``None`` for a constant 1.
+    mask: where the decay acts, as ``optax.adamw``'s ``mask`` (a tree of
+      bools or a function of the parameters, e.g.
+      ``peft_jax.hf_decay_mask``); ``None``: every parameter.
     **adam_kwargs: ``optax.scale_by_adam``'s (``b1``, ``b2``, ``eps``, ...).
   """
   return optax.chain(
     optax.scale_by_adam(**adam_kwargs),
-    optax.inject_hyperparams(optax.add_decayed_weights)(weight_decay=weight_decay),
+    optax.inject_hyperparams(optax.add_decayed_weights, static_args=('mask',))(
+      weight_decay=weight_decay, mask=mask
+    ),
     optax.scale_by_schedule(shape or (lambda count: jnp.ones((), jnp.float32))),
     optax.inject_hyperparams(optax.scale)(step_size=-learning_rate),
   )
