@@ -204,11 +204,13 @@ def from_pretrained(
       ``head`` and ``labels`` apply) or a Hugging Face PEFT folder
       (``adapter_config.json`` + ``adapter_model.safetensors``).
     labels: class names in logit order, for ``predict``. On an encoder
-      without a task head (``BertModel``, e.g. ``'minilm'``) a new
+      without a task head (``BertModel``, e.g. ``'minilm'``, or
+      ``DebertaV2Model``) a new
       sequence-classification head with ``len(labels)`` outputs joins the
       frozen weights, initialised from ``seed``: train it with a rule such as
       ``('classifier/.*', 'full()')``, as PEFT's ``modules_to_save``.
-    pooling: the new head's pooling, ``'mean'`` or ``'cls'``.
+    pooling: a new BERT head's pooling, ``'mean'`` or ``'cls'`` (DeBERTa's
+      head pools by its context pooler).
     seed: the new head's init key is ``jax.random.key(seed)``, the new
       adapter's the first of its split: what the trainer draws for
       ``config.seed``.
@@ -241,7 +243,8 @@ def from_pretrained(
   labels = list(labels) if labels is not None else saved.get('labels')
   model, frozen = interop.load_base(base)
   head = saved.get('head')
-  if head is None and labels is not None and isinstance(model, bert.BertModel):
+  encoder_only = isinstance(model, bert.BertModel | deberta.DebertaV2Model)
+  if head is None and labels is not None and encoder_only:
     head = {
       'kind': 'sequence_classification',
       'num_labels': len(labels),
@@ -301,28 +304,42 @@ def _saved_metadata(adapter: str | os.PathLike | None) -> dict[str, Any]:
   return read_metadata(str(adapter))
 
 
+def _task_model(model: Any, head: dict[str, Any]) -> tuple[Any, str] | None:
+  """``(sequence classifier, the key of its encoder's weights)`` for an
+  encoder without a head; ``None`` for any other model."""
+  if isinstance(model, bert.BertModel):
+    pooling = head.get('pooling', 'mean')
+    classifier = bert.BertForSequenceClassification
+    return classifier(model.config, head['num_labels'], pooling=pooling), 'bert'
+  if isinstance(model, deberta.DebertaV2Model):
+    classifier = deberta.DebertaV2ForSequenceClassification
+    return classifier(model.config, head['num_labels']), 'deberta'
+  return None
+
+
 def _with_head(base, model: Any, frozen: Params, head: dict[str, Any]):
   """``(model, frozen)`` with a new sequence-classification head, built as
   the trainer's tasks build it: the task model initialised from
-  ``jax.random.key(head['seed'])``, the pretrained encoder's weights over it.
+  ``jax.random.key(head['seed'])``, the pretrained encoder's weights over it
+  (a BERT/RoBERTa head with its ``pooling``; DeBERTa's context pooler and
+  classifier, as ``experiments.tasks.glue`` builds them).
   """
   if head.get('kind') != 'sequence_classification':
     raise PeftError(
       f'head kind {head.get("kind")!r} is not supported here; expected '
       "'sequence_classification'"
     )
-  if not isinstance(model, bert.BertModel):
+  built = _task_model(model, head)
+  if built is None:
     raise PeftError(
-      f'a new classification head needs a BERT/RoBERTa encoder; {base} loads '
-      f'{type(model).__name__}'
+      'a new classification head needs a BERT/RoBERTa or DeBERTa encoder; '
+      f'{base} loads {type(model).__name__}'
     )
-  task_model = bert.BertForSequenceClassification(
-    model.config, head['num_labels'], pooling=head.get('pooling', 'mean')
-  )
-  encoder = paths.flatten({'bert': frozen})
+  task_model, key = built
+  encoder = paths.flatten({key: frozen})
 
-  def new_leaves(key):  # Compiled, XLA computes only these (MiniLM: 0.7 s, not 10).
-    init = task_model.init(key, jnp.zeros((1, 8), jnp.int32))['params']
+  def new_leaves(rng):  # Compiled, XLA computes only these (MiniLM: 0.7 s, not 10).
+    init = task_model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
     return {k: v for k, v in paths.flatten(init).items() if k not in encoder}
 
   new = jax.jit(new_leaves)(jax.random.key(head['seed']))

@@ -18,7 +18,7 @@ import transformers
 from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
-from experiments import train
+from experiments import tasks, train
 from experiments.configs import common
 from experiments.configs import see_further as sf
 from experiments.tasks import glue as glue_task
@@ -245,8 +245,9 @@ def run(dirs, workdir, arg: str):
 
 
 @pytest.mark.slow
-def test_runlocal_trains_rte_on_a_tiny_deberta(dirs, tmp_path):
+def test_runlocal_trains_rte_on_a_tiny_deberta(dirs, checkpoint_dir, tmp_path):
   row = run(dirs, tmp_path, 'task=rte,method=lora,rank=2')
+  check_from_pretrained_rebuilds_the_task(dirs, checkpoint_dir, tmp_path)
   head = (D * D + D) + (D * 2 + 2)  # the context pooler and the classifier
   per_layer = 2 * (4 * (D + D) + 2 * (D + 2 * D))  # r (d_in + d_out), six kernels
   assert row['trainable_params'] == head + 2 * per_layer
@@ -254,6 +255,29 @@ def test_runlocal_trains_rte_on_a_tiny_deberta(dirs, tmp_path):
   for split in ('validation', 'test'):
     assert 0 <= row[f'after_{split}_accuracy'] <= 1
     assert row[f'after_{split}_score'] == row[f'after_{split}_accuracy']
+
+
+def check_from_pretrained_rebuilds_the_task(dirs, checkpoint_dir, workdir):
+  """``pj.from_pretrained`` of the run's adapter file on the bare DeBERTa
+  checkpoint has the trainer's frozen tree (encoder plus the head drawn from
+  the run's seed) and gives the logits of the trained adapter on it."""
+  config = sf.get_config(f'task=rte,method=lora,rank=2,{dirs},runlocal')
+  task = glue_task.build(config)
+  model = pj.from_pretrained(checkpoint_dir, adapter=workdir / 'adapter.safetensors')
+  got, want = paths.flatten(model.frozen), paths.flatten(task.frozen)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  like = jax.eval_shape(model.adapter.init, jax.random.key(0), task.frozen)
+  params, buffers, _ = pj.load_adapter(str(workdir / 'adapter.safetensors'), like)
+  ids = np.random.default_rng(0).integers(1, 40, (3, 10)).astype(np.int32)
+  mask = np.ones_like(ids)
+  forward = tasks.Forward(model.model, ('input_ids', 'attention_mask'))
+  batch = {'input_ids': ids, 'attention_mask': mask}
+  want_logits = pj.adapted(model.adapter, forward, factored=True)(
+    task.frozen, params, buffers, batch
+  )
+  np.testing.assert_allclose(model.apply(ids, mask), want_logits, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
