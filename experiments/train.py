@@ -74,20 +74,24 @@ class MetricsWriter:
 
   ``metrics.jsonl`` is append-only; a run that resumes from step ``t``
   first keeps only the lines of steps up to ``t`` (``keep_until``): a torn
-  last line of a killed run and the lines of steps it redoes go.
+  last line of a killed run and the lines of steps it redoes go. Its new
+  TensorBoard event file starts with ``purge_step = t + 1``, so TensorBoard
+  hides what the killed run wrote past ``t`` instead of plotting the redone
+  steps twice.
   """
 
   def __init__(self, workdir: pathlib.Path):
     self._jsonl = self._board = None
+    self._workdir = workdir
     self._path = workdir / 'metrics.jsonl'
-    if is_writer():
-      self._board = SummaryWriter(str(workdir / 'tensorboard'))
 
   def keep_until(self, step: int) -> None:
     """Drops the lines after step ``step`` (and unreadable ones), then opens
-    the file for appending."""
-    if self._board is None:
+    the file for appending, and TensorBoard's from step ``step + 1``."""
+    if not is_writer():
       return
+    board_dir = str(self._workdir / 'tensorboard')
+    self._board = SummaryWriter(board_dir, purge_step=step + 1)
     lines = self._path.read_text().splitlines() if self._path.exists() else []
     kept = [x for x in lines if _step_of(x) is not None and _step_of(x) <= step]
     if kept != lines:

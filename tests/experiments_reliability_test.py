@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
+from tensorboardX.proto import event_pb2
 
 import peft_jax as pj
 from experiments import tasks, train
@@ -177,6 +179,48 @@ def test_damaged_json_files_and_a_torn_metrics_line_are_recovered(
 
 def metric_lines(workdir) -> list[str]:
   return (workdir / 'metrics.jsonl').read_text().splitlines()
+
+
+def event_records(path: pathlib.Path):
+  """The records of a TFRecord file: u64 length, u32 length CRC, the data,
+  u32 data CRC (CRCs not checked)."""
+  data, at = path.read_bytes(), 0
+  while at < len(data):
+    (length,) = struct.unpack('<Q', data[at : at + 8])
+    yield data[at + 12 : at + 12 + length]
+    at += 12 + length + 4
+
+
+def tensorboard_steps(board_dir: pathlib.Path) -> dict[str, list[int]]:
+  """``{tag: steps}`` as TensorBoard shows a run's event files: read in
+  name order (a name starts with its creation time), where a file's
+  ``SessionLog.START`` at step T hides the steps >= T written before it
+  (TensorBoard's purge)."""
+  shown: dict[str, list[int]] = {}
+  for path in sorted(board_dir.glob('events.out.tfevents.*')):
+    for record in event_records(path):
+      event = event_pb2.Event.FromString(record)
+      if event.session_log.status == event_pb2.SessionLog.START:
+        shown = {
+          tag: [s for s in steps if s < event.step] for tag, steps in shown.items()
+        }
+      for value in event.summary.value:
+        shown.setdefault(value.tag, []).append(event.step)
+  return shown
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(
+  interrupted, tmp_path, monkeypatch
+):
+  """The killed run logged steps 1-5 and resumes from step 4: TensorBoard
+  shows its steps 1-4, then the resumed run's 5 and 6, once each."""
+  workdir = copy(interrupted, tmp_path)
+  resume(workdir, monkeypatch)
+  assert len(list((workdir / 'tensorboard').glob('events.out.tfevents.*'))) == 2
+  shown = tensorboard_steps(workdir / 'tensorboard')
+  assert shown['loss'] == [1, 2, 3, 4, 5, 6]
+  assert shown['before_test_accuracy'] == [0]
+  assert shown['after_test_accuracy'] == [STEPS]
 
 
 def test_a_second_trainer_on_a_workdir_is_refused_naming_the_holder(
