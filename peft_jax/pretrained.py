@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from peft_jax import interop
@@ -76,7 +75,9 @@ class PeftModel:
 
     Returns:
       The model's output: a classifier's ``(batch, num_labels)`` logits, a
-      causal LM's ``(batch, seq, vocab)`` logits, an encoder's hidden states.
+      causal LM's ``(batch, seq, vocab)`` logits, an encoder's hidden states;
+      a multiple-choice model takes ``(batch, num_choices, seq)`` ids and
+      mask and gives ``(batch, num_choices)`` logits.
     """
     mask = None if attention_mask is None else np.asarray(attention_mask, np.int32)
     args = (self.frozen, self.params, self.buffers)
@@ -304,42 +305,49 @@ def _saved_metadata(adapter: str | os.PathLike | None) -> dict[str, Any]:
   return read_metadata(str(adapter))
 
 
+# Head kinds a trainer's adapter file can record (``head['kind']``).
+HEAD_KINDS = ('sequence_classification', 'multiple_choice')
+
+
 def _task_model(model: Any, head: dict[str, Any]) -> tuple[Any, str] | None:
-  """``(sequence classifier, the key of its encoder's weights)`` for an
-  encoder without a head; ``None`` for any other model."""
+  """``(task model, the key of its encoder's weights)`` with ``head`` on an
+  encoder without one; ``None`` where the pair is not supported."""
   if isinstance(model, bert.BertModel):
+    if head['kind'] == 'multiple_choice':
+      return bert.BertForMultipleChoice(model.config), 'bert'
     pooling = head.get('pooling', 'mean')
     classifier = bert.BertForSequenceClassification
     return classifier(model.config, head['num_labels'], pooling=pooling), 'bert'
-  if isinstance(model, deberta.DebertaV2Model):
+  if isinstance(model, deberta.DebertaV2Model) and head['kind'] != 'multiple_choice':
     classifier = deberta.DebertaV2ForSequenceClassification
     return classifier(model.config, head['num_labels']), 'deberta'
   return None
 
 
 def _with_head(base, model: Any, frozen: Params, head: dict[str, Any]):
-  """``(model, frozen)`` with a new sequence-classification head, built as
-  the trainer's tasks build it: the task model initialised from
-  ``jax.random.key(head['seed'])``, the pretrained encoder's weights over it
-  (a BERT/RoBERTa head with its ``pooling``; DeBERTa's context pooler and
-  classifier, as ``experiments.tasks.glue`` builds them).
+  """``(model, frozen)`` with a new task head, built as the trainer's tasks
+  build it: the task model initialised from ``jax.random.key(head['seed'])``,
+  the pretrained encoder's weights over it. Sequence classification on
+  BERT/RoBERTa (with its ``pooling``) or DeBERTa (context pooler and
+  classifier, as ``experiments.tasks.glue`` builds them); multiple choice on
+  BERT/RoBERTa (``BertForMultipleChoice``).
   """
-  if head.get('kind') != 'sequence_classification':
+  kind = head.get('kind')
+  if kind not in HEAD_KINDS:
     raise PeftError(
-      f'head kind {head.get("kind")!r} is not supported here; expected '
-      "'sequence_classification'"
+      f'head kind {kind!r} is not supported here; expected one of {HEAD_KINDS}'
     )
   built = _task_model(model, head)
   if built is None:
     raise PeftError(
-      'a new classification head needs a BERT/RoBERTa or DeBERTa encoder; '
-      f'{base} loads {type(model).__name__}'
+      f'a new {kind} head needs a BERT/RoBERTa encoder (or DeBERTa, for '
+      f'sequence classification); {base} loads {type(model).__name__}'
     )
   task_model, key = built
   encoder = paths.flatten({key: frozen})
 
   def new_leaves(rng):  # Compiled, XLA computes only these (MiniLM: 0.7 s, not 10).
-    init = task_model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
+    init = task_model.init(rng, interop.example_ids(task_model))['params']
     return {k: v for k, v in paths.flatten(init).items() if k not in encoder}
 
   new = jax.jit(new_leaves)(jax.random.key(head['seed']))

@@ -30,6 +30,7 @@ from peft_jax.interop import (
 from peft_jax.interop import vera as vera  # registers VERA
 from peft_jax.interop.families import (
   example_hook_points,
+  example_ids,
   hf_modules,
   load_base,
   load_tokenizer,
@@ -49,6 +50,7 @@ __all__ = [
   'HfAdapter',
   'HfMethod',
   'example_hook_points',
+  'example_ids',
   'hf_modules',
   'is_target',
   'load_base',

@@ -6,6 +6,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import transformers
 
@@ -150,7 +151,14 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Any | None:
   return transformers.AutoTokenizer.from_pretrained(path)
 
 
+def example_ids(model: Any) -> jax.Array:
+  """A short input of token ids for one of our models: one row of 8 (two
+  choices of 8 for a multiple-choice model)."""
+  shape = (1, 2, 8) if isinstance(model, bert.BertForMultipleChoice) else (1, 8)
+  return jnp.zeros(shape, jnp.int32)
+
+
 def example_hook_points(model: Any) -> dict[str, HookPoint]:
-  """The hook points of one of our models on a short input (one row of 8
-  token ids), for adapters that act on activations."""
-  return hook_points(model, jnp.zeros((1, 8), jnp.int32))
+  """The hook points of one of our models on ``example_ids``, for adapters
+  that act on activations."""
+  return hook_points(model, example_ids(model))

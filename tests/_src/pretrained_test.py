@@ -19,6 +19,7 @@ import transformers
 from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
+from peft_jax._src import paths
 from peft_jax.models import bert, gguf_loading, llama
 from tests._src.checkpoint_test import perturbed
 from tests.interop.hf_peft_test import FIXTURES, assert_close
@@ -176,6 +177,40 @@ def test_labels_add_a_head_to_an_encoder_that_predicts_and_reloads(
     again.apply(batch['input_ids'], batch['attention_mask']), logits
   )
   assert again.predict(texts) == labels
+
+
+def test_a_multiple_choice_file_rebuilds_its_head_on_the_encoder(encoder_dir, tmp_path):
+  """An adapter file recording a multiple-choice head (as the GLUE trainer
+  writes for COPA on BERT) loads on the bare encoder as
+  ``BertForMultipleChoice``: the head drawn from the recorded seed, the
+  checkpoint's encoder, and the logits of the adapted model built here."""
+  config, encoder = bert.load_hf(encoder_dir)
+  task_model = bert.BertForMultipleChoice(config)
+  sample = np.ones((1, 3, 6), np.int32)
+  init = jax.jit(task_model.init)(jax.random.key(5), sample, sample)['params']
+  frozen = {**init, 'bert': encoder}
+  rules = [('.*/query/kernel', 'lora(rank=2)'), ('classifier/.*', 'full()')]
+  tree = pj.by_rules(rules)
+  params, buffers = tree.init(jax.random.key(6), frozen)
+  params = perturbed(params, 2)
+  head = {'kind': 'multiple_choice', 'seed': 5}
+  path = tmp_path / 'copa.safetensors'
+  pj.save_adapter(str(path), params, buffers, {'head': head}, rules=rules)
+
+  m = pj.from_pretrained(encoder_dir, adapter=path)
+  assert type(m.model) is bert.BertForMultipleChoice
+  got, want = paths.flatten(m.frozen), paths.flatten(frozen)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  ids = np.random.default_rng(0).integers(5, 5 + len(WORDS), (2, 3, 6))
+  mask = np.ones_like(ids)
+  logits = m.apply(ids, mask)
+  assert logits.shape == (2, 3)
+  adapted = pj.adapted(tree, forward(task_model))
+  np.testing.assert_allclose(
+    logits, adapted(frozen, params, buffers, ids, mask), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_quantized_base_is_recorded_and_quantized_again_on_load(tmp_path):
