@@ -264,6 +264,17 @@ def test_bad_input_is_a_one_line_error(llama_model, encoder_dir, tmp_path):
   one_line_error(lambda: llama_model.generate('fun'), 'this model has no tokenizer')
   encoder = pj.from_pretrained(encoder_dir, [('.*/query/kernel', 'lora(rank=2)')])
   one_line_error(lambda: encoder.generate(IDS, 2), 'generate needs a causal LM')
+  for head, match in (
+    ({'kind': 'span', 'seed': 0}, "head kind 'span' is not supported here; expected"),
+    (
+      {'kind': 'multiple_choice', 'seed': 0},
+      'a new multiple_choice head needs a BERT/RoBERTa encoder .* loads '
+      'LlamaForCausalLM',
+    ),
+  ):
+    path = tmp_path / f'{head["kind"]}.safetensors'
+    pj.save_adapter(str(path), llama_model.params, llama_model.buffers, {'head': head})
+    one_line_error(lambda path=path: pj.from_pretrained(LLAMA, adapter=path), match)
 
 
 @pytest.mark.slow
