@@ -11,20 +11,13 @@ LayerNorm's scale are not, as in the Trainer.
 
 import re
 
-import jax
-
+from peft_jax._src import paths
 from peft_jax._src.base import AdapterParams
 
 # A normalisation module, by the names of this package's model families:
 # BERT/DeBERTa ``LayerNorm``, Llama ``input_layernorm``,
 # ``post_attention_layernorm`` and the final ``norm``.
 NORM_MODULE = re.compile(r'layer_?norm|^norm$', re.IGNORECASE)
-
-
-def _names(path) -> list[str]:
-  """The names along a ``jax.tree_util`` key path (dict keys, fields, indices)."""
-  return [str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
-          for key in path]  # fmt: skip
 
 
 def decays(names: list[str]) -> bool:
@@ -39,4 +32,4 @@ def hf_decay_mask(params: AdapterParams):
   ``mask`` of ``optax.adamw`` or ``optax.add_decayed_weights``, and of
   ``peft_jax.adamw_per_adapter``.
   """
-  return jax.tree_util.tree_map_with_path(lambda path, _: decays(_names(path)), params)
+  return paths.map_named(lambda name, _: decays(name.split(paths.SEPARATOR)), params)

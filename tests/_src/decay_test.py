@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import peft_jax as pj
+from peft_jax._src import paths
 
 # A BERT-like and a Llama-like frozen tree, with the Trainer's decision for
 # each leaf written by hand from its rule ("bias" in the name, or a
@@ -61,14 +62,6 @@ def frozen_tree():
   )
 
 
-def by_path(tree) -> dict:
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  name = lambda path: '/'.join(
-    str(getattr(k, 'key', getattr(k, 'name', k))) for k in path
-  )
-  return {name(path): leaf for path, leaf in leaves}
-
-
 @pytest.fixture(scope='module')
 def adapter_and_params():
   adapter = pj.by_rules(RULES)
@@ -78,7 +71,7 @@ def adapter_and_params():
 
 def test_the_mask_follows_the_trainers_rule_leaf_by_leaf(adapter_and_params):
   _, params = adapter_and_params
-  assert by_path(pj.hf_decay_mask(params)) == DECAYED
+  assert paths.flatten(pj.hf_decay_mask(params)) == DECAYED
 
 
 def expected_after_one_zero_gradient_step(params):
@@ -86,7 +79,7 @@ def expected_after_one_zero_gradient_step(params):
   Adam's own update 0)."""
   return {
     name: np.asarray(leaf) * (1 - LR * DECAY) if DECAYED[name] else np.asarray(leaf)
-    for name, leaf in by_path(params).items()
+    for name, leaf in paths.flatten(params).items()
   }
 
 
@@ -104,7 +97,7 @@ def test_adamw_with_the_mask_decays_only_the_masked_leaves(
   _, params = adapter_and_params
   zeros = jax.tree.map(np.zeros_like, params)
   updates, _ = optimizer.update(zeros, optimizer.init(params), params)
-  got = by_path(optax.apply_updates(params, updates))
+  got = paths.flatten(optax.apply_updates(params, updates))
   want = expected_after_one_zero_gradient_step(params)
   assert got.keys() == want.keys()
   for name in want:
