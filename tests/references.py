@@ -3,6 +3,7 @@
 import functools
 import json
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -192,3 +193,19 @@ def slow_unless(names, fast):
   """``names`` as test parameters, those not in ``fast`` marked slow (run by
   `make test`, skipped by `make test-fast`)."""
   return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+_LAYOUT_OP = re.compile(
+  r'\s*(?:ROOT )?%(\S+) = f32\[([\d,]*)\]\S* (copy|transpose|fusion)\('
+)
+
+
+def layout_copy_sizes(hlo: str) -> list[int]:
+  """Element counts of the copies and transposes in compiled HLO text (plain
+  ``copy``/``transpose`` ops and fusions XLA named after one)."""
+  sizes = []
+  for line in hlo.splitlines():
+    match = _LAYOUT_OP.match(line)
+    if match and (match[3] != 'fusion' or re.match(r'(copy|transpose)', match[1])):
+      sizes.append(int(np.prod([int(d) for d in match[2].split(',') if d])))
+  return sizes
