@@ -151,8 +151,9 @@ def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
   The factored form sees ``x`` as ``(tokens, *in_axes)``, its leading axes
   flattened into one, so that the backward pass contracts over one axis
   (LoRA's ``∂b = (x a)ᵀ g``): over (batch, seq), XLA:CPU first transposed
-  the whole output gradient ``g`` for every such dot (15% of the
-  small-Llama LoRA step's time in a CPU profile; benchmarks/README.md).
+  the whole output gradient ``g`` for every such dot (19% of the
+  small-Llama LoRA step's op time in a CPU profile:
+  benchmarks/results/cpu_profile_small.md).
   """
   n_in = len(x_axes)
   moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
