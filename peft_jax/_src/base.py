@@ -65,11 +65,17 @@ class Linear(NamedTuple):
     per_layer: set by ``stacked(method)``: the adapter of one slice along
       the leading layer axis; the factored path unstacks the kernel inside a
       scan over layers and uses this adapter's ``linear`` there.
+    token_wise: each row of ``x`` maps to its row of ``y`` alone (every
+      method but those that pool over a sequence axis, like ``gated_lora``'s
+      gate); the factored path then runs ``factored`` on ``x``'s leading
+      axes flattened into one, which spares XLA:CPU a transpose of the
+      output gradient in the backward pass.
   """
 
   factored: FactoredFn | None
   in_axes: int = 1
   per_layer: 'Adapter | None' = None
+  token_wise: bool = True
 
 
 class Adapter(NamedTuple):

@@ -148,18 +148,21 @@ def _parse_dot(params: dict) -> _DotGeneral:
 def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
   """``x`` contracted on ``x_axes`` with ``w'``, in dot_general's output order.
 
-  The factored form sees ``x`` as ``(tokens, *in_axes)``, its leading axes
-  flattened into one, so that the backward pass contracts over one axis
-  (LoRA's ``∂b = (x a)ᵀ g``): over (batch, seq), XLA:CPU first transposed
-  the whole output gradient ``g`` for every such dot (19% of the
+  A ``token_wise`` factored form sees ``x`` as ``(tokens, *in_axes)``, its
+  leading axes flattened into one, so that the backward pass contracts over
+  one axis (LoRA's ``∂b = (x a)ᵀ g``): over (batch, seq), XLA:CPU first
+  transposed the whole output gradient ``g`` for every such dot (19% of the
   small-Llama LoRA step's op time in a CPU profile:
   benchmarks/results/cpu_profile_small.md).
   """
   n_in = len(x_axes)
   moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
-  leading = moved.shape[: x.ndim - n_in]
-  y = _run_factored(moved.reshape(-1, *moved.shape[x.ndim - n_in :]), kernel)
-  y = y.reshape(*leading, *y.shape[1:])
+  if kernel.adapter.linear.token_wise:
+    leading = moved.shape[: x.ndim - n_in]
+    y = _run_factored(moved.reshape(-1, *moved.shape[x.ndim - n_in :]), kernel)
+    y = y.reshape(*leading, *y.shape[1:])
+  else:
+    y = _run_factored(moved, kernel)
   if kernel_first:  # dot_general(w, x): output (*w_free, *x_free).
     n_out = np.ndim(kernel.w) - n_in
     y = jnp.moveaxis(y, tuple(range(y.ndim - n_out, y.ndim)), tuple(range(n_out)))

@@ -76,7 +76,7 @@ def gated_lora(rank: int = 8, *, param_dtype: str = 'float32') -> Adapter:
 
   return Adapter(
     init=init,
-    linear=Linear(factored),
+    linear=Linear(factored, token_wise=False),  # The gate pools over the sequence.
     num_params=lambda shape: rank * (shape[0] + shape[1]) + shape[0] + 1,
     factors=factors,
   )

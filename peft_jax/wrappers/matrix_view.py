@@ -69,7 +69,11 @@ def matrix_view(method: str | Adapter, n_in: int = 1) -> Adapter:
     init=lambda key, w: inner.init(key, as_matrix(w)),
     apply=on_matrix(inner.apply),
     unapply=on_matrix(inner.unapply),
-    linear=Linear(factored, in_axes=n_in) if has_factored else None,
+    linear=(
+      Linear(factored, in_axes=n_in, token_wise=inner.linear.token_wise)
+      if has_factored
+      else None
+    ),
     regularizer=(
       None
       if inner.regularizer is None

@@ -93,6 +93,7 @@ def rank_masked(method: str | Adapter) -> Adapter:
         x, w, masked(params, buffers), None
       ),
       inner.linear.in_axes,
+      token_wise=inner.linear.token_wise,
     ),
     factors=factors,
   )
