@@ -5,7 +5,7 @@ import math
 import jax.numpy as jnp
 
 from peft_jax._src import checks
-from peft_jax._src.base import Adapter, Linear, PeftError
+from peft_jax._src.base import Adapter, PeftError
 from peft_jax._src.registry import register_wrapper
 from peft_jax.wrappers.stacked import leaf_method, per_layer, stacked
 
@@ -69,11 +69,9 @@ def matrix_view(method: str | Adapter, n_in: int = 1) -> Adapter:
     init=lambda key, w: inner.init(key, as_matrix(w)),
     apply=on_matrix(inner.apply),
     unapply=on_matrix(inner.unapply),
-    linear=(
-      Linear(factored, in_axes=n_in, token_wise=inner.linear.token_wise)
-      if has_factored
-      else None
-    ),
+    linear=inner.linear._replace(factored=factored, in_axes=n_in)
+    if has_factored
+    else None,
     regularizer=(
       None
       if inner.regularizer is None

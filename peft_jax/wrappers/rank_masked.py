@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax._src import checks, paths, registry
-from peft_jax._src.base import Adapter, AdapterParams, Array, Buffers, Linear, PeftError
+from peft_jax._src.base import Adapter, AdapterParams, Array, Buffers, PeftError
 from peft_jax._src.registry import register_wrapper
 from peft_jax._src.tree import entries
 from peft_jax.wrappers.stacked import leaf_method
@@ -88,12 +88,10 @@ def rank_masked(method: str | Adapter) -> Adapter:
     init=init,
     apply=lambda w, params, buffers: inner.apply(w, masked(params, buffers), None),
     unapply=lambda w, params, buffers: inner.unapply(w, masked(params, buffers), None),
-    linear=Linear(
-      lambda x, w, params, buffers: inner.linear.factored(
+    linear=inner.linear._replace(
+      factored=lambda x, w, params, buffers: inner.linear.factored(
         x, w, masked(params, buffers), None
-      ),
-      inner.linear.in_axes,
-      token_wise=inner.linear.token_wise,
+      )
     ),
     factors=factors,
   )
