@@ -21,6 +21,7 @@ from experiments.configs import common, smollm2_rotten_tomatoes
 from experiments.tasks import lm_choice
 from peft_jax.data import rotten_tomatoes
 from peft_jax.models import gguf_loading, llama
+from tests.references import compiled_programs
 
 CONFIG = 'experiments/configs/smollm2_rotten_tomatoes.py'
 TINY = llama.LlamaConfig(
@@ -267,22 +268,23 @@ def test_the_tasks_of_a_group_share_one_compiled_evaluation(tiny, houlsby):
   )
   choice_ids, choice_mask = lm_choice.choice_arrays(CHOICES, PAD)
   lm_choice.correct_count.clear_cache()
-  for labels in (best, 1 - best, LABELS):
-    split = {**lm_choice.prompt_arrays(PROMPTS, 7, PAD), 'label': labels}
-    data = lm_choice.Data(
-      splits={},
-      prompts={},
-      train={},
-      evals={'validation': split, 'test': split},
-      choice_ids=choice_ids,
-      choice_mask=choice_mask,
-      answers=('fresh', 'rotten'),
-    )
-    evaluate = lm_choice.make_evaluate(config, model, data, lambda *args: None)
-    metrics = evaluate(tree, frozen, params, buffers)
-    assert metrics['test_examples'] == 3
-    assert metrics['test_accuracy'] == pytest.approx(np.mean(best == labels))
-  assert lm_choice.correct_count._cache_size() == 1
+  with compiled_programs() as compiled:
+    for labels in (best, 1 - best, LABELS):
+      split = {**lm_choice.prompt_arrays(PROMPTS, 7, PAD), 'label': labels}
+      data = lm_choice.Data(
+        splits={},
+        prompts={},
+        train={},
+        evals={'validation': split, 'test': split},
+        choice_ids=choice_ids,
+        choice_mask=choice_mask,
+        answers=('fresh', 'rotten'),
+      )
+      evaluate = lm_choice.make_evaluate(config, model, data, lambda *args: None)
+      metrics = evaluate(tree, frozen, params, buffers)
+      assert metrics['test_examples'] == 3
+      assert metrics['test_accuracy'] == pytest.approx(np.mean(best == labels))
+  assert compiled.count('jit(correct_count)') == 1, compiled
 
 
 class DigitTokenizer:

@@ -20,6 +20,7 @@ from experiments.tasks import text_classification
 from peft_jax._src import paths
 from tests import experiments_test
 from tests.experiments_test import CONFIG, assert_same_adapter, build_tiny
+from tests.references import compiled_programs
 
 STEPS = 4
 EMBEDDINGS = 'bert/embeddings/word_embeddings/embedding'
@@ -41,10 +42,10 @@ def group_run(tmp_path_factory):
   run; the last counts the evaluation programs it compiled."""
   workdir = tmp_path_factory.mktemp('group') / 'lora'  # alone in its sweep dir
   text_classification.correct_count.clear_cache()
-  with pytest.MonkeyPatch.context() as patch:
+  with pytest.MonkeyPatch.context() as patch, compiled_programs() as compiled:
     patch.setattr(tasks, 'build', build_tiny)
     rows = train.train_and_evaluate(group_config(), str(workdir))
-  return workdir, rows, text_classification.correct_count._cache_size()
+  return workdir, rows, compiled.count('jit(correct_count)')
 
 
 def test_the_adapters_of_a_group_share_one_compiled_evaluation(group_run):

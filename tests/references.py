@@ -1,5 +1,6 @@
 """Independent computations and helpers the tests share."""
 
+import contextlib
 import functools
 import json
 import pathlib
@@ -29,6 +30,30 @@ TINY_LLAMA = llama.LlamaConfig(
   num_heads=4,
   num_kv_heads=2,
 )
+
+
+@contextlib.contextmanager
+def compiled_programs():
+  """Collects the names (``'jit(step)'``) of the XLA programs compiled inside
+  the block, one per compilation.
+
+  A jitted function's ``_cache_size()`` says the same only in a fresh process:
+  jax's C++ dispatch cache is one least-recently-used list of 8,192 call
+  signatures for the whole process, so late in a long test run a function's
+  entry is evicted within a few calls and the size reads 0.
+  """
+  names = []
+
+  def record(event: str, duration: float, **kwargs):
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      names.append(kwargs['fun_name'])
+
+  jax.monitoring.register_event_duration_secs_listener(record)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(record)
 
 
 def tiny_bert_classifier(batch: int = 2, seq: int = 5):

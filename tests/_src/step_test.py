@@ -11,6 +11,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
+from tests.references import compiled_programs
 
 RULES = [('.*/kernel', 'lora(rank=2, alpha=4)'), ('head/bias', 'bitfit()')]
 N_DEVICES = 8
@@ -182,11 +183,12 @@ def test_state_of_mesh_placed_params_is_all_on_the_mesh_and_compiles_once():
   )
   step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer))
   frozen = jax.device_put(frozen, replicated)
-  for batch in batches(2):
-    state, _ = step(
-      state, frozen, jax.device_put(batch, NamedSharding(mesh, P('data')))
-    )
-  assert step._cache_size() == 1
+  with compiled_programs() as compiled:
+    for batch in batches(2):
+      state, _ = step(
+        state, frozen, jax.device_put(batch, NamedSharding(mesh, P('data')))
+      )
+  assert compiled.count('jit(step)') == 1, compiled
 
 
 @pytest.mark.parametrize('factored', [False, True])

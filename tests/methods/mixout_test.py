@@ -9,6 +9,7 @@ import pytest
 import peft_jax as pj
 from peft_jax._src import noise
 from peft_jax.methods.mixout import MixoutBuffers, MixoutParams, keep_mask, mix, mixout
+from tests.references import compiled_programs
 
 SHAPE = (7, 5)
 
@@ -133,13 +134,14 @@ def test_the_mask_is_random_in_the_step_only_and_the_step_compiles_once():
   state = jax.jit(create)(jax.random.key(1))
   step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer))
   evaluate = jax.jit(lambda p, b: loss_fn(adapter.apply(frozen, p, b), batch, None)[0])
-  for _ in range(5):
-    eval_loss = evaluate(state.params, state.buffers)
-    new_state, metrics = step(state, frozen, batch)
-    assert metrics['loss'] != eval_loss  # The step saw a mixed weight.
-    assert not bool(new_state.buffers['dense']['kernel'].noise.active)
-    state = new_state
-  assert step._cache_size() == 1
+  with compiled_programs() as compiled:
+    for _ in range(5):
+      eval_loss = evaluate(state.params, state.buffers)
+      new_state, metrics = step(state, frozen, batch)
+      assert metrics['loss'] != eval_loss  # The step saw a mixed weight.
+      assert not bool(new_state.buffers['dense']['kernel'].noise.active)
+      state = new_state
+  assert compiled.count('jit(step)') == 1, compiled
   weights = adapter.apply(frozen, state.params, state.buffers)  # Evaluation: θ.
   np.testing.assert_array_equal(
     weights['dense']['kernel'], state.params['dense']['kernel'].theta

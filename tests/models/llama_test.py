@@ -21,6 +21,7 @@ from safetensors import numpy as safetensors_numpy
 
 import peft_jax as pj
 from peft_jax.models import checkpoints, llama
+from tests.references import compiled_programs
 
 BASE = dict(
   vocab_size=97,
@@ -358,14 +359,15 @@ def test_generate_greedy_matches_recompute_and_compiles_once(tiny, greedy):
   _, _, config, params = tiny
   model, prompt, got = greedy
   np.testing.assert_array_equal(got, greedy_by_recompute(model, params, prompt, 8))
-  compiled = llama.generation._generate._cache_size()
   other = token_ids((2, 5), seed=6)
-  np.testing.assert_array_equal(
-    llama.generate(model, params, other, 8),
-    greedy_by_recompute(model, params, other, 8),
-  )
-  # Same shapes: no recompile.
-  assert llama.generation._generate._cache_size() == compiled
+  llama.generation._generate.clear_cache()
+  with compiled_programs() as first:
+    llama.generate(model, params, prompt, 8)
+  with compiled_programs() as second:
+    again = llama.generate(model, params, other, 8)
+  np.testing.assert_array_equal(again, greedy_by_recompute(model, params, other, 8))
+  assert first.count('jit(_generate)') == 1, first
+  assert 'jit(_generate)' not in second, second  # Same shapes: no recompile.
   scanned = llama.LlamaForCausalLM(config.replace(scan_layers=True))
   np.testing.assert_array_equal(
     llama.generate(scanned, llama.stack_layers(params), prompt, 8), got

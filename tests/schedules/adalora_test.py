@@ -14,6 +14,7 @@ from peft_jax.methods.adalora_schedule import (
   budget,
   triplet_scores,
 )
+from tests.references import compiled_programs
 from tests.schedules.wrapping import KINDS, wrapped
 
 ADALORA = adalora(rank=3, alpha=3)
@@ -227,15 +228,16 @@ def test_training_ends_with_the_target_number_of_non_zero_e():
   )
   step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer, schedule=schedule))
   non_zero = {}
-  for t in range(1, 25):
-    state, _ = step(state, frozen, batch(t))
-    e = jnp.concatenate([state.params[n]['kernel'].e for n in ('body', 'head')])
-    non_zero[t] = np.asarray(e != 0)
+  with compiled_programs() as compiled:
+    for t in range(1, 25):
+      state, _ = step(state, frozen, batch(t))
+      e = jnp.concatenate([state.params[n]['kernel'].e for n in ('body', 'head')])
+      non_zero[t] = np.asarray(e != 0)
   assert non_zero[4].sum() == 6  # Warm-up: nothing masked.
   assert non_zero[24].sum() == 2  # b_T = target_rank × 2 leaves.
   for t in range(17, 25):  # Final phase: frozen scores, the same triplets.
     np.testing.assert_array_equal(non_zero[t], non_zero[24])
-  assert step._cache_size() == 1
+  assert compiled.count('jit(step)') == 1, compiled
 
 
 @pytest.mark.parametrize(

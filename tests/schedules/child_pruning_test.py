@@ -9,6 +9,7 @@ import pytest
 import peft_jax as pj
 from peft_jax.methods.child_pruning import ChildPruningParams, child_pruning
 from peft_jax.methods.child_pruning_schedule import child_pruning_schedule
+from tests.references import compiled_programs
 from tests.schedules.diff_pruning_test import mlp_problem, np_top_k, start
 from tests.schedules.wrapping import wrapped
 
@@ -93,17 +94,18 @@ def test_after_the_last_projection_theta_is_p_sparse_through_adamw():
     pj.make_train_step(loss_fn, adapter, optimizer, schedule=schedule), donate_argnums=0
   )
   apply = jax.jit(adapter.apply)
-  for t in range(1, 51):
-    state, _ = step(state, frozen, batch)
-    weights = apply(frozen, state.params, state.buffers)
-    counts = {
-      n: int(np.sum(weights[n]['kernel'] != frozen[n]['kernel'])) for n in frozen
-    }
-    if t in (20, 40, 50):  # Right after a projection.
-      assert all(counts[n] <= budget[n] for n in frozen), (t, counts)
-    if t in (19, 49):  # Dense training in between.
-      assert all(counts[n] > 3 * budget[n] for n in frozen), (t, counts)
-  assert step._cache_size() == 1
+  with compiled_programs() as compiled:
+    for t in range(1, 51):
+      state, _ = step(state, frozen, batch)
+      weights = apply(frozen, state.params, state.buffers)
+      counts = {
+        n: int(np.sum(weights[n]['kernel'] != frozen[n]['kernel'])) for n in frozen
+      }
+      if t in (20, 40, 50):  # Right after a projection.
+        assert all(counts[n] <= budget[n] for n in frozen), (t, counts)
+      if t in (19, 49):  # Dense training in between.
+        assert all(counts[n] > 3 * budget[n] for n in frozen), (t, counts)
+  assert compiled.count('jit(step)') == 1, compiled
   for n in frozen:  # The kept entries are the top-k of the last Δ.
     delta = np.asarray(state.params[n]['kernel'].delta)
     assert np.count_nonzero(delta) <= budget[n]

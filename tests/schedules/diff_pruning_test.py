@@ -9,6 +9,7 @@ import pytest
 import peft_jax as pj
 from peft_jax.methods.diff_pruning import DiffPruningParams, diff_pruning
 from peft_jax.methods.diff_pruning_schedule import diff_pruning_schedule
+from tests.references import compiled_programs
 from tests.schedules.wrapping import wrapped
 
 SPEC = 'diff_pruning(p=0.1, alpha_init=0.5)'
@@ -132,16 +133,17 @@ def test_after_burn_in_theta_is_p_sparse_through_adamw_with_decay_and_clipping()
   )
   apply = jax.jit(adapter.apply)
   losses = []
-  for t in range(1, 51):
-    state, metrics = step(state, frozen, batch)
-    losses.append(float(metrics['loss']))
-    counts = changed(apply, frozen, state.params, state.buffers)
-    if t == 19:  # Dense before the fix.
-      assert all(counts[n] > 3 * budget[n] for n in frozen), counts
-      assert metrics['regularizer'] > 0
-    if t >= 20:
-      assert all(counts[n] <= budget[n] for n in frozen), (t, counts)
-  assert step._cache_size() == 1
+  with compiled_programs() as compiled:
+    for t in range(1, 51):
+      state, metrics = step(state, frozen, batch)
+      losses.append(float(metrics['loss']))
+      counts = changed(apply, frozen, state.params, state.buffers)
+      if t == 19:  # Dense before the fix.
+        assert all(counts[n] > 3 * budget[n] for n in frozen), counts
+        assert metrics['regularizer'] > 0
+      if t >= 20:
+        assert all(counts[n] <= budget[n] for n in frozen), (t, counts)
+  assert compiled.count('jit(step)') == 1, compiled
   for n in frozen:
     buffers = state.buffers[n]['kernel']
     assert bool(buffers.fixed) and int(np.sum(buffers.mask)) == budget[n]
@@ -161,13 +163,14 @@ def test_the_gate_is_random_in_the_step_only():
   params, buffers = state.params, state.buffers
   step = jax.jit(pj.make_train_step(loss_fn, adapter, optimizer))
   losses = []
-  for _ in range(3):
-    state, metrics = step(state, frozen, batch)
-    losses.append(float(metrics['loss']))
+  with compiled_programs() as compiled:
+    for _ in range(3):
+      state, metrics = step(state, frozen, batch)
+      losses.append(float(metrics['loss']))
   assert len(set(losses)) == 3
   evaluate = jax.jit(lambda p, b: loss_fn(adapter.apply(frozen, p, b), batch, None)[0])
   assert evaluate(state.params, state.buffers) == evaluate(params, buffers)
-  assert step._cache_size() == 1
+  assert compiled.count('jit(step)') == 1, compiled
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from peft_jax._src.schedules import reset_moments
 from peft_jax.methods.flexlora import FlexLoraBuffers, FlexLoraParams, flexlora
 from peft_jax.methods.flexlora_schedule import cubic_budget, entropy, flexlora_schedule
 from tests.methods.spec_checks import assert_factored_and_inverse
+from tests.references import compiled_programs
 from tests.schedules.wrapping import KINDS, map_params_like, wrapped
 
 D_IN, D_OUT = 9, 6
@@ -376,22 +377,23 @@ def test_training_conserves_the_total_rank_and_compiles_once(kind, factored):
   )
   x = normal(8, D_IN)
   totals, fresh = [], []
-  for t in range(1, 17):
-    state, metrics = step(state, frozen, x)
-    assert np.isfinite(metrics['loss'])
-    params, buffers = back(state.params), back(state.buffers)
-    leaves = [params[n]['kernel'] for n in LEAVES]
-    actives = [active_of(buffers, n) for n in LEAVES]
-    totals.append(sum(int(active.sum()) for active in actives))
-    # A slot grown at this update still has e = 0 (every other active e moved).
-    if any(
-      np.any(active & (leaf.e == 0))
-      for leaf, active in zip(leaves, actives, strict=True)
-    ):
-      fresh.append(t)
+  with compiled_programs() as compiled:
+    for t in range(1, 17):
+      state, metrics = step(state, frozen, x)
+      assert np.isfinite(metrics['loss'])
+      params, buffers = back(state.params), back(state.buffers)
+      leaves = [params[n]['kernel'] for n in LEAVES]
+      actives = [active_of(buffers, n) for n in LEAVES]
+      totals.append(sum(int(active.sum()) for active in actives))
+      # A slot grown at this update still has e = 0 (every other active e moved).
+      if any(
+        np.any(active & (leaf.e == 0))
+        for leaf, active in zip(leaves, actives, strict=True)
+      ):
+        fresh.append(t)
   assert fresh == [5, 8, 11, 14]  # The event steps.
   assert totals == [11] * 16
-  assert step._cache_size() == 1
+  assert compiled.count('jit(step)') == 1, compiled
 
 
 @pytest.mark.parametrize('kind', KINDS)
