@@ -1,9 +1,10 @@
 """The See Further paper's GLUE protocol (experiments/configs/see_further.py)
 on a tiny random DeBERTa-v3 checkpoint and tiny TFDS data.
 
-The checkpoint (2 layers, d = 16, a word-level tokenizer with DeBERTa's
-``[CLS] a [SEP] b [SEP]``) is written by the test; the data are the fake
-TFDS builders of ``tests/data/glue_test.py``.
+The checkpoint (2 layers, d = 16, and a ``DebertaV2Tokenizer``: DeBERTa-v3's
+own tokenizer class and pipeline over a one-piece-per-word Unigram vocabulary)
+is written by the test; the data are the fake TFDS builders of
+``tests/data/glue_test.py``.
 """
 
 import json
@@ -13,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-import tokenizers
 import transformers
 from safetensors import numpy as safetensors_numpy
 
@@ -28,8 +28,11 @@ from peft_jax.models import deberta
 from tests._src.multihost_test import two_processes
 from tests.data import glue_test
 
+# DeBERTa-v3's special-token ids ([PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3), the
+# words as SentencePiece pieces ('▁cat'), and [MASK] last as in DeBERTa-v3.
 SPECIALS = ('[PAD]', '[CLS]', '[SEP]', '[UNK]')
-VOCAB = {token: i for i, token in enumerate((*SPECIALS, *glue_test.WORDS, '*'))}
+PIECES = (*SPECIALS, *(f'▁{w}' for w in (*glue_test.WORDS, '*')), '[MASK]')
+VOCAB = {piece: i for i, piece in enumerate(PIECES)}
 D, MAX_LENGTH = 16, 24
 MULTIHOST_WORKER = pathlib.Path(__file__).with_name(
   'experiments_multihost_glue_worker.py'
@@ -83,22 +86,13 @@ SIX = KV_FFN1 | {
 HEAD = {f'{m}/{p}' for m in ('classifier', 'pooler/dense') for p in ('kernel', 'bias')}
 
 
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-  """Word-level, with DeBERTa's ``[CLS] a [SEP] b [SEP]`` and pad id 0."""
-  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(VOCAB, '[UNK]'))
-  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-    single='[CLS] $A [SEP]',
-    pair='[CLS] $A [SEP] $B:1 [SEP]:1',
-    special_tokens=[('[CLS]', VOCAB['[CLS]']), ('[SEP]', VOCAB['[SEP]'])],
-  )
-  return transformers.PreTrainedTokenizerFast(
-    tokenizer_object=tokenizer,
-    cls_token='[CLS]',
-    sep_token='[SEP]',
-    unk_token='[UNK]',
-    pad_token='[PAD]',
-  )
+def tiny_tokenizer() -> transformers.DebertaV2Tokenizer:
+  """DeBERTa-v3's tokenizer class (a Unigram model behind the Metaspace
+  pre-tokenizer, ``[CLS] a [SEP] b [SEP]``) with ``PIECES`` as its vocabulary:
+  ``save_pretrained`` writes the ``tokenizer.json`` that a real DeBERTa-v3
+  directory holds, which loads without sentencepiece."""
+  pieces = [(piece, 0.0 if piece in SPECIALS else -1.0) for piece in PIECES]
+  return transformers.DebertaV2Tokenizer(vocab=pieces, unk_id=VOCAB['[UNK]'])
 
 
 @pytest.fixture(scope='module')
@@ -136,6 +130,30 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope='module')
 def dirs(checkpoint_dir, data_dir) -> str:
   return f'checkpoint={checkpoint_dir},data_dir={data_dir}'
+
+
+def test_the_checkpoint_tokenizer_encodes_pairs_as_deberta_v3_does(checkpoint_dir):
+  """What the task's ``build`` loads (``AutoTokenizer`` on the checkpoint
+  dir, no sentencepiece installed) encodes a pair as ``[CLS] a [SEP] b
+  [SEP]``, segment ids 0 then 1, padded with id 0, the longer text truncated
+  first; ids by hand from ``VOCAB``."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir)
+  assert isinstance(tokenizer, transformers.DebertaV2Tokenizer)
+  examples = [
+    {'sentence1': 'the cat', 'sentence2': 'on zebra', 'label': 1},
+    {'sentence1': 'the big red dog ran', 'sentence2': 'it', 'label': 0},
+  ]
+  arrays = glue.encode('rte', tokenizer, examples, max_length=8)
+  ids = lambda *pieces: [VOCAB[p] for p in pieces]
+  cls, sep, pad = ids('[CLS]', '[SEP]', '[PAD]')
+  first = [cls, *ids('▁the', '▁cat'), sep, *ids('▁on', '[UNK]'), sep]
+  second = [cls, *ids('▁the', '▁big', '▁red', '▁dog'), sep, *ids('▁it'), sep]
+  np.testing.assert_array_equal(arrays['input_ids'], [[*first, pad], second])
+  np.testing.assert_array_equal(
+    arrays['token_type_ids'], [[0] * 4 + [1] * 3 + [0], [0] * 6 + [1] * 2]
+  )
+  np.testing.assert_array_equal(arrays['attention_mask'], [[1] * 7 + [0], [1] * 8])
+  np.testing.assert_array_equal(arrays['label'], [1, 0])
 
 
 def test_every_task_has_table_vi_lr_epochs_and_steps(dirs):
@@ -307,4 +325,7 @@ def test_stsb_on_two_processes_scores_as_on_one(dirs, tmp_path):
   for split in ('validation', 'test'):
     for name in ('pearson', 'spearman'):
       key = f'after_{split}_{name}'
-      np.testing.assert_allclose(row[key], one[key], rtol=1e-4, atol=1e-5)
+      # Adam divides by sqrt(v): a gradient entry near zero whose sign the
+      # reduction order flips moves by lr either way, so three steps leave
+      # the runs ~1e-4 apart in a correlation of 8 examples, not 1e-7.
+      np.testing.assert_allclose(row[key], one[key], rtol=1e-3, atol=1e-5)
