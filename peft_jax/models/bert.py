@@ -70,7 +70,7 @@ import numpy as np
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import AttentionKV, hook_point
-from peft_jax.models import checkpoints
+from peft_jax.models import checkpoints, layers
 from peft_jax.models.partitioning import constrain
 
 Array = jax.Array
@@ -300,7 +300,7 @@ class BertAttention(nn.Module):
       None,
     )
     q, k, v = (
-      heads(nn.Dense(cfg.hidden_size, name=name)(x))
+      heads(layers.dense(cfg.hidden_size, name=name)(x))
       for name in ('query', 'key', 'value')
     )
     k, v, mask_bias, _ = hook_point(
@@ -310,7 +310,7 @@ class BertAttention(nn.Module):
     probs = jax.nn.softmax(scores + mask_bias, axis=-1)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape)
-    y = nn.Dense(cfg.hidden_size, name='output')(context)
+    y = layers.dense(cfg.hidden_size, name='output')(context)
     y = hook_point(self, 'attention_output', y)
     _, y = hook_point(self, 'attention_block', (x, y))
     y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
@@ -340,10 +340,10 @@ class BertLayer(nn.Module):
     """
     cfg = self.config
     x = BertAttention(cfg, name='attention')(x, mask_bias, deterministic=deterministic)
-    h = nn.Dense(cfg.intermediate_size, name='intermediate')(x)
+    h = layers.dense(cfg.intermediate_size, name='intermediate')(x)
     h = nn.gelu(constrain(h, 'batch', None, 'mlp'), approximate=False)
     h = hook_point(self, 'ffn_intermediate', h)
-    h = hook_point(self, 'ffn_output', nn.Dense(cfg.hidden_size, name='output')(h))
+    h = hook_point(self, 'ffn_output', layers.dense(cfg.hidden_size, name='output')(h))
     _, h = hook_point(self, 'ffn_block', (x, h))
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='output_layer_norm')(x + h)
@@ -397,7 +397,7 @@ class BertPooler(nn.Module):
     Returns:
       ``(batch, hidden)`` pooled output.
     """
-    return jnp.tanh(nn.Dense(self.config.hidden_size, name='dense')(hidden[:, 0]))
+    return jnp.tanh(layers.dense(self.config.hidden_size, name='dense')(hidden[:, 0]))
 
 
 class BertModel(nn.Module):
@@ -564,7 +564,7 @@ class BertForSequenceClassification(nn.Module):
     else:
       pooled = mean_pool(hidden, attention_mask)
     pooled = nn.Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
-    return nn.Dense(self.num_labels, name='classifier')(pooled)
+    return layers.dense(self.num_labels, name='classifier')(pooled)
 
 
 class BertForTokenClassification(nn.Module):
@@ -608,7 +608,7 @@ class BertForTokenClassification(nn.Module):
       input_ids, attention_mask, token_type_ids, deterministic=deterministic
     )
     hidden = nn.Dropout(self.config.hidden_dropout)(hidden, deterministic=deterministic)
-    return nn.Dense(self.num_labels, name='classifier')(hidden)
+    return layers.dense(self.num_labels, name='classifier')(hidden)
 
 
 class BertForMultipleChoice(nn.Module):
@@ -675,7 +675,7 @@ class BertForMultipleChoice(nn.Module):
     pooled = nn.Dropout(self.config.hidden_dropout)(
       bert.pool(hidden), deterministic=deterministic
     )
-    logits = nn.Dense(1, name='classifier')(pooled)
+    logits = layers.dense(1, name='classifier')(pooled)
     return logits.reshape(batch, num_choices)
 
 

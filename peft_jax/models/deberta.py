@@ -105,7 +105,7 @@ import numpy as np
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import AttentionKV, hook_point
-from peft_jax.models import checkpoints
+from peft_jax.models import checkpoints, layers
 from peft_jax.models.partitioning import constrain
 
 Array = jax.Array
@@ -403,7 +403,7 @@ def build_relative_position(
 
 
 def _dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, name=name)
+  return layers.dense(features, name, use_bias=use_bias)
 
 
 # ---------------------------------------------------------------------------
@@ -900,7 +900,7 @@ class DebertaV2ForSequenceClassification(nn.Module):
     pooled = ContextPooler(cfg, name='pooler')(hidden, deterministic=deterministic)
     rate = cfg.hidden_dropout if cfg.cls_dropout is None else cfg.cls_dropout
     pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
-    return nn.Dense(self.num_labels, name='classifier')(pooled)
+    return layers.dense(self.num_labels, name='classifier')(pooled)
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 
 from peft_jax._src.base import PeftError
 from peft_jax._src.hooks import AttentionKV, hook_point
+from peft_jax.models import layers
 from peft_jax.models.partitioning import constrain
 
 Array = jax.Array
@@ -372,12 +373,12 @@ class RMSNorm(nn.Module):
 
 
 def _dense(cfg: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
-  return nn.Dense(
+  return layers.dense(
     features,
+    name,
     use_bias=use_bias,
     dtype=cfg.dtype,
     param_dtype=cfg.param_dtype,
-    name=name,
   )
 
 

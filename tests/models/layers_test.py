@@ -1,0 +1,98 @@
+"""layers.dense: nn.Dense's x @ w, gradients over one token axis (same values,
+no transposed g), the forward unchanged for what reads the program."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peft_jax.models import layers
+from tests import references
+
+X_AT_W = (((2,), (0,)), ((), ()))
+
+
+def test_values_and_gradients_match_the_formula():
+  kx, kw, kt = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (3, 5, 7))
+  w = jax.random.normal(kw, (7, 4))
+  t = jax.random.normal(kt, (3, 5, 4))
+  loss = lambda x, w: jnp.sum(layers.token_dot_general(x, w, X_AT_W) * t)
+  y = layers.token_dot_general(x, w, X_AT_W)
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+
+  x64, w64, t64 = (np.asarray(a, np.float64) for a in (x, w, t))
+  np.testing.assert_allclose(
+    y, np.einsum('bsi,io->bso', x64, w64), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    gx, np.einsum('bso,io->bsi', t64, w64), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    gw, np.einsum('bsi,bso->io', x64, t64), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_bf16_gradients_have_lax_dot_generals_dtypes_and_values():
+  kx, kw, kt = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, 6, 8), jnp.bfloat16)
+  w = jax.random.normal(kw, (8, 5), jnp.bfloat16)
+  t = jax.random.normal(kt, (2, 6, 5), jnp.float32)
+
+  def grads(dot_general, preferred):
+    loss = lambda x, w: jnp.sum(dot_general(x, w, X_AT_W, None, preferred) * t)
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+  for preferred in (None, jnp.float32):
+    ours, theirs = (
+      grads(layers.token_dot_general, preferred),
+      grads(jax.lax.dot_general, preferred),
+    )
+    for a, b in zip(ours, theirs, strict=True):
+      assert a.dtype == b.dtype == jnp.bfloat16
+      np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2
+      )
+
+
+def test_the_program_keeps_the_sequence_axis_in_the_forward():
+  """The jaxpr's dot sees ``(batch, seq, d_in)``: the factored path, which
+  enters the custom VJP, hands a factored form the sequence axis."""
+  x, w = jnp.ones((2, 6, 8)), jnp.ones((8, 5))
+  jaxpr = jax.make_jaxpr(lambda x, w: layers.token_dot_general(x, w, X_AT_W))(x, w)
+  (call,) = jaxpr.eqns
+  assert call.primitive.name == 'custom_vjp_call'
+  (dot,) = call.params['call_jaxpr'].eqns
+  assert dot.primitive.name == 'dot_general'
+  assert dot.invars[0].aval.shape == (2, 6, 8)
+
+
+def test_dense_keeps_nn_dense_parameters_and_outputs():
+  x = jax.random.normal(jax.random.key(1), (2, 6, 8))
+  ours, theirs = layers.dense(5, 'proj'), nn.Dense(5, name='proj')
+  params = theirs.init(jax.random.key(2), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(2), x)) == jax.tree.map(
+    jnp.shape, params
+  )
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6)
+
+
+def test_other_dimension_numbers_are_a_clear_error():
+  x, w = jnp.ones((2, 3)), jnp.ones((2, 4))
+  with pytest.raises(ValueError, match=r'expected x @ w dimension numbers, got'):
+    layers.token_dot_general(x, w, (((0,), (0,)), ((), ())))
+
+
+def test_weight_gradient_does_not_transpose_the_output_gradient():
+  """XLA:CPU transposes ``g`` for ``xᵀ g`` over (batch, seq); not over tokens."""
+  x, w, t = jnp.ones((4, 64, 32)), jnp.ones((32, 48)), jnp.ones((4, 64, 48))
+
+  def copies(dot_general):
+    loss = lambda w: jnp.sum(jnp.tanh(dot_general(x, w, X_AT_W)) * t)
+    return references.layout_copy_sizes(
+      jax.jit(jax.grad(loss)).lower(w).compile().as_text()
+    )
+
+  assert t.size in copies(jax.lax.dot_general)  # the check can tell
+  assert t.size not in copies(layers.token_dot_general)
