@@ -45,7 +45,11 @@ COLUMNS = (
   ('val {m} before', lambda r: f'{headline.value(r, "validation", "before"):.3f}'),
   ('val {m} after', lambda r: f'{headline.value(r, "validation"):.3f}'),
   ('test {m} after', lambda r: f'{headline.value(r):.3f}'),
-  ('ms/step', lambda r: f'{r["ms_per_step"]:.0f}'),
+  # None: the run resumed from its last checkpoint and timed no step.
+  (
+    'ms/step',
+    lambda r: '–' if r.get('ms_per_step') is None else f'{r["ms_per_step"]:.0f}',
+  ),
   # XLA's memory of one train step (train.step_memory_mib); older rows lack it.
   (
     'step MiB',

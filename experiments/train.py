@@ -309,7 +309,8 @@ def results_row(config, params, total, before, after, loop: 'LoopStats', steps_r
   of the ``steps_run`` steps this process ran (after a resume: those after
   the checkpoint), each step's batch, dispatch and wait for its loss; it
   leaves out the step's compile (``compile_seconds``), logging,
-  checkpoints and evaluations. ``ms_per_step`` is its mean.
+  checkpoints and evaluations. ``ms_per_step`` is its mean, None when this
+  process ran no step (resumed from the last step's checkpoint).
   """
   trainable = pj.count(params)
   return {
@@ -332,7 +333,7 @@ def results_row(config, params, total, before, after, loop: 'LoopStats', steps_r
     **{f'after_{k}': v for k, v in after.items()},
     'metric': 'score' if 'test_score' in after else 'accuracy',
     'train_seconds': loop.train_seconds,
-    'ms_per_step': 1000.0 * loop.train_seconds / max(steps_run, 1),
+    'ms_per_step': 1000.0 * loop.train_seconds / steps_run if steps_run else None,
     'compile_seconds': loop.compile_seconds,
     'step_memory_mib': loop.step_memory_mib,
     'skipped_steps': loop.skipped_steps,

@@ -9,6 +9,7 @@ import functools
 import json
 import pathlib
 import re
+import shutil
 import time
 
 import jax
@@ -300,6 +301,20 @@ def check_resume(lora_run, tmp_path, monkeypatch):
   assert_same_adapter(
     straight_dir / 'adapter.safetensors', tmp_path / 'resumed/adapter.safetensors'
   )
+
+
+def test_a_run_resumed_at_its_last_step_times_no_step(lora_run, tmp_path, tiny_task):
+  """Stopped after the last checkpoint, before its results: the rerun only
+  evaluates, and its row says it timed no step (not 0 ms per step)."""
+  straight_dir, row = lora_run
+  again = tmp_path / 'again'
+  shutil.copytree(straight_dir, again)
+  (again / 'results.json').unlink()
+  rerun = train.train_and_evaluate(local_config('lora'), str(again))
+  assert rerun['ms_per_step'] is None and rerun['train_seconds'] == 0
+  assert rerun['after_test_accuracy'] == row['after_test_accuracy']
+  table = compare.markdown_table([rerun])
+  assert '| – |' in table
 
 
 @pytest.mark.slow
