@@ -57,15 +57,15 @@ import time
 SIZES = {
   'smoke': dict(
     vocab_size=1024, hidden_size=128, intermediate_size=352, num_layers=2,
-    num_heads=4, num_kv_heads=2, batch=2, seq=128,
+    num_heads=4, num_kv_heads=2, batch=2, seq=128, scan_layers=False,
   ),
   'small': dict(  # CPU-sized: a LoRA step takes about a second on 2 cores.
     vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=4,
-    num_heads=8, num_kv_heads=4, batch=4, seq=256,
+    num_heads=8, num_kv_heads=4, batch=4, seq=256, scan_layers=False,
   ),
   'reference': dict(  # TinyLlama-1.1B's shape.
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
-    num_heads=32, num_kv_heads=4, batch=8, seq=1024,
+    num_heads=32, num_kv_heads=4, batch=8, seq=1024, scan_layers=True,
   ),
 }  # fmt: skip
 RANK, ALPHA, LR = 16, 32, 1e-4
@@ -101,6 +101,11 @@ class Shape:
   num_kv_heads: int
   batch: int
   seq: int
+  # The CPU sizes unroll their few layers (the model's default): on XLA:CPU
+  # a scan zero-fills and copies its stacked residuals, about 10% of the
+  # small step (benchmarks/results/cpu_profile_small.md). The reference
+  # size scans its 22 layers, which compiles faster.
+  scan_layers: bool
 
   @property
   def matmul_params(self) -> int:
@@ -164,7 +169,8 @@ def autogroup() -> str | None:
 
 
 def jax_model(setting: str, shape: Shape, dtype: str = 'bfloat16'):
-  """The Llama of ``shape`` with scanned layers, weights and compute in ``dtype``.
+  """The Llama of ``shape`` (layers scanned if ``shape.scan_layers``), weights
+  and compute in ``dtype``.
 
   Rematerialised per layer for ``jax_lora_remat``; cuDNN attention on GPU.
   """
@@ -182,19 +188,23 @@ def jax_model(setting: str, shape: Shape, dtype: str = 'bfloat16'):
     num_kv_heads=shape.num_kv_heads,
     dtype=getattr(jnp, dtype),
     param_dtype=getattr(jnp, dtype),
-    scan_layers=True,
+    scan_layers=shape.scan_layers,
     remat=setting == 'jax_lora_remat',
     attention_impl='cudnn' if jax.default_backend() == 'gpu' else None,
   )
   return llama.LlamaForCausalLM(config)
 
 
-def jax_rules(setting: str) -> list:
-  """``full()`` on every leaf for ``jax_full``, else stacked LoRA on ``TARGETS``."""
+def jax_rules(setting: str, scan_layers: bool) -> list:
+  """``full()`` on every leaf for ``jax_full``, else LoRA on ``TARGETS`` of
+  every layer (``stacked`` over the scanned layers' leading axis)."""
   if setting == 'jax_full':
     return [('.*', 'full()')]
-  lora = f'stacked("lora(rank={RANK}, alpha={ALPHA})")'
-  return [(f'layers/(self_attn|mlp)/({"|".join(TARGETS)})/kernel', lora)]
+  lora = f'lora(rank={RANK}, alpha={ALPHA})'
+  targets = f'(self_attn|mlp)/({"|".join(TARGETS)})/kernel'
+  if scan_layers:
+    return [(f'layers/{targets}', f'stacked("{lora}")')]
+  return [(rf'layers_\d+/{targets}', lora)]
 
 
 def jax_step(setting: str, shape: Shape, dtype: str = 'bfloat16'):
@@ -212,7 +222,7 @@ def jax_step(setting: str, shape: Shape, dtype: str = 'bfloat16'):
   import peft_jax as pj
 
   model = jax_model(setting, shape, dtype)
-  tree = pj.by_rules(jax_rules(setting))
+  tree = pj.by_rules(jax_rules(setting, shape.scan_layers))
   optimizer = optax.adamw(LR)
 
   def arguments():
