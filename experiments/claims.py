@@ -203,8 +203,10 @@ def claims_report(rows: list[dict]) -> str:
     [
       f"# The papers' claims on {compare.describe(rows)}",
       '',
-      'Test headline metric, in points; intervals at 95% '
-      '(paired over seeds where both methods ran the same seeds).',
+      (
+        'Test headline metric, in points; intervals at 95% (paired over seeds '
+        'where both methods ran the same seeds). ' + headline.selection_note(rows)
+      ).rstrip(),
       '',
       '## 1. See Further: SSB ≥ SSL ≈ (IA)³',
       '',
@@ -222,9 +224,10 @@ def claims_report(rows: list[dict]) -> str:
   )
 
 
-def write_claims(directory: pathlib.Path) -> str:
-  """Writes and returns ``claims.md`` for the runs under ``directory``."""
-  settings = compare.by_setting(compare.load_rows(directory))
+def write_claims(directory: pathlib.Path, at: str = 'final') -> str:
+  """Writes and returns ``claims.md`` for the runs under ``directory``, at
+  their final or best-validation evaluation (``compare.load_rows``)."""
+  settings = compare.by_setting(compare.load_rows(directory, at))
   if len(settings) != 1:
     raise PeftError(
       f'{directory} holds {len(settings)} settings; claims compare runs of one '

@@ -1,6 +1,6 @@
 """Comparison table (Markdown) and plot (PNG) from results rows.
 
-  python -m experiments.compare runs/rt_sweep
+  python -m experiments.compare runs/rt_sweep [--at final|best]
 
 reads ``*/results.json`` under the directory and writes ``comparison.md``
 and ``comparison.png`` (test accuracy against trainable parameters) there;
@@ -13,6 +13,11 @@ several settings gets one table per setting in ``comparison.md``, each
 headed by what its runs are ("3 runs of minilm on rotten_tomatoes, 500
 steps of batch 32, ...") and each with its own figures, numbered
 (``comparison_1.png``, ``seeds_1.md``, ...).
+
+``--at final`` (the default) tables each run's final adapter (``after_*``);
+``--at best`` its evaluation with the best validation metric, of those every
+``eval_every`` steps and the final one (``best_*``, ``train.best_evaluation``),
+for every row: the "after" columns then hold that evaluation's values.
 """
 
 import argparse
@@ -36,6 +41,8 @@ from peft_jax import PeftError
 # fields are tabled apart (a field a row lacks, written before the field
 # existed, counts as its own value).
 SETTING = ('task', 'model', 'dataset', 'steps', 'batch_size', 'eval_limit')
+# Which evaluation of each run the tables hold (``--at``).
+AT = ('final', 'best')
 
 # (title, the cell of a row); ``{m}`` in a title is the headline metric's name.
 COLUMNS = (
@@ -58,15 +65,20 @@ COLUMNS = (
 )
 
 
-def load_rows(directory: pathlib.Path) -> list[dict]:
+def load_rows(directory: pathlib.Path, at: str = 'final') -> list[dict]:
   """Every row of the ``results.json`` files under ``directory`` (a run's
   row, or the list of rows of adapters trained together:
-  ``experiments.train_many``), fewest trainable params first.
+  ``experiments.train_many``), fewest trainable params first; ``at='best'``
+  puts each row's best-validation evaluation in its ``after_*`` fields
+  (``at_best``).
 
   Raises:
     PeftError: for a missing directory, one with no results, or a results
-      file that is neither a row nor a list of rows (named).
+      file that is neither a row nor a list of rows (named); with
+      ``at='best'``, a row trained without periodic evaluations.
   """
+  if at not in AT:
+    raise PeftError(f'--at {at!r}: expected one of {", ".join(AT)}')
   if not directory.is_dir():
     raise PeftError(f'{directory} is not a directory of runs (*/results.json)')
   found = []
@@ -80,10 +92,24 @@ def load_rows(directory: pathlib.Path) -> list[dict]:
       isinstance(r, dict) and 'trainable_params' in r for r in rows
     ):
       raise PeftError(f'{path} is not a results row or list of rows (rerun that run)')
-    found.extend(rows)
+    found.extend(at_best(r, path) if at == 'best' else r for r in rows)
   if not found:
     raise PeftError(f'no */results.json under {directory}: no run has finished')
   return sorted(found, key=lambda r: r['trainable_params'])
+
+
+def at_best(row: dict, path: pathlib.Path) -> dict:
+  """``row`` with its ``best_<k>`` values as ``after_<k>`` and
+  ``evaluated_at`` the step they are from."""
+  if 'best_step' not in row:
+    raise PeftError(
+      f'{path}: run {row.get("name")!r} (seed {row.get("seed")}) has no '
+      'periodic evaluations to choose from; train with eval_every > 0, or '
+      'table the final adapters (--at final)'
+    )
+  best = {f'after_{k[5:]}': v for k, v in row.items() if k.startswith('best_')}
+  del best['after_step']
+  return {**row, **best, 'evaluated_at': row['best_step']}
 
 
 def by_setting(rows: list[dict]) -> list[list[dict]]:
@@ -149,6 +175,8 @@ def markdown_table(results: list[dict]) -> str:
     f'{", ".join(machines)}, jax {", ".join(sorted({r["jax"] for r in results}))}, '
     f'{headline.dates(results)}.'
   )
+  note = headline.selection_note(results)
+  footer += f'\n{note}' if note else ''
   return '\n'.join([header, rule, *body]) + '\n' + footer + '\n'
 
 
@@ -184,11 +212,11 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def write_comparison(directory: pathlib.Path) -> str:
+def write_comparison(directory: pathlib.Path, at: str = 'final') -> str:
   """Writes ``comparison.md`` (a table per setting, ``by_setting``), each
-  setting's plot and its seed summary (``seeds.write_seed_summary``);
-  returns the tables, then the summaries."""
-  results = load_rows(directory)
+  setting's plot and its seed summary (``seeds.write_seed_summary``) of the
+  rows ``at`` (``load_rows``); returns the tables, then the summaries."""
+  results = load_rows(directory, at)
   settings = by_setting(results)
   tables, summaries = [], []
   for number, rows in enumerate(settings, 1):
@@ -205,13 +233,22 @@ def write_comparison(directory: pathlib.Path) -> str:
   return '\n'.join([text, *summaries])
 
 
-def directory_main(write: Callable[[pathlib.Path], str], doc: str, argv=None) -> int:
-  """A command on one directory of runs: prints ``write(directory)``;
+def directory_main(
+  write: Callable[[pathlib.Path, str], str], doc: str, argv=None
+) -> int:
+  """A command on one directory of runs: prints ``write(directory, at)``;
   returns the exit status (2 after a one-line ``error: ...``)."""
   parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   parser.add_argument('directory', type=pathlib.Path)
+  parser.add_argument(
+    '--at',
+    choices=AT,
+    default='final',
+    help="each run's final adapter, or its best-validation evaluation",
+  )
+  args = parser.parse_args(argv)
   try:
-    print(write(parser.parse_args(argv).directory))
+    print(write(args.directory, args.at))
   except PeftError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

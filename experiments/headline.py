@@ -31,3 +31,16 @@ def dates(rows: list[dict]) -> str:
   """When the rows were measured: one date, or the first to the last."""
   found = sorted({r['date'] for r in rows})
   return found[0] if len(found) == 1 else f'{found[0]} to {found[-1]}'
+
+
+def selection_note(rows: list[dict]) -> str:
+  """``''``, or for rows tabled ``--at best`` (``compare.at_best``) a
+  sentence saying that their "after" values are each run's best-validation
+  evaluation and at which steps."""
+  chosen = sorted({r['evaluated_at'] for r in rows if 'evaluated_at' in r})
+  if not chosen:
+    return ''
+  return (
+    f'"After" is each run\'s evaluation with the best validation {label(rows)} '
+    f'(at steps {", ".join(map(str, chosen))}), not its final adapter.'
+  )

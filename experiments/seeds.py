@@ -112,6 +112,9 @@ def seed_table(grouped: dict[str, list[dict]]) -> str:
     'median step time (in a group program, its step over the adapters it '
     'trains), step MiB the XLA memory of the compiled step.'
   )
+  note = headline.selection_note([r for rows in grouped.values() for r in rows])
+  if note:
+    lines.append(f'\n{note}')
   return '\n'.join(lines) + '\n'
 
 

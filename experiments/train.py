@@ -12,13 +12,18 @@ the checkpoints (which orbax writes together).
 A run evaluates the model before training, trains the adapter parameters
 chosen by ``config.adapters`` with a jit-compiled optax step, checkpoints
 with orbax (resuming from ``DIR`` when a checkpoint is there), evaluates
-again, and writes into ``DIR``:
+again, and writes into ``DIR``. With ``eval_every = E > 0`` it also
+evaluates every E steps; the results row then adds the evaluation with the
+best validation metric (``best_evaluation``), the periodic ones and the
+final one, so a table can report the test metric at the step a held-out
+split picks, as GLUE papers do, without choosing on the test split.
 
   .lock                  held by the running trainer (its PID): one per DIR
   config.json            the run config (a different config in DIR is refused;
                          LOGISTICS fields may change on a resume)
   describe.txt           every leaf and hook point: shape, method, trainable
   metrics.jsonl          training and evaluation metrics, one JSON per line
+                         (before_*, eval_* every eval_every steps, after_*)
   tensorboard/           the same metrics for TensorBoard
   checkpoints/           orbax: adapter params and buffers, optimizer state,
                          step, RNG, schedule state, data position, config;
@@ -39,13 +44,14 @@ import contextlib
 import datetime
 import fcntl
 import json
+import math
 import os
 import pathlib
 import platform
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -140,7 +146,13 @@ def config_json(config) -> dict:
 LOGISTICS = ('checkpoint_every', 'checkpoint_minutes', 'log_every')
 # Fields added to the configs after runs were recorded without them, and the
 # value those runs had in effect.
-ADDED_FIELDS = {'nonfinite': 'stop', 'seeds': 1, 'lrs': [], 'adapters_per_pass': 0}
+ADDED_FIELDS = {
+  'nonfinite': 'stop',
+  'seeds': 1,
+  'lrs': [],
+  'adapters_per_pass': 0,
+  'eval_every': 0,
+}
 
 
 def differing_keys(found: dict, wanted: dict) -> str:
@@ -310,9 +322,17 @@ def results_row(config, params, total, before, after, loop: 'LoopStats', steps_r
   the checkpoint), each step's batch, dispatch and wait for its loss; it
   leaves out the step's compile (``compile_seconds``), logging,
   checkpoints and evaluations. ``ms_per_step`` is its mean, None when this
-  process ran no step (resumed from the last step's checkpoint).
+  process ran no step (resumed from the last step's checkpoint). With
+  periodic evaluations (``loop.evaluations``, this adapter's) the row also
+  has ``best_step`` and ``best_<split>_<metric>`` (``best_evaluation``).
   """
   trainable = pj.count(params)
+  metric = 'score' if 'test_score' in after else 'accuracy'
+  best = (
+    best_evaluation(loop.evaluations, config.steps, after, metric)
+    if loop.evaluations
+    else {}
+  )
   return {
     'name': config.name,
     'task': config.task,
@@ -331,7 +351,8 @@ def results_row(config, params, total, before, after, loop: 'LoopStats', steps_r
     'lr': config.lr,
     **{f'before_{k}': v for k, v in before.items()},
     **{f'after_{k}': v for k, v in after.items()},
-    'metric': 'score' if 'test_score' in after else 'accuracy',
+    **best,
+    'metric': metric,
     'train_seconds': loop.train_seconds,
     'ms_per_step': 1000.0 * loop.train_seconds / steps_run if steps_run else None,
     'compile_seconds': loop.compile_seconds,
@@ -339,6 +360,29 @@ def results_row(config, params, total, before, after, loop: 'LoopStats', steps_r
     'skipped_steps': loop.skipped_steps,
     **environment(),
   }
+
+
+def best_evaluation(
+  periodic: list[tuple[int, dict]], steps: int, final: dict, metric: str
+) -> dict:
+  """``{'best_step': t, 'best_<split>_<metric>': ...}``: of the periodic
+  evaluations ``(step, metrics)`` and the ``final`` one at ``steps``, the
+  one with the highest ``validation_<metric>`` (every headline metric grows
+  with quality; a NaN never wins; the earliest wins a tie).
+
+  Raises:
+    PeftError: when the evaluations have no validation split to choose by.
+  """
+  key = f'validation_{metric}'
+  candidates = [*periodic, (steps, final)]
+  if any(key not in metrics for _, metrics in candidates):
+    raise pj.PeftError(
+      f'eval_every picks the evaluation with the best {key}, and this task '
+      'has no validation split (data.heldout=0?)'
+    )
+  score = lambda c: -math.inf if math.isnan(c[1][key]) else c[1][key]
+  step, metrics = max(candidates, key=score)  # max keeps the first of equals
+  return {'best_step': step, **{f'best_{k}': v for k, v in metrics.items()}}
 
 
 def model_and_dataset(config) -> dict[str, str]:
@@ -488,6 +532,23 @@ class LoopStats(NamedTuple):
   train_seconds: float  # the steps: batch, dispatch, wait for the loss
   # steps skipped for non-finite values (nonfinite='skip'); per adapter for several
   skipped_steps: int | list[int]
+  # The periodic evaluations (eval_every): ``{'step': t, 'metrics': [one
+  # dict per adapter]}``; ``adapter_evaluations`` takes one adapter's.
+  evaluations: Sequence = ()
+
+
+def adapter_evaluations(evaluations: list[dict], i: int) -> list[tuple[int, dict]]:
+  """Adapter ``i``'s ``(step, metrics)`` of ``LoopStats.evaluations``."""
+  return [(e['step'], e['metrics'][i]) for e in evaluations]
+
+
+def logged_evaluation(evaluations: list[dict], prefix: str, labels) -> dict:
+  """The scalars to log of one evaluation of each adapter: ``{'<prefix>_<k>':
+  v}`` for one adapter, ``{'<label>/<prefix>_<k>': v}`` for several."""
+  if not labels:
+    return {f'{prefix}_{k}': float(v) for k, v in evaluations[0].items()}
+  stacked = {f'{prefix}_{k}': [e[k] for e in evaluations] for k in evaluations[0]}
+  return scalars(stacked, labels)
 
 
 def checkpoint_due(config, step: int, seconds_since_save: float) -> bool:
@@ -511,6 +572,7 @@ class Program(NamedTuple):
 
   step: Callable  # (state, frozen, batch) -> (state, metrics)
   batch: Callable[[int], Any]  # data position -> the placed batch
+  evaluate: Callable[[Any], list[dict]]  # state -> each adapter's metrics
   labels: tuple[str, ...] = ()  # the adapters' labels; () for one adapter
 
 
@@ -528,7 +590,10 @@ def single_program(run: Run) -> Program:
   batch = lambda position: partitioning.process_batch(
     run.mesh, task.train_batch(position)
   )
-  return Program(step, batch)
+  evaluate = lambda state: [
+    task.evaluate(run.tree, run.frozen, state.params, state.buffers)
+  ]
+  return Program(step, batch, evaluate)
 
 
 def scalars(metrics: dict, labels: tuple[str, ...]) -> dict[str, float]:
@@ -552,7 +617,9 @@ def train_loop(
   program: Program | None = None,
 ):
   """Steps from ``state.step`` to ``config.steps`` of ``program`` (default:
-  ``single_program``): logs, checkpoints.
+  ``single_program``): logs, evaluates every ``eval_every`` steps before the
+  last (the evaluations so far travel in each checkpoint's metadata),
+  checkpoints.
 
   A step with a non-finite loss or gradient (of any adapter) stops the run
   with a one-line ``PeftError`` naming it and the last good checkpoint
@@ -575,6 +642,8 @@ def train_loop(
   compile_seconds = time.perf_counter() - compile_start
   train_seconds = 0.0
   skipped = np.asarray(resumed['skipped_steps'])
+  evaluations = list(resumed.get('evaluations', []))
+  eval_every = config.get('eval_every', 0)
   last_good = start if manager.latest_step() is not None else None
   saved_at = time.monotonic()
   positions = range(start, config.steps)
@@ -604,11 +673,16 @@ def train_loop(
         logged = scalars({**metrics, 'skipped_steps': skipped}, program.labels)
         writer.write(step, logged)
         bar.set_postfix(loss=f'{float(np.mean(metrics["loss"])):.4f}')
+      if eval_every and step % eval_every == 0 and step < config.steps:
+        evaluated = program.evaluate(state)
+        writer.write(step, logged_evaluation(evaluated, 'eval', program.labels))
+        evaluations.append({'step': step, 'metrics': evaluated})
       if checkpoint_due(config, step, time.monotonic() - saved_at):
         metadata = {
           'data_position': step,
           'before': resumed['before'],
           'skipped_steps': skipped.tolist(),
+          'evaluations': evaluations,
           'config': config_json(config),
         }
         try:
@@ -617,7 +691,11 @@ def train_loop(
           raise pj.PeftError(f'{e}; {last_checkpoint(manager, last_good)}') from None
         last_good, saved_at = step, time.monotonic()
   stats = LoopStats(
-    step_memory_mib(step_fn), compile_seconds, train_seconds, skipped.tolist()
+    step_memory_mib(step_fn),
+    compile_seconds,
+    train_seconds,
+    skipped.tolist(),
+    evaluations,
   )
   return state, stats
 
@@ -687,6 +765,7 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
     writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
   print('after:', after)
   save_run_adapter(workdir / 'adapter.safetensors', run, state)
+  loop = loop._replace(evaluations=adapter_evaluations(loop.evaluations, 0))
   row = run_row(run, state, resumed['before'], after, loop, config.steps - start)
   if is_writer():
     files.write_text_atomically(workdir / 'results.json', json.dumps(row, indent=2))
@@ -783,7 +862,8 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   several = isinstance(row, list)  # a group's rows: name each
-  shown = ('name', 'after_', 'trainable') if several else ('after_', 'trainable')
+  shown = ('after_', 'best_', 'trainable')
+  shown = ('name', *shown) if several else shown
   for one in row if several else [row]:
     print(json.dumps({k: one[k] for k in one if k.startswith(shown)}))
   return 0

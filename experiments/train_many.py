@@ -205,7 +205,8 @@ def group_program(run: train.Run, members: list[Member]) -> train.Program:
   batch = lambda position: partitioning.process_batch(
     run.mesh, interleaved([m.task.train_batch(position) for m in members])
   )
-  return train.Program(step, batch, tuple(m.label for m in members))
+  evaluate_all = lambda states: evaluate(run, members, states)
+  return train.Program(step, batch, evaluate_all, tuple(m.label for m in members))
 
 
 def evaluate(run: train.Run, members: list[Member], states) -> list[dict]:
@@ -229,18 +230,13 @@ def start_or_resume(run: train.Run, members, manager, writer: train.MetricsWrite
     writer.keep_until(-1)
     before = evaluate(run, members, states)
     labels = tuple(m.label for m in members)
-    writer.write(0, train.scalars(stacked_evaluation(before, 'before'), labels))
+    writer.write(0, train.logged_evaluation(before, 'before', labels))
     metadata = {'before': before, 'skipped_steps': [0] * len(members)}
   else:
     states, metadata = restored
     writer.keep_until(int(states.step))
     print(f'resumed from step {int(states.step)} in {manager.directory}')
   return states, metadata
-
-
-def stacked_evaluation(evaluations: list[dict], prefix: str) -> dict:
-  """``{'<prefix>_<metric>': [value per member]}`` for ``train.scalars``."""
-  return {f'{prefix}_{k}': [e[k] for e in evaluations] for k in evaluations[0]}
 
 
 def run_on_mesh(config, workdir: pathlib.Path, mesh) -> list[dict]:
@@ -256,9 +252,7 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh) -> list[dict]:
     start = int(states.step)
     states, loop = train.train_loop(run, states, manager, writer, resumed, program)
     after = evaluate(run, members, states)
-    writer.write(
-      config.steps, train.scalars(stacked_evaluation(after, 'after'), program.labels)
-    )
+    writer.write(config.steps, train.logged_evaluation(after, 'after', program.labels))
   (workdir / 'adapters').mkdir(exist_ok=True)
   rows = []
   for i, member in enumerate(members):
@@ -282,7 +276,9 @@ def member_row(own: train.Run, state, resumed, after, loop, i, steps_run) -> dic
   is N."""
   n = len(resumed['before'])
   share = loop._replace(
-    train_seconds=loop.train_seconds / n, skipped_steps=loop.skipped_steps[i]
+    train_seconds=loop.train_seconds / n,
+    skipped_steps=loop.skipped_steps[i],
+    evaluations=train.adapter_evaluations(loop.evaluations, i),
   )
   row = train.run_row(own, state, resumed['before'][i], after, share, steps_run)
   row['adapters_in_program'] = n

@@ -73,6 +73,7 @@ FIELDS = {
   'weight_decay_mask': "'all' (default) or 'hf_trainer': not biases or norms",
   'factored': 'adapted matmuls as x @ w + (x @ a) @ b, with no merged weight',
   'log_every': 'steps between logged training metrics',
+  'eval_every': 'steps between evaluations during training (0: before and after only)',
   'checkpoint_every': 'steps between checkpoints',
   'checkpoint_minutes': 'also checkpoint once this many minutes passed (None: never)',
   'nonfinite': "at a step with a non-finite loss or gradient: 'stop' or 'skip' it",
@@ -152,9 +153,10 @@ GROUP_ARGS = dict(seeds=1, lrs=[], adapters_per_pass=0)
 
 def set_loop(config: ml_collections.ConfigDict, arg) -> None:
   """The training loop's fields every config (but ``sam.py``) takes from its
-  arguments: ``log_every``, ``checkpoint_every``, ``checkpoint_minutes``,
-  ``nonfinite``, and the group's (``set_group``)."""
+  arguments: ``log_every``, ``eval_every``, ``checkpoint_every``,
+  ``checkpoint_minutes``, ``nonfinite``, and the group's (``set_group``)."""
   config.log_every = arg.log_every
+  config.eval_every = arg.eval_every
   config.checkpoint_every = arg.checkpoint_every
   config.checkpoint_minutes = arg.checkpoint_minutes
   config.nonfinite = arg.nonfinite
@@ -297,8 +299,9 @@ def check_config(config) -> None:
   accepts); ``schedule`` (None, or a
   ``peft_jax.schedules`` factory and kwargs it takes, whose ``total_steps``
   is ``steps``); ``checkpoint_minutes`` (finite, > 0; None or absent: no
-  timed checkpoints); where the config has them, ``nonfinite`` (one of
-  ``NONFINITE``), ``model.max_length``
+  timed checkpoints); ``eval_every`` (absent, or an int >= 0; > 0 needs a
+  validation split: not ``data.heldout = 0``); where the config has them,
+  ``nonfinite`` (one of ``NONFINITE``), ``model.max_length``
   (a positive int), ``data.heldout`` (in ``[0, 1)``) and the ``selection``
   block's scorer, ``p`` (in ``(0, 1]``), scope and batches.
   """
@@ -351,9 +354,25 @@ def check_config(config) -> None:
   if 'heldout' in data:
     held = data.heldout
     _require(is_finite(held) and 0 <= held < 1, 'heldout', held, 'a share in [0, 1)')
+  _check_eval_every(config.get('eval_every', 0), data)
   _check_adapters(config.get('adapters'))
   _check_schedule(config.get('schedule'), steps)
   _check_selection(config.get('selection'))
+
+
+def _check_eval_every(every, data) -> None:
+  _require(
+    is_int(every) and every >= 0,
+    'eval_every',
+    every,
+    'an int >= 0 (0: evaluate before and after training only)',
+  )
+  if every and data.get('heldout', None) == 0:
+    raise PeftError(
+      f'eval_every={every} picks the evaluation with the best validation '
+      'metric, and heldout=0 leaves no validation split; hold some out '
+      '(heldout=0.1) or pass eval_every=0'
+    )
 
 
 def _check_group(config) -> None:

@@ -164,6 +164,7 @@ def get_config(arg=None):
     seed=0,
     eval_limit=0,
     log_every=25,
+    eval_every=0,
     checkpoint_every=250,
     checkpoint_minutes=1.0,
     nonfinite='stop',

@@ -94,6 +94,7 @@ SHARED = dict(
   study='table',
   seeds=5,
   log_every=25,
+  eval_every=0,
   checkpoint_every=250,
   checkpoint_minutes=1.0,
   nonfinite='stop',
@@ -144,6 +145,7 @@ def get_config(arg=None):
   common.lookup(dict.fromkeys(STUDIES), 'study', arg.study)
   config = base_config(arg)
   config.log_every = arg.log_every
+  config.eval_every = arg.eval_every
   config.checkpoint_every = arg.checkpoint_every
   config.checkpoint_minutes = arg.checkpoint_minutes
   config.nonfinite = arg.nonfinite

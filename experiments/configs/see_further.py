@@ -37,7 +37,9 @@ ceil(train examples / batch_size), the train examples being TFDS train less
 the held-out share: ``train_steps``), batch_size (32), lr (0 = Table VI's;
 full fine-tuning 2e-5), max_length (0 = the task's), heldout (0.1), seed,
 seeds (5), lrs, adapters_per_pass (see ``experiments/configs/glue.py``),
-eval_limit (0 = every example), log_every (100), checkpoint_every (1000),
+eval_limit (0 = every example), log_every (100), eval_every (0 = a tenth of
+the run's steps, none with heldout=0; steps or more: the final adapter
+only), checkpoint_every (1000),
 checkpoint_minutes (5.0), nonfinite (``stop`` or ``skip``), runlocal (3 steps
 of batch 8 of one seed on 32 evaluation examples of length <= 64; a value
 given explicitly wins).
@@ -52,9 +54,13 @@ the run's length (``scaled``). Choices and departures:
 * Splits: TFDS ``validation`` (GLUE dev, what the paper reports) is the test
   split, a seeded ``heldout`` share of TFDS ``train`` the validation split,
   so the model trains on 90% of what the paper's did (``heldout=0`` trains on
-  all of it, but ``experiments.compare`` tables need a validation split). The
-  score is the final adapter's (``after_test_score``), not the best of the
-  periodic evaluations.
+  all of it, but ``experiments.compare`` tables need a validation split).
+* Evaluation: the scripts evaluate every ``eval_steps`` and the paper reports
+  the best dev score, chosen on dev itself. Here a run evaluates every
+  ``eval_every`` steps and its row also holds the evaluation with the best
+  held-out validation score (``best_step``, ``best_test_score``): ``python -m
+  experiments.compare DIR --at best`` tables those, ``--at final`` (the
+  default) the final adapter's.
 * Every batch is full (a batch may span two epochs), where the scripts end
   each epoch with a short one.
 * max_length: 256 MNLI, 128 SST-2/STS-B, 64 CoLA, 320 QQP/RTE/MRPC, 512 QNLI.
@@ -204,6 +210,7 @@ DEFAULTS = dict(
   seed=0,
   eval_limit=0,
   log_every=100,
+  eval_every=0,
   checkpoint_every=1000,
   checkpoint_minutes=5.0,
   nonfinite='stop',
@@ -366,6 +373,9 @@ def get_config(arg=None):
   config.weight_decay = setting.weight_decay
   config.weight_decay_mask = 'hf_trainer'
   common.set_loop(config, arg)
+  # The scripts evaluate every --eval_steps and the paper reports the best;
+  # here every tenth of the run, chosen on the held-out split.
+  config.eval_every = arg.eval_every or (steps // 10 if arg.heldout else 0)
 
   if arg.runlocal:
     config.eval_batch_size = 16

@@ -144,6 +144,7 @@ def get_config(arg=None):
     eval_limit=200,
     frozen='float32',
     log_every=10,
+    eval_every=0,
     checkpoint_every=50,
     checkpoint_minutes=1.0,
     nonfinite='stop',
