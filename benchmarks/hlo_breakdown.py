@@ -2,6 +2,9 @@ r"""Where the time of the LoRA step goes: a per-op breakdown of its compiled HLO
 
   python -m benchmarks.hlo_breakdown --size reference --compile-repeats 5
   python -m benchmarks.hlo_breakdown --size smoke --out /tmp/hlo.json
+  python -m benchmarks.hlo_breakdown --size reference --dtype float32 \
+      --settings jax_lora_weight,jax_lora_factored --compile-repeats 5 \
+      --out benchmarks/results/hlo_breakdown_float32.json
 
 Writes JSON (device, jax version, date, command, a row per setting) and a
 Markdown report: ``benchmarks/results/hlo_breakdown.{json,md}`` at the
@@ -9,7 +12,10 @@ reference size, ``hlo_breakdown_SIZE.*`` at others, or ``--out``.
 
 For each JAX setting of ``benchmarks.lora_step`` the training step is lowered
 and compiled for abstract arguments (``jax.eval_shape`` of its state: no
-weight is materialised) on the default backend, and its optimized HLO
+weight is materialised), weights and compute in ``--dtype`` (bfloat16, as the
+reference runs on a GPU; XLA:CPU computes a bfloat16 dot in float32 and
+converts around it, so float32 shows a CPU compile without that rewrite),
+on the default backend, and its optimized HLO
 (``compiled.as_text()``) is read op by op. Every op that runs (in the entry
 computation, in while bodies times their trip count, in calls; a fusion is
 one op, classified by what is inside it) falls in one category:
@@ -588,13 +594,13 @@ def _describe(module: Module, run: Executed, name: str, size: int) -> dict:
 # Compiling a setting for abstract arguments.
 
 
-def abstract_step(setting: str, size: str):
+def abstract_step(setting: str, size: str, dtype: str = 'bfloat16'):
   """``(train_step, abstract (state, frozen, ids), shape)``: nothing is
   materialised (``jax.eval_shape`` of ``lora_step.jax_step``'s builder)."""
   import jax
 
   shape = lora_step.Shape(**lora_step.SIZES[size])
-  train_step, arguments = lora_step.jax_step(setting, shape)
+  train_step, arguments = lora_step.jax_step(setting, shape, dtype)
   return train_step, jax.eval_shape(arguments), shape
 
 
@@ -614,12 +620,12 @@ def dims_of(shape: lora_step.Shape, frozen) -> Dims:
   )
 
 
-def analyse(setting: str, size: str) -> dict:
+def analyse(setting: str, size: str, dtype: str = 'bfloat16') -> dict:
   """One setting's breakdown, XLA's totals beside it, and the converts of
   the program before optimization."""
   import jax
 
-  train_step, (state, frozen, ids), shape = abstract_step(setting, size)
+  train_step, (state, frozen, ids), shape = abstract_step(setting, size, dtype)
   start = time.perf_counter()
   lowered = train_step.lower(state, frozen, ids)
   compiled = lowered.compile()
@@ -642,16 +648,18 @@ def analyse(setting: str, size: str) -> dict:
   }
 
 
-def compile_seconds(setting: str, size: str) -> dict:
+def compile_seconds(setting: str, size: str, dtype: str = 'bfloat16') -> dict:
   """Wall and CPU seconds (all threads of this process) of
   ``train_step.lower(abstract args).compile()``."""
-  train_step, arguments, _ = abstract_step(setting, size)
+  train_step, arguments, _ = abstract_step(setting, size, dtype)
   wall, cpu = time.perf_counter(), time.process_time()
   train_step.lower(*arguments).compile()
   return {'wall_s': time.perf_counter() - wall, 'cpu_s': time.process_time() - cpu}
 
 
-def time_compiles(settings: list[str], size: str, repeats: int) -> dict:
+def time_compiles(
+  settings: list[str], size: str, repeats: int, dtype: str = 'bfloat16'
+) -> dict:
   """Each setting's compile seconds in a fresh process per sample (rounds
   of the settings in turn, compilation cache off), with the 1-minute load
   average before each; medians of wall and CPU seconds."""
@@ -660,7 +668,7 @@ def time_compiles(settings: list[str], size: str, repeats: int) -> dict:
   for _ in range(repeats):
     for setting in settings:
       command = [sys.executable, '-m', 'benchmarks.hlo_breakdown', '--size', size,
-                 '--compile-one', setting]  # fmt: skip
+                 '--dtype', dtype, '--compile-one', setting]  # fmt: skip
       load = os.getloadavg()[0]
       done = subprocess.run(
         command, capture_output=True, text=True, env=env, check=True
@@ -811,6 +819,7 @@ def main(argv=None) -> int:
   parser.add_argument('--size', choices=sorted(lora_step.SIZES), default='smoke')
   parser.add_argument('--settings', default=','.join(lora_step.JAX_SETTINGS))
   parser.add_argument('--compile-repeats', type=int, default=0)
+  parser.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16')
   parser.add_argument(
     '--out',
     help='JSON path (the Markdown beside it); default '
@@ -820,7 +829,7 @@ def main(argv=None) -> int:
   parser.add_argument('--compile-one', help=argparse.SUPPRESS)  # Child process.
   args = parser.parse_args(argv)
   if args.compile_one:
-    print(json.dumps(compile_seconds(args.compile_one, args.size)))
+    print(json.dumps(compile_seconds(args.compile_one, args.size, args.dtype)))
     return 0
   import jax
 
@@ -828,15 +837,18 @@ def main(argv=None) -> int:
   machine = platform.processor() or platform.machine()
   report = {
     'size': args.size,
+    'dtype': args.dtype,
     'jax': jax.__version__,
     'device': f'{jax.devices()[0].device_kind} ({machine}, {os.cpu_count()} CPUs)',
     'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
     'command': 'python -m benchmarks.hlo_breakdown '
     + ' '.join(sys.argv[1:] if argv is None else argv),
-    'rows': [analyse(s, args.size) for s in settings],
+    'rows': [analyse(s, args.size, args.dtype) for s in settings],
   }
   if args.compile_repeats:
-    report['compile'] = time_compiles(settings, args.size, args.compile_repeats)
+    report['compile'] = time_compiles(
+      settings, args.size, args.compile_repeats, args.dtype
+    )
   suffix = '' if args.size == 'reference' else f'_{args.size}'
   out = pathlib.Path(args.out or f'benchmarks/results/hlo_breakdown{suffix}.json')
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -297,3 +297,17 @@ def test_compile_ratios_and_their_table():
   lines = hb.compile_section(timing)
   assert '**1.18× in CPU seconds**' in lines[2]
   assert lines[-2].startswith('| jax_lora_factored | 12.0 | 26.0 | 11.0 / 24.0 (1.0)')
+
+
+def test_float32_step_and_its_compile_times_in_child_processes(tmp_path):
+  out = tmp_path / 'hlo.json'
+  settings = 'jax_lora_factored'
+  argv = ['--size', 'smoke', '--dtype', 'float32', '--settings', settings]
+  hb.main([*argv, '--compile-repeats', '1', '--out', str(out)])
+  report = json.loads(out.read_text())
+  assert report['dtype'] == 'float32'
+  (row,) = report['rows']
+  # No bfloat16 anywhere: the program asks for no conversion from or to it.
+  assert not [k for k in row['program_converts'] if 'bf16' in k]
+  (sample,) = report['compile']['jax_lora_factored']['samples']
+  assert sample['wall_s'] > 0 and sample['cpu_s'] > 0
