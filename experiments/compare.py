@@ -107,8 +107,11 @@ def at_best(row: dict, path: pathlib.Path) -> dict:
       'periodic evaluations to choose from; train with eval_every > 0, or '
       'table the final adapters (--at final)'
     )
-  best = {f'after_{k[5:]}': v for k, v in row.items() if k.startswith('best_')}
-  del best['after_step']
+  best = {
+    f'after_{k[5:]}': v
+    for k, v in row.items()
+    if k.startswith('best_') and k != 'best_step'
+  }
   return {**row, **best, 'evaluated_at': row['best_step']}
 
 

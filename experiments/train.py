@@ -514,7 +514,7 @@ def start_or_resume(run: Run, manager, writer: MetricsWriter):
   if restored is None:
     writer.keep_until(-1)
     before = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
-    writer.write(0, {f'before_{k}': v for k, v in before.items()})
+    writer.write(0, logged_evaluation([before], 'before', ()))
     metadata = {'before': before, 'skipped_steps': 0}
   else:
     state, metadata = restored
@@ -546,7 +546,7 @@ def logged_evaluation(evaluations: list[dict], prefix: str, labels) -> dict:
   """The scalars to log of one evaluation of each adapter: ``{'<prefix>_<k>':
   v}`` for one adapter, ``{'<label>/<prefix>_<k>': v}`` for several."""
   if not labels:
-    return {f'{prefix}_{k}': float(v) for k, v in evaluations[0].items()}
+    return {f'{prefix}_{k}': v for k, v in evaluations[0].items()}
   stacked = {f'{prefix}_{k}': [e[k] for e in evaluations] for k in evaluations[0]}
   return scalars(stacked, labels)
 
@@ -762,7 +762,7 @@ def run_on_mesh(config, workdir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
     start = int(state.step)
     state, loop = train_loop(run, state, manager, writer, resumed)
     after = run.task.evaluate(run.tree, run.frozen, state.params, state.buffers)
-    writer.write(config.steps, {f'after_{k}': v for k, v in after.items()})
+    writer.write(config.steps, logged_evaluation([after], 'after', ()))
   print('after:', after)
   save_run_adapter(workdir / 'adapter.safetensors', run, state)
   loop = loop._replace(evaluations=adapter_evaluations(loop.evaluations, 0))

@@ -367,7 +367,7 @@ def _check_eval_every(every, data) -> None:
     every,
     'an int >= 0 (0: evaluate before and after training only)',
   )
-  if every and data.get('heldout', None) == 0:
+  if every and data.get('heldout') == 0:
     raise PeftError(
       f'eval_every={every} picks the evaluation with the best validation '
       'metric, and heldout=0 leaves no validation split; hold some out '
