@@ -173,6 +173,8 @@ def test_every_method_config_builds_and_its_rules_match_minilm():
     assert config.adapters[0] == ('classifier/(kernel|bias)', 'full()')
     params, buffers = abstract_init(config.adapters, frozen, hooks)  # rules match
     assert pj.count(params['classifier']) == 384 * 2 + 2, method
+    # The mean-pooled head never calls BERT's pooler: its leaves cannot train.
+    assert 'pooler' not in params.get('bert', {}), method
     schedule = train.make_schedule(config, pj.by_rules(config.adapters))
     assert (schedule is None) == (config.schedule is None), method
     if schedule is not None:  # its arguments fit, and it governs these leaves

@@ -42,6 +42,10 @@ KV_FFN1 = '.*/(attention/(key|value)|intermediate)/kernel'
 QV = '.*/attention/(query|value)/kernel'
 ALL_SIX = '.*/(attention/(query|key|value|output)|intermediate|output)/kernel'
 LAYER_NORMS = 'bert/.*layer_norm/(scale|bias)'
+# Every encoder leaf the mean-pooled head depends on: BERT's CLS pooler
+# (bert/pooler) is never called, so its gradient is 0 and a rule that
+# selected it would count parameters that cannot train.
+ENCODER = 'bert/(embeddings|encoder)/.*'
 # Hook points (bert.py): every layer's attention and FFN outputs, before the
 # residual and LayerNorm, where Houlsby et al. put their two adapters.
 SUB_LAYER_OUTPUTS = '.*/(attention/attention_output|ffn_output)'
@@ -54,8 +58,8 @@ METHODS = {
   'ia3': ([(KV_FFN1, 'ia3()')], 1e-2),
   'ssl': ([(KV_FFN1, 'ssl()')], 1e-2),
   'ssb': ([(KV_FFN1, 'ssb()')], 1e-2),
-  'bitfit': ([('bert/.*/bias', 'bitfit()')], 5e-3),
-  'full': ([('bert/.*', 'full()')], 1e-4),
+  'bitfit': ([(ENCODER + '/bias', 'bitfit()')], 5e-3),
+  'full': ([(ENCODER, 'full()')], 1e-4),
   'ln_tuning': ([(LAYER_NORMS, 'ln_tuning()')], 5e-3),
   'sam_parser': ([(ALL_SIX, 'sam_parser()')], 1e-3),
   'svdiff': ([(ALL_SIX, 'svdiff()')], 1e-3),
@@ -86,10 +90,10 @@ METHODS = {
   'boft': ([(QV, 'boft(block_size=4, n_butterfly_factor=2)')], 5e-3),
   # The SAM paper's baselines (experiments/configs/sam.py runs
   # its whole table); sparse on a random 0.5% of each encoder leaf.
-  'sparse': ([('bert/.*/kernel', 'sparse(k=737)')], 1e-3),
-  'diff_pruning': ([('bert/.*', 'diff_pruning()')], 1e-3),
-  'child_pruning': ([('bert/.*', 'child_pruning()')], 1e-4),
-  'mixout': ([('bert/.*', 'mixout(p=0.1)')], 1e-4),
+  'sparse': ([(ENCODER + '/kernel', 'sparse(k=737)')], 1e-3),
+  'diff_pruning': ([(ENCODER, 'diff_pruning()')], 1e-3),
+  'child_pruning': ([(ENCODER, 'child_pruning()')], 1e-4),
+  'mixout': ([(ENCODER, 'mixout(p=0.1)')], 1e-4),
   # Activation side: a soft prompt before the word embeddings (Lester et al.),
   # and bottleneck adapters with the LayerNorms trained, as Houlsby et al. do.
   'prompt_tuning': (

@@ -57,7 +57,7 @@ import ml_collections
 
 from experiments.configs import common, glue, rotten_tomatoes
 
-ENCODER = 'bert/(embeddings|encoder)/.*'
+ENCODER = rotten_tomatoes.ENCODER
 MIXOUT_P = 0.1
 DENSE_LR, SPARSE_LR = 1e-4, 1e-3
 SPARSITIES = (0.0005, 0.002, 0.005, 0.02, 0.05, 0.2)
@@ -68,7 +68,7 @@ METHODS = {
   'full': ([(ENCODER, 'full()')], DENSE_LR),
   'random': ([], SPARSE_LR),
   'mixout': ([(ENCODER, f'mixout(p={MIXOUT_P})')], DENSE_LR),
-  'bitfit': ([('bert/(embeddings|encoder)/.*/bias', 'bitfit()')], 5e-3),
+  'bitfit': ([(ENCODER + '/bias', 'bitfit()')], 5e-3),
   'magnitude': ([], SPARSE_LR),
   'lora': ([(rotten_tomatoes.ALL_SIX, 'lora(rank=16, alpha=16)')], 2e-3),
   'diff_pruning': ([(ENCODER, 'diff_pruning(p={p})')], SPARSE_LR),
