@@ -22,6 +22,7 @@ from safetensors import numpy as safetensors_numpy
 import peft_jax as pj
 from experiments import compare, sweep, tasks, train
 from experiments.configs import common, rotten_tomatoes, smollm2_rotten_tomatoes
+from experiments.tasks import glue as glue_task
 from experiments.tasks import text_classification
 from peft_jax._src import paths
 from peft_jax.models import bert
@@ -156,6 +157,35 @@ def abstract_init(rules, frozen, hooks):
   """``by_rules(rules).init`` on abstract shapes: no FLOPs, every rule checked."""
   init = functools.partial(pj.by_rules(rules).init, hooks=hooks)
   return jax.eval_shape(init, jax.random.key(0), frozen)
+
+
+def test_new_head_is_model_inits_head_and_encoder_stays_pretrained():
+  # The tasks compile the head's init so that XLA draws no random encoder;
+  # the head must still be what a plain model.init draws from the seed (the
+  # head from_pretrained rebuilds), and every encoder leaf the checkpoint's.
+  config = local_config('lora')
+  task = build_tiny(config)
+  sample = (np.ones((1, SEQ), np.int32),) * 2
+  model = bert.BertForSequenceClassification(TINY, num_labels=2, pooling='mean')
+  drawn = model.init(jax.random.key(config.seed), *sample)['params']
+  assert task.frozen.keys() == {'bert', 'classifier'}
+  for name in ('kernel', 'bias'):
+    want = drawn['classifier'][name]
+    np.testing.assert_array_equal(task.frozen['classifier'][name], want)
+  # A checkpoint without a pooler (RoBERTa masked-LM): GLUE's CLS head draws it.
+  cls_model = bert.BertForSequenceClassification(TINY, num_labels=3, pooling='cls')
+  encoder = bert.BertModel(TINY).init(jax.random.key(1), *sample)['params']
+  encoder = {name: tree for name, tree in encoder.items() if name != 'pooler'}
+  frozen = glue_task.init_frozen(cls_model, encoder, sample, 5, 'bert')
+  drawn = cls_model.init(jax.random.key(5), *sample)['params']
+  got, want = (
+    paths.flatten(frozen),
+    paths.flatten({**drawn, 'bert': {**drawn['bert'], **encoder}}),
+  )
+  assert got.keys() == want.keys()
+  assert any(name.startswith('bert/pooler/') for name in got)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_every_method_config_builds_and_its_rules_match_minilm():

@@ -108,7 +108,13 @@ def make_model(encoder_config, task: glue.Task):
 def init_frozen(model, encoder, sample, seed: int, key: str):
   """The frozen tree: the pretrained encoder (subtree ``key``), plus a new
   head (and pooler, where the checkpoint has none) from ``model.init``."""
-  params = jax.jit(model.init)(jax.random.key(seed), *sample)['params']
+
+  def new_params(rng):  # Compiled, XLA computes only these, not a random encoder.
+    params = model.init(rng, *sample)['params']
+    new = {name: tree for name, tree in params[key].items() if name not in encoder}
+    return {**params, key: new}
+
+  params = jax.jit(new_params)(jax.random.key(seed))
   return {**params, key: {**params[key], **encoder}}
 
 

@@ -79,7 +79,9 @@ def make_task(
   )
   sample = (arrays['train']['input_ids'][:1], arrays['train']['attention_mask'][:1])
   # The head's init depends only on the seed, so from_pretrained rebuilds it.
-  head = model.init(jax.random.key(config.seed), *sample)['params']['classifier']
+  # Compiled, XLA computes only the head, not a random copy of the encoder.
+  init_head = jax.jit(lambda rng: model.init(rng, *sample)['params']['classifier'])
+  head = init_head(jax.random.key(config.seed))
   frozen = {'bert': encoder, 'classifier': head}
 
   logits = tasks.Forward(model, ('input_ids', 'attention_mask'))
