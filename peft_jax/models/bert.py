@@ -341,7 +341,7 @@ class BertLayer(nn.Module):
     cfg = self.config
     x = BertAttention(cfg, name='attention')(x, mask_bias, deterministic=deterministic)
     h = layers.dense(cfg.intermediate_size, name='intermediate')(x)
-    h = nn.gelu(constrain(h, 'batch', None, 'mlp'), approximate=False)
+    h = layers.gelu(constrain(h, 'batch', None, 'mlp'))
     h = hook_point(self, 'ffn_intermediate', h)
     h = hook_point(self, 'ffn_output', layers.dense(cfg.hidden_size, name='output')(h))
     _, h = hook_point(self, 'ffn_block', (x, h))

@@ -644,7 +644,7 @@ class DebertaV2Intermediate(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Returns the ``(batch, seq, intermediate_size)`` activation."""
     h = _dense(self.config.intermediate_size, 'dense')(x)
-    h = nn.gelu(constrain(h, 'batch', None, 'mlp'), approximate=False)
+    h = layers.gelu(constrain(h, 'batch', None, 'mlp'))
     return hook_point(self.parent, 'ffn_intermediate', h)
 
 

@@ -70,3 +70,21 @@ def token_dot_general(
 def dense(features: int, name: str, **kwargs) -> nn.Dense:
   """``nn.Dense`` (same parameters) with ``token_dot_general``."""
   return nn.Dense(features, dot_general=token_dot_general, name=name, **kwargs)
+
+
+@jax.checkpoint
+def gelu(h: Array) -> Array:
+  """Exact (erf) GELU, ``h Φ(h)`` elementwise on any shape, recomputed in the
+  backward from ``h`` alone.
+
+  Without the checkpoint XLA keeps ``GELU(h)`` and the terms of its
+  derivative (``exp(-h²/2)``, the erf branch) for the backward: three more
+  arrays of the FFN's widest shape ``(batch, seq, intermediate)`` per layer.
+  With it, only ``h`` (the ``intermediate`` matmul's output) is kept and the
+  derivative is recomputed elementwise. XLA:CPU, 32 × 64 tokens, float32:
+  MiniLM-L6's LoRA step keeps 488 MiB of temporary buffers instead of 632
+  and runs 7-9 % faster; a 6-layer, 384-wide DeBERTa's gradient 871 MiB
+  instead of 1,015 (benchmarks/results/minilm_step_cpu.md). Same values up to
+  float round-off.
+  """
+  return jax.nn.gelu(h, approximate=False)

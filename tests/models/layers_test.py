@@ -1,11 +1,13 @@
 """layers.dense: nn.Dense's x @ w, gradients over one token axis (same values,
-no transposed g), the forward unchanged for what reads the program."""
+no transposed g), the forward unchanged for what reads the program; and
+layers.gelu: exact GELU recomputed in the backward."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
 
 from peft_jax.models import layers
 from tests import references
@@ -96,3 +98,36 @@ def test_weight_gradient_does_not_transpose_the_output_gradient():
 
   assert t.size in copies(jax.lax.dot_general)  # the check can tell
   assert t.size not in copies(layers.token_dot_general)
+
+
+def test_gelu_values_and_derivative_match_the_formula():
+  # GELU(h) = h Φ(h), GELU'(h) = Φ(h) + h φ(h), in float64 from scipy's erf.
+  h = jax.random.normal(jax.random.key(3), (4, 6, 9)) * 3.0
+  t = jax.random.normal(jax.random.key(4), h.shape)
+  value = layers.gelu(h)
+  grad = jax.grad(lambda h: jnp.sum(layers.gelu(h) * t))(h)
+  h64, t64 = np.asarray(h, np.float64), np.asarray(t, np.float64)
+  cdf = 0.5 * (1.0 + special.erf(h64 / np.sqrt(2.0)))
+  pdf = np.exp(-(h64**2) / 2.0) / np.sqrt(2.0 * np.pi)
+  np.testing.assert_allclose(value, h64 * cdf, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad, t64 * (cdf + h64 * pdf), rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_backward_keeps_only_its_input():
+  # An FFN's gradient with frozen kernels: with the plain GELU XLA keeps its
+  # derivative's terms for the backward, with layers.gelu only the input.
+  kx, k1, k2 = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(kx, (64, 32))
+  w1 = jax.random.normal(k1, (32, 512))
+  w2 = jax.random.normal(k2, (512, 32))
+
+  def temp_bytes(act):
+    def loss(x):
+      return jnp.sum(jnp.tanh(act(jnp.tanh(x) @ w1) @ w2))
+
+    compiled = jax.jit(jax.grad(loss)).lower(x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  plain = temp_bytes(lambda h: jax.nn.gelu(h, approximate=False))
+  recomputed = temp_bytes(layers.gelu)
+  assert recomputed < plain, (recomputed, plain)
