@@ -88,3 +88,19 @@ def gelu(h: Array) -> Array:
   float round-off.
   """
   return jax.nn.gelu(h, approximate=False)
+
+
+@jax.checkpoint
+def swiglu(gate: Array, up: Array) -> Array:
+  """SwiGLU's product ``silu(gate) · up = gate σ(gate) · up`` elementwise,
+  ``(..., ffn)`` each, recomputed in the backward from ``gate`` and ``up``.
+
+  As for ``gelu``: XLA otherwise keeps ``σ(gate)``, ``silu(gate)`` and the
+  product for the backward besides the two inputs it needs. XLA:CPU, float32,
+  the small Llama of benchmarks/lora_step.py (4 × 256 tokens, LoRA r16 on all
+  seven projections): the factored LoRA step keeps 275 MiB of temporary
+  buffers instead of 372 and runs 12 % faster, weight-space LoRA 18 % faster,
+  full fine-tuning (which needs the product for ``down_proj``'s gradient
+  anyway) unchanged (interleaved, 2 runs of 5-7 rounds).
+  """
+  return jax.nn.silu(gate) * up

@@ -1,6 +1,6 @@
 """layers.dense: nn.Dense's x @ w, gradients over one token axis (same values,
 no transposed g), the forward unchanged for what reads the program; and
-layers.gelu: exact GELU recomputed in the backward."""
+layers.gelu and layers.swiglu: recomputed in the backward."""
 
 import flax.linen as nn
 import jax
@@ -113,9 +113,26 @@ def test_gelu_values_and_derivative_match_the_formula():
   np.testing.assert_allclose(grad, t64 * (cdf + h64 * pdf), rtol=1e-5, atol=1e-6)
 
 
-def test_gelu_backward_keeps_only_its_input():
-  # An FFN's gradient with frozen kernels: with the plain GELU XLA keeps its
-  # derivative's terms for the backward, with layers.gelu only the input.
+def test_swiglu_values_and_gradients_match_the_formula():
+  # f = g σ(g) u: ∂f/∂g = u σ(g) (1 + g (1 - σ(g))), ∂f/∂u = g σ(g), in float64.
+  kg, ku, kt = jax.random.split(jax.random.key(6), 3)
+  gate = jax.random.normal(kg, (3, 5, 8)) * 3.0
+  up = jax.random.normal(ku, gate.shape)
+  t = jax.random.normal(kt, gate.shape)
+  value = layers.swiglu(gate, up)
+  loss = lambda g, u: jnp.sum(layers.swiglu(g, u) * t)
+  d_gate, d_up = jax.grad(loss, argnums=(0, 1))(gate, up)
+  g64, u64, t64 = (np.asarray(a, np.float64) for a in (gate, up, t))
+  sigmoid = 1.0 / (1.0 + np.exp(-g64))
+  np.testing.assert_allclose(value, g64 * sigmoid * u64, rtol=1e-5, atol=1e-6)
+  want_d_gate = t64 * u64 * sigmoid * (1.0 + g64 * (1.0 - sigmoid))
+  np.testing.assert_allclose(d_gate, want_d_gate, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(d_up, t64 * g64 * sigmoid, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_keeps_only_the_inputs():
+  # An FFN's gradient with frozen kernels: with the plain activation XLA keeps
+  # its derivative's terms for the backward, with layers' only the inputs.
   kx, k1, k2 = jax.random.split(jax.random.key(5), 3)
   x = jax.random.normal(kx, (64, 32))
   w1 = jax.random.normal(k1, (32, 512))
@@ -130,4 +147,8 @@ def test_gelu_backward_keeps_only_its_input():
 
   plain = temp_bytes(lambda h: jax.nn.gelu(h, approximate=False))
   recomputed = temp_bytes(layers.gelu)
+  assert recomputed < plain, (recomputed, plain)
+  # SwiGLU of two projections of the same input, h and its reverse.
+  plain = temp_bytes(lambda h: jax.nn.silu(h) * h[:, ::-1])
+  recomputed = temp_bytes(lambda h: layers.swiglu(h, h[:, ::-1]))
   assert recomputed < plain, (recomputed, plain)

@@ -623,7 +623,7 @@ class LlamaMLP(nn.Module):
     gate = _dense(cfg, cfg.intermediate_size, False, 'gate_proj')(x)
     up = _dense(cfg, cfg.intermediate_size, False, 'up_proj')(x)
     gate, up = (constrain(a, 'batch', None, 'mlp') for a in (gate, up))
-    h = hook_point(self, 'ffn_intermediate', nn.silu(gate) * up)
+    h = hook_point(self, 'ffn_intermediate', layers.swiglu(gate, up))
     h = hook_point(
       self, 'ffn_output', _dense(cfg, cfg.hidden_size, False, 'down_proj')(h)
     )
