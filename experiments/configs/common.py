@@ -152,15 +152,20 @@ GROUP_ARGS = dict(seeds=1, lrs=[], adapters_per_pass=0)
 
 
 def set_loop(config: ml_collections.ConfigDict, arg) -> None:
-  """The training loop's fields every config (but ``sam.py``) takes from its
-  arguments: ``log_every``, ``eval_every``, ``checkpoint_every``,
-  ``checkpoint_minutes``, ``nonfinite``, and the group's (``set_group``)."""
+  """The training loop's fields (``set_loop_fields``) and the group's
+  (``set_group``), as every config but ``sam.py`` (no groups) takes them."""
+  set_loop_fields(config, arg)
+  set_group(config, arg)
+
+
+def set_loop_fields(config: ml_collections.ConfigDict, arg) -> None:
+  """``log_every``, ``eval_every``, ``checkpoint_every``,
+  ``checkpoint_minutes`` and ``nonfinite`` from the parsed arguments."""
   config.log_every = arg.log_every
   config.eval_every = arg.eval_every
   config.checkpoint_every = arg.checkpoint_every
   config.checkpoint_minutes = arg.checkpoint_minutes
   config.nonfinite = arg.nonfinite
-  set_group(config, arg)
 
 
 def set_group(config: ml_collections.ConfigDict, arg) -> None:

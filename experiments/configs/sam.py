@@ -144,11 +144,7 @@ def get_config(arg=None):
   common.lookup(dict.fromkeys(common.SCOPES), 'scope', arg.scope)
   common.lookup(dict.fromkeys(STUDIES), 'study', arg.study)
   config = base_config(arg)
-  config.log_every = arg.log_every
-  config.eval_every = arg.eval_every
-  config.checkpoint_every = arg.checkpoint_every
-  config.checkpoint_minutes = arg.checkpoint_minutes
-  config.nonfinite = arg.nonfinite
+  common.set_loop_fields(config, arg)
   head = config.adapters[0]  # The task's head rule: trained in full.
   config.name = f'sam_{arg.task}_{arg.method}_p{arg.p:g}_seed{arg.seed}'
   config.method = arg.method
