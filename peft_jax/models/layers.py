@@ -81,11 +81,11 @@ def gelu(h: Array) -> Array:
   derivative (``exp(-h²/2)``, the erf branch) for the backward: three more
   arrays of the FFN's widest shape ``(batch, seq, intermediate)`` per layer.
   With it, only ``h`` (the ``intermediate`` matmul's output) is kept and the
-  derivative is recomputed elementwise. XLA:CPU, 32 × 64 tokens, float32:
-  MiniLM-L6's LoRA step keeps 488 MiB of temporary buffers instead of 632
-  and runs 7-9 % faster; a 6-layer, 384-wide DeBERTa's gradient 871 MiB
-  instead of 1,015 (benchmarks/results/minilm_step_cpu.md). Same values up to
-  float round-off.
+  derivative is recomputed elementwise. Measured ad hoc on the project's
+  2-core CPU (XLA:CPU, float32, 32 × 64 tokens, 2026-12-03): MiniLM-L6's LoRA
+  step keeps 488 MiB of temporary buffers instead of 632 and runs 7-9 %
+  faster; a 6-layer, 384-wide DeBERTa's gradient 871 MiB instead of 1,015
+  (README, "Against HF PEFT on a CPU"). Same values up to float round-off.
   """
   return jax.nn.gelu(h, approximate=False)
 
@@ -96,11 +96,12 @@ def swiglu(gate: Array, up: Array) -> Array:
   ``(..., ffn)`` each, recomputed in the backward from ``gate`` and ``up``.
 
   As for ``gelu``: XLA otherwise keeps ``σ(gate)``, ``silu(gate)`` and the
-  product for the backward besides the two inputs it needs. XLA:CPU, float32,
-  the small Llama of benchmarks/lora_step.py (4 × 256 tokens, LoRA r16 on all
-  seven projections): the factored LoRA step keeps 275 MiB of temporary
-  buffers instead of 372 and runs 12 % faster, weight-space LoRA 18 % faster,
-  full fine-tuning (which needs the product for ``down_proj``'s gradient
-  anyway) unchanged (interleaved, 2 runs of 5-7 rounds).
+  product for the backward besides the two inputs it needs. Ad hoc, XLA:CPU
+  on 2 cores, float32, 2026-12-03, the small Llama of benchmarks/lora_step.py
+  (4 × 256 tokens, LoRA r16 on all seven projections): the factored LoRA step
+  keeps 275 MiB of temporary buffers instead of 372 and runs 12 % faster,
+  weight-space LoRA 18 % faster, full fine-tuning (which needs the product
+  for ``down_proj``'s gradient anyway) unchanged (interleaved, 2 runs of 5-7
+  rounds).
   """
   return jax.nn.silu(gate) * up
