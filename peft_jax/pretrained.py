@@ -344,14 +344,30 @@ def _with_head(base, model: Any, frozen: Params, head: dict[str, Any]):
       f'sequence classification); {base} loads {type(model).__name__}'
     )
   task_model, key = built
-  encoder = paths.flatten({key: frozen})
+  sample = (interop.example_ids(task_model),)
+  return task_model, with_new_leaves(task_model, frozen, key, head['seed'], sample)
 
-  def new_leaves(rng):  # Compiled, XLA computes only these (MiniLM: 0.7 s, not 10).
-    init = task_model.init(rng, interop.example_ids(task_model))['params']
-    return {k: v for k, v in paths.flatten(init).items() if k not in encoder}
 
-  new = jax.jit(new_leaves)(jax.random.key(head['seed']))
-  return task_model, paths.nest({**encoder, **new})
+def with_new_leaves(
+  task_model: Any, encoder: Params, key: str, seed: int, sample: tuple
+) -> Params:
+  """``task_model``'s frozen tree: the pretrained ``encoder`` as subtree
+  ``key``, and every leaf it lacks (a new head; a pooler where the checkpoint
+  has none) from ``task_model.init(jax.random.key(seed), *sample)['params']``.
+
+  The init is compiled and returns only the new leaves, so XLA draws no
+  random copy of the encoder (MiniLM: 0.7 s, not 10). The trainer's tasks
+  and ``from_pretrained`` both build heads here, so a run's head is rebuilt
+  from its seed bit for bit.
+  """
+  pretrained = paths.flatten({key: encoder})
+
+  def new_leaves(rng):
+    init = task_model.init(rng, *sample)['params']
+    return {k: v for k, v in paths.flatten(init).items() if k not in pretrained}
+
+  new = jax.jit(new_leaves)(jax.random.key(seed))
+  return paths.nest({**pretrained, **new})
 
 
 def _check_labels(base, model: Any, labels: list) -> None:

@@ -27,7 +27,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -36,7 +35,7 @@ from jax.experimental import multihost_utils
 
 import peft_jax as pj
 from experiments import tasks
-from peft_jax import PeftError
+from peft_jax import PeftError, pretrained
 from peft_jax.data import batching, glue
 from peft_jax.models import bert, deberta
 
@@ -107,15 +106,9 @@ def make_model(encoder_config, task: glue.Task):
 
 def init_frozen(model, encoder, sample, seed: int, key: str):
   """The frozen tree: the pretrained encoder (subtree ``key``), plus a new
-  head (and pooler, where the checkpoint has none) from ``model.init``."""
-
-  def new_params(rng):  # Compiled, XLA computes only these, not a random encoder.
-    params = model.init(rng, *sample)['params']
-    new = {name: tree for name, tree in params[key].items() if name not in encoder}
-    return {**params, key: new}
-
-  params = jax.jit(new_params)(jax.random.key(seed))
-  return {**params, key: {**params[key], **encoder}}
+  head (and pooler, where the checkpoint has none) from ``model.init``
+  (``pretrained.with_new_leaves``, as ``from_pretrained`` rebuilds them)."""
+  return pretrained.with_new_leaves(model, encoder, key, seed, sample)
 
 
 def make_loss_fn(logits, task: glue.Task):
