@@ -24,7 +24,11 @@ work hidden in elementwise fusions.
 
 Writes JSON and Markdown: ``benchmarks/results/cpu_profile_SIZE.{json,md}``
 or ``--out``; the Markdown keeps what an existing one has above its first
-``## Generated`` heading.
+``## Generated`` heading. ``--keep-trace DIR`` also keeps, per setting, the
+perfetto trace (``SETTING.perfetto_trace.json.gz``) and the compiled HLO
+(``SETTING.hlo.txt``). On a GPU only that is done: the step is traced and
+timed, its trace and HLO kept for a reading of their own (this module reads
+XLA:CPU's events only), ``--dtype auto`` then being bfloat16.
 """
 
 import argparse
@@ -34,6 +38,7 @@ import gzip
 import json
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -46,11 +51,16 @@ OP_THREADS = 'tf_XLAEigen'
 TRANSPOSING = re.compile(r'(copy|transpose)')
 
 
+def trace_file(logdir: str) -> pathlib.Path:
+  """The perfetto trace ``jax.profiler.trace`` wrote under ``logdir``."""
+  (path,) = pathlib.Path(logdir).rglob('perfetto_trace.json.gz')
+  return path
+
+
 def trace_events(logdir: str) -> list[dict]:
   """The complete (``ph == 'X'``) events of the perfetto trace in ``logdir``
   on the threads where XLA:CPU runs ops (``tf_XLAEigen...``)."""
-  (path,) = pathlib.Path(logdir).rglob('perfetto_trace.json.gz')
-  with gzip.open(path) as file:
+  with gzip.open(trace_file(logdir)) as file:
     trace = json.load(file)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   op_threads = {
@@ -121,12 +131,21 @@ def totals(rows: list[dict], key: str) -> dict[str, float]:
   return dict(summed.most_common())
 
 
-def profile(setting: str, size: str, warmup: int, steps: int, top: int) -> dict:
-  """One setting's profile (module docstring)."""
+def profile(
+  setting: str,
+  size: str,
+  warmup: int,
+  steps: int,
+  top: int,
+  dtype: str = 'float32',
+  keep: pathlib.Path | None = None,
+) -> dict:
+  """One setting's profile (module docstring); only its step time, with the
+  trace and HLO kept in ``keep``, off the CPU."""
   import jax
 
   shape = lora_step.Shape(**lora_step.SIZES[size])
-  train_step, arguments = lora_step.jax_step(setting, shape, 'float32')
+  train_step, arguments = lora_step.jax_step(setting, shape, dtype)
   state, frozen, ids = arguments()
   compiled = train_step.lower(state, frozen, ids).compile()
   for _ in range(warmup):
@@ -139,11 +158,18 @@ def profile(setting: str, size: str, warmup: int, steps: int, top: int) -> dict:
         state, metrics = compiled(state, frozen, ids)
         jax.block_until_ready(metrics)
       seconds = time.perf_counter() - start
+    if keep is not None:
+      keep.mkdir(parents=True, exist_ok=True)
+      shutil.copy(trace_file(logdir), keep / f'{setting}.perfetto_trace.json.gz')
+      (keep / f'{setting}.hlo.txt').write_text(compiled.as_text())
+    if jax.default_backend() != 'cpu':
+      return {'setting': setting, 'dtype': dtype, 'step_ms': seconds * 1e3 / steps}
     times = self_times(trace_events(logdir))
   module = hlo_breakdown.parse_module(compiled.as_text())
   rows = op_rows(times, module, hlo_breakdown.dims_of(shape, frozen), steps)
   return {
     'setting': setting,
+    'dtype': dtype,
     'step_ms': seconds * 1e3 / steps,
     'traced_ms': sum(r['ms'] for r in rows),
     'by_category': totals(rows, 'category'),
@@ -161,6 +187,9 @@ def markdown(report: dict) -> str:
     f'{report["date"]}; {report["steps"]} traced steps after {report["warmup"]}.',
   ]
   for row in report['rows']:
+    if 'traced_ms' not in row:  # Off the CPU: the trace is kept, not read.
+      lines += ['', f'### {row["setting"]}: step {row["step_ms"]:.1f} ms (trace kept)']
+      continue
     lines += [
       '',
       f'### {row["setting"]}: step {row["step_ms"]:.0f} ms, '
@@ -195,6 +224,15 @@ def main(argv=None) -> int:
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--top', type=int, default=12, help='largest ops listed')
   parser.add_argument('--out', help='default: benchmarks/results/cpu_profile_SIZE.json')
+  parser.add_argument(
+    '--dtype',
+    choices=lora_step.DTYPES,
+    default='auto',
+    help='auto: float32 on the CPU, bfloat16 on an accelerator',
+  )
+  parser.add_argument(
+    '--keep-trace', metavar='DIR', help="keep each setting's trace and HLO here"
+  )
   args = parser.parse_args(argv)
   settings = args.settings.split(',')
   unknown = [s for s in settings if s not in lora_step.JAX_SETTINGS]
@@ -205,10 +243,14 @@ def main(argv=None) -> int:
     )
   import jax
 
-  if jax.default_backend() != 'cpu':
+  accelerator = jax.default_backend() != 'cpu'
+  if accelerator and not args.keep_trace:
     parser.error(
-      f'backend {jax.default_backend()!r}: this profile reads XLA:CPU events'
+      f'backend {jax.default_backend()!r}: this profile reads XLA:CPU events; '
+      'pass --keep-trace DIR to trace the step and keep its trace there'
     )
+  dtype = lora_step.resolve_dtype(args.dtype, accelerator)
+  keep = pathlib.Path(args.keep_trace) if args.keep_trace else None
   report = {
     'size': args.size,
     'jax': jax.__version__,
@@ -219,7 +261,8 @@ def main(argv=None) -> int:
     'warmup': args.warmup,
     'steps': args.steps,
     'rows': [
-      profile(s, args.size, args.warmup, args.steps, args.top) for s in settings
+      profile(s, args.size, args.warmup, args.steps, args.top, dtype, keep)
+      for s in settings
     ],
   }
   out = pathlib.Path(args.out or f'benchmarks/results/cpu_profile_{args.size}.json')

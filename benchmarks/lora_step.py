@@ -53,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 SIZES = {
   'smoke': dict(
@@ -443,24 +444,41 @@ def median_row(rounds: list[dict]) -> dict:
 
 
 def run_interleaved(
-  module: str, settings: list[str], options: list[str], repeats: int, torch_python
+  module: str,
+  settings: list[str],
+  options: list[str],
+  repeats: int,
+  torch_python: str,
+  child_timeout: float | None = None,
+  save: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
   """Runs ``python -m module *options --one SETTING`` for every setting,
   ``repeats`` rounds, interleaved (round r runs each setting once, in the
   order of ``settings``); torch settings (``NEEDS``) run in ``torch_python``.
-  Returns one ``median_row`` per setting that succeeded at least once."""
+  A child that fails or outlasts ``child_timeout`` seconds is named on
+  stderr and skipped. Returns one ``median_row`` per setting that succeeded
+  at least once, and passes the rows so far to ``save`` after each child
+  that succeeds (a run cut short keeps what it measured)."""
   rounds = {setting: [] for setting in settings}
   for round_ in range(repeats):
     for setting in settings:
       python = torch_python if setting in NEEDS else sys.executable
       command = [python, '-m', module, *options, '--one', setting]
-      done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+      try:
+        done = subprocess.run(
+          command, capture_output=True, text=True, cwd=REPO, timeout=child_timeout
+        )
+      except subprocess.TimeoutExpired:
+        print(f'{setting} timed out after {child_timeout:g} s', file=sys.stderr)
+        continue
       if done.returncode:
         print(f'{setting} failed:\n{done.stderr[-3000:]}', file=sys.stderr)
         continue
       row = {**json.loads(done.stdout.strip().splitlines()[-1]), 'round': round_}
       rounds[setting].append(row)
       print(json.dumps(row), file=sys.stderr)
+      if save is not None:
+        save([median_row(r) for r in rounds.values() if r])
   return [median_row(r) for r in rounds.values() if r]
 
 
@@ -527,12 +545,14 @@ def markdown(rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_report(rows: list[dict], out: pathlib.Path) -> None:
-  """Writes ``out`` (the JSON rows) and its ``.md``; prints the Markdown."""
+def write_report(rows: list[dict], out: pathlib.Path, echo: bool = True) -> None:
+  """Writes ``out`` (the JSON rows) and its ``.md``; prints the Markdown if
+  ``echo``."""
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(rows, indent=2))
   out.with_suffix('.md').write_text(markdown(rows))
-  print(markdown(rows))
+  if echo:
+    print(markdown(rows))
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, warmup: int, steps: int):
@@ -547,6 +567,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, warmup: int, steps: in
     '--torch-python',
     default=sys.executable,
     help='interpreter of the torch settings (default: this one)',
+  )
+  parser.add_argument(
+    '--child-timeout',
+    type=float,
+    help="seconds one setting's process may run before it is skipped",
   )
   parser.add_argument('--one', help=argparse.SUPPRESS)  # Internal: child process.
 
@@ -572,14 +597,16 @@ def main(argv=None) -> int:
   )
   options = ['--size', args.size, '--warmup', str(args.warmup),
              '--steps', str(args.steps), '--dtype', args.dtype]  # fmt: skip
+  out = pathlib.Path(args.out or f'benchmarks/results/lora_step_{args.size}.json')
   rows = run_interleaved(
     'benchmarks.lora_step',
     runnable(settings, args.torch_python),
     options,
     args.repeats,
     args.torch_python,
+    args.child_timeout,
+    save=lambda rows: write_report(rows, out, echo=False),
   )
-  out = pathlib.Path(args.out or f'benchmarks/results/lora_step_{args.size}.json')
   write_report(rows, out)
   return 0 if rows else 1
 

@@ -201,14 +201,17 @@ def main(argv=None) -> int:
   )
   options = ['--model-dir', args.model_dir, '--warmup', str(args.warmup),
              '--steps', str(args.steps)]  # fmt: skip
+  out = pathlib.Path(args.out)
   rows = lora_step.run_interleaved(
     'benchmarks.minilm_step',
     lora_step.runnable(settings, args.torch_python),
     options,
     args.repeats,
     args.torch_python,
+    args.child_timeout,
+    save=lambda rows: lora_step.write_report(rows, out, echo=False),
   )
-  lora_step.write_report(rows, pathlib.Path(args.out))
+  lora_step.write_report(rows, out)
   return 0 if rows else 1
 
 

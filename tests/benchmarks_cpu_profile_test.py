@@ -1,5 +1,6 @@
 """The CPU profile: self times of nested trace events, and the script end to end."""
 
+import gzip
 import json
 
 import pytest
@@ -28,10 +29,21 @@ def test_self_times_subtract_nested_events_on_the_same_thread_only():
 
 
 def test_smoke_profile_end_to_end(tmp_path):
-  out = tmp_path / 'profile.json'
-  argv = ['--size', 'smoke', '--settings', 'jax_lora_factored', '--warmup', '1']
-  assert cpu_profile.main([*argv, '--steps', '1', '--out', str(out)]) == 0
+  out, kept = tmp_path / 'profile.json', tmp_path / 'traces'
+  argv = ['--size', 'smoke', '--settings', 'jax_lora_factored', '--warmup', '1',
+          '--steps', '1', '--out', str(out), '--keep-trace', str(kept)]  # fmt: skip
+  assert cpu_profile.main(argv) == 0
   (row,) = json.loads(out.read_text())['rows']
+  assert row['dtype'] == 'float32'  # auto on the CPU
+  # The kept trace is the one read: its op events name the HLO's fusions.
+  with gzip.open(kept / 'jax_lora_factored.perfetto_trace.json.gz') as file:
+    trace = json.load(file)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  names = {e.get('name') for e in events}
+  hlo = (kept / 'jax_lora_factored.hlo.txt').read_text()
+  assert hlo.startswith('HloModule')
+  ops = [op['op'] for op in row['largest'] if op['category'] != 'runtime'][:3]
+  assert len(ops) == 3 and all(op in names and op in hlo for op in ops)
   categories = row['by_category']
   # The step's matmuls are all there: frozen projections, LoRA's rank-16
   # dots, attention, the LM head.

@@ -72,3 +72,30 @@ def test_ratios_pair_like_with_like():
     ('| jax_full', 'torch_full_eager'),
   ]
   assert table[0].endswith('| 0.25 | 1.00 |')  # 100 / 400 tokens/s
+
+
+def test_a_child_past_its_timeout_is_skipped_and_rows_are_saved_as_they_come(
+  monkeypatch, capsys
+):
+  saved = []
+
+  def fake_run(command, timeout=None, **kwargs):
+    setting = command[command.index('--one') + 1]
+    if setting == 'slow':
+      raise subprocess.TimeoutExpired(command, timeout)
+    row = {'setting': setting, 'step_ms': 2.0, 'tokens_per_s': 1.0, 'model_tflops': 1.0}
+    return subprocess.CompletedProcess(command, 0, json.dumps(row), '')
+
+  monkeypatch.setattr(lora_step.subprocess, 'run', fake_run)
+  rows = lora_step.run_interleaved(
+    'benchmarks.lora_step',
+    ['a', 'slow', 'b'],
+    [],
+    1,
+    sys.executable,
+    child_timeout=7.0,
+    save=lambda rows: saved.append([r['setting'] for r in rows]),
+  )
+  assert [r['setting'] for r in rows] == ['a', 'b']
+  assert saved == [['a'], ['a', 'b']]
+  assert 'slow timed out after 7 s' in capsys.readouterr().err
