@@ -36,7 +36,7 @@ def test_rehearsal_writes_what_one_device_call_brings_back(tmp_path):
     assert (out / name).stat().st_size < 16 * 2**20
     assert all(re.fullmatch(r'[A-Za-z0-9._-]+', part) for part in name.split('/'))
   log = (out / 'log.txt').read_text()
-  assert 'lora_step exit 0' in log and 'profile exit 0' in log
+  assert all(f'{stage} exit 0' in log for stage in ('lora_step', 'profile', 'merger'))
   rows = json.loads((out / 'lora_step_smoke.json').read_text())
   assert [r['setting'] for r in rows] == [
     'jax_full',
