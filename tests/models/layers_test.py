@@ -152,3 +152,93 @@ def test_backward_keeps_only_the_inputs():
   plain = temp_bytes(lambda h: jax.nn.silu(h) * h[:, ::-1])
   recomputed = temp_bytes(lambda h: layers.swiglu(h, h[:, ::-1]))
   assert recomputed < plain, (recomputed, plain)
+
+
+def attention_formula(q, k, v, visible):
+  """o[b,t,i] = Σ_s softmax_s(q[b,t,i]·k[b,s,i//g]/√h, over visible s) v[b,s,i//g],
+  head by head; a query that sees no key attends to all uniformly."""
+  group = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(a, group, axis=2) for a in (k, v))
+  logits = jnp.einsum('btih,bsih->bits', q, k) / np.sqrt(q.shape[-1])
+  logits = jnp.where(visible, logits, -1e300)
+  return jnp.einsum('bits,bsih->btih', jax.nn.softmax(logits, axis=-1), v)
+
+
+ATTENTION_CASES = {
+  'causal': dict(t=6, s=6, heads=4, kv_heads=2, mask=None, causal=True),
+  'padding mask, prefix keys': dict(t=5, s=8, heads=6, kv_heads=2, mask=(3, 1, 5, 8)),
+  'per-head mask and causal': dict(
+    t=5, s=7, heads=4, kv_heads=1, mask=(1, 4, 5, 7), causal=True
+  ),
+  'a query sees no key': dict(
+    t=5, s=7, heads=4, kv_heads=2, mask=(3, 1, 5, 7), blind_row=2
+  ),
+  'no grouping, no mask': dict(t=4, s=4, heads=3, kv_heads=3, mask=None),
+}
+
+
+@pytest.mark.parametrize('case', ATTENTION_CASES)
+def test_attention_values_and_gradients_match_the_formula(case):
+  c = {'causal': False, 'blind_row': None, **ATTENTION_CASES[case]}
+  rng = np.random.default_rng(len(case))
+  b, h = 3, 8
+  with jax.enable_x64():
+    q = jnp.asarray(rng.standard_normal((b, c['t'], c['heads'], h)))
+    k, v = (
+      jnp.asarray(rng.standard_normal((b, c['s'], c['kv_heads'], h))) for _ in 'kv'
+    )
+    cotangent = jnp.asarray(rng.standard_normal(q.shape))
+    mask = None if c['mask'] is None else jnp.asarray(rng.random(c['mask']) > 0.3)
+    if c['blind_row'] is not None:
+      mask = mask.at[:, :, c['blind_row'], :].set(False)
+    visible = np.ones((1, 1, c['t'], c['s']), bool) if mask is None else mask
+    if c['causal']:
+      visible = visible & np.tril(np.ones((c['t'], c['s']), bool))
+    out, vjp = jax.vjp(lambda *a: layers.attention(*a, mask, c['causal']), q, k, v)
+    want, want_vjp = jax.vjp(lambda *a: attention_formula(*a, visible), q, k, v)
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(vjp(cotangent), want_vjp(cotangent), strict=True):
+      np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_matches_jax_dot_product_attention_in_bfloat16():
+  kq, kk, kv, kt = jax.random.split(jax.random.key(8), 4)
+  q = jax.random.normal(kq, (2, 16, 4, 32), jnp.bfloat16)
+  k, v = (jax.random.normal(key, (2, 16, 2, 32), jnp.bfloat16) for key in (kk, kv))
+  t = jax.random.normal(kt, q.shape, jnp.bfloat16)
+
+  def vjp(attend):
+    out, pullback = jax.vjp(attend, q, k, v)
+    return out, *pullback(t)
+
+  ours = vjp(lambda *a: layers.attention(*a, is_causal=True))
+  jaxs = vjp(lambda *a: jax.nn.dot_product_attention(*a, is_causal=True))
+  for got, want in zip(ours, jaxs, strict=True):
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+      np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0.05, atol=0.05
+    )
+
+
+def test_attention_backward_keeps_no_probabilities():
+  # The (b, heads, t, s) probabilities are recomputed, not kept: the compiled
+  # gradient's temporary buffers are smaller than jax.nn's by at least them.
+  q = jnp.ones((4, 128, 8, 64))
+  k = v = jnp.ones((4, 128, 2, 64))
+
+  def temp_bytes(attend):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v)))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  ours = temp_bytes(lambda *a: layers.attention(*a, is_causal=True))
+  jaxs = temp_bytes(lambda *a: jax.nn.dot_product_attention(*a, is_causal=True))
+  probabilities = 4 * 8 * 128 * 128 * 4
+  assert ours <= jaxs - probabilities, (ours, jaxs)
+
+
+def test_attention_mask_of_another_shape_is_a_clear_error():
+  q = jnp.ones((1, 3, 2, 4))
+  with pytest.raises(ValueError, match=r'mask: expected bool \(batch, heads, t, s\)'):
+    layers.attention(q, q, q, jnp.ones((3, 3)))

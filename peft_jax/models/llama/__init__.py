@@ -3,9 +3,10 @@
 One module covers Llama 2/3 (incl. Llama 3.1 ``llama3`` RoPE scaling),
 Mistral (without sliding window), Qwen2 (``q/k/v`` biases), TinyLlama and
 SmolLM2: pre-RMSNorm layers, rotary position embeddings in Hugging Face's
-``rotate_half`` convention, grouped-query attention through
-``jax.nn.dot_product_attention`` (cuDNN on GPU with
-``attention_impl='cudnn'``) and a SwiGLU MLP. Every linear layer is a plain
+``rotate_half`` convention, grouped-query attention
+(``peft_jax.models.layers.attention``; ``jax.nn.dot_product_attention``'s
+cuDNN or XLA implementation with ``attention_impl='cudnn'`` or ``'xla'``)
+and a SwiGLU MLP. Every linear layer is a plain
 ``flax.linen.Dense``, so the factored path of peft_jax intercepts them.
 
 Parameter names (``/``-joined key paths of the ``params`` collection), which

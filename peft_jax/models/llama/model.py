@@ -81,8 +81,10 @@ class LlamaConfig:
     scan_layers: run the layers as one ``nn.scan`` (faster compiles; stacked
       parameters, see the module docstring).
     remat: rematerialise each layer in the backward pass (``nn.remat``).
-    attention_impl: ``implementation`` of ``jax.nn.dot_product_attention``:
-      None (XLA), ``'xla'`` or ``'cudnn'``.
+    attention_impl: None for ``peft_jax.models.layers.attention`` (XLA ops,
+      a backward that recomputes the probabilities), or the
+      ``implementation`` of ``jax.nn.dot_product_attention`` to use instead:
+      ``'xla'`` or ``'cudnn'``.
   """
 
   vocab_size: int
@@ -472,14 +474,13 @@ class LlamaAttention(nn.Module):
       mask = _prefix_mask(mask, t, prefix)
     if mask is not None and cfg.attention_impl == 'cudnn':
       mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))  # cuDNN: no broadcasting.
-    y = jax.nn.dot_product_attention(
-      q,
-      k,
-      v,
-      mask=mask,
-      is_causal=layer_cache is None and not prefix,
-      implementation=cfg.attention_impl,
-    )
+    is_causal = layer_cache is None and not prefix
+    if cfg.attention_impl is None:
+      y = layers.attention(q, k, v, mask, is_causal)
+    else:
+      y = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=cfg.attention_impl
+      )
     y = o_proj(y.reshape(b, t, nh * hd))
     prompt, gate = hook_point(
       self,
