@@ -108,6 +108,10 @@ def swiglu(gate: Array, up: Array) -> Array:
   return jax.nn.silu(gate) * up
 
 
+# Causal self-attention of at least this many tokens skips the quarter of the
+# scores that no query sees (keys after the middle, for the first half).
+_SPLIT_FROM = 128
+
 # Logits of masked-out keys (finite, as jax.nn.dot_product_attention's): a
 # query with every key masked attends to them all uniformly, not to NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -190,6 +194,13 @@ def _attention_bwd(residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _causal(groups: int, t: int, s: int, first: int = 0) -> Array:
+  """``(g·t, s)``: grouped query row ``m`` (query ``first + m mod t``) sees
+  keys ``≤`` its position."""
+  rows = first + jnp.arange(groups * t) % t
+  return rows[:, None] >= jnp.arange(s)[None, :]
+
+
 def _visible(mask: Array | None, is_causal: bool, q: Array, k: Array) -> Array | None:
   """Which keys each grouped query row sees, broadcastable to ``(b, kv, g·t,
   s)``; None when all."""
@@ -197,8 +208,7 @@ def _visible(mask: Array | None, is_causal: bool, q: Array, k: Array) -> Array |
   s, kv = k.shape[1], k.shape[2]
   visible = None
   if is_causal:
-    rows = jnp.arange((n // kv) * t) % t
-    visible = rows[:, None] >= jnp.arange(s)[None, :]
+    visible = _causal(n // kv, t, s)
   if mask is not None:
     if mask.dtype != jnp.bool_ or mask.ndim != 4:
       raise ValueError(
@@ -234,5 +244,21 @@ def attention(
   of 8 rounds for the factored LoRA step, 1 for the others): the factored
   step 5-7 % faster and its temporary buffers 302 MiB instead of 350,
   weight-space LoRA 4 % faster, full fine-tuning 2 %.
+
+  Causal self-attention of 128 tokens or more runs as two halves of the
+  queries, the first against the first half of the keys only: a quarter of
+  the scores, all masked, is not computed (the same small Llama, interleaved
+  against one whole block: factored LoRA step 3-5 % faster in 3 runs, full
+  fine-tuning 0.3-2 % and weight-space LoRA 2 % slower in 2 and 1, within
+  the machine's noise; temporary buffers 6-10 MiB smaller).
   """
+  t, groups = q.shape[1], q.shape[2] // k.shape[2]
+  if is_causal and mask is None and t == k.shape[1] and t % 2 == 0 and t >= _SPLIT_FROM:
+    # The first half of the queries sees only the first half of the keys.
+    half = t // 2
+    early = _attention(
+      q[:, :half], k[:, :half], v[:, :half], _causal(groups, half, half)
+    )
+    late = _attention(q[:, half:], k, v, _causal(groups, half, t, first=half))
+    return jnp.concatenate([early, late], axis=1)
   return _attention(q, k, v, _visible(mask, is_causal, q, k))

@@ -166,6 +166,10 @@ def attention_formula(q, k, v, visible):
 
 ATTENTION_CASES = {
   'causal': dict(t=6, s=6, heads=4, kv_heads=2, mask=None, causal=True),
+  # 128 tokens or more: computed as two halves of the queries.
+  'causal, split in halves': dict(
+    t=128, s=128, heads=4, kv_heads=2, mask=None, causal=True
+  ),
   'padding mask, prefix keys': dict(t=5, s=8, heads=6, kv_heads=2, mask=(3, 1, 5, 8)),
   'per-head mask and causal': dict(
     t=5, s=7, heads=4, kv_heads=1, mask=(1, 4, 5, 7), causal=True
