@@ -37,8 +37,10 @@ convolution ``2 · output elements · rhs elements / output features``). Bytes
 of an op are its operands' plus its result's sizes, except that an operand
 read only through a dynamic-slice or gather counts that slice, and a
 dynamic-update-slice counts its update, not the buffer it writes in place.
-Bytes of ops that touch an attention-score array (``batch·heads·seq²``
-elements, or a multiple, last dimension ``seq``) are also reported apart:
+Bytes of ops that touch an attention-score array (a multiple of half of
+``batch·heads·seq²`` elements with last dimension ``seq``, or of a quarter
+with ``seq / 2``: the two query halves of ``layers.attention``'s causal
+split) are also reported apart:
 on a GPU that work is inside cuDNN's flash attention.
 The phase of an op comes from its ``metadata={op_name=...}``, else from the
 enclosing loop's: ``transpose(`` is the backward pass (under remat the
@@ -316,9 +318,16 @@ class Dims:
   kernels: frozenset = frozenset()
 
   def is_scores(self, array: Array) -> bool:
-    """Whether ``array`` holds attention scores (of one or more layers)."""
-    size = math.prod(array.dims)
-    return bool(array.dims) and array.dims[-1] == self.seq and size % self.scores == 0
+    """Whether ``array`` holds attention scores (of one or more layers).
+
+    Its last dimension is ``seq`` and its size a multiple of half a layer's
+    scores, or (the first query half of ``layers.attention``'s causal split,
+    which sees the first half of the keys) ``seq / 2`` and a quarter.
+    """
+    if not array.dims or array.dims[-1] not in (self.seq, self.seq // 2):
+      return False
+    block = self.scores // 2 if array.dims[-1] == self.seq else self.scores // 4
+    return math.prod(array.dims) % block == 0
 
 
 def dot_flops(module: Module, op: Instruction) -> int:

@@ -150,6 +150,19 @@ ENTRY %main (x: f32[1,10,10,3], k: f32[3,3,3,16]) -> f32[1,8,8,16] {
   assert hb.dot_flops(module, module.by_name['c']) == 2 * (8 * 8 * 16) * 27
 
 
+def test_scores_include_both_halves_of_the_causal_split():
+  # DIMS: batch 2, heads 4, seq 8. layers.attention's causal split: the first
+  # 4 queries of each head against 4 keys, the last 4 against all 8, with the
+  # 4 heads (1 key/value head) as rows: (2, 1, 16, 4) and (2, 1, 16, 8).
+  assert DIMS.is_scores(hb.Array('f32', (2, 4, 8, 8)))  # one whole block
+  assert DIMS.is_scores(hb.Array('f32', (2, 1, 16, 8)))  # the late half
+  assert DIMS.is_scores(hb.Array('f32', (2, 1, 16, 4)))  # the early half
+  assert DIMS.is_scores(hb.Array('bf16', (3, 2, 1, 16, 4)))  # stacked layers
+  assert not DIMS.is_scores(hb.Array('f32', (2, 8, 4)))  # too small
+  assert not DIMS.is_scores(hb.Array('f32', (2, 4, 8, 16)))  # last dim not seq
+  assert not DIMS.is_scores(hb.Array('f32', (2, 3, 8)))
+
+
 def test_categories_and_bytes():
   module = hb.parse_module(MODULE)
   expected = {

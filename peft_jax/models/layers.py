@@ -238,9 +238,13 @@ def attention(
 
   The ``g`` query heads of a key/value head are computed as the rows of one
   matrix, and the backward recomputes ``p`` from the scores and each row's
-  max and sum of ``exp`` (XLA reuses the forward's ``q kᵀ`` for that rather
-  than computing it again, so per layer one float32 score array is kept, not
-  the probabilities and masked scores beside it).
+  max and sum of ``exp``. In straight-line code XLA reuses the forward's
+  ``q kᵀ`` for that rather than computing it again, so per layer one float32
+  score array is kept, not the probabilities and masked scores beside it;
+  in a scanned stack (``nn.scan``) the backward recomputes ``q kᵀ`` and no
+  score array is kept (benchmarks/results/hlo_breakdown.md: the reference
+  step's XLA:CPU temporaries 33.3 GiB against 78.5 with
+  ``jax.nn.dot_product_attention``).
   Ad hoc on the project's 2-core CPU (XLA:CPU, float32, 2026-12-03), the
   small Llama of benchmarks/lora_step.py (4 × 256 tokens, 8 query and 4
   key/value heads), against ``jax.nn.dot_product_attention``'s XLA
