@@ -641,6 +641,7 @@ def analyse(setting: str, size: str, dtype: str = 'bfloat16') -> dict:
   seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
+  memory = compiled.memory_analysis()
   dims = dims_of(shape, frozen)
   program = breakdown(lowered.as_text(dialect='hlo'), dims)
   return {
@@ -650,6 +651,8 @@ def analyse(setting: str, size: str, dtype: str = 'bfloat16') -> dict:
     'lower_compile_s': seconds,
     'xla_flops': cost['flops'],
     'xla_bytes_accessed': cost['bytes accessed'],
+    'temp_bytes': memory.temp_size_in_bytes,
+    'argument_bytes': memory.argument_size_in_bytes,
     'device': jax.devices()[0].device_kind,
     'program_converts': program['converts'],
     'program_dot_flops': program['dot_flops'],
@@ -755,7 +758,9 @@ def setting_section(row: dict) -> list[str]:
     f'against {gb(row["xla_bytes_accessed"])} GB. Bytes per step: '
     f'{gb(row["bytes"])} GB, of which {gb(rewritten["bytes"])} GB in the '
     f'{rewritten["ops"]} fusions that rewrite a whole loop-carried buffer at '
-    f'each of their {rewritten["runs"]:,} runs (not in place).',
+    f"each of their {rewritten['runs']:,} runs (not in place). XLA's "
+    f'memory_analysis: {row["temp_bytes"] / 2**30:.2f} GiB of temporaries, '
+    f'{row["argument_bytes"] / 2**30:.2f} GiB of arguments.',
     '',
     *table(row),
     '',

@@ -291,7 +291,14 @@ def test_smoke_step_end_to_end(tmp_path):
     assert math.isclose(counted, row['xla_flops'], rel_tol=0.02), row['setting']
     assert 0.85 * row['xla_flops'] < row['dot_flops_once'] <= row['xla_flops']
     assert 'collective' not in row['categories']
+  # memory_analysis: full fine-tuning's arguments hold float32 master weights
+  # and AdamW's two moments, 12 bytes a parameter; LoRA's hold the bf16 frozen
+  # weights and small factors.
+  assert full['argument_bytes'] >= 12 * shape.matmul_params
+  assert 2 * shape.matmul_params <= lora['argument_bytes'] < full['argument_bytes'] / 3
+  assert lora['temp_bytes'] > 0
   markdown = out.with_suffix('.md').read_text()
+  assert 'GiB of temporaries' in markdown
   assert markdown.startswith('# Reading\n\nBy hand.\n\n## Generated: cpu')
   assert 'Generated: old' not in markdown
   assert '### jax_lora_factored' in markdown and '| dot:adapter |' in markdown
