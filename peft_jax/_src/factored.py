@@ -45,6 +45,7 @@ interpreter in which each such kernel is an ``Adapted(w, θ)`` value.
   whose shape it does not take, are applied in weight space up front.
 """
 
+import contextvars
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -145,6 +146,35 @@ def _parse_dot(params: dict) -> _DotGeneral:
   )
 
 
+# While ``adapted`` interprets a function: ``{(id(x), x_axes, token_wise):
+# (x, x as the factored form sees it)}``, so that projections sharing an
+# input (q/k/v; gate/up) share its moved and flattened form too. Each
+# projection making its own would be a distinct value to JAX, and a scan
+# over layers would keep one copy per projection for the backward pass
+# (``∂a = xᵀ (g bᵀ)``): three more ``(tokens, d)`` stacks per Llama layer.
+# ``x`` is held so that its ``id`` is not reused while the entry lives.
+_INPUTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+  '_INPUTS', default=None
+)
+
+
+def _factored_input(x, x_axes, token_wise: bool):
+  """``x`` with its ``x_axes`` moved last and, for a ``token_wise`` form, its
+  other axes flattened into one token axis; the same value for the same
+  ``x`` within one interpretation (``_INPUTS``)."""
+  key = (id(x), tuple(x_axes), token_wise)
+  inputs = _INPUTS.get()
+  if inputs is not None and key in inputs:
+    return inputs[key][1]
+  n_in = len(x_axes)
+  moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
+  if token_wise:
+    moved = moved.reshape(-1, *moved.shape[x.ndim - n_in :])
+  if inputs is not None:
+    inputs[key] = (x, moved)
+  return moved
+
+
 def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
   """``x`` contracted on ``x_axes`` with ``w'``, in dot_general's output order.
 
@@ -156,13 +186,11 @@ def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
   benchmarks/results/cpu_profile_small.md).
   """
   n_in = len(x_axes)
-  moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
-  if kernel.adapter.linear.token_wise:
-    leading = moved.shape[: x.ndim - n_in]
-    y = _run_factored(moved.reshape(-1, *moved.shape[x.ndim - n_in :]), kernel)
+  token_wise = kernel.adapter.linear.token_wise
+  y = _run_factored(_factored_input(x, x_axes, token_wise), kernel)
+  if token_wise:
+    leading = [d for axis, d in enumerate(x.shape) if axis not in x_axes]
     y = y.reshape(*leading, *y.shape[1:])
-  else:
-    y = _run_factored(moved, kernel)
   if kernel_first:  # dot_general(w, x): output (*w_free, *x_free).
     n_out = np.ndim(kernel.w) - n_in
     y = jnp.moveaxis(y, tuple(range(y.ndim - n_out, y.ndim)), tuple(range(n_out)))
@@ -460,6 +488,10 @@ def adapted(
     weight_leaves = [
       _kernel_value(name, leaf, fast) for name, leaf in zip(names, leaves, strict=True)
     ]
-    return _interpreted(fn, traced, weight_leaves, *args)
+    token = _INPUTS.set({})
+    try:
+      return _interpreted(fn, traced, weight_leaves, *args)
+    finally:
+      _INPUTS.reset(token)
 
   return g

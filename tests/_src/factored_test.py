@@ -143,6 +143,24 @@ def test_llama_generate_stays_factored_inside_its_while_loop():
   assert not np.array_equal(want, generate(frozen, prompt))  # the adapter acts
 
 
+def test_projections_sharing_an_input_keep_one_copy_of_it_for_the_backward():
+  """q/k/v read one normed ``x``, gate/up another: under a scan over layers,
+  the backward pass keeps one ``(layers, tokens, d)`` stack of each input
+  that a factored projection reads (the attention and MLP inputs, o_proj's),
+  not one per projection (6, before the flattened input was shared)."""
+  model, frozen = tiny_llama.tiny('scan')
+  rule = (f'layers/{tiny_llama.SEVEN}', f'stacked({tiny_llama.LORA!r})')
+  tree = pj.by_rules([rule])
+  params, buffers = jax.jit(tree.init)(jax.random.key(0), frozen)
+  tokens = tiny_llama.ids()
+  fast = pj.adapted(tree, tiny_llama.logits(model), factored=True)
+  _, backward = jax.vjp(lambda p: fast(frozen, p, buffers, tokens), params)
+  kept = [x.shape for x in jax.tree.leaves(backward)]
+  layers, n = tiny_llama.CONFIG.num_layers, tokens.size
+  assert kept.count((layers, n, tiny_llama.D)) == 3, kept
+  assert kept.count((layers, n, tiny_llama.FFN)) == 1, kept  # down_proj's input
+
+
 def test_adapted_needs_a_tree_adapter():
   with pytest.raises(pj.PeftError, match='needs a tree-level adapter'):
     pj.adapted(pj.lora(), lambda p, x: x)({'w': jnp.ones((2, 2))}, {}, {}, 1.0)
