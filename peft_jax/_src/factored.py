@@ -146,16 +146,32 @@ def _parse_dot(params: dict) -> _DotGeneral:
   )
 
 
-# While ``adapted`` interprets a function: ``{(id(x), x_axes, token_wise):
-# (x, x as the factored form sees it)}``, so that projections sharing an
-# input (q/k/v; gate/up) share its moved and flattened form too. Each
-# projection making its own would be a distinct value to JAX, and a scan
-# over layers would keep one copy per projection for the backward pass
-# (``∂a = xᵀ (g bᵀ)``): three more ``(tokens, d)`` stacks per Llama layer.
-# ``x`` is held so that its ``id`` is not reused while the entry lives.
+# While ``adapted`` interprets a function, per JAX trace (``_own_inputs``):
+# ``{(id(x), x_axes, token_wise): (x, x as the factored form sees it)}``, so
+# that projections sharing an input (q/k/v; gate/up) share its moved and
+# flattened form too. Each projection making its own would be a distinct
+# value to JAX, and a scan over layers would keep one copy per projection
+# for the backward pass (``∂a = xᵀ (g bᵀ)``): three more ``(tokens, d)``
+# stacks per Llama layer. ``x`` is held so that its ``id`` is not reused
+# while the entry lives.
 _INPUTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
   '_INPUTS', default=None
 )
+
+
+def _own_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` run with its own, empty ``_INPUTS``: a function that JAX traces
+  apart (the interpreted function, a scan or while body, a cond branch, a
+  checkpointed region) leaves none of its tracers behind when it returns."""
+
+  def run(*args):
+    token = _INPUTS.set({})
+    try:
+      return fn(*args)
+    finally:
+      _INPUTS.reset(token)
+
+  return run
 
 
 def _factored_input(x, x_axes, token_wise: bool):
@@ -303,6 +319,7 @@ def _scan(eqn, invals) -> list:
   )
   body, body_consts = _jaxpr_and_consts(p['jaxpr'])
 
+  @_own_inputs
   def step(carry, x):
     out = evaluate(body, body_consts, [*consts, *carry, *x])
     return out[:n_carry], out[n_carry:]
@@ -316,7 +333,7 @@ def _scan(eqn, invals) -> list:
 def _cond(eqn, invals) -> list:
   index, operands = invals[0], invals[1:]
   branches = [
-    (lambda *ops, b=b: evaluate(*_jaxpr_and_consts(b), list(ops)))
+    _own_inputs(lambda *ops, b=b: evaluate(*_jaxpr_and_consts(b), list(ops)))
     for b in eqn.params['branches']
   ]
   return jax.lax.switch(index, branches, *operands)
@@ -332,15 +349,15 @@ def _while(eqn, invals) -> list:
   carry = _materialize_all(invals[n_cond + n_body :], 'a while_loop carry')
   cond_jaxpr, cond_inner = _jaxpr_and_consts(p['cond_jaxpr'])
   body_jaxpr, body_inner = _jaxpr_and_consts(p['body_jaxpr'])
-  cond = lambda c: evaluate(cond_jaxpr, cond_inner, [*cond_consts, *c])[0]
-  body = lambda c: evaluate(body_jaxpr, body_inner, [*body_consts, *c])
+  cond = _own_inputs(lambda c: evaluate(cond_jaxpr, cond_inner, [*cond_consts, *c])[0])
+  body = _own_inputs(lambda c: evaluate(body_jaxpr, body_inner, [*body_consts, *c]))
   return jax.lax.while_loop(cond, body, carry)
 
 
 def _checkpoint(eqn, invals) -> list:
   inner, consts = _jaxpr_and_consts(eqn.params['jaxpr'])
   call = jax.checkpoint(
-    lambda *args: evaluate(inner, consts, list(args)),
+    _own_inputs(lambda *args: evaluate(inner, consts, list(args))),
     prevent_cse=eqn.params['prevent_cse'],
     policy=eqn.params['policy'],
   )
@@ -488,10 +505,6 @@ def adapted(
     weight_leaves = [
       _kernel_value(name, leaf, fast) for name, leaf in zip(names, leaves, strict=True)
     ]
-    token = _INPUTS.set({})
-    try:
-      return _interpreted(fn, traced, weight_leaves, *args)
-    finally:
-      _INPUTS.reset(token)
+    return _own_inputs(_interpreted)(fn, traced, weight_leaves, *args)
 
   return g

@@ -147,7 +147,8 @@ def test_projections_sharing_an_input_keep_one_copy_of_it_for_the_backward():
   """q/k/v read one normed ``x``, gate/up another: under a scan over layers,
   the backward pass keeps one ``(layers, tokens, d)`` stack of each input
   that a factored projection reads (the attention and MLP inputs, o_proj's),
-  not one per projection (6, before the flattened input was shared)."""
+  not one per projection (6, before the flattened input was shared); and
+  no tracer of the scan's body outlives it (JAX's leak checker)."""
   model, frozen = tiny_llama.tiny('scan')
   rule = (f'layers/{tiny_llama.SEVEN}', f'stacked({tiny_llama.LORA!r})')
   tree = pj.by_rules([rule])
@@ -158,7 +159,8 @@ def test_projections_sharing_an_input_keep_one_copy_of_it_for_the_backward():
   residuals = lambda p: jax.tree.leaves(
     jax.vjp(lambda p: fast(frozen, p, buffers, tokens), p)[1]
   )
-  kept = [x.shape for x in jax.eval_shape(residuals, params)]
+  with jax.checking_leaks():
+    kept = [x.shape for x in jax.eval_shape(residuals, params)]
   layers, n = tiny_llama.CONFIG.num_layers, tokens.size
   assert kept.count((layers, n, tiny_llama.D)) == 3, kept
   assert kept.count((layers, n, tiny_llama.FFN)) == 1, kept  # down_proj's input
