@@ -177,7 +177,7 @@ def _own_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _factored_input(x, x_axes, token_wise: bool):
   """``x`` with its ``x_axes`` moved last and, for a ``token_wise`` form, its
   other axes flattened into one token axis; the same value for the same
-  ``x`` within one interpretation (``_INPUTS``)."""
+  ``x`` within one trace (``_INPUTS``)."""
   key = (id(x), tuple(x_axes), token_wise)
   inputs = _INPUTS.get()
   if inputs is not None and key in inputs:
