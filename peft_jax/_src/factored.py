@@ -154,9 +154,7 @@ def _parse_dot(params: dict) -> _DotGeneral:
 # for the backward pass (``∂a = xᵀ (g bᵀ)``): three more ``(tokens, d)``
 # stacks per Llama layer. ``x`` is held so that its ``id`` is not reused
 # while the entry lives.
-_INPUTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-  '_INPUTS', default=None
-)
+_INPUTS: contextvars.ContextVar[dict] = contextvars.ContextVar('_INPUTS')
 
 
 def _own_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -178,17 +176,14 @@ def _factored_input(x, x_axes, token_wise: bool):
   """``x`` with its ``x_axes`` moved last and, for a ``token_wise`` form, its
   other axes flattened into one token axis; the same value for the same
   ``x`` within one trace (``_INPUTS``)."""
-  key = (id(x), tuple(x_axes), token_wise)
-  inputs = _INPUTS.get()
-  if inputs is not None and key in inputs:
-    return inputs[key][1]
-  n_in = len(x_axes)
-  moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
-  if token_wise:
-    moved = moved.reshape(-1, *moved.shape[x.ndim - n_in :])
-  if inputs is not None:
+  inputs, key = _INPUTS.get(), (id(x), tuple(x_axes), token_wise)
+  if key not in inputs:
+    n_in = len(x_axes)
+    moved = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - n_in, x.ndim)))
+    if token_wise:
+      moved = moved.reshape(-1, *moved.shape[x.ndim - n_in :])
     inputs[key] = (x, moved)
-  return moved
+  return inputs[key][1]
 
 
 def _factored_dot(x, kernel: Adapted, x_axes, kernel_first: bool, out_dtype):
